@@ -1,0 +1,182 @@
+"""Checkpoints: rank 0 aggregates every peer's state and writes it atomically.
+
+Files in ``save_dir`` (k counts from 1):
+
+- ``<exp>_latest.pth``: the whole cohort (every peer's model/optimizer/scheduler/best accuracy and RNG
+  state, epoch and step, config, history, library versions): what ``resume`` reads;
+- ``<exp>_model<k>_best.pth`` / ``_final.pth`` / ``_epoch_<e>.pth``: one peer's weights plus what is
+  needed to rebuild it (architecture, classes, config).
+
+Peers are not replicas, so "save on rank 0" would keep one peer only: every rank hands its state to
+rank 0 (``gather_objects``), and same-named tensors of different peers live under ``peers[k]``.
+Everything is plain tensors and Python values, loadable with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Optional
+
+import torch
+
+from . import faults
+from .errors import DMLError
+
+FORMAT = "dml-dist/1"
+
+
+def versions() -> dict:
+    import platform
+
+    import torchvision
+
+    from . import __version__
+    return {"dml_dist": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "python": platform.python_version(), "git": _git_commit()}
+
+
+def _git_commit() -> Optional[str]:
+    """The code version saved with results (None when not run from a git checkout)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_copy(obj: Any) -> Any:
+    """Deep copy with every tensor detached and moved to host memory (safe to write from a thread)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def atomic_save(obj: Any, path: str, epoch: int = 0) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    faults.before_rename(epoch)
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def remove_stale_temp_files(save_dir: str, experiment: str) -> list[str]:
+    """Temp files left by a process killed mid-write (never complete, never read)."""
+    stale = glob.glob(os.path.join(glob.escape(save_dir), f".{glob.escape(experiment)}_*.tmp.*"))
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+def load_checkpoint(path: str) -> dict:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated or unsafe files."""
+    if not os.path.isfile(path):
+        raise DMLError(f"checkpoint {path} does not exist; check the path (or use resume=auto)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise DMLError(f"checkpoint {path} holds pickled objects other than tensors and plain values; "
+                           f"refused (weights_only=True), it was not executed") from None
+        raise DMLError(f"checkpoint {path} is truncated or corrupt ({first}); use another checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DMLError(f"checkpoint {path} is truncated or corrupt ({first[:160]}); use another checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise DMLError(f"checkpoint {path} was not written by dml-dist ({FORMAT}); use a file from save_dir")
+    return ckpt
+
+
+def check_cohort_checkpoint(ckpt: dict, path: str, cfg: dict, archs: list[str], num_classes: int) -> None:
+    """Refuse a cohort checkpoint that does not fit this run, naming what differs."""
+    if ckpt.get("kind") != "cohort":
+        raise DMLError(f"checkpoint {path} holds a single peer, not a cohort; resume from "
+                       f"<experiment>_latest.pth (or resume=auto)")
+    peers = ckpt["peers"]
+    if len(peers) != cfg["model_num"]:
+        raise DMLError(f"checkpoint {path} holds {len(peers)} peers but this run has model_num={cfg['model_num']}; "
+                       f"launch {len(peers)} processes or start a new experiment")
+    for k, (p, arch) in enumerate(zip(peers, archs), start=1):
+        if p["arch"] != arch:
+            raise DMLError(f"checkpoint {path}: peer {k} is {p['arch']} but this run builds {arch}; "
+                           f"set model={p['arch']} or start a new experiment")
+    if ckpt["num_classes"] != num_classes:
+        raise DMLError(f"checkpoint {path} has {ckpt['num_classes']} classes but the data has {num_classes}; "
+                       f"use the data it was trained on")
+
+
+def latest_path(save_dir: str, experiment: str) -> str:
+    return os.path.join(save_dir, f"{experiment}_latest.pth")
+
+
+def peer_path(save_dir: str, experiment: str, peer: int, tag: str) -> str:
+    """tag: 'best' | 'final' | 'epoch_<e>'; peer counts from 1."""
+    return os.path.join(save_dir, f"{experiment}_model{peer}_{tag}.pth")
+
+
+def prune_epoch_checkpoints(save_dir: str, experiment: str, peer: int, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    pattern = re.compile(rf"{re.escape(experiment)}_model{peer}_epoch_(\d+)\.pth$")
+    found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(save_dir), "*.pth"))
+                   if (m := pattern.search(os.path.basename(p))))
+    for _, p in found[:-keep_last]:
+        os.remove(p)
+
+
+class CheckpointWriter:
+    """Rank 0's background writer: training continues while the previous state is written.
+
+    One thread, writes in submission order; ``wait()`` re-raises the first write error.
+    """
+
+    def __init__(self, enabled: bool):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if enabled else None
+        self.pending: list[Future] = []
+
+    def submit(self, fn, *args) -> None:
+        if self.pool is None:
+            return
+        self._reap()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def _reap(self) -> None:
+        done = [f for f in self.pending if f.done()]
+        self.pending = [f for f in self.pending if not f.done()]
+        for f in done:
+            f.result()
+
+    def wait(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending = []
+
+    def close(self) -> None:
+        if self.pool is not None:
+            try:
+                self.wait()
+            finally:
+                self.pool.shutdown(wait=True)
+                self.pool = None

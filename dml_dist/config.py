@@ -1,0 +1,193 @@
+"""Configuration: defaults < YAML file < ``key=value`` overrides, validated where it is built.
+
+Every key is listed in ``DEFAULT_CONFIG`` (the README has the table). Unknown keys, wrong types and
+impossible values raise a DMLError that names the key and the fix.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from .errors import DMLError
+from .models import canonical_model_name
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    # model / cohort
+    "model": "resnet32",          # one name for every peer, or a list (one per peer) for a mixed cohort
+    "model_num": None,            # number of peers; None = the world size (torchrun --nproc_per_node)
+    # data
+    "dataset": "imagefolder",     # imagefolder | cifar10 | cifar100
+    "data_dir": "data",
+    "image_size": 32,
+    "val_fraction": 0.1,          # held out of train/ when there is no val/ folder (and for CIFAR)
+    "augment": True,
+    "batch_size": 64,
+    "num_workers": 2,
+    "download": True,             # cifar10/cifar100 only: fetch when missing
+    # optimisation (per peer: SGD + StepLR, the DML paper's schedule)
+    "epochs": 200,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "step_size": 60,
+    "gamma": 0.1,
+    # mutual learning
+    "temperature": 1.0,
+    "kl_weight": 1.0,             # 0 trains the peers independently (the baseline)
+    # runtime
+    "seed": 42,
+    "device": "auto",             # auto | cpu | cuda
+    "backend": "auto",            # auto | nccl | gloo
+    "amp": "auto",                # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
+    "channels_last": False,
+    "consistency_check_every": 100,  # steps between batch fingerprint checks; 0 = only the first step
+    # logging and checkpoints
+    "print_freq": 50,
+    "progress_bar": True,
+    "save_freq": 10,              # per-peer epoch_<e> checkpoints every save_freq epochs; 0 = none
+    "save_every_steps": 0,        # also write <exp>_latest.pth every N steps (exact mid-epoch resume)
+    "keep_last": 0,               # keep only the newest K epoch_<e> checkpoints per peer; 0 = keep all
+    "save_dir": "checkpoints",
+    "log_dir": "logs",
+    "experiment_name": None,      # None = dml_<model>_<N>peers
+    "resume": None,               # path | auto | None
+}
+
+_CHOICES = {
+    "dataset": ("imagefolder", "cifar10", "cifar100"),
+    "device": ("auto", "cpu", "cuda"),
+    "backend": ("auto", "nccl", "gloo"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+}
+_INT_MIN = {  # integer keys and their smallest allowed value
+    "image_size": 8, "batch_size": 1, "num_workers": 0, "epochs": 1, "step_size": 1, "seed": 0,
+    "consistency_check_every": 0, "print_freq": 1, "save_freq": 0, "save_every_steps": 0, "keep_last": 0,
+}
+_FLOAT_MIN = {  # float keys: (min, inclusive?)
+    "lr": (0.0, True), "momentum": (0.0, True), "weight_decay": (0.0, True), "gamma": (0.0, False),
+    "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
+}
+_BOOL = ("augment", "nesterov", "channels_last", "progress_bar", "download")
+_STR_OR_NONE = ("experiment_name", "resume")
+
+
+# Names other trainers use for our keys, so the error can point at the right one.
+_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "arch": "model",
+            "architecture": "model", "num_models": "model_num", "n_peers": "model_num", "peers": "model_num",
+            "workers": "num_workers", "lr_step": "step_size", "milestones": "step_size", "T": "temperature",
+            "checkpoint_dir": "save_dir", "output_dir": "save_dir", "name": "experiment_name"}
+
+
+def _suggest(key: str) -> str:
+    close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, DEFAULT_CONFIG, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(DEFAULT_CONFIG)}"
+
+
+def validate_config(cfg: dict) -> dict:
+    """Check every key; return a normalised copy (model names canonical, numbers typed)."""
+    unknown = [k for k in cfg if k not in DEFAULT_CONFIG]
+    if unknown:
+        raise DMLError("unknown config key(s): " + "; ".join(f"{k!r} ({_suggest(k)})" for k in unknown))
+    c = dict(cfg)
+    for k in _BOOL:
+        if not isinstance(c[k], bool):
+            raise DMLError(f"{k} must be true or false, got {c[k]!r}")
+    for k, lo in _INT_MIN.items():
+        if isinstance(c[k], bool) or not isinstance(c[k], int):
+            raise DMLError(f"{k} must be an integer, got {c[k]!r}")
+        if c[k] < lo:
+            raise DMLError(f"{k} must be >= {lo}, got {c[k]}")
+    for k, (lo, inclusive) in _FLOAT_MIN.items():
+        if isinstance(c[k], bool) or not isinstance(c[k], (int, float)):
+            raise DMLError(f"{k} must be a number, got {c[k]!r}")
+        c[k] = float(c[k])
+        if c[k] < lo or (c[k] == lo and not inclusive):
+            raise DMLError(f"{k} must be {'>=' if inclusive else '>'} {lo}, got {c[k]}")
+    if c["val_fraction"] >= 1:
+        raise DMLError(f"val_fraction must be < 1, got {c['val_fraction']}")
+    for k, choices in _CHOICES.items():
+        if c[k] not in choices:
+            raise DMLError(f"{k} must be one of {'|'.join(choices)}, got {c[k]!r}")
+    for k in _STR_OR_NONE + ("data_dir", "save_dir", "log_dir"):
+        if c[k] is not None and not isinstance(c[k], str):
+            raise DMLError(f"{k} must be a string, got {c[k]!r}")
+    if c["model_num"] is not None and (isinstance(c["model_num"], bool) or not isinstance(c["model_num"], int)
+                                       or c["model_num"] < 1):
+        raise DMLError(f"model_num must be a positive integer (or null for the world size), got {c['model_num']!r}")
+    if isinstance(c["model"], (list, tuple)):
+        if not c["model"]:
+            raise DMLError("model is an empty list; give one model name, or one per peer")
+        c["model"] = [canonical_model_name(m) for m in c["model"]]
+        if c["model_num"] is not None and len(c["model"]) != c["model_num"]:
+            raise DMLError(f"model lists {len(c['model'])} architectures but model_num={c['model_num']}; "
+                           f"give one per peer")
+    elif isinstance(c["model"], str):
+        names = [m.strip() for m in c["model"].split(",")]
+        c["model"] = canonical_model_name(names[0]) if len(names) == 1 else [canonical_model_name(m) for m in names]
+    else:
+        raise DMLError(f"model must be a name or a list of names, got {c['model']!r}")
+    return c
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``['lr=0.05', 'model=[resnet20,resnet32]']`` -> dict, values parsed as YAML."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise DMLError(f"cannot parse {item!r}: overrides are key=value (e.g. epochs=5)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v != "" else None
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise DMLError(f"config file {path} not found; pass an existing file to --config")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise DMLError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DMLError(f"config file {path} must hold a mapping of key: value")
+    return data
+
+
+def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None, **kwargs) -> dict:
+    """defaults < YAML file < overrides < kwargs, then validated."""
+    cfg = dict(DEFAULT_CONFIG)
+    for layer in (load_yaml(config_file) if config_file else {}, overrides or {}, kwargs):
+        cfg.update(layer)
+    return validate_config(cfg)
+
+
+def create_dml_config(**kwargs) -> dict:
+    """Defaults plus ``kwargs``, validated exactly as the CLI validates (notebook entry point)."""
+    return build_config(overrides=kwargs)
+
+
+def finalize_config(cfg: dict, world_size: int) -> dict:
+    """Fill the world-dependent keys (model_num, experiment_name) and check them against the world."""
+    c = dict(cfg)
+    if c["model_num"] is None:
+        c["model_num"] = len(c["model"]) if isinstance(c["model"], list) and world_size == 1 else world_size
+    if c["model_num"] != world_size:
+        raise DMLError(f"model_num={c['model_num']} but {world_size} process(es) were started; launch with "
+                       f"torchrun --nproc_per_node={c['model_num']} (one process per peer) or set model_num={world_size}")
+    if isinstance(c["model"], list) and len(c["model"]) != c["model_num"]:
+        raise DMLError(f"model lists {len(c['model'])} architectures for {c['model_num']} peers; give one per peer")
+    if not c["experiment_name"]:
+        arch = c["model"] if isinstance(c["model"], str) else "-".join(c["model"])
+        c["experiment_name"] = f"dml_{arch}_{c['model_num']}peers"
+    return c
+
+
+def peer_model_name(cfg: dict, peer: int) -> str:
+    return cfg["model"][peer] if isinstance(cfg["model"], list) else cfg["model"]

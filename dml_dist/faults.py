@@ -1,0 +1,68 @@
+"""Documented fault-injection hook for tests and drills (README, "Testing failures").
+
+``DML_FAULT="action=<a>,rank=<r>[,epoch=<e>][,step=<s>]"`` (epoch counts from 1, step from 0):
+
+- ``seed_offset``: rank r uses ``seed + 1`` for data sampling (the consistency check must catch it);
+- ``raise``: rank r fails with an error at setup (no epoch) or at (epoch, step);
+- ``sigkill``: rank r SIGKILLs itself at (epoch, step), first attempt only (not after a torchrun restart);
+- ``kill_in_save``: rank 0 SIGKILLs itself after writing a checkpoint's temp file, before the rename,
+  on the first save at or after ``epoch``.
+
+``DML_FINGERPRINT_DIR=<dir>``: every rank appends the batch fingerprints it checks to
+``<dir>/fingerprints_rank<r>.txt`` (one ``epoch step labels_hash inputs_hash`` line per check), so a test
+can compare the ranks' batches independently of the trainer's own check.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+from .errors import DMLError
+
+
+def _spec() -> Optional[dict]:
+    raw = os.environ.get("DML_FAULT")
+    if not raw:
+        return None
+    spec = dict(part.split("=", 1) for part in raw.split(",") if "=" in part)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and spec.get("action") in ("sigkill", "kill_in_save"):
+        return None
+    return spec
+
+
+def _mine(spec: Optional[dict], rank: int, action: str) -> bool:
+    return bool(spec) and spec.get("action") == action and int(spec.get("rank", 0)) == rank
+
+
+def seed_offset(rank: int) -> int:
+    return 1 if _mine(_spec(), rank, "seed_offset") else 0
+
+
+def at_setup(rank: int) -> None:
+    spec = _spec()
+    if _mine(spec, rank, "raise") and "epoch" not in spec:
+        raise DMLError(f"injected failure on rank {rank} (DML_FAULT)", all_ranks=False)
+
+
+def at_step(rank: int, epoch: int, step: int) -> None:
+    spec = _spec()
+    if not spec or int(spec.get("epoch", -1)) != epoch or int(spec.get("step", 0)) != step:
+        return
+    if _mine(spec, rank, "raise"):
+        raise DMLError(f"injected failure on rank {rank} at epoch {epoch} step {step} (DML_FAULT)", all_ranks=False)
+    if _mine(spec, rank, "sigkill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_rename(epoch: int) -> None:
+    spec = _spec()
+    if _mine(spec, 0, "kill_in_save") and epoch >= int(spec.get("epoch", 0)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record_fingerprint(rank: int, epoch: int, step: int, fingerprint) -> None:
+    folder = os.environ.get("DML_FINGERPRINT_DIR")
+    if folder:
+        with open(os.path.join(folder, f"fingerprints_rank{rank}.txt"), "a") as f:
+            f.write(f"{epoch} {step} {int(fingerprint[0])} {int(fingerprint[1])}\n")

@@ -1,0 +1,82 @@
+"""Rank-0 side effects: console + text log, TensorBoard scalars, progress bar, summary JSON.
+
+Non-logging ranks get a ``NullLogger`` with the same methods, so call sites never branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Iterable, Optional
+
+
+class NullLogger:
+    def info(self, msg: str) -> None: ...
+    def scalars(self, values: dict, step: int) -> None: ...
+    def progress(self, iterable: Iterable, total: int, desc: str):
+        return _NullBar(iterable)
+    def write_json(self, name: str, data: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class _NullBar:
+    def __init__(self, iterable):
+        self.iterable = iterable
+    def __iter__(self):
+        return iter(self.iterable)
+    def set_postfix_str(self, s: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class RunLogger(NullLogger):
+    """Writes ``log_dir/<exp>.log``, TensorBoard events under ``log_dir/<exp>/`` and JSON files."""
+
+    def __init__(self, log_dir: str, experiment: str, progress_bar: bool = True, stream=None):
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_dir, self.experiment = log_dir, experiment
+        self.stream = stream or sys.stdout
+        self.file = open(os.path.join(log_dir, f"{experiment}.log"), "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(log_dir, experiment))
+        self.progress_bar = progress_bar
+
+    def info(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        print(msg, file=self.stream, flush=True)
+        self.file.write(line + "\n")
+
+    def scalars(self, values: dict, step: int) -> None:
+        for tag, v in values.items():
+            self.tb.add_scalar(tag, v, step)
+        self.tb.flush()
+
+    def progress(self, iterable: Iterable, total: int, desc: str):
+        if not self.progress_bar:
+            return _NullBar(iterable)
+        from tqdm import tqdm
+        # Off a terminal (CI, log files) redraw rarely so logs do not fill with carriage returns.
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def write_json(self, name: str, data: dict) -> None:
+        path = os.path.join(self.log_dir, name)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        self.tb.close()
+        self.file.close()
+
+
+def make_logger(is_main: bool, cfg: dict, stream=None) -> NullLogger:
+    if not is_main:
+        return NullLogger()
+    return RunLogger(cfg["log_dir"], cfg["experiment_name"], cfg["progress_bar"], stream)
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    s = int(seconds or 0)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

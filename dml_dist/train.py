@@ -1,0 +1,359 @@
+"""Train a cohort of peers with Deep Mutual Learning, one process per peer.
+
+    # one process (world size 1): a single model with plain cross-entropy
+    python -m dml_dist.train --config configs/quickstart.yaml
+
+    # one node, 2 peers (CPU/gloo here, one GPU per peer with NCCL where there are GPUs)
+    torchrun --standalone --nproc_per_node=2 -m dml_dist.train --config configs/quickstart.yaml epochs=3
+
+    # two nodes, 4 peers each (run on both nodes; NODE_RANK=0 on the first, 1 on the second)
+    torchrun --nnodes=2 --nproc_per_node=4 --node_rank=$NODE_RANK --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER_ADDR:29500 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=8
+
+    # a worker dies -> torchrun restarts the group, which resumes from <exp>_latest.pth by itself
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m dml_dist.train --config configs/quickstart.yaml
+
+Every rank draws the same batches (shared-seed sampler), runs its own peer, all-gathers the logits and
+computes its DML loss locally. Rank 0 evaluates the ensemble, logs and writes every peer's checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from . import distributed as D
+from . import faults
+from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_checkpoint, cpu_copy,
+                         latest_path, load_checkpoint, peer_path, prune_epoch_checkpoints,
+                         remove_stale_temp_files, versions)
+from .config import build_config, finalize_config, parse_overrides, peer_model_name
+from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
+from .engine import Meters, evaluate, train_one_epoch
+from .errors import DMLError
+from .logger import NullLogger, make_logger
+from .models import build_model
+
+ERROR_PREFIX = "dml-dist: error:"
+
+
+def resolve_amp(cfg: dict, device: torch.device) -> str:
+    """Mixed precision applies on GPUs only; CPU runs stay in fp32 so their results never change."""
+    if device.type != "cuda":
+        return "off"
+    if cfg["amp"] == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return cfg["amp"]
+
+
+def public_config(cfg: dict) -> dict:
+    """The config as trained: ``resume`` says how a process started, not what was trained, so it is left
+    out (a resumed run and an uninterrupted one then report the same config)."""
+    return {k: v for k, v in cfg.items() if k != "resume"}
+
+
+class Trainer:
+    """Holds one rank's peer and the cohort bookkeeping every rank keeps in step."""
+
+    def __init__(self, cfg: dict, ctx: D.DistContext, logger: NullLogger, data: Datasets,
+                 train_loader=None, val_loader=None, test_loader=None):
+        self.cfg, self.ctx, self.logger, self.data = cfg, ctx, logger, data
+        self.arch = peer_model_name(cfg, ctx.rank)
+        self.archs = [peer_model_name(cfg, r) for r in range(cfg["model_num"])]
+        torch.manual_seed(cfg["seed"] + ctx.rank)  # peers start from different weights
+        try:
+            model = build_model(self.arch, data.num_classes)
+        except DMLError as e:
+            raise DMLError(f"peer {ctx.rank + 1}: {e}", all_ranks=False) from None
+        self.channels_last = cfg["channels_last"] and ctx.device.type == "cuda"
+        self.model = model.to(ctx.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                         weight_decay=cfg["weight_decay"],
+                                         nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["step_size"], cfg["gamma"])
+        self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+        seed = cfg["seed"] + faults.seed_offset(ctx.rank)
+        self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"])
+        self.val_loader = val_loader or make_eval_loader(data.val, 2 * cfg["batch_size"], 0)
+        self.test_loader = test_loader or (make_eval_loader(data.test, 2 * cfg["batch_size"], 0) if data.test else None)
+        self.steps_per_epoch = len(self.train_loader.batch_sampler)
+        # cohort state, identical on every rank
+        self.epoch, self.step = 0, 0                     # completed epochs; steps done in the current epoch
+        self.history: list[dict] = []
+        self.best = [0.0] * cfg["model_num"]
+        self.best_ensemble = 0.0
+        self.meters: Optional[Meters] = None
+        self.run_info = {"resumed_from": [], "epoch_seconds": []}
+        self.writer = CheckpointWriter(enabled=ctx.is_main)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _peer_state(self, meters: Optional[Meters]) -> dict:
+        return cpu_copy({
+            "arch": self.arch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "meters": meters.state_dict() if meters is not None else None,
+        })
+
+    def _meta(self) -> dict:
+        return {"format": FORMAT, "kind": "cohort", "epoch": self.epoch, "step": self.step,
+                "config": public_config(self.cfg), "num_classes": self.data.num_classes,
+                "classes": list(self.data.classes), "history": copy.deepcopy(self.history),
+                "best_accuracies": list(self.best), "best_ensemble_accuracy": self.best_ensemble,
+                "run": copy.deepcopy(self.run_info), "versions": versions()}
+
+    def _peer_file(self, k: int, state: dict, tag: str, accuracy: Optional[float]) -> None:
+        atomic_save({"format": FORMAT, "kind": "peer", "peer": k + 1, "arch": state["arch"],
+                     "num_classes": self.data.num_classes, "classes": list(self.data.classes),
+                     "model": state["model"], "epoch": self.epoch, "accuracy": accuracy,
+                     "best_accuracy": self.best[k], "config": public_config(self.cfg), "versions": versions()},
+                    peer_path(self.cfg["save_dir"], self.cfg["experiment_name"], k + 1, tag), self.epoch)
+
+    def save(self, meters: Optional[Meters] = None, new_best=(), final: bool = False) -> None:
+        """Collective: every rank hands its state to rank 0, whose writer thread writes the files
+        (per-peer files first, the cohort's ``latest`` last: it is the commit point for resume)."""
+        states = D.gather_objects(self._peer_state(meters))  # sync point
+        if not self.ctx.is_main:
+            return
+        meta, cfg, epoch = self._meta(), self.cfg, self.epoch
+        accs = self.history[-1]["val_acc"] if self.history else [None] * cfg["model_num"]
+        epoch_file = self.step == 0 and cfg["save_freq"] and epoch % cfg["save_freq"] == 0 and not final
+
+        def write():
+            for k, state in enumerate(states):
+                if k in new_best:
+                    self._peer_file(k, state, "best", accs[k])
+                if epoch_file:
+                    self._peer_file(k, state, f"epoch_{epoch}", accs[k])
+                    prune_epoch_checkpoints(cfg["save_dir"], cfg["experiment_name"], k + 1, cfg["keep_last"])
+                if final:
+                    self._peer_file(k, state, "final", accs[k])
+            atomic_save({**meta, "peers": states}, latest_path(cfg["save_dir"], cfg["experiment_name"]), epoch)
+
+        self.writer.submit(write)
+
+    def resume(self, resume: Optional[str]) -> None:
+        """Rank 0 reads and checks the cohort checkpoint, then hands each rank its peer's state."""
+        if not resume:
+            return
+        path, error, ckpt = None, None, None
+        if self.ctx.is_main:
+            path = latest_path(self.cfg["save_dir"], self.cfg["experiment_name"]) if resume == "auto" else resume
+            try:
+                if resume == "auto" and not os.path.isfile(path):
+                    path = None
+                else:
+                    ckpt = load_checkpoint(path)
+                    check_cohort_checkpoint(ckpt, path, self.cfg, self.archs, self.data.num_classes)
+            except DMLError as e:
+                error = str(e)
+        path, error = D.broadcast_object((path, error))
+        if error:
+            raise DMLError(error)
+        if path is None:
+            self.logger.info("resume=auto: no checkpoint for this experiment yet, starting fresh")
+            return
+        state = D.scatter_objects(ckpt["peers"] if ckpt else None)
+        meta = D.broadcast_object({k: v for k, v in ckpt.items() if k != "peers"} if ckpt else None)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise DMLError(f"checkpoint {path}: peer {self.ctx.rank + 1} state does not fit this model "
+                           f"({str(e).splitlines()[0][:160]}); start a new experiment", all_ranks=False) from None
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.meters = Meters(**state["meters"]) if state["meters"] else None
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.history, self.best = meta["history"], list(meta["best_accuracies"])
+        self.best_ensemble = meta["best_ensemble_accuracy"]
+        self.run_info = meta["run"]
+        self.run_info["resumed_from"].append(f"{path}@epoch{self.epoch}+step{self.step}")
+        self.logger.info(f"resumed from {path}: {self.epoch} epoch(s) and {self.step} step(s) done")
+
+    # ------------------------------------------------------------------------------------------- loop
+    def _on_step(self, epoch: int):
+        every = self.cfg["save_every_steps"]
+
+        def hook(step: int, meters: Meters) -> None:
+            global_step = (epoch - 1) * self.steps_per_epoch + step + 1
+            if every and global_step % every == 0 and step + 1 < self.steps_per_epoch:
+                self.step = step + 1
+                self.save(meters)
+        return hook
+
+    def fit(self) -> None:
+        cfg, ctx, log = self.cfg, self.ctx, self.logger
+        for epoch in range(self.epoch + 1, cfg["epochs"] + 1):
+            t0 = time.time()
+            self.train_loader.batch_sampler.set_epoch(epoch - 1, self.step)
+            meters = train_one_epoch(self.model, self.optimizer, self.train_loader, ctx, cfg, epoch, log,
+                                     start_step=self.step, meters=self.meters, scaler=self.scaler,
+                                     on_step=self._on_step(epoch))
+            self.meters, self.step = None, 0
+            train = D.all_gather_tensor(torch.tensor(meters.averages(), dtype=torch.float64)).tolist()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            val = evaluate(self.model, self.val_loader, ctx, cfg)
+            self.epoch = epoch
+            new_best = [k for k, a in enumerate(val["peer_acc"]) if a > self.best[k]]
+            for k in new_best:
+                self.best[k] = val["peer_acc"][k]
+            self.best_ensemble = max(self.best_ensemble, val["ensemble_acc"])
+            self.history.append({
+                "epoch": epoch, "lr": lr,
+                "train_loss": [t[0] for t in train], "train_ce": [t[1] for t in train],
+                "train_kl": [t[2] for t in train], "train_acc": [t[3] for t in train],
+                "val_loss": val["peer_loss"], "val_acc": val["peer_acc"],
+                "ensemble_acc": val["ensemble_acc"], "ensemble_loss": val["ensemble_loss"],
+            })
+            self.run_info["epoch_seconds"].append(round(time.time() - t0, 3))
+            self._log_epoch(self.history[-1])
+            self.save(new_best=new_best, final=epoch == cfg["epochs"])
+            log.write_json(f"{cfg['experiment_name']}_summary.json", self.summary())
+        if self.epoch == cfg["epochs"] and not self.history:
+            log.info(f"nothing to do: the checkpoint already holds {self.epoch} epochs (raise epochs=)")
+        self.writer.wait()
+
+    def _log_epoch(self, h: dict) -> None:
+        scalars = {"lr": h["lr"], "ensemble/val_acc": h["ensemble_acc"], "ensemble/val_loss": h["ensemble_loss"]}
+        for k in range(self.cfg["model_num"]):
+            for key in ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc"):
+                scalars[f"peer{k + 1}/{key}"] = h[key][k]
+        self.logger.scalars(scalars, h["epoch"])
+        peers = " | ".join(f"peer{k + 1} {self.archs[k]} train {h['train_loss'][k]:.3f}/{h['train_acc'][k]:.3f} "
+                           f"val {h['val_loss'][k]:.3f}/{h['val_acc'][k]:.3f}" for k in range(self.cfg["model_num"]))
+        self.logger.info(f"epoch {h['epoch']}/{self.cfg['epochs']} lr {h['lr']:.4g} | {peers} | "
+                         f"ensemble val acc {h['ensemble_acc']:.4f}")
+
+    def test(self) -> Optional[dict]:
+        """Collective: final peers and their ensemble on the test split (None when there is none)."""
+        if self.test_loader is None:
+            return None
+        res = evaluate(self.model, self.test_loader, self.ctx, self.cfg)
+        self.logger.info("test acc " + " ".join(f"peer{k + 1} {a:.4f}" for k, a in enumerate(res["peer_acc"]))
+                         + f" ensemble {res['ensemble_acc']:.4f}")
+        return {"peer_acc": res["peer_acc"], "peer_loss": res["peer_loss"], "ensemble_acc": res["ensemble_acc"]}
+
+    def summary(self, test_results: Optional[dict] = None) -> dict:
+        cfg = self.cfg
+        last = self.history[-1] if self.history else None
+        return {
+            "experiment_name": cfg["experiment_name"],
+            "config": public_config(cfg),
+            "classes": list(self.data.classes),
+            "best_accuracies": list(self.best),
+            "avg_best_accuracy": sum(self.best) / len(self.best),
+            "best_ensemble_accuracy": self.best_ensemble,
+            "final_accuracies": last["val_acc"] if last else None,
+            "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
+            "test_results": test_results,
+            "history": self.history,
+            "checkpoints": {
+                "latest": latest_path(cfg["save_dir"], cfg["experiment_name"]),
+                "best": [peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "best") for k in range(cfg["model_num"])],
+                "final": [peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "final") for k in range(cfg["model_num"])],
+            },
+            "versions": versions(),
+            "run": self.run_info,  # wall-clock facts: the only part that differs between equal runs
+        }
+
+
+def run(cfg: dict, train_dataset=None, val_loader=None, test_loader=None, stream=None) -> dict:
+    """Train this rank's peer inside the current torchrun world (or alone); return the results on every
+    rank: ``model`` is this rank's peer. Raises DMLError on bad input."""
+    created_group = not torch.distributed.is_initialized()
+    ctx = D.init_distributed(cfg)
+    logger, trainer = NullLogger(), None
+    try:
+        cfg = finalize_config(cfg, ctx.world_size)
+        if cfg["resume"] is None and ctx.restart_count > 0:
+            cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
+        faults.at_setup(ctx.rank)
+        cfg["amp"] = resolve_amp(cfg, ctx.device)
+        logger = make_logger(ctx.is_main, cfg, stream)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        for p in D.gather_objects(ctx.describe()) or []:
+            logger.info("placement: rank {rank} host {host} device {device} backend {backend} threads {threads}".format(**p))
+        if ctx.is_main:
+            for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
+                logger.info(f"removed {stale}: a temp file left by a process killed while saving")
+        if train_dataset is not None:
+            data = train_dataset
+        else:
+            if cfg["dataset"] != "imagefolder" and ctx.local_rank == 0 and cfg["download"]:
+                build_datasets(cfg)  # one download per node; the other local ranks wait at the barrier
+            D.barrier()
+            data = build_datasets(cfg)
+        logger.info(f"data: {len(data.train)} train / {len(data.val)} val"
+                    + (f" / {len(data.test)} test" if data.test is not None else "")
+                    + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
+                    + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"])))
+        trainer = Trainer(cfg, ctx, logger, data, val_loader=val_loader, test_loader=test_loader)
+        trainer.resume(cfg["resume"])
+        t0 = time.time()
+        trainer.fit()
+        test_results = trainer.test()
+        trainer.run_info.update({"started_at": started, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "elapsed_s": round(time.time() - t0, 3), "restarts": ctx.restart_count})
+        summary = trainer.summary(test_results)
+        logger.write_json(f"{cfg['experiment_name']}_summary.json", summary)
+        logger.info(f"done: best acc {['%.4f' % a for a in trainer.best]} (avg {summary['avg_best_accuracy']:.4f}), "
+                    f"best ensemble {trainer.best_ensemble:.4f}; summary in "
+                    f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}")
+        return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
+                "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
+    finally:
+        if trainer is not None:
+            trainer.writer.close()
+        logger.close()
+        if created_group:
+            D.destroy_distributed()
+
+
+def report_error(e: DMLError) -> None:
+    """One line on stderr: rank 0 speaks for errors every rank hits; a rank-specific one names its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0 or not e.all_ranks:
+        where = f" (rank {rank})" if world > 1 and not e.all_ranks else ""
+        print(f"{ERROR_PREFIX}{where} {e}", file=sys.stderr, flush=True)
+    elif world > 1:
+        # Hack: every rank hit the same error; give rank 0 a moment to print it before this rank's exit
+        # makes torchrun stop the group (torchrun ends this sleep as soon as rank 0 exits).
+        time.sleep(5)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="dml-train", description=__doc__.split("\n\n")[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with config keys (see README); CLI key=value pairs override it")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args.config, parse_overrides(args.overrides))
+        run(cfg)
+    except DMLError as e:
+        report_error(e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared helpers: generated image folders and real torchrun launches (gloo on localhost)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-small"
+TIMEOUT = 240  # seconds; every launch is bounded so a hang fails the test instead of the suite
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=24, n_val=8, size=16, seed=0,
+                      splits=("train", "val")) -> Path:
+    """Small learnable image folder: each class has its own mean colour plus noise."""
+    rng = np.random.default_rng(seed)
+    counts = {"train": n_train, "val": n_val, "test": n_val}
+    for split in splits:
+        for c_idx, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.array([(60 + 80 * c_idx) % 256, (200 - 70 * c_idx) % 256, (40 * c_idx + 90) % 256])
+            for i in range(counts[split]):
+                img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+def base_args(tmp_path: Path, data_dir: Path, **extra) -> list[str]:
+    """A fast config for generated folders: tiny images, a couple of epochs, outputs under tmp_path."""
+    cfg = {"data_dir": str(data_dir), "model": "resnet20", "image_size": 16, "batch_size": 8, "epochs": 2,
+           "lr": 0.05, "num_workers": 0, "save_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
+           "experiment_name": "t", "print_freq": 2, "progress_bar": False, "save_freq": 1}
+    cfg.update(extra)
+    return [f"{k}={v}" for k, v in cfg.items()]
+
+
+def _env(extra_env=None) -> dict:
+    env = dict(os.environ)
+    env.pop("DML_FAULT", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra_env or {})
+    return env
+
+
+def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
+    """Run in a new session; on timeout kill the whole group (no orphans) and fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env),
+                            cwd=cwd or REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(nproc: int, args: list[str], env=None, timeout=TIMEOUT, torchrun_args=(), module="dml_dist.train"):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *torchrun_args, "-m", module, *args]
+    return run_cmd(cmd, env, timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [l for l in stderr.splitlines() if l.startswith("dml-dist: error:")]
+
+
+def read_summary(tmp_path: Path, name="t") -> dict:
+    return json.loads((tmp_path / "logs" / f"{name}_summary.json").read_text())
+
+
+def assert_no_worker_traceback(stderr: str) -> None:
+    """Workers exit with one line; the only traceback allowed is torchrun's own ChildFailedError report."""
+    assert "dml_dist/" not in stderr and "[rank0]:" not in stderr and "[rank1]:" not in stderr, stderr[-3000:]

@@ -1,0 +1,136 @@
+"""Real torchrun launches over gloo on localhost."""
+import json
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, run_cmd, torchrun
+
+PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
+
+
+def _fingerprints(folder, rank):
+    return (folder / f"fingerprints_rank{rank}.txt").read_text().split("\n")
+
+
+def _check_summary(summary, peers, epochs):
+    assert len(summary["best_accuracies"]) == peers
+    assert all(0.0 <= a <= 1.0 for a in summary["best_accuracies"])
+    assert summary["avg_best_accuracy"] == pytest.approx(sum(summary["best_accuracies"]) / peers)
+    assert 0.0 <= summary["best_ensemble_accuracy"] <= 1.0
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, epochs + 1))
+    for h in summary["history"]:
+        assert len(h["val_acc"]) == peers and 0 <= h["ensemble_acc"] <= 1
+    assert summary["best_accuracies"] == [max(h["val_acc"][k] for h in summary["history"]) for k in range(peers)]
+    assert summary["config"]["model_num"] == peers
+
+
+def _check_tensorboard(log_dir, peers, epochs):
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"lr", "ensemble/val_acc"} | {f"peer{k}/{t}" for k in range(1, peers + 1) for t in PEER_TAGS}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in acc.Scalars("ensemble/val_acc")] == list(range(1, epochs + 1))
+    return acc
+
+
+def test_two_peers_same_batches_with_augmentation_and_workers(tmp_path, image_folder):
+    fp_dir = tmp_path / "fp"
+    fp_dir.mkdir()
+    r = torchrun(2, base_args(tmp_path, image_folder, augment=True, num_workers=2, consistency_check_every=1),
+                 env={"DML_FINGERPRINT_DIR": str(fp_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Every step of both epochs was fingerprinted on both ranks, and the ranks saw byte-identical batches.
+    f0, f1 = _fingerprints(fp_dir, 0), _fingerprints(fp_dir, 1)
+    assert len([l for l in f0 if l]) == 2 * (72 // 8)
+    assert f0 == f1
+    assert len(set(l.split()[3] for l in f0 if l)) == 18  # inputs differ from step to step
+    summary = read_summary(tmp_path)
+    _check_summary(summary, peers=2, epochs=2)
+    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2)
+    assert acc.Scalars("peer1/val_acc")[-1].value == pytest.approx(summary["history"][-1]["val_acc"][0], abs=1e-6)
+    # Rank 0 logged every rank's placement; non-zero ranks stay quiet.
+    log = (tmp_path / "logs" / "t.log").read_text()
+    assert "placement: rank 0" in log and "placement: rank 1" in log
+    assert r.stdout.count("placement: rank 1 ") == 1
+    # Rank 0 wrote every peer's checkpoints, not only its own: the weights differ.
+    w1 = torch.load(tmp_path / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "ckpt" / "t_model2_final.pth", weights_only=True)["model"]
+    assert not torch.equal(w1["fc.weight"], w2["fc.weight"])
+
+
+def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder):
+    r = torchrun(3, base_args(tmp_path, image_folder, model="[resnet20,resnet32,resnet20]", epochs=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = read_summary(tmp_path)
+    _check_summary(summary, peers=3, epochs=2)
+    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2)
+    assert summary["config"]["model"] == ["resnet20", "resnet32", "resnet20"]
+    assert all(h["train_kl"][k] > 0 for h in summary["history"] for k in range(3))
+    ck = torch.load(tmp_path / "ckpt" / "t_model2_best.pth", weights_only=True)
+    assert ck["arch"] == "resnet32"
+
+
+def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_folder):
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = read_summary(tmp_path)
+    _check_summary(summary, peers=1, epochs=1)
+    assert summary["history"][0]["train_kl"] == [0.0]
+    assert summary["history"][0]["train_loss"] == summary["history"][0]["train_ce"]
+
+
+def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder):
+    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1, kl_weight=0))
+    assert r.returncode == 0, r.stderr[-3000:]
+    h = read_summary(tmp_path)["history"][0]
+    assert h["train_loss"] == pytest.approx(h["train_ce"]) and all(k > 0 for k in h["train_kl"])
+
+
+def test_diverging_rank_is_caught_by_the_consistency_check(tmp_path, image_folder):
+    r = torchrun(2, base_args(tmp_path, image_folder), env={"DML_FAULT": "action=seed_offset,rank=1"})
+    assert r.returncode != 0
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1, r.stderr[-3000:]
+    assert "batch mismatch at epoch 1 step 0: rank(s) [1]" in errs[0] and "same seed" in errs[0]
+    assert_no_worker_traceback(r.stderr)
+
+
+def _break(tmp_path, kind):
+    d = make_image_folder(tmp_path / "data", n_train=6, n_val=2)
+    extra = {}
+    if kind == "missing_data_dir":
+        d = tmp_path / "missing"
+    elif kind == "empty_class_folder":
+        for f in (d / "train" / "dog").iterdir():
+            f.unlink()
+    elif kind == "unreadable_image":
+        (d / "val" / "frog" / "0000.png").write_bytes(b"\x89PNG garbage")
+    elif kind == "mismatched_classes":
+        (d / "val" / "bird").mkdir()
+        (d / "val" / "cat" / "0000.png").rename(d / "val" / "bird" / "0000.png")
+    elif kind == "unknown_key":
+        extra = {"learning_rate": 0.1}
+    elif kind == "model_num_mismatch":
+        extra = {"model_num": 3}
+    return base_args(tmp_path, d, **extra)
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("missing_data_dir", "does not exist"),
+    ("empty_class_folder", "holds no images"),
+    ("unreadable_image", "cannot read image"),
+    ("mismatched_classes", "class folders of train/ and val/ differ"),
+    ("unknown_key", "unknown config key(s): 'learning_rate' (did you mean 'lr'?)"),
+    ("model_num_mismatch", "model_num=3 but 2 process(es) were started"),
+])
+def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
+    r = torchrun(2, _break(tmp_path, kind), timeout=120)
+    assert r.returncode != 0
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1 and needle in errs[0], r.stderr[-3000:]
+    assert_no_worker_traceback(r.stderr)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
