@@ -124,7 +124,7 @@ class Trainer:
             return
         meta, cfg, epoch = self._meta(), self.cfg, self.epoch
         accs = self.history[-1]["val_acc"] if self.history else [None] * cfg["model_num"]
-        epoch_file = self.step == 0 and cfg["save_freq"] and epoch % cfg["save_freq"] == 0 and not final
+        epoch_file = self.step == 0 and cfg["save_freq"] and epoch % cfg["save_freq"] == 0
 
         def write():
             for k, state in enumerate(states):
@@ -282,6 +282,12 @@ def run(cfg: dict, train_dataset=None, val_loader=None, test_loader=None, stream
         faults.at_setup(ctx.rank)
         cfg["amp"] = resolve_amp(cfg, ctx.device)
         logger = make_logger(ctx.is_main, cfg, stream)
+        if ctx.restart_count > 0:
+            logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume']}")
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+                os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+            logger.info("warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
+                        "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun")
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         for p in D.gather_objects(ctx.describe()) or []:
             logger.info("placement: rank {rank} host {host} device {device} backend {backend} threads {threads}".format(**p))
@@ -352,6 +358,12 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except torch.distributed.DistError as e:
+        # Another rank died mid-collective: its own error (or torchrun's report) says why.
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"{ERROR_PREFIX} (rank {os.environ.get('RANK', '0')}) lost contact with another rank ({first}); "
+              f"see that rank's error", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

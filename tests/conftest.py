@@ -52,27 +52,58 @@ def _env(extra_env=None) -> dict:
     env.pop("DML_FAULT", None)
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = "1"
+    # torchrun restarts reuse the rendezvous TCPStore by default, and restarted gloo workers can read the
+    # dead workers' addresses from it (pytorch/pytorch#135712); launch/ scripts set the same.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env.update(extra_env or {})
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    for p in descendants(pid) + [pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
-    """Run in a new session; on timeout kill the whole group (no orphans) and fail."""
+    """Run in a new session; on timeout kill the whole process tree (no orphans) and fail."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env),
                             cwd=cwd or REPO, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def torchrun(nproc: int, args: list[str], env=None, timeout=TIMEOUT, torchrun_args=(), module="dml_dist.train"):
+def torchrun(nproc: int, args: list[str], env=None, timeout=TIMEOUT, torchrun_args=(), module="dml_dist.train",
+             cwd=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *torchrun_args, "-m", module, *args]
-    return run_cmd(cmd, env, timeout)
+    return run_cmd(cmd, env, timeout, cwd)
 
 
 def error_lines(stderr: str) -> list[str]:

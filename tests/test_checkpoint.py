@@ -1,0 +1,156 @@
+"""Checkpoints, exact resume, elastic restart after SIGKILL, atomic writes, refused files."""
+import json
+import re
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, torchrun
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ckdata") / "data")
+
+
+def _launch(workdir: Path, data_dir, nproc=2, env=None, torchrun_args=(), **extra):
+    """torchrun from ``workdir`` with relative save/log dirs, so runs in different folders report
+    identical configs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = dict(epochs=EPOCHS, save_freq=1, keep_last=2, augment=True, step_size=2, save_dir="save", log_dir="log")
+    cfg.update(extra)
+    return torchrun(nproc, base_args(workdir, data_dir, **cfg), env=env, torchrun_args=torchrun_args, cwd=workdir)
+
+
+def _final_weights(workdir: Path, peers=2):
+    return [torch.load(workdir / "save" / f"t_model{k}_final.pth", weights_only=True)["model"]
+            for k in range(1, peers + 1)]
+
+
+def _summary(workdir: Path, ignore_config=()) -> dict:
+    s = json.loads((workdir / "log" / "t_summary.json").read_text())
+    s.pop("run")  # wall-clock times and resume records: the only part allowed to differ
+    for k in ignore_config:
+        s["config"].pop(k)
+    return s
+
+
+def _assert_same_run(a: Path, b: Path, ignore_config=()):
+    """Bit-identical final weights of every peer and the same summary (``ignore_config``: keys that the
+    second run set differently on purpose, e.g. how often it checkpoints)."""
+    for wa, wb in zip(_final_weights(a), _final_weights(b)):
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), k
+    assert _summary(a, ignore_config) == _summary(b, ignore_config)
+
+
+def _no_temp_files(workdir: Path):
+    return [p.name for p in (workdir / "save").iterdir() if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The uninterrupted run every other run must reproduce."""
+    w = tmp_path_factory.mktemp("reference")
+    r = _launch(w, data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return w
+
+
+def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(reference):
+    names = sorted(p.name for p in (reference / "save").iterdir())
+    assert names == sorted(["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2)
+                                               for tag in ("best", "final", "epoch_3", "epoch_4")])
+    for p in (reference / "save").iterdir():
+        torch.load(p, weights_only=True)
+    latest = torch.load(reference / "save" / "t_latest.pth", weights_only=True)
+    assert latest["epoch"] == EPOCHS and latest["step"] == 0 and len(latest["peers"]) == 2
+    assert {"model", "optimizer", "scheduler", "rng", "arch"} <= set(latest["peers"][0])
+    assert latest["versions"]["torch"] == str(torch.__version__) and len(latest["history"]) == EPOCHS
+    assert latest["peers"][0]["scheduler"]["last_epoch"] == EPOCHS
+    best = torch.load(reference / "save" / "t_model1_best.pth", weights_only=True)
+    assert best["accuracy"] == max(h["val_acc"][0] for h in latest["history"])
+
+
+def test_stop_after_epoch_2_and_resume_is_bit_identical(tmp_path, data_dir, reference):
+    w = tmp_path / "stopped"
+    r = _launch(w, data_dir, epochs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _launch(w, data_dir, resume="auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout
+    _assert_same_run(reference, w)
+
+
+# With save_every_steps=2 the newest step checkpoint before the kill is step 5, or step 3 when torchrun's
+# SIGTERM reached rank 0 while its writer thread was still writing step 5 (the temp file is then discarded).
+@pytest.mark.parametrize("save_every_steps,resumed", [(2, r"1 epoch\(s\) and [35] step\(s\) done"),
+                                                       (0, r"1 epoch\(s\) and 0 step\(s\) done")])
+def test_sigkilled_worker_is_restarted_and_finishes_identically(tmp_path, data_dir, reference, save_every_steps,
+                                                                 resumed):
+    w = tmp_path / "killed"
+    r = _launch(w, data_dir, torchrun_args=["--max-restarts=1"], save_every_steps=save_every_steps,
+                env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(exitcode: -9) local_rank: 1" in r.stderr and "torchrun restart 1: resume=auto" in r.stdout
+    assert re.search(resumed, r.stdout), r.stdout[-2000:]
+    _assert_same_run(reference, w, ignore_config=["save_every_steps"])
+    assert _no_temp_files(w) == []
+
+
+def test_kill_between_temp_write_and_rename_keeps_previous_checkpoint(tmp_path, data_dir, reference):
+    w = tmp_path / "crash"
+    r = _launch(w, data_dir, env={"DML_FAULT": "action=kill_in_save,rank=0,epoch=2"})
+    assert r.returncode != 0
+    assert _no_temp_files(w), "the simulated crash should leave its temp file behind"
+    latest = torch.load(w / "save" / "t_latest.pth", weights_only=True)
+    assert latest["epoch"] == 1
+    r = _launch(w, data_dir, resume="auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "removed save/.t_" in r.stdout and _no_temp_files(w) == []
+    _assert_same_run(reference, w)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("architecture", "peer 1 is resnet20 but this run builds resnet32; set model=resnet20"),
+    ("peers", "holds 2 peers but this run has model_num=3"),
+    ("truncated", "is truncated or corrupt"),
+    ("pickled_code", "holds pickled objects other than tensors and plain values; refused"),
+    ("single_peer", "holds a single peer, not a cohort"),
+])
+def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
+    src = reference / "save" / "t_latest.pth"
+    bad = tmp_path / "bad.pth"
+    nproc, extra = 2, {}
+    if case == "architecture":
+        shutil.copy(src, bad)
+        extra = {"model": "resnet32"}
+    elif case == "peers":
+        shutil.copy(src, bad)
+        nproc = 3
+    elif case == "truncated":
+        data = src.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif case == "pickled_code":
+        evil = _Evil()
+        evil.marker = str(tmp_path / "pwned")
+        torch.save({"format": "dml-dist/1", "kind": "cohort", "payload": evil}, bad)
+    elif case == "single_peer":
+        shutil.copy(reference / "save" / "t_model1_best.pth", bad)
+    r = _launch(tmp_path / "w", data_dir, nproc=nproc, resume=str(bad), **extra)
+    assert r.returncode != 0
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1 and needle in errs[0] and str(bad) in errs[0], r.stderr[-3000:]
+    assert_no_worker_traceback(r.stderr)
+    assert not (tmp_path / "pwned").exists()
