@@ -104,6 +104,13 @@ def init_distributed(cfg: dict) -> DistContext:
     return DistContext(rank, world, local_rank, local_world, placement)
 
 
+def is_peer_loss(e: BaseException) -> bool:
+    """An error a rank gets when another rank died mid-collective (the cause is on that other rank)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and (
+        "Connection closed by peer" in text or "Connection reset by peer" in text or "gloo" in text.lower()))
+
+
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

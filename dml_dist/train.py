@@ -61,8 +61,7 @@ def public_config(cfg: dict) -> dict:
 class Trainer:
     """Holds one rank's peer and the cohort bookkeeping every rank keeps in step."""
 
-    def __init__(self, cfg: dict, ctx: D.DistContext, logger: NullLogger, data: Datasets,
-                 train_loader=None, val_loader=None, test_loader=None):
+    def __init__(self, cfg: dict, ctx: D.DistContext, logger: NullLogger, data: Datasets):
         self.cfg, self.ctx, self.logger, self.data = cfg, ctx, logger, data
         self.arch = peer_model_name(cfg, ctx.rank)
         self.archs = [peer_model_name(cfg, r) for r in range(cfg["model_num"])]
@@ -80,8 +79,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)
         self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"])
-        self.val_loader = val_loader or make_eval_loader(data.val, 2 * cfg["batch_size"], 0)
-        self.test_loader = test_loader or (make_eval_loader(data.test, 2 * cfg["batch_size"], 0) if data.test else None)
+        self.val_loader = make_eval_loader(data.val, 2 * cfg["batch_size"])
+        self.test_loader = make_eval_loader(data.test, 2 * cfg["batch_size"]) if data.test is not None else None
         self.steps_per_epoch = len(self.train_loader.batch_sampler)
         # cohort state, identical on every rank
         self.epoch, self.step = 0, 0                     # completed epochs; steps done in the current epoch
@@ -269,9 +268,10 @@ class Trainer:
         }
 
 
-def run(cfg: dict, train_dataset=None, val_loader=None, test_loader=None, stream=None) -> dict:
+def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
     """Train this rank's peer inside the current torchrun world (or alone); return the results on every
-    rank: ``model`` is this rank's peer. Raises DMLError on bad input."""
+    rank: ``model`` is this rank's peer. ``data``: ready datasets (the API's custom loaders) instead of
+    ``data_dir``. Raises DMLError on bad input."""
     created_group = not torch.distributed.is_initialized()
     ctx = D.init_distributed(cfg)
     logger, trainer = NullLogger(), None
@@ -294,9 +294,7 @@ def run(cfg: dict, train_dataset=None, val_loader=None, test_loader=None, stream
         if ctx.is_main:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
-        if train_dataset is not None:
-            data = train_dataset
-        else:
+        if data is None:
             if cfg["dataset"] != "imagefolder" and ctx.local_rank == 0 and cfg["download"]:
                 build_datasets(cfg)  # one download per node; the other local ranks wait at the barrier
             D.barrier()
@@ -305,7 +303,7 @@ def run(cfg: dict, train_dataset=None, val_loader=None, test_loader=None, stream
                     + (f" / {len(data.test)} test" if data.test is not None else "")
                     + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
                     + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"])))
-        trainer = Trainer(cfg, ctx, logger, data, val_loader=val_loader, test_loader=test_loader)
+        trainer = Trainer(cfg, ctx, logger, data)
         trainer.resume(cfg["resume"])
         t0 = time.time()
         trainer.fit()
@@ -358,7 +356,9 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except torch.distributed.DistError as e:
+    except RuntimeError as e:
+        if not D.is_peer_loss(e):
+            raise
         # Another rank died mid-collective: its own error (or torchrun's report) says why.
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         print(f"{ERROR_PREFIX} (rank {os.environ.get('RANK', '0')}) lost contact with another rank ({first}); "

@@ -18,8 +18,9 @@ TIMEOUT = 240  # seconds; every launch is bounded so a hang fails the test inste
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=24, n_val=8, size=16, seed=0,
-                      splits=("train", "val")) -> Path:
-    """Small learnable image folder: each class has its own mean colour plus noise."""
+                      splits=("train", "val"), noise=40) -> Path:
+    """Small learnable image folder: each class has its own mean colour plus noise (raise ``noise`` for
+    a folder the peers cannot learn perfectly in two epochs)."""
     rng = np.random.default_rng(seed)
     counts = {"train": n_train, "val": n_val, "test": n_val}
     for split in splits:
@@ -28,7 +29,7 @@ def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=24, n_
             d.mkdir(parents=True, exist_ok=True)
             base = np.array([(60 + 80 * c_idx) % 256, (200 - 70 * c_idx) % 256, (40 * c_idx + 90) % 256])
             for i in range(counts[split]):
-                img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                img = np.clip(base + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}.png")
     return root
 

@@ -1,0 +1,137 @@
+"""Load trained peers from their checkpoints and evaluate them and their ensemble.
+
+    dml-eval --checkpoints checkpoints/exp_model1_best.pth checkpoints/exp_model2_best.pth \
+        --data-dir ../shared/data/cifar10-small --split val
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint
+from .data import build_datasets, make_eval_loader
+from .errors import DMLError
+from .models import build_model
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> dict:
+    """Rebuild each peer from the architecture recorded in its checkpoint.
+
+    Accepts per-peer files (``<exp>_model<k>_best|final|epoch_<e>.pth``) and cohort files
+    (``<exp>_latest.pth``, which yields every peer). Returns ``{'models', 'configs', 'device'}``; the
+    models are in eval mode on ``device``. Files are read with ``weights_only=True``."""
+    if isinstance(checkpoint_paths, str):
+        checkpoint_paths = [checkpoint_paths]
+    dev = resolve_device(device)
+    models, configs = [], []
+    for path in checkpoint_paths:
+        ckpt = load_checkpoint(path)
+        entries = ckpt["peers"] if ckpt.get("kind") == "cohort" else [ckpt]
+        for entry in entries:
+            model = build_model(entry["arch"], ckpt["num_classes"])
+            try:
+                model.load_state_dict(entry["model"])
+            except RuntimeError as e:
+                raise DMLError(f"checkpoint {path}: weights do not fit {entry['arch']} "
+                               f"({str(e).splitlines()[0][:160]})") from None
+            models.append(model.to(dev).eval())
+            configs.append({**ckpt["config"], "arch": entry["arch"], "classes": ckpt["classes"],
+                            "num_classes": ckpt["num_classes"], "checkpoint": str(path)})
+    return {"models": models, "configs": configs, "device": dev}
+
+
+@torch.no_grad()
+def _logits(models, loader, device):
+    outs, labels = [[] for _ in models], []
+    for m in models:
+        m.eval()
+    for x, y in loader:
+        x = x.to(device)
+        for i, m in enumerate(models):
+            outs[i].append(m(x).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.stack([torch.cat(o) for o in outs]), torch.cat(labels)
+
+
+def _row(idx, logits_or_probs, labels, probs=False) -> dict:
+    logp = logits_or_probs.clamp_min(1e-12).log() if probs else F.log_softmax(logits_or_probs, -1)
+    correct = int((logp.argmax(1) == labels).sum())
+    return {"model_idx": idx, "accuracy": correct / len(labels), "loss": F.nll_loss(logp, labels).item(),
+            "correct": correct, "total": len(labels)}
+
+
+def evaluate_dml_models(models, data_loader, device: str = "auto", config: Optional[dict] = None) -> list[dict]:
+    """One entry per model (``model_idx`` 1..N, like the checkpoint names) and a last one for the ensemble
+    (``model_idx='ensemble'``, the mean of the peers' softmaxes): accuracy (fraction), loss (mean NLL),
+    correct, total. ``config`` is accepted for compatibility with the original API and unused."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    logits, labels = _logits([m.to(dev) for m in models], data_loader, dev)
+    rows = [_row(i + 1, l, labels) for i, l in enumerate(logits)]
+    rows.append(_row("ensemble", logits.softmax(-1).mean(0), labels, probs=True))
+    return rows
+
+
+def evaluate_ensemble(models, data_loader, device: str = "auto") -> dict:
+    """The ensemble's entry of ``evaluate_dml_models`` alone."""
+    return evaluate_dml_models(models, data_loader, device)[-1]
+
+
+def validate_dml(models, data_loader, device: str = "auto") -> list[dict]:
+    """Single-process building block (original API): same as ``evaluate_dml_models``."""
+    return evaluate_dml_models(models, data_loader, device)
+
+
+def format_table(rows: list[dict], archs: Sequence[str] = ()) -> str:
+    lines = [f"{'model':<10} {'arch':<10} {'accuracy':>9} {'loss':>8} {'correct':>9}"]
+    for r in rows:
+        name = "ensemble" if r["model_idx"] == "ensemble" else f"model{r['model_idx']}"
+        arch = archs[r["model_idx"] - 1] if r["model_idx"] != "ensemble" and archs else "-"
+        lines.append(f"{name:<10} {arch:<10} {r['accuracy']:>9.4f} {r['loss']:>8.4f} {r['correct']:>5}/{r['total']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dml-eval", description="Evaluate DML peers and their ensemble.")
+    p.add_argument("--checkpoints", nargs="+", required=True, help="per-peer .pth files (or a _latest.pth)")
+    p.add_argument("--data-dir", required=True, help="data root, laid out as for training")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        loaded = load_dml_models(args.checkpoints, args.device)
+        cfg0 = loaded["configs"][0]
+        for c in loaded["configs"][1:]:
+            if c["classes"] != cfg0["classes"]:
+                raise DMLError(f"{c['checkpoint']} was trained on other classes than {cfg0['checkpoint']}")
+        # The trainer's own splits: same data code, same seed and val_fraction as the checkpoint recorded.
+        cfg = {**cfg0, "data_dir": args.data_dir, "augment": False, "download": False}
+        data = build_datasets(cfg)
+        ds = {"train": data.train, "val": data.val, "test": data.test}[args.split]
+        if ds is None:
+            raise DMLError(f"{args.data_dir} has no {args.split} split; use --split val")
+        if data.classes != cfg0["classes"]:
+            raise DMLError(f"classes in {args.data_dir} {data.classes} differ from the checkpoint's {cfg0['classes']}")
+        if hasattr(ds, "augment"):
+            ds.augment = False
+        rows = evaluate_dml_models(loaded["models"], make_eval_loader(ds, args.batch_size), loaded["device"])
+        print(f"{args.split}: {len(ds)} images, {len(data.classes)} classes")
+        print(format_table(rows, [c["arch"] for c in loaded["configs"]]))
+    except DMLError as e:
+        print(f"dml-dist: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

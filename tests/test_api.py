@@ -1,0 +1,133 @@
+"""The notebook API: train_dml from a plain process (elastic launcher underneath) and inside torchrun,
+loading and evaluating checkpoints, dml-eval, and the example notebook."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import REPO, SHARED_DATA, make_image_folder, run_cmd, torchrun
+from dml_dist import DMLError, train_dml, create_dml_config
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def hard_folder(tmp_path_factory):
+    """Noisy enough that two epochs do not reach 100%: accuracies then carry information."""
+    return make_image_folder(tmp_path_factory.mktemp("api") / "data", n_train=24, n_val=12, noise=110,
+                             splits=("train", "val", "test"))
+
+
+def _api(tmp_path, data_dir, model_num, mode="default", env=None):
+    out = tmp_path / "out.json"
+    r = run_cmd([sys.executable, str(SCRIPTS / "api_train.py"), str(data_dir), str(out), str(model_num), mode],
+                env=env, cwd=tmp_path)
+    assert r.returncode == 0 and out.exists(), r.stderr[-3000:]
+    return json.loads(out.read_text()), r
+
+
+@pytest.mark.parametrize("model_num", [2, 3])
+def test_train_dml_from_plain_process(tmp_path, hard_folder, model_num):
+    res, r = _api(tmp_path, hard_folder, model_num)
+    assert "error" not in res, res.get("error")
+    assert res["n_models"] == model_num and res["model_types"] == ["CifarResNet"]
+    assert res["config_model_num"] == model_num and res["children"] == []
+    summary = json.loads((tmp_path / "logs" / "api_summary.json").read_text())
+    assert res["best_accuracies"] == summary["best_accuracies"]
+    assert res["avg_best_accuracy"] == summary["avg_best_accuracy"]
+    assert res["training_history"] == summary["history"] and len(res["training_history"]) == 2
+    # rank 0's progress reached the caller's stdout
+    assert "epoch 2/2" in r.stdout and "ensemble val acc" in r.stdout
+    # the best checkpoints, reloaded and evaluated, reproduce the accuracies training reported
+    evals = res["eval_best_val"]
+    assert [e["model_idx"] for e in evals] == list(range(1, model_num + 1)) + ["ensemble"]
+    assert [e["accuracy"] for e in evals[:-1]] == pytest.approx(res["best_accuracies"], abs=1e-9)
+    assert not all(a == 1.0 for a in res["best_accuracies"])
+    # the returned models are the final peers; test_results are their scores on data_dir/test
+    assert res["eval_returned_test"] == res["eval_final_test"]
+    assert [e["accuracy"] for e in res["eval_final_test"][:-1]] == pytest.approx(res["test_results"]["peer_acc"])
+    assert res["eval_final_test"][-1]["accuracy"] == pytest.approx(res["test_results"]["ensemble_acc"])
+
+
+def test_failing_peer_raises_in_the_caller(tmp_path, hard_folder):
+    res, _ = _api(tmp_path, hard_folder, 2, env={"DML_FAULT": "action=raise,rank=1,epoch=1,step=2"})
+    assert res["error"].startswith("DMLTrainingError: train_dml failed: peer 2 (rank 1): injected failure on rank 1")
+    assert res["children"] == []
+
+
+def test_custom_loaders_use_the_shared_seed_sampler(tmp_path, hard_folder):
+    for mode in ("loaders", "imagefolder"):
+        fp = tmp_path / mode / "fp"
+        fp.mkdir(parents=True)
+        res, _ = _api(tmp_path / mode, hard_folder, 2, mode=mode, env={"DML_FINGERPRINT_DIR": str(fp)})
+        assert "error" not in res, res.get("error")
+        f0, f1 = (fp / "fingerprints_rank0.txt").read_text(), (fp / "fingerprints_rank1.txt").read_text()
+        assert f0 == f1 and len(f0.splitlines()) == 2 * (72 // 8)
+        assert res["n_models"] == 2 and res["test_results"] is None or mode == "loaders"
+
+
+def test_unpicklable_loader_is_a_clear_error(hard_folder):
+    class Local(torch.utils.data.Dataset):  # defined in a function: pickle cannot find it
+        classes = ["a", "b"]
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 16, 16), i % 2
+
+    loader = DataLoader(Local(), batch_size=2)
+    with pytest.raises(DMLError, match="train_loader.dataset cannot be pickled .*sends a copy to each peer"):
+        train_dml(create_dml_config(model_num=2), loader, loader)
+    with pytest.raises(DMLError, match="without val_loader"):
+        train_dml(create_dml_config(model_num=2), loader)
+
+
+def test_train_dml_inside_torchrun(tmp_path, hard_folder):
+    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 str(SCRIPTS / "api_in_torchrun.py"), str(hard_folder), str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
+    assert r0["n_models"] == 2 and r1["n_models"] == 1 and r0["best"] == r1["best"]
+
+
+def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
+    r = torchrun(2, [f"data_dir={hard_folder}", "model=resnet20", "image_size=16", "batch_size=8", "epochs=1",
+                     "num_workers=0", "progress_bar=false", f"save_dir={tmp_path / 'ckpt'}",
+                     f"log_dir={tmp_path / 'logs'}", "experiment_name=ev"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "logs" / "ev_summary.json").read_text())
+    ckpts = [str(tmp_path / "ckpt" / f"ev_model{k}_best.pth") for k in (1, 2)]
+    r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *ckpts, "--data-dir",
+                 str(hard_folder), "--split", "val"])
+    assert r.returncode == 0, r.stderr
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(model\d|ensemble)\s+\S+\s+([\d.]+)", r.stdout, re.M)}
+    assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)
+    assert rows["model2"] == pytest.approx(summary["best_accuracies"][1], abs=1e-4)
+    assert "ensemble" in rows
+    r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", ckpts[0], "--data-dir",
+                 str(tmp_path / "nope")])
+    assert r.returncode == 1 and r.stderr.startswith("dml-dist: error: data_dir") and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/cifar10-small")
+def test_example_notebook_runs_headless(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(REPO / "examples" / "quickstart.ipynb", as_version=4)
+    import os
+    os.environ["DML_EXAMPLE_EPOCHS"] = "1"
+    os.environ["DML_EXAMPLE_OUT"] = str(tmp_path)
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO / "examples")}}).execute()
+    finally:
+        del os.environ["DML_EXAMPLE_EPOCHS"], os.environ["DML_EXAMPLE_OUT"]
+    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "ensemble" in outputs and "epoch 1/1" in outputs
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert (tmp_path / "curves.png").is_file()
