@@ -70,8 +70,7 @@ class Trainer:
             model = build_model(self.arch, data.num_classes)
         except DMLError as e:
             raise DMLError(f"peer {ctx.rank + 1}: {e}", all_ranks=False) from None
-        self.channels_last = cfg["channels_last"] and ctx.device.type == "cuda"
-        self.model = model.to(ctx.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"],
                                          nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
@@ -281,6 +280,8 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
         faults.at_setup(ctx.rank)
         cfg["amp"] = resolve_amp(cfg, ctx.device)
+        # channels_last only pays off on GPUs; on CPU it would change conv kernels and thus results.
+        cfg["channels_last"] = cfg["channels_last"] and ctx.device.type == "cuda"
         logger = make_logger(ctx.is_main, cfg, stream)
         if ctx.restart_count > 0:
             logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume']}")

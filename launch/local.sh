@@ -7,7 +7,7 @@
 # peer with NCCL, peers sharing GPUs round-robin with gloo when N > GPUs, CPU with gloo when there is none.
 #
 # Variables:
-#   CONFIG        YAML config when no --config is given (default: configs/quickstart.yaml)
+#   CONFIG        YAML config when no --config is given (default: configs/quickstart.yaml of this checkout)
 #   MAX_RESTARTS  torchrun --max-restarts: restart the group after a worker dies; the trainer resumes
 #                 from <exp>_latest.pth by itself (default: 0)
 #   PYTHON        interpreter that has dml_dist installed (default: python)
@@ -22,8 +22,10 @@ nproc=$1
 shift
 config_args=()
 if [[ " $* " != *" --config "* ]]; then
-    config_args=(--config "${CONFIG:-configs/quickstart.yaml}")
+    config_args=(--config "${CONFIG:-$(dirname "$0")/../configs/quickstart.yaml}")
 fi
+# Restarted gloo workers must not read dead workers' addresses from a shared store (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of words on purpose
 exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
     --max-restarts="${MAX_RESTARTS:-0}" ${TORCHRUN_ARGS:-} \

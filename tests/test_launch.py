@@ -1,0 +1,155 @@
+"""Placement, launch scripts, the two-node localhost run, Docker lint and install steps, AMP on CPU."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
+from dml_dist import DMLError
+from dml_dist.distributed import Placement, resolve_placement
+
+LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
+
+
+@pytest.mark.parametrize("args,expected", [
+    # one GPU per peer: NCCL
+    ((0, 2, 2), Placement("cuda:0", "nccl", 4, False)),
+    ((1, 2, 2), Placement("cuda:1", "nccl", 4, False)),
+    ((3, 8, 8), Placement("cuda:3", "nccl", 1, False)),
+    # more peers than GPUs: round-robin sharing with gloo
+    ((0, 3, 2), Placement("cuda:0", "gloo", 2, True)),
+    ((1, 3, 2), Placement("cuda:1", "gloo", 2, True)),
+    ((2, 3, 2), Placement("cuda:0", "gloo", 2, True)),
+    ((1, 2, 1), Placement("cuda:0", "gloo", 4, True)),
+    # no GPU: CPU, gloo, cores split between the local processes
+    ((0, 1, 0), Placement("cpu", "gloo", 8, False)),
+    ((1, 3, 0), Placement("cpu", "gloo", 2, False)),
+    ((5, 16, 0), Placement("cpu", "gloo", 1, False)),
+])
+def test_placement(args, expected):
+    assert resolve_placement(*args, cpu_count=8) == expected
+
+
+def test_placement_overrides_and_impossible_requests():
+    assert resolve_placement(0, 2, 2, device="cpu", cpu_count=8) == Placement("cpu", "gloo", 4, False)
+    assert resolve_placement(1, 2, 2, backend="gloo", cpu_count=8) == Placement("cuda:1", "gloo", 4, False)
+    with pytest.raises(DMLError, match="NCCL refuses two ranks on one GPU; use backend=gloo"):
+        resolve_placement(0, 3, 2, backend="nccl")
+    with pytest.raises(DMLError, match="no GPU is visible; use device=cpu"):
+        resolve_placement(0, 1, 0, device="cuda")
+    with pytest.raises(DMLError, match="backend=nccl needs GPUs"):
+        resolve_placement(0, 1, 0, backend="nccl")
+
+
+@pytest.mark.parametrize("script", LAUNCH_SCRIPTS + [REPO / ".ci" / "run"], ids=lambda p: p.name)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    r = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    r = subprocess.run([hadolint, str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
+    """No Docker engine here: rebuild the image's context from its COPY lines and run its pip step in a
+    fresh venv that sees this environment's torch/torchvision (as the base image provides them)."""
+    lines = (REPO / "docker" / "Dockerfile").read_text().splitlines()
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for line in lines:
+        if line.startswith("COPY "):
+            *srcs, _dest = line.split()[1:]
+            for s in srcs:
+                (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, ctx / s)
+    run = next(l for l in lines if l.startswith("RUN pip install"))
+    pip_args = [a for a in run.split("&&")[0].split("RUN pip install", 1)[1].split() if a != "\\"]
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    torch_site = str(Path(torch.__file__).parent.parent)
+    Path(site, "base_image.pth").write_text(torch_site + "\n")  # the image's preinstalled packages
+    r = run_cmd([str(py), "-m", "pip", "install", *pip_args], cwd=ctx, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_cmd([str(env_dir / "bin" / "dml-train"), "--help"], cwd=tmp_path)
+    assert r.returncode == 0 and "key=value" in r.stdout
+    r = run_cmd([str(py), "-c", "import dml_dist, sys; print(dml_dist.__file__)"], cwd=tmp_path)
+    assert str(env_dir) in r.stdout  # the installed copy, not this checkout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost(tmp_path, image_folder):
+    """Two torchrun "nodes" (launch/multinode.sh), one peer each, c10d rendezvous on a free port."""
+    env = _env({"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+                "RDZV_ID": "test", "MAX_RESTARTS": "0", "PYTHON": sys.executable,
+                "CONFIG": str(REPO / "configs" / "quickstart.yaml")})
+    args = base_args(tmp_path, image_folder, save_dir="ckpt", log_dir="logs")
+    procs = []
+    for node in ("node_a", "node_b"):
+        (tmp_path / node).mkdir()
+        procs.append(subprocess.Popen(["bash", str(REPO / "launch" / "multinode.sh"), *args], cwd=tmp_path / node,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                kill_tree(q.pid)
+            pytest.fail("two-node run timed out")
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    # Exactly one node hosted rank 0: it holds the summary and both peers' checkpoints; the other none.
+    mains = [n for n in ("node_a", "node_b") if (tmp_path / n / "logs").exists()]
+    assert len(mains) == 1
+    main, other = tmp_path / mains[0], tmp_path / ({"node_a", "node_b"} - set(mains)).pop()
+    summary = json.loads((main / "logs" / "t_summary.json").read_text())
+    assert len(summary["best_accuracies"]) == 2 and 0 <= summary["best_ensemble_accuracy"] <= 1
+    assert {p.name for p in (main / "ckpt").iterdir()} >= {"t_model1_final.pth", "t_model2_final.pth", "t_latest.pth"}
+    assert not (other / "ckpt").exists()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/cifar10-small")
+def test_local_sh_on_the_shared_subset(tmp_path):
+    r = run_cmd(["bash", str(REPO / "launch" / "local.sh"), "2", "epochs=1", f"data_dir={SHARED_DATA}",
+                 "save_dir=ckpt", "log_dir=logs", "progress_bar=false"],
+                env={"PYTHON": sys.executable, "CONFIG": str(REPO / "configs" / "quickstart.yaml")},
+                cwd=tmp_path, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "logs" / "quickstart_summary.json").read_text())
+    assert len(s["history"]) == 1 and len(s["best_accuracies"]) == 2
+    assert "epoch 1/1" in r.stdout
+
+
+def test_amp_and_channels_last_leave_cpu_results_unchanged(tmp_path, image_folder):
+    runs = {}
+    for name, extra in (("plain", {}), ("amp", {"amp": "bf16", "channels_last": True})):
+        r = torchrun(2, base_args(tmp_path / name, image_folder, epochs=1, **extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = tmp_path / name
+    assert read_summary(runs["amp"])["config"]["amp"] == "off"  # the config records what was applied
+    assert read_summary(runs["amp"])["config"]["channels_last"] is False
+    for k in (1, 2):
+        a = torch.load(runs["plain"] / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
+        b = torch.load(runs["amp"] / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    h_plain, h_amp = read_summary(runs["plain"])["history"], read_summary(runs["amp"])["history"]
+    assert h_plain == h_amp
