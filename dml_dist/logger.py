@@ -52,12 +52,11 @@ class RunLogger(NullLogger):
         self.tb.flush()
 
     def progress(self, iterable: Iterable, total: int, desc: str):
-        if not self.progress_bar:
+        # Off a terminal (CI, log files) the progress lines (print_freq) say the same without carriage returns.
+        if not self.progress_bar or not sys.stderr.isatty():
             return _NullBar(iterable)
         from tqdm import tqdm
-        # Off a terminal (CI, log files) redraw rarely so logs do not fill with carriage returns.
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def write_json(self, name: str, data: dict) -> None:
         path = os.path.join(self.log_dir, name)
