@@ -44,7 +44,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "backend": "auto",            # auto | nccl | gloo
     "amp": "auto",                # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
     "channels_last": False,
-    "consistency_check_every": 100,  # steps between batch fingerprint checks; 0 = only the first step
+    "consistency_check_every": 100,  # steps between batch fingerprint checks (and the first step); 0 = off
     # logging and checkpoints
     "print_freq": 50,
     "progress_bar": True,

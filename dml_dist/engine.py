@@ -91,7 +91,7 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
     for step, (x, y) in enumerate(bar, start=start_step):
         data_time = time.time() - t_last
         faults.at_step(ctx.rank, epoch, step)
-        if step == start_step or (check_every and step % check_every == 0):
+        if check_every and (step == start_step or step % check_every == 0):
             check_batch_consistency(x, y, epoch, step, ctx.rank)  # sync point
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg["channels_last"]:

@@ -192,6 +192,8 @@ class Trainer:
 
     def fit(self) -> None:
         cfg, ctx, log = self.cfg, self.ctx, self.logger
+        if self.epoch >= cfg["epochs"]:
+            log.info(f"nothing to train: the checkpoint already holds {self.epoch} epoch(s); raise epochs= to go on")
         for epoch in range(self.epoch + 1, cfg["epochs"] + 1):
             t0 = time.time()
             self.train_loader.batch_sampler.set_epoch(epoch - 1, self.step)
@@ -219,8 +221,6 @@ class Trainer:
             self._log_epoch(self.history[-1])
             self.save(new_best=new_best, final=epoch == cfg["epochs"])
             log.write_json(f"{cfg['experiment_name']}_summary.json", self.summary())
-        if self.epoch == cfg["epochs"] and not self.history:
-            log.info(f"nothing to do: the checkpoint already holds {self.epoch} epochs (raise epochs=)")
         self.writer.wait()
 
     def _log_epoch(self, h: dict) -> None:

@@ -83,6 +83,24 @@ def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_
     assert summary["history"][0]["train_loss"] == summary["history"][0]["train_ce"]
 
 
+def test_cifar10_python_format_under_torchrun(tmp_path):
+    from test_data import write_tiny_cifar10
+    write_tiny_cifar10(tmp_path / "cifar")
+    r = torchrun(2, base_args(tmp_path, tmp_path / "cifar", dataset="cifar10", image_size=32, epochs=1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = read_summary(tmp_path)
+    assert len(s["classes"]) == 10 and s["test_results"] is not None and len(s["test_results"]["peer_acc"]) == 2
+
+
+def test_consistency_check_can_be_turned_off(tmp_path, image_folder):
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1, consistency_check_every=0),
+                 env={"DML_FAULT": "action=seed_offset,rank=1", "DML_FINGERPRINT_DIR": str(fp)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(fp.iterdir()) == []
+
+
 def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder):
     r = torchrun(2, base_args(tmp_path, image_folder, epochs=1, kl_weight=0))
     assert r.returncode == 0, r.stderr[-3000:]
