@@ -13,6 +13,7 @@ Everything is plain tensors and Python values, loadable with ``torch.load(..., w
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pickle
@@ -28,25 +29,37 @@ from .errors import DMLError
 FORMAT = "dml-dist/1"
 
 
-def versions() -> dict:
+@functools.lru_cache(maxsize=None)
+def _versions() -> tuple:
     import platform
 
     import torchvision
 
     from . import __version__
-    return {"dml_dist": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "git": _git_commit()}
+    return (("dml_dist", __version__), ("torch", str(torch.__version__)),
+            ("torchvision", str(torchvision.__version__)), ("python", platform.python_version()),
+            ("git", _git_commit()))
+
+
+def versions() -> dict:
+    """Library versions and the code's git commit, saved with every checkpoint and summary."""
+    return dict(_versions())
 
 
 def _git_commit() -> Optional[str]:
-    """The code version saved with results (None when not run from a git checkout)."""
+    """The code version saved with results: HEAD of the checkout this package runs from (an editable
+    install), None for an installed copy."""
     import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        out = subprocess.run(["git", "-C", repo, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(repo):
+        return None
+    return lines[1]
 
 
 def cpu_copy(obj: Any) -> Any:
