@@ -153,3 +153,12 @@ def test_amp_and_channels_last_leave_cpu_results_unchanged(tmp_path, image_folde
         assert all(torch.equal(a[n], b[n]) for n in a)
     h_plain, h_amp = read_summary(runs["plain"])["history"], read_summary(runs["amp"])["history"]
     assert h_plain == h_amp
+
+
+def test_throughput_benchmark_runs(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    r = run_cmd([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "steps=2", "warmup=1", "image_size=16",
+                 "batch_size=8", f"out={out}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["peers"] == 1 and result["images_per_s_per_peer"] > 0 and result["versions"]["torch"]
