@@ -77,7 +77,7 @@ def train_epoch_dml(models, optimizers, data_loader, device="auto", temperature:
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def _num_classes(ds) -> list[str]:
+def _classes(ds) -> list[str]:
     classes = getattr(ds, "classes", None)
     if classes:
         return list(classes)
@@ -109,7 +109,7 @@ def datasets_from_loaders(train_loader, val_loader, test_loader) -> tuple[Datase
     if not isinstance(train_ds, (TensorImageDataset, SeededDataset)):
         train_ds = SeededDataset(train_ds)
     data = Datasets(train_ds, val_loader.dataset, test_loader.dataset if test_loader is not None else None,
-                    _num_classes(train_loader.dataset))
+                    _classes(train_loader.dataset))
     for name, ds in (("train_loader.dataset", data.train), ("val_loader.dataset", data.val),
                      ("test_loader.dataset", data.test)):
         if ds is not None:
