@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .config import DEFAULT_CONFIG, build_config, validate_config
+from .config import DEFAULT_CONFIG, build_config, finalize_config, validate_config
 from .data import Datasets, SeededDataset, TensorImageDataset, build_datasets, make_eval_loader, make_train_loader
+from .distributed import is_peer_loss
 from .errors import DMLError
 from .evaluate import load_dml_models, resolve_device
 from .loss import compute_dml_loss
@@ -53,7 +54,7 @@ def train_epoch_dml(models, optimizers, data_loader, device="auto", temperature:
     """Single-process building block (the original design's loop): one epoch of DML for all ``models``
     in this process. Returns per-model ``{'loss', 'ce', 'kl', 'accuracy'}``. For one process per peer,
     use ``train_dml``."""
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dev = resolve_device(device)
     sums = [[0.0, 0.0, 0.0, 0.0] for _ in models]
     n = 0
     for m in models:
@@ -131,7 +132,6 @@ def _worker(cfg: dict, data: Optional[Datasets], error_dir: str):
         res = run(cfg, data)
     except Exception as e:
         # A rank that only lost contact with a failed peer files its note apart: the caller reports the cause.
-        from .distributed import is_peer_loss
         kind = "lost" if is_peer_loss(e) else "error"
         with open(os.path.join(error_dir, f"{kind}{rank}.txt"), "w") as f:
             f.write(str(e) if isinstance(e, DMLError) else f"{type(e).__name__}: {str(e).strip()[:500]}")
@@ -208,7 +208,6 @@ def _launch_local(cfg: dict, data: Optional[Datasets]) -> dict:
     if cfg["model_num"] is None:
         cfg["model_num"] = len(cfg["model"]) if isinstance(cfg["model"], list) else NOTEBOOK_MODEL_NUM
     nproc = cfg["model_num"]
-    from .config import finalize_config
     cfg = finalize_config(cfg, nproc)  # experiment name, model list length: fail here, not in the children
     cfg["progress_bar"] = False  # children write to files; the caller streams rank 0's log lines instead
     # Restarted gloo workers must not read the dead workers' addresses (pytorch/pytorch#135712).

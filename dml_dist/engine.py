@@ -153,11 +153,13 @@ def predict(model, loader, device: torch.device, amp: str = "off", channels_last
 def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """[N, n, C] peer logits -> per-peer loss/accuracy and the ensemble (mean of peer softmaxes)."""
     peer_loss = [F.cross_entropy(l, labels).item() for l in all_logits]
-    peer_acc = [(l.argmax(1) == labels).double().mean().item() for l in all_logits]
+    peer_correct = [int((l.argmax(1) == labels).sum()) for l in all_logits]
     probs = all_logits.softmax(-1).mean(0)
-    ens_acc = (probs.argmax(1) == labels).double().mean().item()
+    ens_correct = int((probs.argmax(1) == labels).sum())
     ens_loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return {"peer_loss": peer_loss, "peer_acc": peer_acc, "ensemble_acc": ens_acc, "ensemble_loss": ens_loss}
+    n = len(labels)
+    return {"peer_loss": peer_loss, "peer_acc": [c / n for c in peer_correct], "peer_correct": peer_correct,
+            "ensemble_acc": ens_correct / n, "ensemble_loss": ens_loss, "ensemble_correct": ens_correct, "total": n}
 
 
 def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:

@@ -10,15 +10,18 @@ import sys
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
 from .data import build_datasets, make_eval_loader
+from .engine import predict, score_logits
 from .errors import DMLError
 from .models import build_model
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device="auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda[:i]' | torch.device -> torch.device ('auto': CUDA when available)."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -50,34 +53,19 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
     return {"models": models, "configs": configs, "device": dev}
 
 
-@torch.no_grad()
-def _logits(models, loader, device):
-    outs, labels = [[] for _ in models], []
-    for m in models:
-        m.eval()
-    for x, y in loader:
-        x = x.to(device)
-        for i, m in enumerate(models):
-            outs[i].append(m(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.stack([torch.cat(o) for o in outs]), torch.cat(labels)
-
-
-def _row(idx, logits_or_probs, labels, probs=False) -> dict:
-    logp = logits_or_probs.clamp_min(1e-12).log() if probs else F.log_softmax(logits_or_probs, -1)
-    correct = int((logp.argmax(1) == labels).sum())
-    return {"model_idx": idx, "accuracy": correct / len(labels), "loss": F.nll_loss(logp, labels).item(),
-            "correct": correct, "total": len(labels)}
-
-
 def evaluate_dml_models(models, data_loader, device: str = "auto", config: Optional[dict] = None) -> list[dict]:
     """One entry per model (``model_idx`` 1..N, like the checkpoint names) and a last one for the ensemble
     (``model_idx='ensemble'``, the mean of the peers' softmaxes): accuracy (fraction), loss (mean NLL),
-    correct, total. ``config`` is accepted for compatibility with the original API and unused."""
-    dev = resolve_device(device) if isinstance(device, str) else device
-    logits, labels = _logits([m.to(dev) for m in models], data_loader, dev)
-    rows = [_row(i + 1, l, labels) for i, l in enumerate(logits)]
-    rows.append(_row("ensemble", logits.softmax(-1).mean(0), labels, probs=True))
+    correct, total; scored exactly as the trainer scores validation. ``config`` is accepted for
+    compatibility with the original API and unused."""
+    dev = resolve_device(device)
+    outs = [predict(m.to(dev), data_loader, dev) for m in models]
+    labels = outs[0][1]
+    s = score_logits(torch.stack([logits for logits, _ in outs]), labels)
+    rows = [{"model_idx": k + 1, "accuracy": s["peer_acc"][k], "loss": s["peer_loss"][k],
+             "correct": s["peer_correct"][k], "total": s["total"]} for k in range(len(models))]
+    rows.append({"model_idx": "ensemble", "accuracy": s["ensemble_acc"], "loss": s["ensemble_loss"],
+                 "correct": s["ensemble_correct"], "total": s["total"]})
     return rows
 
 
