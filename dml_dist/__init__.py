@@ -1,5 +1,5 @@
 """dml-dist: distributed Deep Mutual Learning, one process per peer."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import DEFAULT_CONFIG, create_dml_config  # noqa: E402
 from .errors import DMLError  # noqa: E402
@@ -7,7 +7,7 @@ from .loss import compute_dml_loss  # noqa: E402
 from .models import build_model  # noqa: E402
 
 # Imported on first use, so `python -m dml_dist.evaluate` / `-m dml_dist.train` run their module once.
-_LAZY = {"DMLTrainingError": "api", "prepare_dataloaders": "api", "train_dml": "api", "train_epoch_dml": "api",
+_LAZY = {"DMLTrainingError": "launcher", "prepare_dataloaders": "api", "train_dml": "api", "train_epoch_dml": "api",
          "evaluate_dml_models": "evaluate", "evaluate_ensemble": "evaluate", "load_dml_models": "evaluate",
          "validate_dml": "evaluate"}
 

@@ -11,23 +11,30 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .augment import AUGMENTATIONS
 from .errors import DMLError
 from .models import canonical_model_name
 
 DEFAULT_CONFIG: dict[str, Any] = {
+    # The original single-process module's keys keep its values (batch 32, no augmentation, ...); the DML
+    # paper's schedule (batch 64, Nesterov, crop+flip) lives in configs/ and the README's examples.
     # model / cohort
-    "model": "resnet32",          # one name for every peer, or a list (one per peer) for a mixed cohort
-    "model_num": None,            # number of peers; None = the world size (torchrun --nproc_per_node)
+    "model": "ResNet32",          # one name for every peer (case-insensitive), or a list, one per peer
+    "model_num": 2,               # peers; when a config leaves it unset: the world size under torchrun, else 2
+    "replicas": 1,                # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas
+    "sync_bn": False,             # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
+    "pretrained": False,          # torchvision.<name> models only: start from torchvision's weights
     # data
     "dataset": "imagefolder",     # imagefolder | cifar10 | cifar100
     "data_dir": "data",
     "image_size": 32,
     "val_fraction": 0.1,          # held out of train/ when there is no val/ folder (and for CIFAR)
-    "augment": True,
-    "batch_size": 64,
-    "num_workers": 2,
+    "train_subset": 0,            # > 0: train on a deterministic subset of this many training images (by seed)
+    "augment": False,             # true (all four) | false | a list of crop, flip, rotate, jitter
+    "batch_size": 32,             # per peer (split between its replicas)
+    "num_workers": 4,             # DataLoader workers: custom datasets only (image sets use the device path)
     "download": True,             # cifar10/cifar100 only: fetch when missing
-    # optimisation (per peer: SGD + StepLR, the DML paper's schedule)
+    # optimisation (per peer: SGD + StepLR)
     "epochs": 200,
     "lr": 0.1,
     "momentum": 0.9,
@@ -36,17 +43,20 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "step_size": 60,
     "gamma": 0.1,
     # mutual learning
+    "mutual": "dml",              # dml: mean KL to each other peer | ensemble: KL to the others' mean prediction
     "temperature": 1.0,
     "kl_weight": 1.0,             # 0 trains the peers independently (the baseline)
+    "kl_warmup_epochs": 0,        # ramp the mutual term's weight from 0 to kl_weight over this many epochs
     # runtime
     "seed": 42,
     "device": "auto",             # auto | cpu | cuda
     "backend": "auto",            # auto | nccl | gloo
     "amp": "auto",                # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
     "channels_last": False,
+    "compile": False,             # torch.compile each peer's model
     "consistency_check_every": 100,  # steps between batch fingerprint checks (and the first step); 0 = off
     # logging and checkpoints
-    "print_freq": 50,
+    "print_freq": 10,
     "progress_bar": True,
     "save_freq": 10,              # per-peer epoch_<e> checkpoints every save_freq epochs; 0 = none
     "save_every_steps": 0,        # also write <exp>_latest.pth every N steps (exact mid-epoch resume)
@@ -62,16 +72,18 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "backend": ("auto", "nccl", "gloo"),
     "amp": ("auto", "bf16", "fp16", "off"),
+    "mutual": ("dml", "ensemble"),
 }
 _INT_MIN = {  # integer keys and their smallest allowed value
     "image_size": 8, "batch_size": 1, "num_workers": 0, "epochs": 1, "step_size": 1, "seed": 0,
     "consistency_check_every": 0, "print_freq": 1, "save_freq": 0, "save_every_steps": 0, "keep_last": 0,
+    "replicas": 1, "train_subset": 0, "kl_warmup_epochs": 0,
 }
 _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "lr": (0.0, True), "momentum": (0.0, True), "weight_decay": (0.0, True), "gamma": (0.0, False),
     "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
 }
-_BOOL = ("augment", "nesterov", "channels_last", "progress_bar", "download")
+_BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained")
 _STR_OR_NONE = ("experiment_name", "resume")
 
 
@@ -93,6 +105,7 @@ def validate_config(cfg: dict) -> dict:
     if unknown:
         raise DMLError("unknown config key(s): " + "; ".join(f"{k!r} ({_suggest(k)})" for k in unknown))
     c = dict(cfg)
+    c["augment"] = _augmentations(c["augment"])
     for k in _BOOL:
         if not isinstance(c[k], bool):
             raise DMLError(f"{k} must be true or false, got {c[k]!r}")
@@ -133,6 +146,20 @@ def validate_config(cfg: dict) -> dict:
     return c
 
 
+def _augmentations(value) -> list[str]:
+    """``true`` -> all four, ``false`` -> none, a list (or ``"crop,flip"``) -> those, in canonical order."""
+    if value is True or value is False:
+        return list(AUGMENTATIONS) if value else []
+    names = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise DMLError(f"augment must be true, false or a list of {', '.join(AUGMENTATIONS)}; got {value!r}")
+    unknown = [n for n in names if n.lower() not in AUGMENTATIONS]
+    if unknown:
+        raise DMLError(f"augment: unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTATIONS)} "
+                       f"(or true for all, false for none)")
+    return [a for a in AUGMENTATIONS if a in {n.lower() for n in names}]
+
+
 def parse_overrides(items: Iterable[str]) -> dict:
     """``['lr=0.05', 'model=[resnet20,resnet32]']`` -> dict, values parsed as YAML."""
     out = {}
@@ -161,8 +188,10 @@ def load_yaml(path: str) -> dict:
 
 
 def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None, **kwargs) -> dict:
-    """defaults < YAML file < overrides < kwargs, then validated."""
-    cfg = dict(DEFAULT_CONFIG)
+    """defaults < YAML file < overrides < kwargs, then validated. ``model_num`` stays None ("unset") when
+    no layer sets it: ``finalize_config`` then takes the world size under torchrun (2 when this process
+    starts the peers itself)."""
+    cfg = {**DEFAULT_CONFIG, "model_num": None}
     for layer in (load_yaml(config_file) if config_file else {}, overrides or {}, kwargs):
         cfg.update(layer)
     return validate_config(cfg)
@@ -174,18 +203,30 @@ def create_dml_config(**kwargs) -> dict:
 
 
 def finalize_config(cfg: dict, world_size: int) -> dict:
-    """Fill the world-dependent keys (model_num, experiment_name) and check them against the world."""
+    """Fill the world-dependent keys (model_num, experiment_name) and check them against the world:
+    ``world_size == model_num * replicas`` (ranks peer-major: rank = peer * replicas + replica)."""
     c = dict(cfg)
+    r = c["replicas"]
     if c["model_num"] is None:
-        c["model_num"] = len(c["model"]) if isinstance(c["model"], list) and world_size == 1 else world_size
-    if c["model_num"] != world_size:
-        raise DMLError(f"model_num={c['model_num']} but {world_size} process(es) were started; launch with "
-                       f"torchrun --nproc_per_node={c['model_num']} (one process per peer) or set model_num={world_size}")
-    if isinstance(c["model"], list) and len(c["model"]) != c["model_num"]:
-        raise DMLError(f"model lists {len(c['model'])} architectures for {c['model_num']} peers; give one per peer")
+        if isinstance(c["model"], list) and world_size == 1:
+            c["model_num"] = len(c["model"])
+        else:
+            c["model_num"] = max(1, world_size // r)
+    m = c["model_num"]
+    if m * r != world_size:
+        if r == 1:
+            raise DMLError(f"model_num={m} but {world_size} process(es) were started; launch with "
+                           f"torchrun --nproc_per_node={m} (one process per peer) or set model_num={world_size}")
+        raise DMLError(f"model_num={m} x replicas={r} needs {m * r} processes but {world_size} were started; "
+                       f"launch {m * r} processes (torchrun --nproc_per_node={m * r}) or change model_num/replicas")
+    if c["batch_size"] % r:
+        raise DMLError(f"batch_size={c['batch_size']} does not divide by replicas={r}; each replica takes an equal "
+                       f"share of its peer's batch: use a multiple of {r}")
+    if isinstance(c["model"], list) and len(c["model"]) != m:
+        raise DMLError(f"model lists {len(c['model'])} architectures for {m} peers; give one per peer")
     if not c["experiment_name"]:
         arch = c["model"] if isinstance(c["model"], str) else "-".join(c["model"])
-        c["experiment_name"] = f"dml_{arch}_{c['model_num']}peers"
+        c["experiment_name"] = f"dml_{arch}_{m}peers"
     return c
 
 

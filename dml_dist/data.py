@@ -1,13 +1,19 @@
-"""Datasets, per-sample augmentation and the shared-seed sampler.
+"""Datasets and the two training data paths. Every rank must see the same batches, byte for byte.
 
-Every rank must see the same batches with byte-identical augmentation. Instead of relying on each
-DataLoader worker's RNG, the sampler hands out ``(index, sample_seed)`` pairs drawn from a generator
-seeded with ``(seed, epoch)``; the dataset augments sample ``index`` with a generator seeded by
-``sample_seed``. The result depends only on (seed, epoch, position), never on the rank, the number of
-workers or which worker served the sample, and a run can restart at any step of an epoch.
+**Device path** (image folders and CIFAR: ``TensorImageDataset``). The set is decoded once into a uint8
+tensor (3 KB per 32x32 image) that moves to the peer's device once (CIFAR-10: 150 MB). Per step,
+``DeviceTrainLoader`` takes slice ``step`` of the epoch's permutation (a generator seeded with
+``(seed, epoch)``) and draws the per-sample augmentation parameters from a generator seeded with
+``(seed, epoch, step)``, both on the CPU; the indices and parameters cross to the device (pinned,
+non-blocking), and the whole batch is gathered, augmented and normalised there (``augment.py``). No
+DataLoader workers, no per-image Python. Evaluation runs from device-resident tensors in large batches.
 
-Image folders are decoded once into a uint8 tensor (airbench style): 3 KB per 32x32 image, so
-CIFAR-sized sets stay small in memory and no worker re-decodes JPEGs every epoch.
+**Per-sample path** (a notebook user's own datasets, ``SeededDataset``). A DataLoader whose batch sampler
+hands out ``(index, sample_seed)`` pairs drawn from ``(seed, epoch)``; the dataset runs its own random
+transforms under RNGs seeded with ``sample_seed``.
+
+Either way a batch depends on (seed, epoch, step) alone: not on the rank, the number of workers, or a
+restart in the middle of an epoch.
 """
 from __future__ import annotations
 
@@ -15,39 +21,27 @@ import os
 import pickle
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from .augment import AUGMENTATIONS, AugParams, augment_batch, augment_one, step_generator
 from .errors import DMLError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # CIFAR-10 channel statistics; used for every dataset so a checkpoint always expects the same inputs.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-ROTATION_DEGREES = 10.0
-JITTER = 0.2  # brightness / contrast / saturation factors drawn from [1 - JITTER, 1 + JITTER]
+EVAL_BATCH = 512  # evaluation batch on the device path (BN is in eval mode: results do not depend on it)
 
 
-# ----------------------------------------------------------------------------------------- augmentation
-def augment_image(img: torch.Tensor, seed: int) -> torch.Tensor:
-    """Augment one uint8 CHW image with parameters drawn from ``seed`` alone (deterministic, rank-free):
-    random crop with 4-pixel zero padding, horizontal flip, rotation within +-10 degrees, colour jitter."""
-    g = torch.Generator().manual_seed(int(seed))
-    u = torch.rand(7, generator=g).tolist()
-    _, h, w = img.shape
-    i, j = int(u[0] * 9), int(u[1] * 9)  # crop offset in [0, 8] after padding by 4
-    img = F.pad(img, (4, 4, 4, 4))[:, i:i + h, j:j + w]
-    if u[2] < 0.5:
-        img = img.flip(-1)
-    img = TF.rotate(img, (2 * u[3] - 1) * ROTATION_DEGREES)
-    img = TF.adjust_brightness(img, 1 + (2 * u[4] - 1) * JITTER)
-    img = TF.adjust_contrast(img, 1 + (2 * u[5] - 1) * JITTER)
-    img = TF.adjust_saturation(img, 1 + (2 * u[6] - 1) * JITTER)
-    return img
+def augment_image(img: torch.Tensor, seed: int, ops=AUGMENTATIONS) -> torch.Tensor:
+    """Per-sample path: augment one uint8 CHW image with parameters drawn from ``seed`` alone -> float
+    in [0, 1]."""
+    return augment_one(img, AugParams.draw(1, torch.Generator().manual_seed(int(seed)))[0], ops)
 
 
 _MEAN = torch.tensor(MEAN).view(3, 1, 1)
@@ -55,16 +49,28 @@ _STD = torch.tensor(STD).view(3, 1, 1)
 
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
-    return (img.float().div_(255) - _MEAN) / _STD
+    """uint8 (0..255) or float (0..1) image(s) -> float32 normalised with the CIFAR-10 statistics."""
+    x = img.float().div(255) if img.dtype == torch.uint8 else img
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
 
 
 # --------------------------------------------------------------------------------------------- datasets
 class TensorImageDataset(Dataset):
     """Decoded uint8 images [N, 3, H, W] + int64 labels. ``ds[i]`` gives the plain (normalised) image;
-    ``ds[(i, seed)]`` gives it augmented with ``seed`` when ``augment`` is on."""
+    ``ds[(i, seed)]`` gives it augmented with ``seed`` (per-sample path). ``augment``: the augmentation
+    names to apply (``augment.AUGMENTATIONS``); True means all, False none."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], augment: bool = False):
-        self.images, self.labels, self.classes, self.augment = images, labels, list(classes), augment
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], augment=()):
+        self.images, self.labels, self.classes = images, labels, list(classes)
+        self.augment = augment
+
+    @property
+    def augment(self) -> tuple:
+        return self._augment
+
+    @augment.setter
+    def augment(self, value) -> None:
+        self._augment = tuple(AUGMENTATIONS) if value is True else tuple(value or ())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,7 +79,7 @@ class TensorImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         img = self.images[index]
         if self.augment and seed is not None:
-            img = augment_image(img, seed)
+            img = augment_image(img, seed, self.augment)
         return normalize(img), int(self.labels[index])
 
     def subset(self, indices: torch.Tensor, augment: Optional[bool] = None) -> "TensorImageDataset":
@@ -136,7 +142,7 @@ def _decode(path: str, image_size: int) -> torch.Tensor:
         raise DMLError(f"cannot read image {path} ({type(e).__name__}); delete or replace the file") from None
 
 
-def load_image_folder(root: str, image_size: int = 32, augment: bool = False) -> TensorImageDataset:
+def load_image_folder(root: str, image_size: int = 32, augment=()) -> TensorImageDataset:
     """Decode ``root/<class>/*`` once into a TensorImageDataset (sorted classes, sorted files)."""
     classes, samples = _scan_image_folder(root)
     images = torch.stack([_decode(p, image_size) for p, _ in samples])
@@ -191,6 +197,7 @@ class Datasets:
     val: Dataset
     test: Optional[Dataset]
     classes: list[str]
+    collate_fn: Optional[Callable] = None   # a custom train loader's, kept for the per-sample path
 
     @property
     def num_classes(self) -> int:
@@ -203,11 +210,25 @@ def split_train_val(ds: TensorImageDataset, val_fraction: float, seed: int) -> t
     if n_val >= len(ds):
         raise DMLError(f"val_fraction={val_fraction} leaves no training images out of {len(ds)}; lower it")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values, augment=False)
+    return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values, augment=())
+
+
+def take_subset(ds: TensorImageDataset, k: int, seed: int) -> TensorImageDataset:
+    """A deterministic ``k``-image subset (by ``seed``), in the set's order; the whole set when k == 0."""
+    if k <= 0 or k >= len(ds):
+        return ds
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 7919))
+    return ds.subset(perm[:k].sort().values)
 
 
 def build_datasets(cfg: dict) -> Datasets:
     """train / val / test datasets as the config asks (see README, "Data")."""
+    data = _build_datasets(cfg)
+    data.train = take_subset(data.train, cfg.get("train_subset", 0), cfg["seed"])
+    return data
+
+
+def _build_datasets(cfg: dict) -> Datasets:
     d, size = cfg["data_dir"], cfg["image_size"]
     if cfg["dataset"] in ("cifar10", "cifar100"):
         train, test = _load_cifar(d, cfg["dataset"], size, download=cfg.get("download", True))
@@ -261,14 +282,158 @@ class SharedSeedBatchSampler(Sampler):
             yield [(perm[k], seeds[k]) for k in range(lo, min(lo + self.batch_size, self.n))]
 
 
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
-    if not isinstance(dataset, (TensorImageDataset, SeededDataset)):
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device, pinned and non-blocking on CUDA (the copy overlaps with queued work)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class DeviceTrainLoader:
+    """The device path's training batches: ``for x, y in loader`` gives normalised float32 inputs and
+    int64 labels on ``device``. ``set_epoch(e, start_step=s)`` positions it at step ``s`` of epoch ``e``.
+
+    ``shard=(r, R)``: yield only part r of R of each batch (data-parallel replicas of one peer); every
+    rank still draws the whole batch's indices and parameters, so shard r is the same on every peer.
+    """
+
+    def __init__(self, dataset: TensorImageDataset, batch_size: int, seed: int, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)):
+        if len(dataset) < batch_size:
+            raise DMLError(f"batch_size={batch_size} is larger than the training set ({len(dataset)} images); "
+                           f"lower batch_size")
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.ops = dataset.augment
+        self.n = len(dataset)
+        self.shard = shard
+        # Moved once; every step gathers its batch on the device.
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self._mean = _MEAN.to(self.device).unsqueeze(0)
+        self._std = _STD.to(self.device).unsqueeze(0)
+        self.epoch, self.start_step = 0, 0
+        self._perm: Optional[tuple[int, torch.Tensor]] = None
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def plan(self, epoch: int, step: int) -> tuple[torch.Tensor, AugParams]:
+        """CPU indices [B] and augmentation parameters of one step: a function of (seed, epoch, step)."""
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        idx = self._perm[1][step * self.batch_size:(step + 1) * self.batch_size]
+        params = AugParams.draw(len(idx), step_generator(self.seed, epoch, step))
+        r, replicas = self.shard
+        if replicas > 1:
+            part = len(idx) // replicas
+            idx, params = idx[r * part:(r + 1) * part], params[r * part:(r + 1) * part]
+        return idx, params
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, params = self.plan(epoch, step)
+        idx = _to_device(idx, self.device)
+        x = self.images[idx]
+        if self.ops:
+            x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
+        else:
+            x = x.float().div_(255)
+        return (x - self._mean) / self._std, self.labels[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(self.start_step, len(self)):
+            yield self.batch(self.epoch, step)
+
+
+class DeviceEvalLoader:
+    """Evaluation batches in dataset order from device-resident tensors (large batches)."""
+
+    def __init__(self, dataset: TensorImageDataset, device: torch.device, batch_size: int = EVAL_BATCH,
+                 shard: tuple[int, int] = (0, 1)):
+        r, parts = shard
+        lo, hi = len(dataset) * r // parts, len(dataset) * (r + 1) // parts
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.images = dataset.images[lo:hi].to(self.device)
+        self.labels = dataset.labels[lo:hi].to(self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for lo in range(0, len(self.labels), self.batch_size):
+            yield normalize(self.images[lo:lo + self.batch_size]), self.labels[lo:lo + self.batch_size]
+
+
+class SampleLoader:
+    """The per-sample path as a loader with the device loader's interface: a DataLoader over the
+    shared-seed batch sampler whose batches are moved to ``device`` (pinned, non-blocking on CUDA)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, torch.device(device)
+        self.batch_sampler = loader.batch_sampler
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.batch_sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler) if self.loader.batch_sampler is not None else len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+
+
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",
+                      shard: tuple[int, int] = (0, 1), collate_fn=None):
+    """The device path for decoded image sets; the per-sample path (DataLoader) for any other dataset."""
+    if isinstance(dataset, TensorImageDataset):
+        return DeviceTrainLoader(dataset, batch_size, seed, torch.device(device), shard)
+    return SampleLoader(sample_dataloader(dataset, batch_size, seed, num_workers, shard, collate_fn,
+                                          pin_memory=torch.device(device).type == "cuda"), device)
+
+
+def sample_dataloader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                      shard: tuple[int, int] = (0, 1), collate_fn=None, pin_memory: bool = False) -> DataLoader:
+    """A plain DataLoader over the shared-seed batch sampler (the per-sample path; what
+    ``prepare_dataloaders`` hands to users). Call ``loader.batch_sampler.set_epoch(e)`` between epochs."""
+    if not isinstance(dataset, (SeededDataset, TensorImageDataset)):
         dataset = SeededDataset(dataset)
     sampler = SharedSeedBatchSampler(len(dataset), batch_size, seed)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    if shard[1] > 1:
+        sampler = _ShardSampler(sampler, *shard)
+    kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory, **kwargs)
 
 
-def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Sequential order: every rank scores the same samples in the same order."""
+class _ShardSampler(Sampler):
+    """Part r of R of every batch of a SharedSeedBatchSampler."""
+
+    def __init__(self, sampler: SharedSeedBatchSampler, r: int, replicas: int):
+        self.sampler, self.r, self.replicas = sampler, r, replicas
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            part = len(batch) // self.replicas
+            yield batch[self.r * part:(self.r + 1) * part]
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device=None,
+                     shard: tuple[int, int] = (0, 1)):
+    """Sequential order: every rank scores the same samples in the same order. With ``device``, decoded
+    image sets are scored from device-resident tensors; ``shard=(r, R)`` scores contiguous part r of R."""
+    if device is not None and isinstance(dataset, TensorImageDataset):
+        return DeviceEvalLoader(dataset, device, max(EVAL_BATCH, batch_size), shard)
+    if shard[1] > 1:
+        r, parts = shard
+        dataset = torch.utils.data.Subset(dataset, range(len(dataset) * r // parts, len(dataset) * (r + 1) // parts))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -1,8 +1,20 @@
 """Process-group setup, device placement and the few collectives DML needs.
 
 Peers are not replicas: there is no DDP wrapper and no SyncBN. Ranks talk only to exchange logits
-(one all-gather per step), batch fingerprints, validation logits and checkpoint state. Every function
-here is a collective: call it on every rank. With world size 1 they short-circuit.
+(one all-gather per step), batch fingerprints, meters, validation logits and checkpoint state. Every
+function here is a collective: call it on every rank.
+
+The collective rule (one rule, every backend):
+
+- The process group always has a CPU backend. With NCCL it is created as ``"cpu:gloo,cuda:nccl"``
+  (``process_group_backend``): small host-side collectives (fingerprints, meters, Python objects) go over
+  gloo, CUDA tensors (logits) over NCCL. A CPU or shared-GPU placement uses plain ``"gloo"``.
+- A tensor is communicated on its own device when the group has a backend for that device type
+  (``_comm_device``); otherwise (CUDA tensors in a gloo-only group: peers sharing a GPU) it is staged
+  through host memory and the result is copied back.
+- Whenever a process group exists, the real collective runs, also in a world of one (torchrun
+  ``--nproc_per_node=1``): a one-GPU machine then exercises the same code paths as a node. Only a plain
+  process without torchrun (no group) short-circuits.
 """
 from __future__ import annotations
 
@@ -64,11 +76,26 @@ def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, dev
 
 @dataclass(frozen=True)
 class DistContext:
+    """Where this rank stands. Ranks are peer-major: ``rank = peer * replicas + replica``. ``peer_group``
+    holds the ranks with this rank's replica index (one per peer: logits are all-gathered there);
+    ``replica_group`` this peer's replicas (DDP, SyncBN). None means the whole world (replicas == 1)."""
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     placement: Placement
+    replicas: int = 1
+    peer_group: Any = None
+    replica_group: Any = None
+    mesh: Any = None
+
+    @property
+    def peer(self) -> int:
+        return self.rank // self.replicas
+
+    @property
+    def replica(self) -> int:
+        return self.rank % self.replicas
 
     @property
     def is_main(self) -> bool:
@@ -83,12 +110,26 @@ class DistContext:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
     def describe(self) -> dict:
-        return {"rank": self.rank, "host": socket.gethostname(), "device": self.placement.device,
-                "backend": self.placement.backend, "threads": self.placement.threads}
+        group = str(dist.get_backend()) if dist.is_initialized() else "none (single process)"
+        return {"rank": self.rank, "peer": self.peer + 1, "replica": self.replica, "host": socket.gethostname(),
+                "device": self.placement.device, "backend": self.placement.backend, "group": group,
+                "threads": self.placement.threads}
+
+
+def process_group_backend(placement: Placement) -> str:
+    """The backend string for ``init_process_group``: always a CPU backend, NCCL for CUDA tensors when
+    the placement chose NCCL (see the module docstring)."""
+    return "cpu:gloo,cuda:nccl" if placement.backend == "nccl" else "gloo"
+
+
+def under_launcher() -> bool:
+    """True in a process started by torchrun / the elastic launcher (a rendezvous to join)."""
+    return "MASTER_ADDR" in os.environ and "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(cfg: dict) -> DistContext:
-    """Read torchrun's environment, place this rank, set threads/device, init the process group."""
+    """Read torchrun's environment, place this rank, set threads/device, init the process group (under a
+    launcher always, also for a world of one, so the real collectives run)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,17 +139,32 @@ def init_distributed(cfg: dict) -> DistContext:
     torch.set_num_threads(placement.threads)
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
-    if world > 1 and not dist.is_initialized():
+    if under_launcher() and not dist.is_initialized():
         kwargs = {"device_id": torch.device(placement.device)} if placement.backend == "nccl" else {}
-        dist.init_process_group(placement.backend, timeout=TIMEOUT, **kwargs)
+        dist.init_process_group(process_group_backend(placement), timeout=TIMEOUT, **kwargs)
+    replicas = int(cfg.get("replicas", 1))
+    if replicas > 1 and dist.is_initialized() and world % replicas == 0:
+        # The 2-D layout peers x replicas, peer-major. A world that does not divide is refused later
+        # (finalize_config) with a message naming both numbers.
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(torch.device(placement.device).type, (world // replicas, replicas),
+                                mesh_dim_names=("peer", "replica"))
+        return DistContext(rank, world, local_rank, local_world, placement, replicas,
+                           mesh["peer"].get_group(), mesh["replica"].get_group(), mesh)
     return DistContext(rank, world, local_rank, local_world, placement)
 
 
+# What a rank sees when another rank died mid-collective (gloo's TCP pairs, the c10d store).
+_CONNECTION_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                    "connection closed", "Socket Timeout")
+
+
 def is_peer_loss(e: BaseException) -> bool:
-    """An error a rank gets when another rank died mid-collective (the cause is on that other rank)."""
-    text = str(e)
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and (
-        "Connection closed by peer" in text or "Connection reset by peer" in text or "gloo" in text.lower()))
+    """An error a rank gets when another rank died mid-collective (the cause is on that other rank):
+    a network error of the process group, or a connection failure. Any other backend error is not."""
+    if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(s in str(e) for s in _CONNECTION_LOST)
 
 
 def destroy_distributed() -> None:
@@ -117,20 +173,24 @@ def destroy_distributed() -> None:
 
 
 def _active() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    """A process group exists: run the real collective (also for a world of one)."""
+    return dist.is_initialized()
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
-    """gloo works on host memory: stage CUDA tensors through the CPU (the shared-GPU placement)."""
-    return t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    """The device a tensor travels on: its own when the group has a backend for it (CPU: always; CUDA:
+    when NCCL is in the group), else host memory (CUDA tensors of peers sharing a GPU over gloo)."""
+    if t.device.type == "cpu" or "nccl" in str(dist.get_backend()):
+        return t.device
+    return torch.device("cpu")
 
 
 # torch >= 2.12 deprecates all_gather_into_tensor in favour of all_gather_single (same semantics).
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def all_gather_logits(logits: torch.Tensor) -> torch.Tensor:
-    """[B, C] on every rank -> [world, B, C], the same on every rank, on ``logits.device``.
+def all_gather_logits(logits: torch.Tensor, group=None) -> torch.Tensor:
+    """[B, ...] on every rank -> [world, B, ...], the same on every rank of ``group``, on ``logits.device``.
 
     No gradient flows through the result (peers' predictions are targets); the caller keeps its own
     ``logits`` for the backward pass. Sync point: one all-gather per training step.
@@ -139,53 +199,57 @@ def all_gather_logits(logits: torch.Tensor) -> torch.Tensor:
         return logits.detach().unsqueeze(0)
     src = logits.detach().contiguous()
     dev = _comm_device(src)
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     # Concatenated layout [world * B, ...]: the one every backend accepts; viewed as [world, B, ...].
     out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=dev)
-    _ALL_GATHER(out, src.to(dev))
+    _ALL_GATHER(out, src.to(dev), group=group)
     return out.view(world, *src.shape).to(logits.device)
 
 
-def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+def all_gather_tensor(t: torch.Tensor, group=None) -> torch.Tensor:
     """Small tensor of equal shape on every rank -> [world, ...] on every rank (fingerprints, meters)."""
-    return all_gather_logits(t)
+    return all_gather_logits(t, group)
 
 
-def gather_to_main(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """Equal-shaped tensors -> [world, ...] on rank 0 (CPU), None elsewhere. No gradients."""
+def gather_to_main(t: torch.Tensor, group=None) -> Optional[torch.Tensor]:
+    """Equal-shaped tensors -> [world, ...] (CPU) on the group's first rank, None elsewhere. No gradients."""
     if not _active():
         return t.detach().cpu().unsqueeze(0)
     src = t.detach().contiguous()
-    dev = _comm_device(src)
-    src = src.to(dev)
-    parts = [torch.empty_like(src) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
-    dist.gather(src, parts, dst=0)
+    src = src.to(_comm_device(src))
+    first = dist.get_global_rank(group, 0) if group is not None else 0
+    parts = [torch.empty_like(src) for _ in range(dist.get_world_size(group))] if dist.get_rank() == first else None
+    dist.gather(src, parts, dst=first, group=group)
     return torch.stack(parts).cpu() if parts is not None else None
 
 
-def gather_objects(obj: Any) -> Optional[list]:
-    """Picklable object from every rank -> list on rank 0, None elsewhere (checkpoint state: CPU tensors)."""
+def gather_objects(obj: Any, group=None) -> Optional[list]:
+    """Picklable object from every rank -> list on the group's first rank, None elsewhere. Object
+    collectives travel over the group's CPU backend."""
     if not _active():
         return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    first = dist.get_global_rank(group, 0) if group is not None else 0
+    out = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(obj, out, dst=first, group=group)
     return out
 
 
-def broadcast_object(obj: Any = None, src: int = 0) -> Any:
+def broadcast_object(obj: Any = None, src: int = 0, group=None) -> Any:
+    """``obj`` of global rank ``src`` -> every rank of ``group``."""
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def scatter_objects(objs: Optional[list]) -> Any:
-    """Rank 0's list -> element ``rank`` on every rank (restoring each peer from rank 0's checkpoint)."""
+def scatter_objects(objs: Optional[list], group=None) -> Any:
+    """The first rank's list -> element ``i`` on the group's i-th rank (restoring peers from rank 0)."""
     if not _active():
         return objs[0]
+    first = dist.get_global_rank(group, 0) if group is not None else 0
     out = [None]
-    dist.scatter_object_list(out, objs if dist.get_rank() == 0 else None, src=0)
+    dist.scatter_object_list(out, objs if dist.get_rank() == first else None, src=first, group=group)
     return out[0]
 
 

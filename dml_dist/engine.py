@@ -1,16 +1,16 @@
 """The training loop: ``train_one_epoch`` and ``evaluate`` (torchvision references style).
 
 Per step, every rank: fingerprint check (some steps) -> forward -> all-gather logits (sync point) ->
-DML loss against the detached peers -> backward -> SGD step. Meters stay per rank; they are gathered,
-never summed, since each rank is a different peer.
+DML loss against the detached peers -> backward -> SGD step (``peer_update``, shared with the
+single-process API). Nothing in a step reads a value back to the host: meters and the finiteness flag
+accumulate on the device and are read at ``print_freq`` boundaries. Meters stay per peer; they are
+gathered, never summed, since each rank is a different peer.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -23,31 +23,26 @@ from .logger import NullLogger, format_eta
 from .loss import compute_dml_loss
 
 
-@dataclass
 class Meters:
-    """Running sums for one peer over one epoch (float64 Python numbers, exact on resume)."""
-    loss: float = 0.0
-    ce: float = 0.0
-    kl: float = 0.0
-    correct: float = 0.0
-    n: int = 0
-    data_time: float = field(default=0.0, compare=False)
-    step_time: float = field(default=0.0, compare=False)
+    """One peer's running sums over one epoch, kept on the device so a step never waits for the host:
+    ``[loss * n, ce * n, kl * n, correct, n]`` in float64, plus a flag set by any non-finite loss since the
+    last check. Read (a host sync) only at ``print_freq`` boundaries, before a checkpoint and at the end
+    of the epoch."""
 
-    def update(self, loss: float, ce: float, kl: float, correct: float, n: int) -> None:
-        self.loss += loss * n
-        self.ce += ce * n
-        self.kl += kl * n
-        self.correct += correct
-        self.n += n
+    def __init__(self, device="cpu", sums: Optional[dict] = None):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        if sums:
+            self.sums.copy_(torch.tensor([sums[k] for k in ("loss", "ce", "kl", "correct", "n")], dtype=torch.float64))
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.unchecked_from: Optional[int] = None  # first step not yet checked for a finite loss
+        self.data_time = self.step_time = 0.0
 
-    def averages(self) -> list[float]:
-        """[loss, ce, kl, acc] averaged over the samples seen."""
-        n = max(self.n, 1)
-        return [self.loss / n, self.ce / n, self.kl / n, self.correct / n]
+    def add(self, stats: torch.Tensor, finite: torch.Tensor) -> None:
+        self.sums += stats
+        self.bad |= ~finite
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss, "ce": self.ce, "kl": self.kl, "correct": self.correct, "n": self.n}
+        return dict(zip(("loss", "ce", "kl", "correct", "n"), self.sums.cpu().tolist()))
 
 
 def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -58,16 +53,28 @@ def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.tensor([h(y), h(x)], dtype=torch.int64)
 
 
-def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: int, rank: int = 0) -> None:
-    """Collective: all ranks compare batch fingerprints; every rank raises on a mismatch."""
+def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
+                            ctx: Optional[D.DistContext] = None) -> None:
+    """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch.
+
+    Replica r of every peer must hold the same shard (compared across the peer dimension), and every
+    rank the same full batch (the shards' fingerprints in replica order, compared across all ranks)."""
+    rank, r = (ctx.rank, ctx.replicas) if ctx is not None else (0, 1)
     fp = batch_fingerprint(x, y)
     faults.record_fingerprint(rank, epoch, step, fp)
-    fps = D.all_gather_tensor(fp)
-    bad = [r for r in range(fps.shape[0]) if not torch.equal(fps[r], fps[0])]
+    if r > 1:
+        shards = D.all_gather_tensor(fp, ctx.replica_group)
+        digest = hashlib.blake2b(shards.numpy().tobytes(), digest_size=8).digest()
+        full = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    else:
+        full = fp[1:]
+    fps = D.all_gather_tensor(torch.cat([fp, full]))  # [world, 3]
+    bad = [k for k in range(fps.shape[0]) if not torch.equal(fps[k, :2], fps[k % r, :2]) or fps[k, 2] != fps[0, 2]]
     if bad:
-        what = "labels" if any(fps[r, 0] != fps[0, 0] for r in bad) else "augmented inputs"
+        what = "labels" if any(fps[k, 0] != fps[k % r, 0] for k in bad) else "augmented inputs"
         raise DMLError(f"batch mismatch at epoch {epoch} step {step}: rank(s) {bad} drew different {what} than "
-                       f"rank 0; every rank must use the same seed, data and augmentation settings")
+                       f"rank(s) {sorted({k % r for k in bad})}; every rank must use the same seed, data and "
+                       f"augmentation settings")
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -76,15 +83,69 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def forward(model, x: torch.Tensor, amp: str = "off", channels_last: bool = False) -> torch.Tensor:
+    """Logits in float32 (autocast on CUDA when ``amp`` is on)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_context(x.device, amp):
+        return model(x).float()
+
+
+def peer_update(logits: torch.Tensor, all_logits: torch.Tensor, index: int, y: torch.Tensor, optimizer,
+                temperature: float, kl_weight: float, mutual: str = "dml", scaler=None):
+    """The training step shared by the distributed engine and the single-process ``train_epoch_dml``:
+    peer ``index``'s loss against the other rows of ``all_logits`` (detached peers), backward, optimizer
+    step. Returns ``(stats, finite)`` on the device without a host sync: stats = float64
+    ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was finite."""
+    peers = torch.cat([all_logits[:index], all_logits[index + 1:]])
+    loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.total.backward()
+        optimizer.step()
+    n = y.shape[0]
+    parts = torch.stack([loss.total.detach(), loss.ce.detach(), loss.kl.detach()]).double() * n
+    correct = (logits.detach().argmax(1) == y).sum().double().view(1)
+    stats = torch.cat([parts, correct, correct.new_full((1,), float(n))])
+    return stats, torch.isfinite(loss.total.detach())
+
+
+def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> list[list[float]]:
+    """Collective over the world (sync point). Returns one row per peer, on every rank:
+    ``[loss, ce, kl, acc, n]`` averaged over the peer's replicas weighted by samples (sums of
+    its replicas' sums; never mixed across peers). Raises on every rank, naming the peer(s) and the steps,
+    when any loss went non-finite since the last check."""
+    mine = torch.cat([meters.sums.cpu(), meters.bad.cpu().double().view(1)])
+    table = D.all_gather_tensor(mine).view(-1, ctx.replicas, 6).sum(1)  # [peers, 6]
+    first = meters.unchecked_from if meters.unchecked_from is not None else step
+    meters.unchecked_from = step + 1
+    bad = [k + 1 for k, r in enumerate(table.tolist()) if r[5]]
+    if bad:
+        where = f"step {step}" if first == step else f"steps {first}-{step}"
+        raise DMLError(f"peer(s) {bad}: loss is not finite (nan/inf) at epoch {epoch}, {where}; "
+                       f"lower lr (or use amp=off) and check the data")
+    n = table[:, 4:5].clamp_min(1)
+    return torch.cat([table[:, :4] / n, table[:, 4:5]], 1).tolist()
+
+
 def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epoch: int,
                     logger: NullLogger = NullLogger(), start_step: int = 0, meters: Optional[Meters] = None,
-                    scaler=None, on_step: Optional[Callable[[int, Meters], None]] = None) -> Meters:
+                    scaler=None, on_step: Optional[Callable[[int, Meters], None]] = None,
+                    kl_weight: Optional[Callable[[int], float]] = None) -> Meters:
     """One epoch for this rank's peer. ``epoch`` counts from 1; ``start_step`` skips already-done batches
-    (the sampler must have been positioned with ``set_epoch(epoch - 1, start_step)``)."""
+    (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). ``kl_weight(step)``
+    gives the mutual term's weight per step (warm-up); default: ``cfg['kl_weight']``.
+
+    No host sync inside a step: the meters live on the device and are read at ``print_freq`` boundaries.
+    """
     model.train()
-    meters = meters or Meters()
-    device, amp = ctx.device, cfg["amp"]
-    steps = len(loader.batch_sampler) if loader.batch_sampler is not None else len(loader)
+    meters = meters or Meters(ctx.device)
+    meters.unchecked_from = start_step
+    steps = len(loader)
     check_every = cfg["consistency_check_every"]
     bar = logger.progress(loader, total=steps - start_step, desc=f"epoch {epoch}")
     t_epoch = t_last = time.time()
@@ -92,40 +153,23 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
         data_time = time.time() - t_last
         faults.at_step(ctx.rank, epoch, step)
         if check_every and (step == start_step or step % check_every == 0):
-            check_batch_consistency(x, y, epoch, step, ctx.rank)  # sync point
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        all_logits = D.all_gather_logits(logits)  # sync point: one all-gather per step
-        peers = torch.cat([all_logits[:ctx.rank], all_logits[ctx.rank + 1:]])
-        loss = compute_dml_loss(logits, peers, y, cfg["temperature"], cfg["kl_weight"])
-        loss_value = loss.total.item()
-        if not math.isfinite(loss_value):
-            raise DMLError(f"peer {ctx.rank + 1}: loss is {loss_value} at epoch {epoch} step {step}; "
-                           f"lower lr or check the data", all_ranks=False)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.total.backward()
-            optimizer.step()
-        correct = (logits.argmax(1) == y).sum().item()
-        meters.update(loss_value, loss.ce.item(), loss.kl.item(), correct, y.shape[0])
+            check_batch_consistency(x, y, epoch, step, ctx)  # sync point (host copy of the batch)
+        logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+        all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point: one all-gather per step
+        w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
+        stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
+                                    cfg["mutual"], scaler)
+        meters.add(stats, finite)
         meters.data_time += data_time
         t_now = time.time()
         meters.step_time += t_now - t_last
         t_last = t_now
         if (step + 1) % cfg["print_freq"] == 0 or step + 1 == steps:
-            # Collective on every rank: show all peers, not just rank 0's.
-            avgs = D.all_gather_tensor(torch.tensor(meters.averages(), dtype=torch.float64))
+            # Collective on every rank (sync point): show all peers, not just rank 0's.
+            rows = gather_meters(meters, ctx, epoch, step)
             done = step + 1 - start_step
             eta = (t_now - t_epoch) / done * (steps - step - 1)
-            peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(avgs.tolist()))
+            peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
             bar.set_postfix_str(peers_txt)
             logger.info(f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
                         f"data {meters.data_time / max(done, 1):.3f}s step {meters.step_time / max(done, 1):.3f}s")
@@ -136,22 +180,29 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, amp: str = "off", channels_last: bool = False):
-    """Logits [n, C] (float32, CPU) and labels [n] of ``model`` over ``loader`` in loader order."""
-    model.eval()
-    outs, labels = [], []
+def predict_many(models, loader, device: torch.device, amp: str = "off", channels_last: bool = False):
+    """One pass over ``loader``, every batch through every model: logits [N, n, C] (float32, on
+    ``device``) and labels [n] (on ``device``), in loader order."""
+    for m in models:
+        m.eval()
+    outs, labels = [[] for _ in models], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp):
-            outs.append(model(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(outs), torch.cat(labels)
+        for k, m in enumerate(models):
+            outs[k].append(forward(m, x, amp, channels_last))
+        labels.append(torch.as_tensor(y).to(device, non_blocking=True))
+    return torch.stack([torch.cat(o) for o in outs]), torch.cat(labels)
+
+
+def predict(model, loader, device: torch.device, amp: str = "off", channels_last: bool = False):
+    """Logits [n, C] and labels [n] of one model, on ``device``."""
+    logits, labels = predict_many([model], loader, device, amp, channels_last)
+    return logits[0], labels
 
 
 def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """[N, n, C] peer logits -> per-peer loss/accuracy and the ensemble (mean of peer softmaxes)."""
+    all_logits, labels = all_logits.float().cpu(), labels.cpu()
     peer_loss = [F.cross_entropy(l, labels).item() for l in all_logits]
     peer_correct = [int((l.argmax(1) == labels).sum()) for l in all_logits]
     probs = all_logits.softmax(-1).mean(0)
@@ -163,9 +214,22 @@ def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
-    """Collective: every rank scores the whole loader in the same order; rank 0 gathers the logits and
-    scores each peer and the ensemble; the metrics are broadcast so every rank holds them."""
+    """Collective: each rank scores its loader (replica r of a peer: contiguous share r of the set, in
+    order); rank 0 gathers every rank's logits and labels, reassembles each peer's logits in dataset order,
+    scores every peer and the ensemble, and broadcasts the metrics so every rank holds them."""
     logits, labels = predict(model, loader, ctx.device, cfg["amp"], cfg["channels_last"])
-    gathered = D.gather_to_main(logits.to(ctx.device))  # sync point
-    metrics = score_logits(gathered, labels) if gathered is not None else None
+    sizes = [int(v) for v in D.all_gather_tensor(torch.tensor([len(labels)])).flatten()]
+    width = max(sizes)  # gather needs equal shapes: pad every share to the largest
+    pad = width - len(labels)
+    logits = F.pad(logits, (0, 0, 0, pad))
+    labels = F.pad(labels, (0, pad))
+    all_logits = D.gather_to_main(logits)  # sync point
+    all_labels = D.gather_to_main(labels)
+    metrics = None
+    if all_logits is not None:
+        r = ctx.replicas
+        peers = torch.stack([torch.cat([all_logits[k * r + i, :sizes[k * r + i]] for i in range(r)])
+                             for k in range(len(sizes) // r)])
+        y = torch.cat([all_labels[i, :sizes[i]] for i in range(r)])
+        metrics = score_logits(peers, y)
     return D.broadcast_object(metrics)

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import build_datasets, make_eval_loader
-from .engine import predict, score_logits
+from .engine import predict_many, score_logits
 from .errors import DMLError
 from .models import build_model
 
@@ -41,7 +41,7 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
         ckpt = load_checkpoint(path)
         entries = ckpt["peers"] if ckpt.get("kind") == "cohort" else [ckpt]
         for entry in entries:
-            model = build_model(entry["arch"], ckpt["num_classes"])
+            model = build_model(entry["arch"], ckpt["num_classes"], image_size=ckpt.get("image_size", ckpt["config"].get("image_size", 32)))
             try:
                 model.load_state_dict(entry["model"])
             except RuntimeError as e:
@@ -53,15 +53,18 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
     return {"models": models, "configs": configs, "device": dev}
 
 
-def evaluate_dml_models(models, data_loader, device: str = "auto", config: Optional[dict] = None) -> list[dict]:
+def evaluate_dml_models(models, data_loader, device="auto", config: Optional[dict] = None) -> list[dict]:
     """One entry per model (``model_idx`` 1..N, like the checkpoint names) and a last one for the ensemble
     (``model_idx='ensemble'``, the mean of the peers' softmaxes): accuracy (fraction), loss (mean NLL),
-    correct, total; scored exactly as the trainer scores validation. ``config`` is accepted for
-    compatibility with the original API and unused."""
+    correct, total; scored exactly as the trainer scores validation. One pass over the loader, every batch
+    through every model, so a shuffled loader scores every model on the same labels. ``config`` (the
+    original API's argument) may set ``amp``/``channels_last``."""
     dev = resolve_device(device)
-    outs = [predict(m.to(dev), data_loader, dev) for m in models]
-    labels = outs[0][1]
-    s = score_logits(torch.stack([logits for logits, _ in outs]), labels)
+    cfg = config or {}
+    amp = cfg.get("amp", "off") if dev.type == "cuda" and cfg.get("amp") not in (None, "auto") else "off"
+    logits, labels = predict_many([m.to(dev) for m in models], data_loader, dev, amp,
+                                  bool(cfg.get("channels_last")) and dev.type == "cuda")
+    s = score_logits(logits, labels)
     rows = [{"model_idx": k + 1, "accuracy": s["peer_acc"][k], "loss": s["peer_loss"][k],
              "correct": s["peer_correct"][k], "total": s["total"]} for k in range(len(models))]
     rows.append({"model_idx": "ensemble", "accuracy": s["ensemble_acc"], "loss": s["ensemble_loss"],
@@ -69,14 +72,14 @@ def evaluate_dml_models(models, data_loader, device: str = "auto", config: Optio
     return rows
 
 
-def evaluate_ensemble(models, data_loader, device: str = "auto") -> dict:
+def evaluate_ensemble(models, data_loader, device="auto", config: Optional[dict] = None) -> dict:
     """The ensemble's entry of ``evaluate_dml_models`` alone."""
-    return evaluate_dml_models(models, data_loader, device)[-1]
+    return evaluate_dml_models(models, data_loader, device, config)[-1]
 
 
-def validate_dml(models, data_loader, device: str = "auto") -> list[dict]:
-    """Single-process building block (original API): same as ``evaluate_dml_models``."""
-    return evaluate_dml_models(models, data_loader, device)
+def validate_dml(models, val_loader, device="auto", config: Optional[dict] = None) -> list[dict]:
+    """Single-process building block (original API): ``evaluate_dml_models`` on the validation loader."""
+    return evaluate_dml_models(models, val_loader, device, config)
 
 
 def format_table(rows: list[dict], archs: Sequence[str] = ()) -> str:

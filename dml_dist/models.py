@@ -1,9 +1,17 @@
-"""CIFAR ResNets of He et al. 2016 ("Deep Residual Learning", section 4.2) and a registry by name.
+"""The architectures a cohort can mix, by (case-insensitive) name:
 
-Three stages of 16/32/64 channels, ``n`` basic blocks each (depth = 6n + 2), identity shortcuts with
-zero-padding when the channel count doubles ("option A"), so the shortcuts add no parameters.
+- ``resnet20/32/44/56/110``: CIFAR ResNets of He et al. 2016 (section 4.2): three stages of 16/32/64
+  channels, ``n`` basic blocks each (depth = 6n + 2), parameter-free "option A" shortcuts;
+- ``wrn<depth>_<width>``: Wide ResNets of Zagoruyko & Komodakis 2016 (pre-activation blocks, 16/32/64 x
+  width channels, depth = 6n + 4), e.g. ``wrn28_10``, ``wrn16_4``, ``wrn28_2``;
+- ``mobilenet``: MobileNet v1 (Howard et al. 2017) with a stride-1 stem for 32x32 inputs;
+- ``mobilenetv2``: torchvision's MobileNetV2 with a stride-1 stem for 32x32 inputs;
+- ``torchvision.<name>``: any torchvision classification builder (``image_size`` >= 64), with
+  ``num_classes`` from the data; torchvision's weights when ``pretrained`` (classifier replaced).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn as nn
@@ -75,26 +83,152 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
+class WideBlock(nn.Module):
+    """Pre-activation basic block (BN-ReLU-conv twice); a 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+                         if stride != 1 or in_planes != planes else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        shortcut = self.shortcut(o) if self.shortcut is not None else x
+        o = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return o + shortcut
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, width: int, num_classes: int = 10):
+        super().__init__()
+        if (depth - 4) % 6 or depth < 10 or width < 1:
+            raise DMLError(f"Wide ResNet depth must be 6n+4 (>= 10) and width >= 1, got wrn{depth}_{width}")
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        layers, in_planes = [], 16
+        for planes, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
+            for i in range(n):
+                layers.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class MobileNetV1(nn.Module):
+    """Depthwise-separable stack of MobileNet v1; stride 1 in the stem for 32x32 inputs."""
+    CFG = (64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024)
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers = [nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
+        c = 32
+        for item in self.CFG:
+            out, stride = item if isinstance(item, tuple) else (item, 1)
+            layers += [nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def _mobilenet_v2(num_classes: int) -> nn.Module:
+    import torchvision
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    model.features[0][0].stride = (1, 1)  # 32x32 inputs: keep the stem's resolution
+    return model
+
+
+def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    import torchvision
+    if not pretrained:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except Exception as e:  # no network: URLError, OSError, ...
+        raise DMLError(f"pretrained weights for torchvision.{name} are not in torchvision's cache "
+                       f"({torch.hub.get_dir()}/checkpoints) and could not be downloaded ({type(e).__name__}); "
+                       f"download them where there is a network, or set pretrained: false") from None
+    # A new classifier for this data's classes: the last Linear layer.
+    parent, attr, last = None, None, None
+    for mod_name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                parent, attr, last = module, child_name, child
+    if last is not None and last.out_features != num_classes:
+        setattr(parent, attr, nn.Linear(last.in_features, num_classes))
+    return model
+
+
 MODEL_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+EXAMPLE_NAMES = (*MODEL_DEPTHS, "wrn16_4", "wrn28_2", "wrn28_10", "mobilenet", "mobilenetv2", "torchvision.resnet18")
 
 
 def available_models() -> list[str]:
-    return list(MODEL_DEPTHS)
+    return list(EXAMPLE_NAMES)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def canonical_model_name(name: str) -> str:
-    """'ResNet32' -> 'resnet32'; unknown names raise a DMLError listing the valid ones."""
-    key = str(name).strip().lower().replace("-", "").replace("_", "")
-    if key not in MODEL_DEPTHS:
-        raise DMLError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_DEPTHS)}")
-    return key
+    """'ResNet32' -> 'resnet32', 'WRN-28-10' -> 'wrn28_10', 'torchvision.ResNet18' -> 'torchvision.resnet18';
+    unknown names raise a DMLError listing the valid ones."""
+    raw = str(name).strip()
+    if raw.lower().startswith("torchvision."):
+        tv = raw.split(".", 1)[1].lower()
+        if tv not in _torchvision_names():
+            raise DMLError(f"unknown model {name!r}: torchvision has no classification model {tv!r} "
+                           f"(see torchvision.models.list_models())")
+        return f"torchvision.{tv}"
+    key = raw.lower().replace("-", "_")
+    wrn = re.fullmatch(r"wrn_?(\d+)_(\d+)", key)
+    if wrn:
+        return f"wrn{int(wrn.group(1))}_{int(wrn.group(2))}"
+    key = key.replace("_", "")
+    if key in MODEL_DEPTHS or key in ("mobilenet", "mobilenetv2"):
+        return key
+    raise DMLError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_DEPTHS)}, wrn<depth>_<width> "
+                   f"(e.g. wrn28_10), mobilenet, mobilenetv2, torchvision.<name> (e.g. torchvision.resnet18)")
 
 
-def build_model(name: str, num_classes: int) -> CifarResNet:
-    """Build a CIFAR ResNet by (case-insensitive) name, e.g. ``build_model('ResNet32', 10)``."""
+def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: bool = False) -> nn.Module:
+    """Build a model by (case-insensitive) name, e.g. ``build_model('ResNet32', 10)``."""
     if int(num_classes) < 1:
         raise DMLError(f"num_classes must be >= 1, got {num_classes}")
-    return CifarResNet(MODEL_DEPTHS[canonical_model_name(name)], int(num_classes))
+    key, n = canonical_model_name(name), int(num_classes)
+    if pretrained and not key.startswith("torchvision."):
+        raise DMLError(f"pretrained weights exist only for torchvision.<name> models, not {key}; set pretrained: false")
+    if key.startswith("torchvision."):
+        if image_size < 64:
+            raise DMLError(f"{key} expects images of at least 64x64 (image_size={image_size}); set image_size: 64 "
+                           f"or more, or use a CIFAR model (resnet20, wrn28_10, mobilenet, ...)")
+        return _torchvision(key.split(".", 1)[1], n, pretrained)
+    if key.startswith("wrn"):
+        depth, width = (int(v) for v in key[3:].split("_"))
+        return WideResNet(depth, width, n)
+    if key == "mobilenet":
+        return MobileNetV1(n)
+    if key == "mobilenetv2":
+        return _mobilenet_v2(n)
+    return CifarResNet(MODEL_DEPTHS[key], n)
 
 
 def count_parameters(model: nn.Module) -> int:

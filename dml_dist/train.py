@@ -35,10 +35,12 @@ from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_che
                          remove_stale_temp_files, versions)
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
-from .engine import Meters, evaluate, train_one_epoch
+from .engine import Meters, evaluate, gather_meters, train_one_epoch
 from .errors import DMLError
+from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .models import build_model
+from .parallel import wrap_replicas
 
 ERROR_PREFIX = "dml-dist: error:"
 
@@ -59,45 +61,64 @@ def public_config(cfg: dict) -> dict:
 
 
 class Trainer:
-    """Holds one rank's peer and the cohort bookkeeping every rank keeps in step."""
+    """Holds one rank's peer (or one replica of it) and the cohort bookkeeping every rank keeps in step."""
 
     def __init__(self, cfg: dict, ctx: D.DistContext, logger: NullLogger, data: Datasets):
         self.cfg, self.ctx, self.logger, self.data = cfg, ctx, logger, data
-        self.arch = peer_model_name(cfg, ctx.rank)
-        self.archs = [peer_model_name(cfg, r) for r in range(cfg["model_num"])]
-        torch.manual_seed(cfg["seed"] + ctx.rank)  # peers start from different weights
+        self.arch = peer_model_name(cfg, ctx.peer)
+        self.archs = [peer_model_name(cfg, k) for k in range(cfg["model_num"])]
+        torch.manual_seed(cfg["seed"] + ctx.peer)  # peers start from different weights, a peer's replicas alike
         try:
-            model = build_model(self.arch, data.num_classes)
+            model = build_model(self.arch, data.num_classes, image_size=cfg["image_size"],
+                                pretrained=cfg["pretrained"])
         except DMLError as e:
-            raise DMLError(f"peer {ctx.rank + 1}: {e}", all_ranks=False) from None
-        self.model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
+            raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
+        model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
+        # self.model: the peer itself (its state dict is what checkpoints hold); self.train_model: what the
+        # step calls (DDP over the peer's replicas and/or torch.compile).
+        self.model, self.train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
+        if cfg["compile"]:
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"],
                                          nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["step_size"], cfg["gamma"])
         self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)
-        self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"])
-        self.val_loader = make_eval_loader(data.val, 2 * cfg["batch_size"])
-        self.test_loader = make_eval_loader(data.test, 2 * cfg["batch_size"]) if data.test is not None else None
-        self.steps_per_epoch = len(self.train_loader.batch_sampler)
+        shard = (ctx.replica, ctx.replicas)
+        self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device,
+                                              shard, collate_fn=data.collate_fn)
+        self.val_loader = make_eval_loader(data.val, 2 * cfg["batch_size"], 0, ctx.device, shard)
+        self.test_loader = (make_eval_loader(data.test, 2 * cfg["batch_size"], 0, ctx.device, shard)
+                            if data.test is not None else None)
+        self.steps_per_epoch = len(self.train_loader)
         # cohort state, identical on every rank
         self.epoch, self.step = 0, 0                     # completed epochs; steps done in the current epoch
         self.history: list[dict] = []
-        self.best = [0.0] * cfg["model_num"]
+        self.best: list[Optional[float]] = [None] * cfg["model_num"]
         self.best_ensemble = 0.0
         self.meters: Optional[Meters] = None
         self.run_info = {"resumed_from": [], "epoch_seconds": []}
         self.writer = CheckpointWriter(enabled=ctx.is_main)
 
+    def kl_weight(self, epoch: int):
+        """The mutual term's weight per step: linear warm-up from 0 over ``kl_warmup_epochs`` epochs, a
+        function of (epoch, step) alone, so a resumed run continues the same ramp."""
+        w, warm, steps = self.cfg["kl_weight"], self.cfg["kl_warmup_epochs"], self.steps_per_epoch
+        return lambda step: w * min(1.0, ((epoch - 1) * steps + step) / (warm * steps)) if warm else w
+
     # ------------------------------------------------------------------------------------ checkpoints
-    def _peer_state(self, meters: Optional[Meters]) -> dict:
+    def _peer_state(self, meter_sums: Optional[list]) -> Optional[dict]:
+        """This peer's state from its replica 0; other replicas hand in nothing (a cohort checkpoint does
+        not depend on the number of replicas)."""
+        if self.ctx.replica != 0:
+            return None
         return cpu_copy({
             "arch": self.arch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "meters": meters.state_dict() if meters is not None else None,
+            "meters": meter_sums,
         })
 
     def _meta(self) -> dict:
@@ -110,16 +131,25 @@ class Trainer:
     def _peer_file(self, k: int, state: dict, tag: str, accuracy: Optional[float]) -> None:
         atomic_save({"format": FORMAT, "kind": "peer", "peer": k + 1, "arch": state["arch"],
                      "num_classes": self.data.num_classes, "classes": list(self.data.classes),
+                     "image_size": self.cfg["image_size"],
                      "model": state["model"], "epoch": self.epoch, "accuracy": accuracy,
                      "best_accuracy": self.best[k], "config": public_config(self.cfg), "versions": versions()},
                     peer_path(self.cfg["save_dir"], self.cfg["experiment_name"], k + 1, tag), self.epoch)
 
-    def save(self, meters: Optional[Meters] = None, new_best=(), final: bool = False) -> None:
-        """Collective: every rank hands its state to rank 0, whose writer thread writes the files
-        (per-peer files first, the cohort's ``latest`` last: it is the commit point for resume)."""
-        states = D.gather_objects(self._peer_state(meters))  # sync point
+    def save(self, meters: Optional[Meters] = None, new_best=(), final: bool = False, epoch_done: int = 0) -> None:
+        """Collective: replica 0 of every peer hands its state to rank 0, whose writer thread writes the
+        files (per-peer files first, the cohort's ``latest`` last: it is the commit point for resume).
+        Mid-epoch, the meters are checked for a non-finite loss first: a diverged peer is never saved."""
+        sums = None
+        if meters is not None:
+            gather_meters(meters, self.ctx, epoch_done, self.step - 1)  # sync point; raises on nan/inf
+            # This peer's partial-epoch sums over all its replicas.
+            table = D.all_gather_tensor(meters.sums.cpu()).view(-1, self.ctx.replicas, 5).sum(1)
+            sums = dict(zip(("loss", "ce", "kl", "correct", "n"), table[self.ctx.peer].tolist()))
+        states = D.gather_objects(self._peer_state(sums))  # sync point
         if not self.ctx.is_main:
             return
+        states = [st for st in states if st is not None]  # replica 0 of each peer, in peer order
         meta, cfg, epoch = self._meta(), self.cfg, self.epoch
         accs = self.history[-1]["val_acc"] if self.history else [None] * cfg["model_num"]
         epoch_file = self.step == 0 and cfg["save_freq"] and epoch % cfg["save_freq"] == 0
@@ -137,17 +167,27 @@ class Trainer:
 
         self.writer.submit(write)
 
+    def _resume_path(self, resume: str) -> Optional[str]:
+        """Rank 0: the file to resume from. After a torchrun restart, this experiment's own ``_latest.pth``
+        wins over an explicit ``resume=PATH`` when it is newer: it holds the progress made since PATH."""
+        latest = latest_path(self.cfg["save_dir"], self.cfg["experiment_name"])
+        if resume == "auto":
+            return latest if os.path.isfile(latest) else None
+        if self.ctx.restart_count > 0 and os.path.isfile(latest) and os.path.isfile(resume) and \
+                os.path.realpath(latest) != os.path.realpath(resume) and \
+                os.path.getmtime(latest) > os.path.getmtime(resume):
+            return latest
+        return resume
+
     def resume(self, resume: Optional[str]) -> None:
         """Rank 0 reads and checks the cohort checkpoint, then hands each rank its peer's state."""
         if not resume:
             return
         path, error, ckpt = None, None, None
         if self.ctx.is_main:
-            path = latest_path(self.cfg["save_dir"], self.cfg["experiment_name"]) if resume == "auto" else resume
             try:
-                if resume == "auto" and not os.path.isfile(path):
-                    path = None
-                else:
+                path = self._resume_path(resume)
+                if path is not None:
                     ckpt = load_checkpoint(path)
                     check_cohort_checkpoint(ckpt, path, self.cfg, self.archs, self.data.num_classes)
             except DMLError as e:
@@ -158,7 +198,9 @@ class Trainer:
         if path is None:
             self.logger.info("resume=auto: no checkpoint for this experiment yet, starting fresh")
             return
-        state = D.scatter_objects(ckpt["peers"] if ckpt else None)
+        r = self.ctx.replicas
+        per_rank = [ckpt["peers"][rank // r] for rank in range(self.ctx.world_size)] if ckpt else None
+        state = D.scatter_objects(per_rank)
         meta = D.broadcast_object({k: v for k, v in ckpt.items() if k != "peers"} if ckpt else None)
         try:
             self.model.load_state_dict(state["model"])
@@ -167,11 +209,15 @@ class Trainer:
             if self.scaler is not None and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise DMLError(f"checkpoint {path}: peer {self.ctx.rank + 1} state does not fit this model "
+            raise DMLError(f"checkpoint {path}: peer {self.ctx.peer + 1} state does not fit this model "
                            f"({str(e).splitlines()[0][:160]}); start a new experiment", all_ranks=False) from None
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        self.meters = Meters(**state["meters"]) if state["meters"] else None
+        # A peer's partial-epoch sums go to its replica 0 (any number of replicas sums to the same).
+        if state["meters"] and self.ctx.replica == 0:
+            self.meters = Meters(self.ctx.device, state["meters"])
+        elif state["meters"]:
+            self.meters = Meters(self.ctx.device)
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.history, self.best = meta["history"], list(meta["best_accuracies"])
         self.best_ensemble = meta["best_ensemble_accuracy"]
@@ -187,7 +233,7 @@ class Trainer:
             global_step = (epoch - 1) * self.steps_per_epoch + step + 1
             if every and global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.step = step + 1
-                self.save(meters)
+                self.save(meters, epoch_done=epoch)
         return hook
 
     def fit(self) -> None:
@@ -196,17 +242,18 @@ class Trainer:
             log.info(f"nothing to train: the checkpoint already holds {self.epoch} epoch(s); raise epochs= to go on")
         for epoch in range(self.epoch + 1, cfg["epochs"] + 1):
             t0 = time.time()
-            self.train_loader.batch_sampler.set_epoch(epoch - 1, self.step)
-            meters = train_one_epoch(self.model, self.optimizer, self.train_loader, ctx, cfg, epoch, log,
+            self.train_loader.set_epoch(epoch - 1, self.step)
+            meters = train_one_epoch(self.train_model, self.optimizer, self.train_loader, ctx, cfg, epoch, log,
                                      start_step=self.step, meters=self.meters, scaler=self.scaler,
-                                     on_step=self._on_step(epoch))
+                                     on_step=self._on_step(epoch), kl_weight=self.kl_weight(epoch))
             self.meters, self.step = None, 0
-            train = D.all_gather_tensor(torch.tensor(meters.averages(), dtype=torch.float64)).tolist()
+            train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             val = evaluate(self.model, self.val_loader, ctx, cfg)
             self.epoch = epoch
-            new_best = [k for k, a in enumerate(val["peer_acc"]) if a > self.best[k]]
+            # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
+            new_best = [k for k, a in enumerate(val["peer_acc"]) if self.best[k] is None or a > self.best[k]]
             for k in new_best:
                 self.best[k] = val["peer_acc"][k]
             self.best_ensemble = max(self.best_ensemble, val["ensemble_acc"])
@@ -250,8 +297,8 @@ class Trainer:
             "experiment_name": cfg["experiment_name"],
             "config": public_config(cfg),
             "classes": list(self.data.classes),
-            "best_accuracies": list(self.best),
-            "avg_best_accuracy": sum(self.best) / len(self.best),
+            "best_accuracies": [b or 0.0 for b in self.best],
+            "avg_best_accuracy": sum(b or 0.0 for b in self.best) / len(self.best),
             "best_ensemble_accuracy": self.best_ensemble,
             "final_accuracies": last["val_acc"] if last else None,
             "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
@@ -291,7 +338,8 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                         "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun")
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         for p in D.gather_objects(ctx.describe()) or []:
-            logger.info("placement: rank {rank} host {host} device {device} backend {backend} threads {threads}".format(**p))
+            logger.info("placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
+                        "backend {backend} group {group} threads {threads}".format(**p))
         if ctx.is_main:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
@@ -313,7 +361,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                                  "elapsed_s": round(time.time() - t0, 3), "restarts": ctx.restart_count})
         summary = trainer.summary(test_results)
         logger.write_json(f"{cfg['experiment_name']}_summary.json", summary)
-        logger.info(f"done: best acc {['%.4f' % a for a in trainer.best]} (avg {summary['avg_best_accuracy']:.4f}), "
+        logger.info(f"done: best acc {['%.4f' % a for a in summary['best_accuracies']]} (avg {summary['avg_best_accuracy']:.4f}), "
                     f"best ensemble {trainer.best_ensemble:.4f}; summary in "
                     f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}")
         return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
@@ -344,14 +392,27 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with config keys (see README); CLI key=value pairs override it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
-    return p.parse_args(argv)
+    # Intermixed: key=value pairs may stand on both sides of --config.
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args.config, parse_overrides(args.overrides))
-        run(cfg)
+        if D.under_launcher():
+            run(cfg)
+        else:
+            # No torchrun: this process starts the cohort itself (model_num * replicas local processes).
+            if cfg["model_num"] is None:
+                cfg["model_num"] = len(cfg["model"]) if isinstance(cfg["model"], list) else DEFAULT_LOCAL_PEERS
+            cfg = finalize_config(cfg, cfg["model_num"] * cfg["replicas"])
+            if cfg["model_num"] * cfg["replicas"] == 1:
+                run(cfg)
+            else:
+                launch_local(cfg)
+    except DMLTrainingError:
+        return 1  # the failing peer printed its own one-line error
     except DMLError as e:
         report_error(e)
         return 1

@@ -83,8 +83,8 @@ def test_unpicklable_loader_is_a_clear_error(hard_folder):
     loader = DataLoader(Local(), batch_size=2)
     with pytest.raises(DMLError, match="train_loader.dataset cannot be pickled .*sends a copy to each peer"):
         train_dml(create_dml_config(model_num=2), loader, loader)
-    with pytest.raises(DMLError, match="without val_loader"):
-        train_dml(create_dml_config(model_num=2), loader)
+    with pytest.raises(DMLError, match="val_loader was given without train_loader"):
+        train_dml(create_dml_config(model_num=2), val_loader=loader)
 
 
 def test_train_dml_inside_torchrun(tmp_path, hard_folder):

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from dml_dist import DMLError, create_dml_config
 from dml_dist.data import (SeededDataset, SharedSeedBatchSampler, build_datasets, load_image_folder,
-                           make_train_loader)
+                           sample_dataloader)
 
 from conftest import make_image_folder
 
@@ -49,19 +49,29 @@ def test_sampler_is_identical_for_same_seed_and_resumes_mid_epoch():
     assert list(SharedSeedBatchSampler(50, 8, seed=4)) != list(SharedSeedBatchSampler(50, 8, seed=3))
 
 
-def test_augmented_batches_are_byte_identical_across_worker_counts(tmp_path):
+def test_per_sample_path_is_byte_identical_across_worker_counts(tmp_path):
     ds = load_image_folder(str(make_image_folder(tmp_path / "d", n_train=12, splits=("train",)) / "train"), 16,
                            augment=True)
 
     def batches(workers):
-        loader = make_train_loader(ds, 8, seed=7, num_workers=workers)
+        loader = sample_dataloader(ds, 8, seed=7, num_workers=workers)
         loader.batch_sampler.set_epoch(1)
         return [(x.clone(), y.clone()) for x, y in loader]
 
     b0, b2 = batches(0), batches(2)
-    assert all(torch.equal(x0, x2) and torch.equal(y0, y2) for (x0, y0), (x2, y2) in zip(b0, b2))
+    assert len(b0) == 4 and all(torch.equal(x0, x2) and torch.equal(y0, y2) for (x0, y0), (x2, y2) in zip(b0, b2))
     plain = torch.stack([ds[i][0] for i, _ in next(iter(SharedSeedBatchSampler(len(ds), 8, 7)))])
     assert not torch.equal(plain, b0[0][0])  # augmentation really changed the inputs
+
+
+def test_train_subset_is_deterministic_by_seed(tmp_path):
+    d = make_image_folder(tmp_path / "d", n_train=10, n_val=2)
+    a = build_datasets(_cfg(d, train_subset=7))
+    b = build_datasets(_cfg(d, train_subset=7))
+    c = build_datasets(_cfg(d, train_subset=7, seed=1))
+    assert len(a.train) == 7 and len(a.val) == 6
+    assert torch.equal(a.train.images, b.train.images) and not torch.equal(a.train.images, c.train.images)
+    assert len(build_datasets(_cfg(d, train_subset=1000)).train) == 30
 
 
 def test_seeded_dataset_makes_user_transforms_deterministic():

@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
 from dml_dist import DMLError
-from dml_dist.distributed import Placement, resolve_placement
+from dml_dist.distributed import Placement, is_peer_loss, process_group_backend, resolve_placement
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 
@@ -35,6 +35,41 @@ LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 ])
 def test_placement(args, expected):
     assert resolve_placement(*args, cpu_count=8) == expected
+
+
+@pytest.mark.parametrize("args,backend", [
+    ((0, 2, 2), "cpu:gloo,cuda:nccl"),   # one GPU per peer: logits over NCCL, host-side collectives over gloo
+    ((3, 8, 8), "cpu:gloo,cuda:nccl"),
+    ((0, 3, 2), "gloo"),                 # peers sharing GPUs: gloo, CUDA tensors staged through host memory
+    ((1, 2, 1), "gloo"),
+    ((0, 1, 0), "gloo"),                 # CPU
+    ((1, 3, 0), "gloo"),
+])
+def test_process_group_backend_has_a_cpu_backend_for_every_placement(args, backend):
+    placement = resolve_placement(*args, cpu_count=8)
+    assert process_group_backend(placement) == backend
+
+
+def test_world_of_one_runs_the_real_collectives():
+    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                 str(REPO / "tests" / "scripts" / "collective_rule.py")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # A group without a CPU backend rejects CPU tensors even alone: the bug class NCCL-only groups had.
+    assert out["device_only_group"] == "No backend type associated with device type cpu"
+    assert out["backend"] == "gloo" and out["all_gather"] and out["gather_to_main"] and out["objects"]
+
+
+@pytest.mark.parametrize("error,lost", [
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5"), True),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection reset by peer"), True),
+    (RuntimeError("Gloo connectFullMesh failed with ... Broken pipe"), True),
+    (RuntimeError("gloo: invalid tensor size for allgather"), False),       # a bug, not a lost peer
+    (RuntimeError("ProcessGroupGloo only supports dense tensors"), False),
+    (ValueError("Connection closed by peer"), False),
+])
+def test_is_peer_loss_matches_connection_failures_only(error, lost):
+    assert is_peer_loss(error) is lost
 
 
 def test_placement_overrides_and_impossible_requests():

@@ -23,7 +23,7 @@ def test_resnet110_parameter_count():
 
 def test_registry_is_case_insensitive_and_lists_valid_names():
     assert build_model("ResNet32", 100).fc.out_features == 100
-    with pytest.raises(DMLError, match="resnet20, resnet32, resnet44, resnet56, resnet110"):
+    with pytest.raises(DMLError, match="resnet20, resnet32, resnet44, resnet56, resnet110, wrn<depth>_<width>"):
         build_model("resnet18", 10)
 
 
@@ -74,3 +74,83 @@ def test_single_peer_is_plain_cross_entropy():
 def test_identical_predictions_give_zero_kl():
     z = torch.randn(4, 3)
     assert compute_dml_loss(z, [z.clone(), z.clone()], torch.zeros(4, dtype=torch.long)).kl.abs().item() < 1e-6
+
+
+# Issue 11: the paper's mixed cohorts. Counts with 100 classes (CIFAR-100); WRN-28-10 is the paper's 36.5M.
+COUNTS_100 = {"wrn28_10": 36_536_884, "wrn16_4": 2_772_020, "wrn28_2": 1_479_220, "mobilenet": 3_309_476,
+              "mobilenetv2": 2_351_972, "resnet32": 470_004}
+
+
+@pytest.mark.parametrize("name,expected", COUNTS_100.items())
+def test_mixed_cohort_parameter_counts_with_100_classes(name, expected):
+    model = build_model(name, 100)
+    assert count_parameters(model) == expected
+    if name != "wrn28_10":  # the big one's forward pass is slow on 2 cores; its count says enough
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert round(COUNTS_100["wrn28_10"] / 1e6, 1) == 36.5
+
+
+def test_names_are_case_insensitive_for_every_family():
+    from dml_dist.models import canonical_model_name
+    assert canonical_model_name("WRN-28-10") == canonical_model_name("wrn28_10") == "wrn28_10"
+    assert canonical_model_name("MobileNetV2") == "mobilenetv2" and canonical_model_name("MobileNet") == "mobilenet"
+    assert canonical_model_name("torchvision.ResNet18") == "torchvision.resnet18"
+    for bad, needle in (("wrn27_2", "6n\\+4"), ("torchvision.nope", "torchvision has no classification model"),
+                        ("vgg", "unknown model 'vgg'")):
+        with pytest.raises(DMLError, match=needle):
+            build_model(bad, 10)
+
+
+def test_torchvision_models_need_64_pixels_and_take_num_classes():
+    m = build_model("torchvision.resnet18", 7, image_size=64)
+    assert m.fc.out_features == 7 and m.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(DMLError, match="at least 64x64 .*image_size=32"):
+        build_model("torchvision.resnet18", 7, image_size=32)
+    with pytest.raises(DMLError, match="pretrained weights exist only for torchvision"):
+        build_model("resnet20", 7, pretrained=True)
+
+
+def test_pretrained_weights_come_from_torchvision_cache(tmp_path, monkeypatch):
+    import torchvision
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), cache / weights.url.rsplit("/", 1)[1])  # stands in for the download
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    m = build_model("torchvision.resnet18", 5, image_size=64, pretrained=True)
+    assert torch.equal(m.conv1.weight, reference.conv1.weight) and m.fc.out_features == 5
+    # Neither in the cache nor downloadable (the cache is a file, not a folder): one clear error.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(blocked))
+    with pytest.raises(DMLError, match="not in torchvision's cache .* could not be downloaded"):
+        build_model("torchvision.resnet18", 5, image_size=64, pretrained=True)
+
+
+def test_ensemble_variant_against_hand_computation():
+    torch.manual_seed(1)
+    z, peers, y, T = torch.randn(4, 5), torch.randn(3, 4, 5), torch.randint(0, 5, (4,)), 2.0
+    out = compute_dml_loss(z, peers, y, temperature=T, kl_weight=0.5, mutual="ensemble")
+    q = torch.softmax(peers / T, -1).mean(0)  # the mean of the other peers' softened probabilities
+    kl = (q * (q.log() - torch.log_softmax(z / T, -1))).sum(-1).mean() * T * T
+    assert torch.allclose(out.kl, kl, atol=1e-6) and torch.allclose(out.total, out.ce + 0.5 * kl, atol=1e-6)
+    # with one peer the two variants agree; with several they differ
+    one = peers[:1]
+    assert torch.allclose(compute_dml_loss(z, one, y, mutual="ensemble").kl, compute_dml_loss(z, one, y).kl, atol=1e-6)
+    assert not torch.allclose(out.kl, compute_dml_loss(z, peers, y, temperature=T).kl, atol=1e-4)
+
+
+def test_original_call_form_of_compute_dml_loss():
+    torch.manual_seed(0)
+    models = [build_model("resnet20", 4).eval() for _ in range(3)]
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
+    loss = compute_dml_loss(models, x, y, 1)
+    assert loss.dim() == 0 and loss.requires_grad
+    z = [m(x) for m in models]
+    expected = compute_dml_loss(z[1], [z[0].detach(), z[2].detach()], y).total
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert models[0].fc.weight.grad is None and models[1].fc.weight.grad is not None  # peers ran under no_grad
+    t = compute_dml_loss(models, x, y, 0, temperature=3.0, kl_weight=0.0)
+    assert torch.allclose(t, F.cross_entropy(models[0](x), y), atol=1e-6)

@@ -75,7 +75,7 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
 
 
 def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_folder):
-    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1)])
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1, model_num=1)])
     assert r.returncode == 0, r.stderr[-3000:]
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=1, epochs=1)

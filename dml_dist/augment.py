@@ -1,0 +1,154 @@
+"""Augmentation of whole batches on the training device, and its per-sample reference.
+
+One step's augmentation is fully described by ``AugParams``: per sample a crop offset, a flip bit, a
+rotation angle and three colour-jitter factors. They are drawn on the CPU from a generator seeded by
+``(seed, epoch, step)`` (``step_generator``), so every rank draws the same numbers without talking to
+the others, and any step of any epoch can be re-drawn on its own (exact mid-epoch resume).
+
+``augment_batch`` applies them to a uint8 batch that already lives on the device (airbench style: the
+decoded training set sits on the GPU, a step is a few batched kernels): crop with 4-pixel zero padding by
+batched indexing, flip by ``torch.where``, rotation by one ``affine_grid``/``grid_sample`` call, colour
+jitter by per-sample blend factors. ``augment_one`` does the same to one image with torchvision's
+functional ops; the tests hold the two to each other.
+
+Augmentation names (config key ``augment``): ``crop``, ``flip``, ``rotate`` (within +-10 degrees),
+``jitter`` (brightness, contrast, saturation within +-20%).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+AUGMENTATIONS = ("crop", "flip", "rotate", "jitter")
+PAD = 4                   # crop: zero padding on each side, offsets in [0, 2 * PAD]
+ROTATION_DEGREES = 10.0
+JITTER = 0.2              # brightness / contrast / saturation factors in [1 - JITTER, 1 + JITTER]
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A CPU generator that depends on (seed, epoch, step) alone: the same on every rank and restart."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class AugParams:
+    """Per-sample parameters of one batch (all tensors of length B, on one device)."""
+    crop_i: torch.Tensor       # int64, row offset in [0, 2 * PAD]
+    crop_j: torch.Tensor       # int64, column offset
+    flip: torch.Tensor         # bool
+    angle: torch.Tensor        # float32, degrees (counter-clockwise, torchvision's convention)
+    brightness: torch.Tensor   # float32 factors
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+
+    @staticmethod
+    def draw(n: int, g: torch.Generator) -> "AugParams":
+        """Every parameter is drawn whatever the enabled augmentations, so turning one off leaves the
+        others' values unchanged."""
+        u = torch.rand(n, 7, generator=g)
+        return AugParams(
+            crop_i=(u[:, 0] * (2 * PAD + 1)).long().clamp_max(2 * PAD),
+            crop_j=(u[:, 1] * (2 * PAD + 1)).long().clamp_max(2 * PAD),
+            flip=u[:, 2] < 0.5,
+            angle=(2 * u[:, 3] - 1) * ROTATION_DEGREES,
+            brightness=1 + (2 * u[:, 4] - 1) * JITTER,
+            contrast=1 + (2 * u[:, 5] - 1) * JITTER,
+            saturation=1 + (2 * u[:, 6] - 1) * JITTER,
+        )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "AugParams":
+        """Host -> device; pinned first on CUDA so the copy can overlap with queued work."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
+        return AugParams(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def __getitem__(self, k) -> "AugParams":
+        return AugParams(**{f.name: getattr(self, f.name)[k] for f in fields(self)})
+
+
+def check_augmentations(ops: Sequence[str]) -> tuple[str, ...]:
+    unknown = [o for o in ops if o not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {list(AUGMENTATIONS)}")
+    return tuple(o for o in AUGMENTATIONS if o in ops)
+
+
+# ---------------------------------------------------------------------------------------------- batched
+def _crop(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Per-sample crop of the zero-padded batch: pick window (i, j) of each sample from an ``unfold``
+    view of all (2 * PAD + 1)^2 windows (exact, any dtype, one gather)."""
+    b, _, h, w = x.shape
+    windows = F.pad(x, (PAD, PAD, PAD, PAD)).unfold(2, h, 1).unfold(3, w, 1)  # [B, C, 9, 9, H, W] view
+    return windows[torch.arange(b, device=x.device), :, i, j]
+
+
+def _rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Bilinear rotation about the centre, zero fill: torchvision's ``rotate`` for a square batch."""
+    b, _, h, w = x.shape
+    a = degrees.to(x.dtype) * (math.pi / 180)
+    cos, sin = a.cos(), a.sin()
+    zero = torch.zeros_like(a)
+    # Output pixel (normalised coords) -> input pixel: the inverse rotation, with the y/x aspect ratio.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], -1),
+                         torch.stack([sin * w / h, cos, zero], -1)], 1)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (x * x.new_tensor(_GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def _blend_(x: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
+    """In place: ``clamp(f * x + (1 - f) * other, 0, 1)`` with one factor per sample (torchvision's blend)."""
+    f = factor.to(x.dtype).view(-1, 1, 1, 1)
+    x.mul_(f)
+    if not isinstance(other, float):
+        x.add_(other * (1 - f))
+    return x.clamp_(0, 1)
+
+
+def augment_batch(x: torch.Tensor, p: AugParams, ops: Sequence[str]) -> torch.Tensor:
+    """uint8 [B, 3, H, W] on any device -> float32 in [0, 1], each sample with its own parameters."""
+    if "crop" in ops:
+        x = _crop(x, p.crop_i, p.crop_j)
+    if "flip" in ops:
+        x = torch.where(p.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = x.float().div_(255)
+    if "rotate" in ops:
+        x = _rotate(x, p.angle)
+    if "jitter" in ops:
+        x = _blend_(x, 0.0, p.brightness)
+        x = _blend_(x, _gray(x).mean((1, 2, 3), keepdim=True), p.contrast)
+        x = _blend_(x, _gray(x), p.saturation)
+    return x
+
+
+# ------------------------------------------------------------------------------------------- per sample
+def augment_one(img: torch.Tensor, p: AugParams, ops: Sequence[str]) -> torch.Tensor:
+    """The reference: one uint8 CHW image, one sample's parameters (``params[k]``), torchvision ops."""
+    _, h, w = img.shape
+    if "crop" in ops:
+        i, j = int(p.crop_i), int(p.crop_j)
+        img = F.pad(img, (PAD, PAD, PAD, PAD))[:, i:i + h, j:j + w]
+    if "flip" in ops and bool(p.flip):
+        img = TF.horizontal_flip(img)
+    img = img.float().div(255)
+    if "rotate" in ops:
+        img = TF.rotate(img, float(p.angle), interpolation=InterpolationMode.BILINEAR)
+    if "jitter" in ops:
+        img = TF.adjust_brightness(img, float(p.brightness))
+        img = TF.adjust_contrast(img, float(p.contrast))
+        img = TF.adjust_saturation(img, float(p.saturation))
+    return img

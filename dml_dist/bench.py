@@ -1,0 +1,194 @@
+"""Throughput of the whole training loop: sampling, augmentation, forward, all-gather, loss, backward, step.
+
+    # 2 peers on this machine (CPU/gloo, or one GPU each), the real data path on the shared subset
+    torchrun --standalone --nproc_per_node=2 -m dml_dist.bench data_dir=../shared/data/cifar10-small model=resnet20
+    # 2 peers x 2 replicas
+    torchrun --standalone --nproc_per_node=4 -m dml_dist.bench replicas=2 model_num=2
+    dml-bench model=resnet56 batch_size=512 amp=bf16     # one process: a world of one
+
+Takes the trainer's config keys plus ``steps`` (timed steps, 20), ``warmup`` (5), ``loader_images`` (images
+timed per loader measurement, 2048) and ``out`` (append the JSON line to this file). Without a readable
+``data_dir`` it builds a synthetic set of random images of ``image_size`` (same code path).
+
+Every rank runs, in lock-step (no evaluation, no checkpoints):
+1. ``alone``: its peer trained without the mutual term: no all-gather, no KL (the same peer trained alone);
+2. ``dml``: the DML step, with the all-gather timed separately (device-synchronised on GPU);
+3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
+   path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.
+Rank 0 prints one JSON line: images/s per peer, the DML tax (dml step time / alone step time), the
+all-gather share of the step, the loaders' images/s and their ratio, placement, versions and commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import distributed as D
+from .checkpoint import versions
+from .config import build_config, finalize_config, parse_overrides, peer_model_name
+from .data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
+from .engine import forward, peer_update
+from .errors import DMLError
+from .models import build_model
+from .parallel import wrap_replicas
+
+BENCH_KEYS = {"steps": 20, "warmup": 5, "loader_images": 2048, "out": None}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dataset(cfg: dict) -> tuple[TensorImageDataset, str]:
+    train = os.path.join(cfg["data_dir"], "train")
+    if os.path.isdir(train):
+        return load_image_folder(train, cfg["image_size"], cfg["augment"]), train
+    n, s = 5000, cfg["image_size"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g)
+    return TensorImageDataset(images, torch.arange(n) % 10, [str(c) for c in range(10)], cfg["augment"]), \
+        f"synthetic {n} images {s}x{s}"
+
+
+def _batches(loader: DeviceTrainLoader):
+    """Endless training batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool) -> tuple[float, float]:
+    """Seconds per step and the seconds per step spent in the all-gather, over ``n`` steps."""
+    gather_s = 0.0
+    D.barrier()
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x, y = next(batches)
+        logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+        if mutual:
+            _sync(ctx.device)
+            tg = time.perf_counter()
+            all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point, as in training
+            _sync(ctx.device)
+            gather_s += time.perf_counter() - tg
+            index = ctx.peer
+        else:
+            all_logits, index = logits.detach().unsqueeze(0), 0  # no peers: plain cross-entropy
+        peer_update(logits, all_logits, index, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"])
+    _sync(ctx.device)
+    elapsed = time.perf_counter() - t0
+    return elapsed / n, gather_s / n
+
+
+def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_images: int) -> dict:
+    """Images/s of the loaders alone (rank 0): batched device path vs the per-sample DataLoader path."""
+    bs = cfg["batch_size"]
+    steps = max(1, n_images // bs)
+
+    def batched(ops) -> float:
+        ds.augment = ops
+        loader = DeviceTrainLoader(ds, bs, cfg["seed"], device)
+        it = _batches(loader)
+        next(it)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        _sync(device)
+        return steps * bs / (time.perf_counter() - t0)
+
+    def per_sample(ops) -> float:
+        ds.augment = ops
+        loader = sample_dataloader(ds, bs, cfg["seed"], num_workers=0)
+        it = iter(loader)
+        n = max(1, steps // 4)  # ~10x slower: time fewer batches
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, _ = next(it)
+            x.to(device)
+        _sync(device)
+        return n * bs / (time.perf_counter() - t0)
+
+    ops = list(cfg["augment"])
+    fast, slow = batched(ops), per_sample(ops)
+    return {"augment": ops, "batched_images_per_s": round(fast), "per_sample_images_per_s": round(slow),
+            "batched_vs_per_sample": round(fast / slow, 1),
+            "crop_flip_batched_images_per_s": round(batched(["crop", "flip"]))}
+
+
+def run(cfg: dict, bench: dict) -> dict | None:
+    ctx = D.init_distributed(cfg)
+    try:
+        cfg = finalize_config(cfg, ctx.world_size)
+        if ctx.device.type != "cuda":
+            cfg["amp"], cfg["channels_last"] = "off", False
+        elif cfg["amp"] == "auto":
+            cfg["amp"] = "bf16" if torch.cuda.is_bf16_supported() else "off"
+        ds, source = _dataset(cfg)
+        torch.manual_seed(cfg["seed"] + ctx.peer)
+        model = build_model(peer_model_name(cfg, ctx.peer), len(ds.classes), image_size=cfg["image_size"])
+        model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
+        model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
+        if cfg["compile"]:
+            train_model = torch.compile(train_model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
+        batches = _batches(loader)
+        n, warm = bench["steps"], bench["warmup"]
+        _time_steps(train_model, optimizer, batches, ctx, cfg, warm, mutual=True)  # warm-up (and compile)
+        alone_s, _ = _time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=False)
+        dml_s, gather_s = _time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=True)
+        per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),
+                                     "allgather_ms": round(1000 * gather_s, 2), **ctx.describe()})
+        loaders = _loader_rates(ds, cfg, ctx.device, bench["loader_images"]) if ctx.is_main else None
+        D.barrier()  # the other ranks wait while rank 0 times the loaders alone
+        if not ctx.is_main:
+            return None
+        slowest = max(per_rank, key=lambda r: r["dml_ms"])
+        alone = max(r["alone_ms"] for r in per_rank)
+        result = {
+            "model": cfg["model"], "batch_size": cfg["batch_size"], "image_size": cfg["image_size"],
+            "peers": cfg["model_num"], "replicas": cfg["replicas"], "amp": cfg["amp"], "compile": cfg["compile"],
+            "data": source, "steps": n,
+            "images_per_s_per_peer": round(cfg["batch_size"] / (slowest["dml_ms"] / 1000), 1),
+            "dml_step_ms": slowest["dml_ms"], "alone_step_ms": alone,
+            "dml_tax": round(slowest["dml_ms"] / alone, 3),
+            "allgather_share": round(slowest["allgather_ms"] / slowest["dml_ms"], 3),
+            "loader": loaders, "threads_per_rank": ctx.placement.threads, "ranks": per_rank, "versions": versions(),
+        }
+        return result
+    finally:
+        D.destroy_distributed()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides = parse_overrides(argv)
+        bench = {k: overrides.pop(k, v) for k, v in BENCH_KEYS.items()}
+        defaults = {"model": "resnet20", "batch_size": 128, "augment": True, "print_freq": 10 ** 6,
+                    "data_dir": "../shared/data/cifar10-small"}
+        cfg = build_config(overrides={**defaults, **overrides})
+        result = run(cfg, bench)
+    except DMLError as e:
+        print(f"dml-bench: error: {e}", file=sys.stderr)
+        return 1
+    if result is not None:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if bench["out"]:
+            with open(bench["out"], "a") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

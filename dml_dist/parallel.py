@@ -1,0 +1,95 @@
+"""Data-parallel replicas of one peer: DDP over the mesh's ``replica`` group, optional SyncBN within it.
+
+Peers are never wrapped together: each peer's replicas form their own group (``DistContext.replica_group``)
+and DDP averages gradients there only; the logits travel over the ``peer`` group. Over equal shards, DDP's
+average of the replicas' gradients is the gradient of the whole batch, except through BatchNorm, whose
+batch statistics are per shard unless ``sync_bn`` computes them over the peer's whole batch.
+
+PyTorch's ``nn.SyncBatchNorm`` runs on GPUs only (its kernels have no CPU version). On CPU the same rule
+is carried out by ``CPUSyncBatchNorm``: batch mean and variance of the replica group's combined batch
+through autograd-aware all-reduces (``torch.distributed.nn.functional.all_reduce``), so tests on gloo see
+exactly what a GPU run computes.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .distributed import DistContext
+
+
+# The autograd-aware all_reduce is deprecated in favour of a private module; it still works and is public.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from every replica's shard (CPU twin of SyncBatchNorm).
+
+    Two-pass statistics (mean, then centred second moment), each one all-reduce; gradients flow through
+    the all-reduces, so every replica's backward sees the whole batch's statistics, as in SyncBatchNorm.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, group):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        c = x.shape[1]
+        count = x.new_full((1,), float(x.numel() // c))
+        total = all_reduce(torch.cat([x.sum((0, 2, 3)), count]), group=self.group)
+        n = total[c]
+        mean = total[:c] / n
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce(centred.pow(2).sum((0, 2, 3)), group=self.group) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.0
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+                self.num_batches_tracked.add_(1)
+        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y
+
+
+def convert_sync_batchnorm(model: nn.Module, group, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm within ``group`` (GPU: PyTorch's own; CPU: ``CPUSyncBatchNorm``)."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+
+    def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CPUSyncBatchNorm):
+            return CPUSyncBatchNorm(module, group)
+        for name, child in module.named_children():
+            module.add_module(name, convert(child))
+        return module
+    return convert(model)
+
+
+def separate_replica_group(ctx: DistContext):
+    """A second group over this peer's replicas (collective: every rank creates every group), so that
+    SyncBN's all-reduces in backward never interleave with DDP's gradient buckets on one communicator."""
+    r = ctx.replicas
+    groups = [dist.new_group([k * r + i for i in range(r)]) for k in range(ctx.world_size // r)]
+    return groups[ctx.peer]
+
+
+def wrap_replicas(model: nn.Module, ctx: DistContext, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """-> (model to keep: its state dict is the peer's, model to train with). With one replica both are
+    ``model``; otherwise the second is DDP over the replica group."""
+    if ctx.replicas == 1:
+        return model, model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if sync_bn:
+        group = separate_replica_group(ctx) if ctx.device.type == "cpu" else ctx.replica_group
+        model = convert_sync_batchnorm(model, group, ctx.device)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return model, DDP(model, device_ids=device_ids, process_group=ctx.replica_group)

@@ -1,0 +1,48 @@
+"""Entry point of each peer process that ``launcher.launch_local`` starts: ``python -m dml_dist.worker JOB``.
+
+``JOB`` is a pickle that the launcher wrote in its own private temporary folder a moment earlier (the
+config, custom datasets, the folder for error notes); nothing else is ever loaded here.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+
+
+def main(argv=None) -> int:
+    from .distributed import is_peer_loss
+    from .errors import DMLError
+    from .train import ERROR_PREFIX, report_error, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0], "rb") as f:
+        job = pickle.load(f)  # our own file, written by the launcher in a private temp folder
+    rank = int(os.environ.get("RANK", "0"))
+
+    def note(kind: str, text: str) -> None:
+        with open(os.path.join(job["error_dir"], f"{kind}{rank}.txt"), "w") as f:
+            f.write(text)
+
+    try:
+        run(job["cfg"], job["data"])
+    except DMLError as e:
+        note("error", str(e))
+        report_error(e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        # A rank that only lost contact with a failed peer files its note apart: the caller reports the cause.
+        if is_peer_loss(e):
+            note("lost", f"lost contact with another rank ({str(e).strip().splitlines()[0][:200]})")
+            print(f"{ERROR_PREFIX} (rank {rank}) lost contact with another rank; see that rank's error",
+                  file=sys.stderr, flush=True)
+            return 1
+        note("error", f"{type(e).__name__}: {str(e).strip()[:500]}")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
