@@ -14,7 +14,6 @@ Everything is plain tensors and Python values, loadable with ``torch.load(..., w
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import pickle
 import re
@@ -94,9 +93,22 @@ def atomic_save(obj: Any, path: str, epoch: int = 0) -> None:
         pass
 
 
+def _own_files(save_dir: str, pattern: str) -> list[tuple[re.Match, str]]:
+    """Files in ``save_dir`` whose whole name matches ``pattern`` (anchored: experiment ``exp`` never
+    matches ``myexp_...`` or ``exp_b_...``)."""
+    if not os.path.isdir(save_dir):
+        return []
+    rx = re.compile(pattern)
+    return [(m, os.path.join(save_dir, name)) for name in sorted(os.listdir(save_dir)) if (m := rx.fullmatch(name))]
+
+
+def _own_checkpoint_name(experiment: str) -> str:
+    return rf"{re.escape(experiment)}_(latest|model\d+_(best|final|epoch_\d+))\.pth"
+
+
 def remove_stale_temp_files(save_dir: str, experiment: str) -> list[str]:
-    """Temp files left by a process killed mid-write (never complete, never read)."""
-    stale = glob.glob(os.path.join(glob.escape(save_dir), f".{glob.escape(experiment)}_*.tmp.*"))
+    """This experiment's temp files left by a process killed mid-write (never complete, never read)."""
+    stale = [p for _, p in _own_files(save_dir, rf"\.{_own_checkpoint_name(experiment)}\.tmp\.\d+")]
     for p in stale:
         os.remove(p)
     return stale
@@ -152,9 +164,8 @@ def peer_path(save_dir: str, experiment: str, peer: int, tag: str) -> str:
 def prune_epoch_checkpoints(save_dir: str, experiment: str, peer: int, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    pattern = re.compile(rf"{re.escape(experiment)}_model{peer}_epoch_(\d+)\.pth$")
-    found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(save_dir), "*.pth"))
-                   if (m := pattern.search(os.path.basename(p))))
+    found = sorted((int(m.group(1)), p) for m, p in
+                   _own_files(save_dir, rf"{re.escape(experiment)}_model{peer}_epoch_(\d+)\.pth"))
     for _, p in found[:-keep_last]:
         os.remove(p)
 

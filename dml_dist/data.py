@@ -388,8 +388,9 @@ class SampleLoader:
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",
                       shard: tuple[int, int] = (0, 1), collate_fn=None):
-    """The device path for decoded image sets; the per-sample path (DataLoader) for any other dataset."""
-    if isinstance(dataset, TensorImageDataset):
+    """The device path for decoded image sets; the per-sample path (DataLoader) for any other dataset, or
+    when a custom ``collate_fn`` must see the samples."""
+    if isinstance(dataset, TensorImageDataset) and collate_fn is None:
         return DeviceTrainLoader(dataset, batch_size, seed, torch.device(device), shard)
     return SampleLoader(sample_dataloader(dataset, batch_size, seed, num_workers, shard, collate_fn,
                                           pin_memory=torch.device(device).type == "cuda"), device)

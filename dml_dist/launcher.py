@@ -84,6 +84,9 @@ def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: 
         os.makedirs(err_dir)
         job = os.path.join(tmp, "job.pkl")
         with open(job, "wb") as f:
+            # First the caller's import path (so the peers import the caller's own modules, e.g. a dataset
+            # defined next to a notebook), then the payload, which may need it to unpickle.
+            pickle.dump([p for p in sys.path if p and os.path.isdir(p)], f)
             pickle.dump({"cfg": cfg, "data": data, "error_dir": err_dir}, f)
         redirects = Std.ALL if stream is not None else Std.NONE
         launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,

@@ -140,6 +140,13 @@ class Trainer:
         """Collective: replica 0 of every peer hands its state to rank 0, whose writer thread writes the
         files (per-peer files first, the cohort's ``latest`` last: it is the commit point for resume).
         Mid-epoch, the meters are checked for a non-finite loss first: a diverged peer is never saved."""
+        # A diverged peer is never saved: its loss may still have been finite on the step that broke it.
+        finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+        flags = D.all_gather_tensor(torch.tensor([float(finite)])).view(-1, self.ctx.replicas)[:, 0]  # sync point
+        if not bool(flags.all()):
+            bad = [k + 1 for k, f in enumerate(flags.tolist()) if not f]
+            raise DMLError(f"peer(s) {bad}: weights are not finite (nan/inf) at epoch {max(epoch_done, self.epoch)}"
+                           f"{f', step {self.step}' if self.step else ''}; lower lr (or use amp=off) and check the data")
         sums = None
         if meters is not None:
             gather_meters(meters, self.ctx, epoch_done, self.step - 1)  # sync point; raises on nan/inf

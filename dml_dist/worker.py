@@ -16,13 +16,25 @@ def main(argv=None) -> int:
     from .train import ERROR_PREFIX, report_error, run
 
     argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0], "rb") as f:
-        job = pickle.load(f)  # our own file, written by the launcher in a private temp folder
     rank = int(os.environ.get("RANK", "0"))
+    error_dir = os.path.join(os.path.dirname(argv[0]), "errors")
 
     def note(kind: str, text: str) -> None:
-        with open(os.path.join(job["error_dir"], f"{kind}{rank}.txt"), "w") as f:
+        with open(os.path.join(error_dir, f"{kind}{rank}.txt"), "w") as f:
             f.write(text)
+
+    with open(argv[0], "rb") as f:  # our own file, written by the launcher in a private temp folder
+        for p in reversed(pickle.load(f)):
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        try:
+            job = pickle.load(f)
+        except Exception as e:  # a dataset class the peers cannot import
+            msg = (f"cannot load the config and datasets in the peer process ({type(e).__name__}: {e}); "
+                   f"define custom datasets and their transforms in an importable module")
+            note("error", msg)
+            print(f"{ERROR_PREFIX} {msg}", file=sys.stderr, flush=True)
+            return 1
 
     try:
         run(job["cfg"], job["data"])

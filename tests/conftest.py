@@ -79,6 +79,22 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (orphans included, wherever they were
+    re-parented): how a test proves that no child outlived its caller."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
 def kill_tree(pid: int) -> None:
     for p in descendants(pid) + [pid]:
         try:

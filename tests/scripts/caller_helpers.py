@@ -1,0 +1,14 @@
+"""Importable helpers for tests/test_callers.py (peer processes are fresh interpreters: what they run
+must come from a module, never from the caller's __main__)."""
+import os
+
+from torch.utils.data import default_collate
+
+
+def marking_collate(batch):
+    """The default collate, leaving a mark that a peer process really used this custom collate_fn."""
+    marker = os.environ.get("DML_TEST_COLLATE_MARK")
+    if marker:
+        with open(f"{marker}.{os.getpid()}", "w"):
+            pass
+    return default_collate(batch)

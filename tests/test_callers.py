@@ -1,0 +1,106 @@
+"""train_dml from every kind of caller (issue 9 §2): a script without a main guard, `python -c`, a script
+piped on stdin (the notebook is tests/test_api.py's example notebook). The peers are fresh interpreters,
+so the caller's __main__ is never re-imported; no child outlives the call, after success, after a failing
+peer, or after Ctrl-C in the caller."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, _env, kill_tree, make_image_folder, processes_mentioning, run_cmd
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+CALLER = """
+import json, os, sys
+sys.path.insert(0, {scripts!r})
+from dml_dist import create_dml_config, prepare_dataloaders, train_dml
+cfg = create_dml_config(model="resnet20", data_dir={data!r}, epochs={epochs}, image_size=16, batch_size=8,
+                        num_workers=0, print_freq=3, save_dir={out!r} + "/ckpt", log_dir={out!r} + "/logs",
+                        experiment_name="c")
+mode = {mode!r}
+if mode == "test_loader_only":
+    _, _, test_loader = prepare_dataloaders({data!r}, batch_size=8, image_size=16, num_workers=0)
+    res = train_dml(cfg, test_loader=test_loader)
+elif mode == "collate_no_val":
+    from torch.utils.data import DataLoader
+    from caller_helpers import marking_collate
+    train, _, _ = prepare_dataloaders({data!r}, batch_size=8, image_size=16, num_workers=0)
+    res = train_dml(cfg, DataLoader(train.dataset, batch_size=8, collate_fn=marking_collate))
+else:
+    res = train_dml(cfg)
+with open({out!r} + "/result.json", "w") as f:
+    json.dump({{"n_models": len(res["models"]), "model_num": res["config"]["model_num"],
+               "test_results": res["test_results"], "history": len(res["training_history"])}}, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("callers") / "data", n_train=16, n_val=4,
+                             splits=("train", "val", "test"))
+
+
+def _code(tmp_path, folder, mode, epochs=1):
+    return CALLER.format(scripts=str(SCRIPTS), data=str(folder), out=str(tmp_path), mode=mode, epochs=epochs)
+
+
+@pytest.mark.parametrize("caller,mode", [("script_without_main_guard", "test_loader_only"),
+                                         ("python_c", "default"), ("stdin", "collate_no_val")])
+def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
+    code = _code(tmp_path, folder, mode)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {"TMPDIR": str(tmpdir), "DML_TEST_COLLATE_MARK": str(tmp_path / "collate")}
+    if caller == "script_without_main_guard":
+        (tmp_path / "caller.py").write_text(code)
+        r = run_cmd([sys.executable, str(tmp_path / "caller.py")], env=env, cwd=tmp_path)
+    elif caller == "python_c":
+        r = run_cmd([sys.executable, "-c", code], env=env, cwd=tmp_path)
+    else:
+        (tmp_path / "caller.py").write_text(code)
+        with open(tmp_path / "caller.py") as stdin:
+            r = subprocess.run([sys.executable, "-"], stdin=stdin, capture_output=True, text=True, env=_env(env),
+                               cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["n_models"] == 2 and res["model_num"] == 2 and res["history"] == 1
+    assert "epoch 1/1" in r.stdout  # rank 0's log reached the caller
+    assert processes_mentioning(str(tmpdir)) == []  # no peer outlived the call
+    if mode == "test_loader_only":  # the data from data_dir, the test split from the loader alone
+        assert len(res["test_results"]["peer_acc"]) == 2
+    if mode == "collate_no_val":
+        assert list(tmp_path.glob("collate.*")), "the custom collate_fn was not used by the peers"
+        assert "data: 43 train / 5 val images" in r.stdout  # val_fraction held out of the train dataset
+
+
+def test_no_child_outlives_ctrl_c_or_a_failing_peer(tmp_path, folder):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    (tmp_path / "caller.py").write_text(_code(tmp_path, folder, "default", epochs=50))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "caller.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env({"TMPDIR": str(tmpdir)}), cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        log = tmp_path / "logs" / "c.log"
+        while time.time() < deadline and not (log.exists() and "epoch 1 [" in log.read_text()):
+            time.sleep(0.5)
+        assert len(processes_mentioning(str(tmpdir))) >= 2, "the peers never started"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C in the caller
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    time.sleep(1)
+    assert processes_mentioning(str(tmpdir)) == []
+    # A failing peer: the caller gets that peer's error, and no peer is left either.
+    (tmp_path / "fail").mkdir()
+    r = run_cmd([sys.executable, "-c", _code(tmp_path / "fail", folder, "default")], cwd=tmp_path,
+                env={"TMPDIR": str(tmpdir), "DML_FAULT": "action=raise,rank=1,epoch=1,step=2"})
+    assert r.returncode != 0 and "DMLTrainingError: train_dml failed: peer 2 (rank 1): injected failure" in r.stderr
+    assert processes_mentioning(str(tmpdir)) == []
