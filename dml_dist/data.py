@@ -164,8 +164,10 @@ def _load_cifar(data_dir: str, name: str, image_size: int, download: bool) -> tu
         try:
             cls(data_dir, train=True, download=True)
         except Exception as e:  # no network, disk full, ...
-            raise DMLError(f"{name} is not in {base} and could not be downloaded ({e}); "
-                           f"download it there by hand or use dataset=imagefolder") from None
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise DMLError(f"{name} is not in {base} and could not be downloaded ({first}); download it there on "
+                           f"a machine with network, or train on an image folder instead (dataset=imagefolder "
+                           f"data_dir=..., e.g. the shared subset ../shared/data/cifar10-small)") from None
     if not os.path.isdir(base):
         raise DMLError(f"{name} not found: expected {base}/ in the CIFAR python format")
 

@@ -44,6 +44,15 @@ def _loss(logits: torch.Tensor, peer_logits, targets: torch.Tensor, temperature:
     return DMLLoss(ce + kl_weight * kl, ce, kl)
 
 
+def kl_ramp(kl_weight: float, warmup_epochs: int, steps_per_epoch: int, epoch: int, step: int) -> float:
+    """The mutual term's weight at ``step`` (from 0) of ``epoch`` (from 1): linear from 0 at the first step
+    to ``kl_weight`` after ``warmup_epochs`` epochs, per step; ``kl_weight`` throughout without warm-up. A
+    function of (epoch, step) alone, so a resumed run continues the same ramp."""
+    if warmup_epochs <= 0:
+        return kl_weight
+    return kl_weight * min(1.0, ((epoch - 1) * steps_per_epoch + step) / (warmup_epochs * steps_per_epoch))
+
+
 def _is_models(obj) -> bool:
     return isinstance(obj, (list, tuple, nn.ModuleList)) and len(obj) > 0 and all(isinstance(m, nn.Module) for m in obj)
 

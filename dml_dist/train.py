@@ -39,6 +39,7 @@ from .engine import Meters, evaluate, gather_meters, train_one_epoch
 from .errors import DMLError
 from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
+from .loss import kl_ramp
 from .models import build_model
 from .parallel import wrap_replicas
 
@@ -102,10 +103,9 @@ class Trainer:
         self.writer = CheckpointWriter(enabled=ctx.is_main)
 
     def kl_weight(self, epoch: int):
-        """The mutual term's weight per step: linear warm-up from 0 over ``kl_warmup_epochs`` epochs, a
-        function of (epoch, step) alone, so a resumed run continues the same ramp."""
-        w, warm, steps = self.cfg["kl_weight"], self.cfg["kl_warmup_epochs"], self.steps_per_epoch
-        return lambda step: w * min(1.0, ((epoch - 1) * steps + step) / (warm * steps)) if warm else w
+        """The mutual term's weight per step of ``epoch`` (``loss.kl_ramp``: warm-up, then kl_weight)."""
+        cfg = self.cfg
+        return lambda step: kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], self.steps_per_epoch, epoch, step)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _peer_state(self, meter_sums: Optional[list]) -> Optional[dict]:

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# Self-check for a GPU machine (a minute or two): trains a few steps on a generated image folder through
-#   1. the NCCL path: one GPU per peer (2 peers if there are 2+ GPUs, else 1),
-#   2. the shared-GPU path: 2 peers on GPU 0 with gloo, logits staged through host memory,
-#   3. both with bf16 autocast (amp=auto resolves to bf16 on GPUs that support it),
-# then prints one line: "gpu_check: PASS ..." or "gpu_check: FAIL ..." (exit 0 / 1).
+# GPU acceptance run (under 3 minutes on one GPU): what CPU CI cannot see. Trains one short epoch on a
+# generated image folder through
+#   nccl1      NCCL in a world of one: real collectives (CPU fingerprints/meters over gloo, logits over NCCL)
+#   nccl2      2 peers, one GPU each (only with 2+ GPUs), fp16 with a GradScaler
+#   shared     2 peers sharing GPU 0 over gloo (logits staged through host memory), bf16
+#   compile    compile=true (torch.compile each peer)
+#   replicas   1 peer x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 2+ GPUs)
+# and checks that the device data path gave byte-identical batches on every rank (fingerprints of every
+# step), then times dml-bench (world of one) for ResNet-20/32/56. It ends with one line:
+#   gpu_check: PASS <figures>        or        gpu_check: FAIL <reason>
+# and exits 0 / 1.
 #
 #   launch/gpu_check.sh
 #
 # Variables:
 #   PYTHON   interpreter that has dml_dist installed (default: python)
 #   WORKDIR  scratch folder for data, logs and checkpoints (default: a new temp folder)
+#   STEP_TIMEOUT  seconds allowed per run (default: 150)
 set -uo pipefail
 
 py=${PYTHON:-python}
 work=${WORKDIR:-$(mktemp -d)}
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+limit=${STEP_TIMEOUT:-150}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
 gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 if [[ "$gpus" -lt 1 ]]; then
     echo "gpu_check: FAIL no GPU visible to torch (torch.cuda.device_count() == 0)"
@@ -26,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 rng = np.random.default_rng(0)
-for split, n in (("train", 64), ("val", 16)):
+for split, n in (("train", 256), ("val", 64)):
     for c in range(4):
         d = Path(sys.argv[1]) / split / f"class{c}"
         d.mkdir(parents=True, exist_ok=True)
@@ -37,31 +45,68 @@ PY
 
 verdicts=()
 status=0
-check() {  # name nproc [env...]
-    local name=$1 nproc=$2
-    shift 2
-    if env "$@" "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m dml_dist.train \
-        data_dir="$work/data" model=resnet20 epochs=1 batch_size=32 num_workers=2 progress_bar=false \
-        save_dir="$work/$name/ckpt" log_dir="$work/$name/logs" experiment_name="$name" \
+check() {  # name nproc "key=value ..." [ENV=value ...]
+    local name=$1 nproc=$2 keys=$3
+    shift 3
+    mkdir -p "$work/$name/fp"
+    # shellcheck disable=SC2086  # keys is a list of key=value words on purpose
+    if env "$@" DML_FINGERPRINT_DIR="$work/$name/fp" timeout "$limit" "$py" -m torch.distributed.run --standalone \
+        --nproc_per_node="$nproc" -m dml_dist.train data_dir="$work/data" model=resnet20 epochs=1 \
+        batch_size=128 augment=true consistency_check_every=1 progress_bar=false print_freq=4 \
+        save_dir="$work/$name/ckpt" log_dir="$work/$name/logs" experiment_name="$name" $keys \
         >"$work/$name.log" 2>&1; then
         local info
-        info=$("$py" -c 'import json, sys; s = json.load(open(sys.argv[1]))
-print("amp=%s acc=%s" % (s["config"]["amp"], ["%.2f" % a for a in s["best_accuracies"]]))' \
-            "$work/$name/logs/${name}_summary.json")
-        local backend
-        backend=$(grep -o "backend [a-z]*" "$work/$name/logs/$name.log" | sort -u | tr '\n' ' ')
-        verdicts+=("$name: ok ($backend$info)")
+        info=$("$py" - "$work/$name" "$name" <<'PY'
+import json, sys
+from pathlib import Path
+w, name = Path(sys.argv[1]), sys.argv[2]
+s = json.loads((w / "logs" / f"{name}_summary.json").read_text())
+fps = sorted((w / "fp").glob("fingerprints_rank*.txt"))
+r = s["config"]["replicas"]  # replica i of every peer holds the same shard: compare ranks i, i + r, ...
+texts = {int(f.stem.split("rank")[1]): f.read_text() for f in fps}
+same = all(t == texts[k % r] for k, t in texts.items()) and texts[0].count("\n") >= 8
+group = [l.split(" group ")[1].split(" ")[0] for l in (w / "logs" / f"{name}.log").read_text().splitlines()
+         if "placement:" in l][0]
+print(("" if same else "MISMATCH ") + f"group={group} amp={s['config']['amp']} compile={s['config']['compile']} "
+      f"ranks={len(fps)} batches-identical={same} acc={['%.2f' % a for a in s['best_accuracies']]}")
+PY
+)
+        if [[ "$info" == MISMATCH* ]]; then
+            verdicts+=("$name: FAILED batches differ between ranks ($info)")
+            status=1
+        else
+            verdicts+=("$name: ok ($info)")
+        fi
     else
-        verdicts+=("$name: FAILED (see $work/$name.log)")
+        verdicts+=("$name: FAILED ($(grep -m1 'dml-dist: error\|Error' "$work/$name.log" || echo "see $work/$name.log"))")
         status=1
     fi
 }
-check nccl "$(( gpus >= 2 ? 2 : 1 ))"
-check shared_gpu 2 CUDA_VISIBLE_DEVICES=0
+check nccl1 1 "amp=bf16"
+if [[ "$gpus" -ge 2 ]]; then
+    check nccl2 2 "amp=fp16"
+    check replicas 2 "model_num=1 replicas=2 sync_bn=true amp=bf16"
+fi
+check shared 2 "amp=bf16" CUDA_VISIBLE_DEVICES=0
+check compile 1 "compile=true amp=bf16"
+
+bench=()
+for model in resnet20 resnet32 resnet56; do
+    line=$(timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \
+        model="$model" batch_size=512 amp=bf16 steps=20 warmup=5 data_dir="$work/data" 2>"$work/bench_$model.log" | tail -n 1)
+    ips=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1]); print(r["images_per_s_per_peer"], r["loader"]["batched_images_per_s"])' "$line" 2>/dev/null)
+    if [[ -n "$ips" ]]; then
+        read -r step loader <<<"$ips"
+        bench+=("$model ${step} img/s/peer (loader ${loader} img/s)")
+    else
+        bench+=("$model FAILED (see $work/bench_$model.log)")
+        status=1
+    fi
+done
 
 if [[ $status -eq 0 ]]; then
-    echo "gpu_check: PASS ${verdicts[*]}"
+    echo "gpu_check: PASS ${verdicts[*]} | bench bf16 batch 512: ${bench[*]}"
 else
-    echo "gpu_check: FAIL ${verdicts[*]}"
+    echo "gpu_check: FAIL ${verdicts[*]} | bench: ${bench[*]}"
 fi
 exit $status

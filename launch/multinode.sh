@@ -8,7 +8,8 @@
 #
 # Variables:
 #   NNODES          number of nodes (required); "MIN:MAX" for an elastic range
-#   NPROC_PER_NODE  peers per node (default: 1); the cohort has NNODES * NPROC_PER_NODE peers
+#   NPROC_PER_NODE  processes per node (default: 1); the cohort has NNODES * NPROC_PER_NODE / REPLICAS peers
+#   REPLICAS        data-parallel replicas per peer (default: 1); a peer's replicas are consecutive ranks
 #   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (required), e.g. the first node
 #   RDZV_ID         job id shared by all nodes of one job (default: dml-dist)
 #   NODE_RANK       fixes this node's rank (optional; without it ranks follow arrival order)
@@ -35,4 +36,4 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec "${PYTHON:-python}" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$nproc" \
     --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-dml-dist}" \
     "${node_rank_args[@]}" --max-restarts="${MAX_RESTARTS:-3}" ${TORCHRUN_ARGS:-} \
-    -m dml_dist.train "${config_args[@]}" "$@"
+    -m dml_dist.train "${config_args[@]}" replicas="${REPLICAS:-1}" "$@"

@@ -22,7 +22,9 @@ def _launch(workdir: Path, data_dir, nproc=2, env=None, torchrun_args=(), **extr
     """torchrun from ``workdir`` with relative save/log dirs, so runs in different folders report
     identical configs."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = dict(epochs=EPOCHS, save_freq=1, keep_last=2, augment=True, step_size=2, save_dir="save", log_dir="log")
+    # kl_warmup_epochs: every resume test below also proves that the warm-up ramp survives a resume.
+    cfg = dict(epochs=EPOCHS, save_freq=1, keep_last=2, augment=True, step_size=2, save_dir="save", log_dir="log",
+               kl_warmup_epochs=2)
     cfg.update(extra)
     return torchrun(nproc, base_args(workdir, data_dir, **cfg), env=env, torchrun_args=torchrun_args, cwd=workdir)
 
@@ -76,6 +78,11 @@ def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(refere
     assert latest["peers"][0]["scheduler"]["last_epoch"] == EPOCHS
     best = torch.load(reference / "save" / "t_model1_best.pth", weights_only=True)
     assert best["accuracy"] == max(h["val_acc"][0] for h in latest["history"])
+    # the mutual term ramps up over 2 epochs, then has its full weight
+    first, last = latest["history"][0], latest["history"][-1]
+    for k in range(2):
+        assert first["train_loss"][k] < first["train_ce"][k] + first["train_kl"][k]
+        assert last["train_loss"][k] == pytest.approx(last["train_ce"][k] + last["train_kl"][k], rel=1e-6)
 
 
 def test_stop_after_epoch_2_and_resume_is_bit_identical(tmp_path, data_dir, reference):
@@ -154,3 +161,18 @@ def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
     assert len(errs) == 1 and needle in errs[0] and str(bad) in errs[0], r.stderr[-3000:]
     assert_no_worker_traceback(r.stderr)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_defect3_restart_prefers_this_experiments_newer_latest_over_explicit_resume(tmp_path, data_dir, reference):
+    """resume=PATH, then a worker dies in epoch 3: torchrun's restart must continue from this experiment's own
+    _latest.pth (2 epochs), not reload PATH (1 epoch) and throw away the progress since."""
+    src = tmp_path / "src"
+    r = _launch(src, data_dir, epochs=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w = tmp_path / "w"
+    r = _launch(w, data_dir, resume=str(src / "save" / "t_latest.pth"), torchrun_args=["--max-restarts=1"],
+                env={"DML_FAULT": "action=sigkill,rank=1,epoch=3,step=1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {src / 'save' / 't_latest.pth'}: 1 epoch(s)" in r.stdout
+    assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout, r.stdout[-2000:]
+    _assert_same_run(reference, w)

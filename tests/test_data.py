@@ -110,8 +110,9 @@ def test_bad_folders_raise_clear_errors(tmp_path, breakage, match):
         build_datasets(_cfg(d))
 
 
-def write_tiny_cifar10(root, n_train=20, n_test=10, seed=0):
-    """A few images in the CIFAR-10 python format (the layout torchvision downloads)."""
+def write_tiny_cifar10(root, n_train=20, n_test=10, seed=0, label=None):
+    """A few images in the CIFAR-10 python format (the layout torchvision downloads); ``label``: give every
+    image this class instead of random ones."""
     rng = np.random.default_rng(seed)
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -121,10 +122,10 @@ def write_tiny_cifar10(root, n_train=20, n_test=10, seed=0):
     for i in range(1, 6):
         with open(base / f"data_batch_{i}", "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
-                         "labels": [int(v) for v in rng.integers(0, 10, n_train)]}, f)
+                         "labels": [int(v) if label is None else label for v in rng.integers(0, 10, n_train)]}, f)
     with open(base / "test_batch", "wb") as f:
         pickle.dump({"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
-                     "labels": [int(v) for v in rng.integers(0, 10, n_test)]}, f)
+                     "labels": [int(v) if label is None else label for v in rng.integers(0, 10, n_test)]}, f)
     return root
 
 

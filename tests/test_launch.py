@@ -190,10 +190,21 @@ def test_amp_and_channels_last_leave_cpu_results_unchanged(tmp_path, image_folde
     assert h_plain == h_amp
 
 
-def test_throughput_benchmark_runs(tmp_path):
+def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
+    """2 peers x 2 replicas through dml-bench's real data path (a synthetic set: no data_dir)."""
     out = tmp_path / "bench.jsonl"
-    r = run_cmd([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "steps=2", "warmup=1", "image_size=16",
-                 "batch_size=8", f"out={out}"])
+    r = torchrun(4, ["steps=2", "warmup=1", "image_size=16", "batch_size=16", "replicas=2", "loader_images=64",
+                     f"data_dir={tmp_path / 'none'}", f"out={out}"], module="dml_dist.bench")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text().splitlines()[-1])
-    assert result["peers"] == 1 and result["images_per_s_per_peer"] > 0 and result["versions"]["torch"]
+    assert result["peers"] == 2 and result["replicas"] == 2 and result["data"].startswith("synthetic")
+    assert result["images_per_s_per_peer"] > 0 and result["dml_tax"] > 0 and 0 <= result["allgather_share"] < 1
+    loader = result["loader"]
+    assert loader["augment"] == ["crop", "flip", "rotate", "jitter"] and loader["per_sample_images_per_s"] > 0
+    assert loader["batched_vs_per_sample"] == pytest.approx(
+        loader["batched_images_per_s"] / loader["per_sample_images_per_s"], rel=0.05)
+    assert [(p["peer"], p["replica"]) for p in result["ranks"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert result["versions"]["torch"] and "git" in result["versions"]
+    # benchmarks/throughput.py is the same program
+    r = run_cmd([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--help-is-not-a-key=1"])
+    assert r.returncode == 1 and "unknown config key" in r.stderr

@@ -154,3 +154,13 @@ def test_original_call_form_of_compute_dml_loss():
     assert models[0].fc.weight.grad is None and models[1].fc.weight.grad is not None  # peers ran under no_grad
     t = compute_dml_loss(models, x, y, 0, temperature=3.0, kl_weight=0.0)
     assert torch.allclose(t, F.cross_entropy(models[0](x), y), atol=1e-6)
+
+
+def test_kl_warmup_ramp_against_hand_values():
+    from dml_dist.loss import kl_ramp
+    # 2 warm-up epochs of 10 steps, kl_weight 0.5: 0 at the first step, 0.5 * 15/20 at epoch 2 step 5, then 0.5
+    assert kl_ramp(0.5, 2, 10, epoch=1, step=0) == 0.0
+    assert kl_ramp(0.5, 2, 10, epoch=1, step=4) == pytest.approx(0.5 * 4 / 20)
+    assert kl_ramp(0.5, 2, 10, epoch=2, step=5) == pytest.approx(0.5 * 15 / 20)
+    assert kl_ramp(0.5, 2, 10, epoch=3, step=0) == 0.5 and kl_ramp(0.5, 2, 10, epoch=7, step=3) == 0.5
+    assert kl_ramp(0.5, 0, 10, epoch=1, step=0) == 0.5  # no warm-up
