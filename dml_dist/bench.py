@@ -6,13 +6,14 @@
     torchrun --standalone --nproc_per_node=4 -m dml_dist.bench replicas=2 model_num=2
     dml-bench model=resnet56 batch_size=512 amp=bf16     # one process: a world of one
 
-Takes the trainer's config keys plus ``steps`` (timed steps, 20), ``warmup`` (5), ``loader_images`` (images
-timed per loader measurement, 2048) and ``out`` (append the JSON line to this file). Without a readable
+Takes the trainer's config keys plus ``steps`` (timed steps per round, 10), ``rounds`` (3), ``warmup`` (5),
+``loader_images`` (images timed per loader measurement, 2048) and ``out`` (append the JSON line to this file). Without a readable
 ``data_dir`` it builds a synthetic set of random images of ``image_size`` (same code path).
 
 Every rank runs, in lock-step (no evaluation, no checkpoints):
 1. ``alone``: its peer trained without the mutual term: no all-gather, no KL (the same peer trained alone);
 2. ``dml``: the DML step, with the all-gather timed separately (device-synchronised on GPU);
+   ``rounds`` alternating rounds of both, the median round of each counts;
 3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
    path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.
 Rank 0 prints one JSON line: images/s per peer, the DML tax (dml step time / alone step time), the
@@ -36,7 +37,7 @@ from .errors import DMLError
 from .models import build_model
 from .parallel import wrap_replicas
 
-BENCH_KEYS = {"steps": 20, "warmup": 5, "loader_images": 2048, "out": None}
+BENCH_KEYS = {"steps": 10, "rounds": 3, "warmup": 5, "loader_images": 2048, "out": None}
 
 
 def _sync(device: torch.device) -> None:
@@ -144,8 +145,13 @@ def run(cfg: dict, bench: dict) -> dict | None:
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
         _time_steps(train_model, optimizer, batches, ctx, cfg, warm, mutual=True)  # warm-up (and compile)
-        alone_s, _ = _time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=False)
-        dml_s, gather_s = _time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=True)
+        # Alternating rounds, median of each phase: a noisy neighbour hits both phases alike.
+        alone, dml = [], []
+        for _ in range(bench["rounds"]):
+            alone.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=False))
+            dml.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=True))
+        alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
+        dml_s, gather_s = sorted(dml)[len(dml) // 2]
         per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),
                                      "allgather_ms": round(1000 * gather_s, 2), **ctx.describe()})
         loaders = _loader_rates(ds, cfg, ctx.device, bench["loader_images"]) if ctx.is_main else None
@@ -157,7 +163,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
         result = {
             "model": cfg["model"], "batch_size": cfg["batch_size"], "image_size": cfg["image_size"],
             "peers": cfg["model_num"], "replicas": cfg["replicas"], "amp": cfg["amp"], "compile": cfg["compile"],
-            "data": source, "steps": n,
+            "data": source, "steps": n, "rounds": bench["rounds"],
             "images_per_s_per_peer": round(cfg["batch_size"] / (slowest["dml_ms"] / 1000), 1),
             "dml_step_ms": slowest["dml_ms"], "alone_step_ms": alone,
             "dml_tax": round(slowest["dml_ms"] / alone, 3),

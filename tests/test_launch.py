@@ -193,7 +193,7 @@ def test_amp_and_channels_last_leave_cpu_results_unchanged(tmp_path, image_folde
 def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
     """2 peers x 2 replicas through dml-bench's real data path (a synthetic set: no data_dir)."""
     out = tmp_path / "bench.jsonl"
-    r = torchrun(4, ["steps=2", "warmup=1", "image_size=16", "batch_size=16", "replicas=2", "loader_images=64",
+    r = torchrun(4, ["steps=2", "rounds=1", "warmup=1", "image_size=16", "batch_size=16", "replicas=2", "loader_images=64",
                      f"data_dir={tmp_path / 'none'}", f"out={out}"], module="dml_dist.bench")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text().splitlines()[-1])
