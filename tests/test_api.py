@@ -121,12 +121,13 @@ def test_example_notebook_runs_headless(tmp_path):
     nb = nbformat.read(REPO / "examples" / "quickstart.ipynb", as_version=4)
     import os
     os.environ["DML_EXAMPLE_EPOCHS"] = "1"
+    os.environ["DML_EXAMPLE_SUBSET"] = "1000"
     os.environ["DML_EXAMPLE_OUT"] = str(tmp_path)
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": str(REPO / "examples")}}).execute()
     finally:
-        del os.environ["DML_EXAMPLE_EPOCHS"], os.environ["DML_EXAMPLE_OUT"]
+        del os.environ["DML_EXAMPLE_EPOCHS"], os.environ["DML_EXAMPLE_OUT"], os.environ["DML_EXAMPLE_SUBSET"]
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "ensemble" in outputs and "epoch 1/1" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
