@@ -1,14 +1,18 @@
 """Train a cohort of peers with Deep Mutual Learning, one process per peer.
 
-    # one process (world size 1): a single model with plain cross-entropy
+    # this machine, no torchrun: starts model_num (default 2) peer processes itself
     python -m dml_dist.train --config configs/quickstart.yaml
+    python -m dml_dist.train --config configs/quickstart.yaml model_num=1      # one model, plain cross-entropy
 
-    # one node, 2 peers (CPU/gloo here, one GPU per peer with NCCL where there are GPUs)
+    # one node under torchrun (CPU/gloo here, one GPU per peer with NCCL where there are GPUs)
     torchrun --standalone --nproc_per_node=2 -m dml_dist.train --config configs/quickstart.yaml epochs=3
 
     # two nodes, 4 peers each (run on both nodes; NODE_RANK=0 on the first, 1 on the second)
     torchrun --nnodes=2 --nproc_per_node=4 --node_rank=$NODE_RANK --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER_ADDR:29500 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=8
+
+    # an 8-GPU node, 2 peers x 4 data-parallel replicas (DDP within each peer)
+    torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=2 replicas=4
 
     # a worker dies -> torchrun restarts the group, which resumes from <exp>_latest.pth by itself
     torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m dml_dist.train --config configs/quickstart.yaml
