@@ -107,6 +107,10 @@ def report(groups: list[dict]) -> str:
         lines.append(f"| peers' mean | {_fmt(s['peer_mean_best'])} | "
                      f"{_fmt([sum(f[i] for f in s['final']) / len(s['final']) for i in range(len(g['runs']))])} |")
         lines.append(f"| ensemble | {_fmt(s['ens_best'])} | {_fmt(s['ens_final'])} |")
+        if all("train_acc" in r["history"][-1] for r in g["runs"]):
+            train = [sum(r["history"][-1]["train_acc"]) / len(r["history"][-1]["train_acc"]) for r in g["runs"]]
+            lines += ["", f"Final train accuracy (on augmented batches), peers' mean: {_fmt(train)}: "
+                          f"the gap to the final validation accuracy shows how far the peers overfit."]
         base = baseline_of(g, groups)
         if base is not None:
             b = stats[id(base)]

@@ -10,7 +10,8 @@ from dml_dist.compare import group_runs, load_summaries, report
 
 def _summary(path, seed, kl_weight, best, finals, ens):
     """A summary as dml-train writes it, for 2 peers over len(finals) epochs."""
-    history = [{"epoch": e + 1, "val_acc": list(v), "ensemble_acc": ens[e]} for e, v in enumerate(finals)]
+    history = [{"epoch": e + 1, "val_acc": list(v), "ensemble_acc": ens[e], "train_acc": [v[0] + 0.1, v[1] + 0.2]}
+               for e, v in enumerate(finals)]
     s = {"config": {"model": "resnet20", "seed": seed, "kl_weight": kl_weight, "epochs": len(finals),
                     "experiment_name": f"x{seed}{kl_weight}", "save_dir": "s", "log_dir": "l"},
          "best_accuracies": best, "history": history}
@@ -39,6 +40,8 @@ def test_groups_ignore_seed_and_name_and_the_table_is_right(summaries):
     # peers' mean best: DML 0.63 vs independent 0.53 -> +10.00 points; ensemble 0.67 vs 0.56 -> +11.00
     assert "DML gain over `kl_weight=0.0` (kl_weight 0): peers' mean best accuracy +10.00 points, ensemble best +11.00 points." in md
     assert md.count("DML gain") == 1  # the baseline has no baseline
+    # final train accuracy, peers' mean: DML seeds (0.58+0.1 + 0.60+0.2)/2 = 0.74 and 0.79 -> 76.50 ± 3.54
+    assert "Final train accuracy (on augmented batches), peers' mean: 76.50 ± 3.54" in md
 
 
 def test_cli_writes_report_and_curves(tmp_path, summaries):
