@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader
 
 from .config import DEFAULT_CONFIG, build_config, finalize_config, validate_config
 from .data import (Datasets, SeededDataset, TensorImageDataset, build_datasets, make_eval_loader,
-                   sample_dataloader, split_train_val)
+                   sample_dataloader, split_indices, split_train_val)
 from .distributed import under_launcher
 from .engine import forward, peer_update
 from .errors import DMLError
-from .evaluate import evaluate_dml_models, load_dml_models, resolve_device
+from .evaluate import load_dml_models, resolve_device
 from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 
 __all__ = ["DMLTrainingError", "prepare_dataloaders", "train_dml", "train_epoch_dml"]
@@ -157,10 +157,9 @@ def datasets_from_loaders(cfg: dict, train_loader, val_loader, test_loader) -> t
     elif isinstance(train_ds, TensorImageDataset):
         train_ds, val_ds = split_train_val(train_ds, cfg["val_fraction"], cfg["seed"])
     else:
-        n_val = max(1, int(round(len(train_ds) * cfg["val_fraction"])))
-        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg["seed"]))
-        val_ds = torch.utils.data.Subset(train_ds, perm[:n_val].sort().values.tolist())
-        train_ds = torch.utils.data.Subset(train_ds, perm[n_val:].sort().values.tolist())
+        train_idx, val_idx = split_indices(len(train_ds), cfg["val_fraction"], cfg["seed"])
+        val_ds = torch.utils.data.Subset(train_ds, val_idx.tolist())
+        train_ds = torch.utils.data.Subset(train_ds, train_idx.tolist())
     if not isinstance(train_ds, (TensorImageDataset, SeededDataset)):
         train_ds = SeededDataset(train_ds)
     from torch.utils.data.dataloader import default_collate

@@ -77,13 +77,6 @@ class AugParams:
         return AugParams(**{f.name: getattr(self, f.name)[k] for f in fields(self)})
 
 
-def check_augmentations(ops: Sequence[str]) -> tuple[str, ...]:
-    unknown = [o for o in ops if o not in AUGMENTATIONS]
-    if unknown:
-        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {list(AUGMENTATIONS)}")
-    return tuple(o for o in AUGMENTATIONS if o in ops)
-
-
 # ---------------------------------------------------------------------------------------------- batched
 def _crop(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """Per-sample crop of the zero-padded batch: pick window (i, j) of each sample from an ``unfold``

@@ -17,6 +17,7 @@ restart in the middle of an epoch.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import random
@@ -44,14 +45,17 @@ def augment_image(img: torch.Tensor, seed: int, ops=AUGMENTATIONS) -> torch.Tens
     return augment_one(img, AugParams.draw(1, torch.Generator().manual_seed(int(seed)))[0], ops)
 
 
-_MEAN = torch.tensor(MEAN).view(3, 1, 1)
-_STD = torch.tensor(STD).view(3, 1, 1)
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants on ``device``, copied there once."""
+    return torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
 
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) image(s) -> float32 normalised with the CIFAR-10 statistics."""
     x = img.float().div(255) if img.dtype == torch.uint8 else img
-    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -206,13 +210,19 @@ class Datasets:
         return len(self.classes)
 
 
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (train, val) indices, each sorted: the same (seed, fraction) always holds out the
+    same samples."""
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DMLError(f"val_fraction={val_fraction} leaves no training images out of {n}; lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
 def split_train_val(ds: TensorImageDataset, val_fraction: float, seed: int) -> tuple[TensorImageDataset, TensorImageDataset]:
-    """Deterministic split: the same (seed, fraction) always holds out the same images."""
-    n_val = max(1, int(round(len(ds) * val_fraction)))
-    if n_val >= len(ds):
-        raise DMLError(f"val_fraction={val_fraction} leaves no training images out of {len(ds)}; lower it")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values, augment=())
+    train, val = split_indices(len(ds), val_fraction, seed)
+    return ds.subset(train), ds.subset(val, augment=())
 
 
 def take_subset(ds: TensorImageDataset, k: int, seed: int) -> TensorImageDataset:
@@ -311,8 +321,6 @@ class DeviceTrainLoader:
         # Moved once; every step gathers its batch on the device.
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
-        self._mean = _MEAN.to(self.device).unsqueeze(0)
-        self._std = _STD.to(self.device).unsqueeze(0)
         self.epoch, self.start_step = 0, 0
         self._perm: Optional[tuple[int, torch.Tensor]] = None
 
@@ -341,9 +349,7 @@ class DeviceTrainLoader:
         x = self.images[idx]
         if self.ops:
             x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
-        else:
-            x = x.float().div_(255)
-        return (x - self._mean) / self._std, self.labels[idx]
+        return normalize(x), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step in range(self.start_step, len(self)):

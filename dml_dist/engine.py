@@ -114,13 +114,12 @@ def peer_update(logits: torch.Tensor, all_logits: torch.Tensor, index: int, y: t
     return stats, torch.isfinite(loss.total.detach())
 
 
-def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> list[list[float]]:
-    """Collective over the world (sync point). Returns one row per peer, on every rank:
-    ``[loss, ce, kl, acc, n]`` averaged over the peer's replicas weighted by samples (sums of
-    its replicas' sums; never mixed across peers). Raises on every rank, naming the peer(s) and the steps,
-    when any loss went non-finite since the last check."""
+def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> torch.Tensor:
+    """Collective over the world (sync point): [peers, 6] float64, each peer's sums over its replicas
+    (``[loss * n, ce * n, kl * n, correct, n, non-finite]``; never mixed across peers). Raises on every rank,
+    naming the peer(s) and the steps, when any loss went non-finite since the last check."""
     mine = torch.cat([meters.sums.cpu(), meters.bad.cpu().double().view(1)])
-    table = D.all_gather_tensor(mine).view(-1, ctx.replicas, 6).sum(1)  # [peers, 6]
+    table = D.all_gather_tensor(mine).view(-1, ctx.replicas, 6).sum(1)
     first = meters.unchecked_from if meters.unchecked_from is not None else step
     meters.unchecked_from = step + 1
     bad = [k + 1 for k, r in enumerate(table.tolist()) if r[5]]
@@ -128,6 +127,13 @@ def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> 
         where = f"step {step}" if first == step else f"steps {first}-{step}"
         raise DMLError(f"peer(s) {bad}: loss is not finite (nan/inf) at epoch {epoch}, {where}; "
                        f"lower lr (or use amp=off) and check the data")
+    return table
+
+
+def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> list[list[float]]:
+    """``meter_table`` as one row per peer, on every rank: ``[loss, ce, kl, acc, n]`` averaged over the
+    peer's replicas, weighted by samples."""
+    table = meter_table(meters, ctx, epoch, step)
     n = table[:, 4:5].clamp_min(1)
     return torch.cat([table[:, :4] / n, table[:, 4:5]], 1).tolist()
 

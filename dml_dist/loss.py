@@ -1,7 +1,7 @@
 """The Deep Mutual Learning objective (Zhang et al., CVPR 2018, eq. 10) and its ensemble-teacher variant."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn

@@ -39,7 +39,7 @@ from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_che
                          remove_stale_temp_files, versions)
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
-from .engine import Meters, evaluate, gather_meters, train_one_epoch
+from .engine import Meters, evaluate, gather_meters, meter_table, train_one_epoch
 from .errors import DMLError
 from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
@@ -153,10 +153,9 @@ class Trainer:
                            f"{f', step {self.step}' if self.step else ''}; lower lr (or use amp=off) and check the data")
         sums = None
         if meters is not None:
-            gather_meters(meters, self.ctx, epoch_done, self.step - 1)  # sync point; raises on nan/inf
-            # This peer's partial-epoch sums over all its replicas.
-            table = D.all_gather_tensor(meters.sums.cpu()).view(-1, self.ctx.replicas, 5).sum(1)
-            sums = dict(zip(("loss", "ce", "kl", "correct", "n"), table[self.ctx.peer].tolist()))
+            # This peer's partial-epoch sums over all its replicas (sync point; raises on nan/inf).
+            table = meter_table(meters, self.ctx, epoch_done, self.step - 1)
+            sums = dict(zip(("loss", "ce", "kl", "correct", "n"), table[self.ctx.peer, :5].tolist()))
         states = D.gather_objects(self._peer_state(sums))  # sync point
         if not self.ctx.is_main:
             return
