@@ -234,6 +234,15 @@ def gather_objects(obj: Any, group=None) -> Optional[list]:
     return out
 
 
+def all_gather_objects(obj: Any) -> list:
+    """Picklable object from every rank -> the list of all of them, on every rank."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any = None, src: int = 0, group=None) -> Any:
     """``obj`` of global rank ``src`` -> every rank of ``group``."""
     if not _active():

@@ -354,9 +354,16 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
         if data is None:
+            error = None
             if cfg["dataset"] != "imagefolder" and ctx.local_rank == 0 and cfg["download"]:
-                build_datasets(cfg)  # one download per node; the other local ranks wait at the barrier
-            D.barrier()
+                try:
+                    build_datasets(cfg)  # one download per node; the other local ranks wait below
+                except DMLError as e:
+                    error = str(e)
+            # Collective: a failed download stops every rank with its one line (none waits, none "lost contact").
+            failed = [e for e in D.all_gather_objects(error) if e]
+            if failed:
+                raise DMLError(failed[0])
             data = build_datasets(cfg)
         logger.info(f"data: {len(data.train)} train / {len(data.val)} val"
                     + (f" / {len(data.test)} test" if data.test is not None else "")
