@@ -324,6 +324,22 @@ class Trainer:
         }
 
 
+def load_datasets(cfg: dict, ctx: D.DistContext) -> Datasets:
+    """Every rank's datasets. A CIFAR download happens once per node (local rank 0, which keeps what it
+    built); the other local ranks read the files after it. Collective: a failed download stops every rank
+    with its one line (none waits, none reports "lost contact")."""
+    data, error = None, None
+    if cfg["dataset"] != "imagefolder" and ctx.local_rank == 0 and cfg["download"]:
+        try:
+            data = build_datasets(cfg)
+        except DMLError as e:
+            error = str(e)
+    failed = [e for e in D.all_gather_objects(error) if e]  # sync point: the others wait for the download
+    if failed:
+        raise DMLError(failed[0])
+    return data if data is not None else build_datasets(cfg)
+
+
 def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
     """Train this rank's peer inside the current torchrun world (or alone); return the results on every
     rank: ``model`` is this rank's peer. ``data``: ready datasets (the API's custom loaders) instead of
@@ -354,17 +370,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
         if data is None:
-            error = None
-            if cfg["dataset"] != "imagefolder" and ctx.local_rank == 0 and cfg["download"]:
-                try:
-                    build_datasets(cfg)  # one download per node; the other local ranks wait below
-                except DMLError as e:
-                    error = str(e)
-            # Collective: a failed download stops every rank with its one line (none waits, none "lost contact").
-            failed = [e for e in D.all_gather_objects(error) if e]
-            if failed:
-                raise DMLError(failed[0])
-            data = build_datasets(cfg)
+            data = load_datasets(cfg, ctx)
         logger.info(f"data: {len(data.train)} train / {len(data.val)} val"
                     + (f" / {len(data.test)} test" if data.test is not None else "")
                     + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "

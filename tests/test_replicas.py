@@ -26,13 +26,14 @@ def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(tmp_path
         assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
     latest = torch.load(w / "ckpt" / "t_latest.pth", weights_only=True)
     assert len(latest["peers"]) == 2  # one state per peer, whatever the number of replicas
-    for replicas, nproc in ((1, 2),):  # any count works the same way; 4 replicas = 8 processes, too slow here
-        other = tmp_path / f"resume_r{replicas}"
-        shutil.copytree(w / "ckpt", other / "ckpt")
-        r = torchrun(nproc, base_args(other, folder, replicas=replicas, epochs=2, augment=True, resume="auto"))
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout
-        assert [h["epoch"] for h in read_summary(other)["history"]] == [1, 2]
+    # Resumed with 1 replica (2 processes); any other count goes the same way (4 replicas = 8 processes: too
+    # slow for the suite).
+    other = tmp_path / "resume_r1"
+    shutil.copytree(w / "ckpt", other / "ckpt")
+    r = torchrun(2, base_args(other, folder, replicas=1, epochs=2, augment=True, resume="auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout
+    assert [h["epoch"] for h in read_summary(other)["history"]] == [1, 2]
 
 
 def test_sync_bn_step_over_replicas_equals_full_batch_step(tmp_path):
