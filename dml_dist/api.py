@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import DEFAULT_CONFIG, build_config, finalize_config, validate_config
-from .data import (Datasets, SeededDataset, TensorImageDataset, build_datasets, make_eval_loader,
+from .data import (Datasets, FileImageDataset, SeededDataset, TensorImageDataset, build_datasets, make_eval_loader,
                    sample_dataloader, split_indices, split_train_val)
 from .distributed import under_launcher
 from .engine import forward, peer_update
@@ -164,7 +164,9 @@ def datasets_from_loaders(cfg: dict, train_loader, val_loader, test_loader) -> t
         train_ds = SeededDataset(train_ds)
     from torch.utils.data.dataloader import default_collate
     collate = train_loader.collate_fn if train_loader.collate_fn is not default_collate else None
-    data = Datasets(train_ds, val_ds, test_loader.dataset if test_loader is not None else None, classes, collate)
+    data = Datasets(train_ds, val_ds, test_loader.dataset if test_loader is not None else None, classes, collate,
+                    path="stream" if isinstance(train_ds, FileImageDataset) else "custom",
+                    why="the datasets of the loaders passed to train_dml")
     for name, obj in (("train_loader.dataset", data.train), ("val_loader.dataset", data.val),
                       ("test_loader.dataset", data.test), ("train_loader.collate_fn", collate)):
         if obj is not None:

@@ -73,6 +73,9 @@ class AugParams:
             return t.to(device, non_blocking=non_blocking)
         return AugParams(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
+    def __len__(self) -> int:
+        return len(self.flip)
+
     def __getitem__(self, k) -> "AugParams":
         return AugParams(**{f.name: getattr(self, f.name)[k] for f in fields(self)})
 

@@ -177,6 +177,9 @@ def run(cfg: dict, bench: dict) -> dict | None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--data"]:  # the data path's benchmark (bench_data.py)
+        from .bench_data import main as data_main
+        return data_main(argv[1:])
     try:
         overrides = parse_overrides(argv)
         bench = {k: overrides.pop(k, v) for k, v in BENCH_KEYS.items()}

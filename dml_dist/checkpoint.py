@@ -35,8 +35,13 @@ def _versions() -> tuple:
     import torchvision
 
     from . import __version__
+    try:
+        import torchcodec
+        codec = str(torchcodec.__version__)
+    except Exception:  # noqa: BLE001 - missing, or its native library does not load: PIL decodes
+        codec = None
     return (("dml_dist", __version__), ("torch", str(torch.__version__)),
-            ("torchvision", str(torchvision.__version__)), ("python", platform.python_version()),
+            ("torchvision", str(torchvision.__version__)), ("torchcodec", codec), ("python", platform.python_version()),
             ("git", _git_commit()))
 
 

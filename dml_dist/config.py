@@ -30,7 +30,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "image_size": 32,
     "val_fraction": 0.1,          # held out of train/ when there is no val/ folder (and for CIFAR)
     "train_subset": 0,            # > 0: train on a deterministic subset of this many training images (by seed)
-    "augment": False,             # true (all four) | false | a list of crop, flip, rotate, jitter
+    "augment": False,             # true (crop, flip, rotate, jitter) | false | a list of those and rrc
+    "loader": "auto",             # image folders: memory (decoded set on the device) | stream (decode each batch) | auto
+    "memory_budget_gb": None,     # auto's limit for the decoded set; None = a quarter of the GPU's (or host's) memory
+    "cache_dir": None,            # the memory path's decoded-image cache; None = <data_dir>/.dml-cache, or
+                                  # ~/.cache/dml-dist when data_dir is read-only
+    "crop_fraction": 1.0,         # evaluation (and cached) images: shorter side to image_size / crop_fraction,
+                                  # centre crop (ImageNet: 0.875); 1.0 on square files is a plain resize
+    "rrc_scale": [0.08, 1.0],     # augment rrc (RandomResizedCrop): area range, torchvision's default
+    "rrc_ratio": [0.75, 1.3333333333333333],  # and aspect-ratio range
+    "decode_device": "cpu",       # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
     "batch_size": 32,             # per peer (split between its replicas)
     "num_workers": 4,             # DataLoader workers: custom datasets only (image sets use the device path)
     "download": True,             # cifar10/cifar100 only: fetch when missing
@@ -73,6 +82,8 @@ _CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "amp": ("auto", "bf16", "fp16", "off"),
     "mutual": ("dml", "ensemble"),
+    "loader": ("auto", "memory", "stream"),
+    "decode_device": ("cpu", "cuda"),
 }
 _INT_MIN = {  # integer keys and their smallest allowed value
     "image_size": 8, "batch_size": 1, "num_workers": 0, "epochs": 1, "step_size": 1, "seed": 0,
@@ -82,9 +93,10 @@ _INT_MIN = {  # integer keys and their smallest allowed value
 _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "lr": (0.0, True), "momentum": (0.0, True), "weight_decay": (0.0, True), "gamma": (0.0, False),
     "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
+    "crop_fraction": (0.0, False),
 }
 _BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained")
-_STR_OR_NONE = ("experiment_name", "resume")
+_STR_OR_NONE = ("experiment_name", "resume", "cache_dir")
 
 
 # Names other trainers use for our keys, so the error can point at the right one.
@@ -122,6 +134,18 @@ def validate_config(cfg: dict) -> dict:
             raise DMLError(f"{k} must be {'>=' if inclusive else '>'} {lo}, got {c[k]}")
     if c["val_fraction"] >= 1:
         raise DMLError(f"val_fraction must be < 1, got {c['val_fraction']}")
+    if c["crop_fraction"] > 1:
+        raise DMLError(f"crop_fraction must be in (0, 1] (ImageNet's is 0.875), got {c['crop_fraction']}")
+    mb = c["memory_budget_gb"]
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb <= 0):
+        raise DMLError(f"memory_budget_gb must be a number of GB > 0 (or null for automatic), got {mb!r}")
+    for k, hi in (("rrc_scale", 1.0), ("rrc_ratio", None)):
+        v = c[k]
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and
+                                                                     not isinstance(x, bool) for x in v)
+                and 0 < v[0] <= v[1] and (hi is None or v[1] <= hi)):
+            raise DMLError(f"{k} must be [low, high] with 0 < low <= high{' <= 1' if hi else ''}, got {v!r}")
+        c[k] = [float(x) for x in v]
     for k, choices in _CHOICES.items():
         if c[k] not in choices:
             raise DMLError(f"{k} must be one of {'|'.join(choices)}, got {c[k]!r}")
@@ -147,17 +171,19 @@ def validate_config(cfg: dict) -> dict:
 
 
 def _augmentations(value) -> list[str]:
-    """``true`` -> all four, ``false`` -> none, a list (or ``"crop,flip"``) -> those, in canonical order."""
+    """``true`` -> the four batch augmentations, ``false`` -> none, a list (or ``"crop,flip"``) -> those, in
+    canonical order (``rrc``, RandomResizedCrop while decoding, first)."""
     if value is True or value is False:
         return list(AUGMENTATIONS) if value else []
     names = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise DMLError(f"augment must be true, false or a list of {', '.join(AUGMENTATIONS)}; got {value!r}")
-    unknown = [n for n in names if n.lower() not in AUGMENTATIONS]
+    known = ("rrc",) + AUGMENTATIONS
+    unknown = [n for n in names if n.lower() not in known]
     if unknown:
-        raise DMLError(f"augment: unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTATIONS)} "
-                       f"(or true for all, false for none)")
-    return [a for a in AUGMENTATIONS if a in {n.lower() for n in names}]
+        raise DMLError(f"augment: unknown augmentation(s) {unknown}; choose from {', '.join(known)} "
+                       f"(or true for crop, flip, rotate and jitter, false for none)")
+    return [a for a in known if a in {n.lower() for n in names}]
 
 
 def parse_overrides(items: Iterable[str]) -> dict:

@@ -168,6 +168,7 @@ def is_peer_loss(e: BaseException) -> bool:
 
 
 def destroy_distributed() -> None:
+    _GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -175,6 +176,48 @@ def destroy_distributed() -> None:
 def _active() -> bool:
     """A process group exists: run the real collective (also for a world of one)."""
     return dist.is_initialized()
+
+
+is_active = _active
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if _active() else 0
+
+
+_GROUPS: dict = {}
+
+
+def long_group():
+    """A gloo group over the world without the collective timeout, for waits that legitimately take long
+    (a node decoding a large image folder into its cache). Created on first use: collective."""
+    if not _active():
+        return None
+    if "long" not in _GROUPS:
+        _GROUPS["long"] = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    return _GROUPS["long"]
+
+
+def node_group(local_world_size: int):
+    """The group of this node's ranks (torchrun numbers ranks node by node: node ``rank // L``), and this
+    rank's index in it. None (the whole world) on a single node. Created on first use: collective (every
+    rank creates every node's group, in order)."""
+    if not _active() or local_world_size >= dist.get_world_size():
+        return None
+    if "node" not in _GROUPS:
+        world, me = dist.get_world_size(), dist.get_rank()
+        if world % local_world_size:
+            raise DMLError(f"{world} ranks do not split into nodes of {local_world_size}; start the same "
+                           f"--nproc_per_node on every node")
+        for first in range(0, world, local_world_size):
+            g = dist.new_group(list(range(first, first + local_world_size)))
+            if first <= me < first + local_world_size:
+                _GROUPS["node"] = g
+    return _GROUPS["node"]
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
@@ -234,12 +277,12 @@ def gather_objects(obj: Any, group=None) -> Optional[list]:
     return out
 
 
-def all_gather_objects(obj: Any) -> list:
-    """Picklable object from every rank -> the list of all of them, on every rank."""
+def all_gather_objects(obj: Any, group=None) -> list:
+    """Picklable object from every rank of ``group`` -> the list of all of them, on each of them."""
     if not _active():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

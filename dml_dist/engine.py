@@ -9,6 +9,7 @@ gathered, never summed, since each rank is a different peer.
 from __future__ import annotations
 
 import hashlib
+import resource
 import time
 from contextlib import nullcontext
 from typing import Callable, Optional
@@ -43,6 +44,11 @@ class Meters:
 
     def state_dict(self) -> dict:
         return dict(zip(("loss", "ce", "kl", "correct", "n"), self.sums.cpu().tolist()))
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -177,8 +183,10 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
             eta = (t_now - t_epoch) / done * (steps - step - 1)
             peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
             bar.set_postfix_str(peers_txt)
+            step_s = meters.step_time / max(done, 1)
             logger.info(f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
-                        f"data {meters.data_time / max(done, 1):.3f}s step {meters.step_time / max(done, 1):.3f}s")
+                        f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
+                        f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB)")
         if on_step is not None:
             on_step(step, meters)
     bar.close()

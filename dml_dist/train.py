@@ -91,11 +91,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)
         shard = (ctx.replica, ctx.replicas)
+        # The stream path decodes each batch once per node: the node's ranks split it (collective: groups).
+        node = (ctx.local_rank, ctx.local_world_size)
+        group = D.node_group(ctx.local_world_size) if data.path == "stream" else None
         self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device,
-                                              shard, collate_fn=data.collate_fn)
-        self.val_loader = make_eval_loader(data.val, 2 * cfg["batch_size"], 0, ctx.device, shard)
-        self.test_loader = (make_eval_loader(data.test, 2 * cfg["batch_size"], 0, ctx.device, shard)
-                            if data.test is not None else None)
+                                              shard, collate_fn=data.collate_fn, node=node, group=group)
+        self.val_loader, self.test_loader = (
+            make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node, group)
+            if ds is not None else None for ds in (data.val, data.test))
         self.steps_per_epoch = len(self.train_loader)
         # cohort state, identical on every rank
         self.epoch, self.step = 0, 0                     # completed epochs; steps done in the current epoch
@@ -324,12 +327,14 @@ class Trainer:
         }
 
 
-def load_datasets(cfg: dict, ctx: D.DistContext) -> Datasets:
-    """Every rank's datasets. A CIFAR download happens once per node (local rank 0, which keeps what it
+def load_datasets(cfg: dict, ctx: D.DistContext, log=lambda s: None) -> Datasets:
+    """Every rank's datasets. Image folders: ``build_datasets`` (collective). A CIFAR download happens once per node (local rank 0, which keeps what it
     built); the other local ranks read the files after it. Collective: a failed download stops every rank
     with its one line (none waits, none reports "lost contact")."""
+    if cfg["dataset"] == "imagefolder":
+        return build_datasets(cfg, ctx.device, log)  # collective: one scan per job, one cache build per node
     data, error = None, None
-    if cfg["dataset"] != "imagefolder" and ctx.local_rank == 0 and cfg["download"]:
+    if ctx.local_rank == 0 and cfg["download"]:
         try:
             data = build_datasets(cfg)
         except DMLError as e:
@@ -370,11 +375,12 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
         if data is None:
-            data = load_datasets(cfg, ctx)
+            data = load_datasets(cfg, ctx, logger.info)
         logger.info(f"data: {len(data.train)} train / {len(data.val)} val"
                     + (f" / {len(data.test)} test" if data.test is not None else "")
                     + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
                     + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"])))
+        logger.info(f"data path: {data.path} ({data.why})")
         trainer = Trainer(cfg, ctx, logger, data)
         trainer.resume(cfg["resume"])
         t0 = time.time()

@@ -6,6 +6,8 @@
 #   shared     2 peers sharing GPU 0 over gloo (logits staged through host memory), bf16
 #   compile    compile=true (torch.compile each peer)
 #   replicas   1 peer x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 2+ GPUs)
+#   stream     the stream path with decode_device=cuda: batched nvJPEG on the GPU, RandomResizedCrop there,
+#              on a generated ImageNet-shaped JPEG folder (then its images/s alone, data.probe)
 # and checks that the device data path gave byte-identical batches on every rank (fingerprints of every
 # step), then times dml-bench (world of one) for ResNet-20/32/56. It ends with one line:
 #   gpu_check: PASS <figures>        or        gpu_check: FAIL <reason>
@@ -42,6 +44,8 @@ for split, n in (("train", 256), ("val", 64)):
             img = np.clip(40 + 50 * c + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(d / f"{i}.png")
 PY
+"$py" "$(dirname "$0")/../benchmarks/make_imagenet_folder.py" "$work/jpeg" --train 1024 --val 128 --classes 4 \
+    >/dev/null || { echo "gpu_check: FAIL could not write the JPEG folder"; exit 1; }
 
 verdicts=()
 status=0
@@ -89,6 +93,7 @@ if [[ "$gpus" -ge 2 ]]; then
 fi
 check shared 2 "amp=bf16" CUDA_VISIBLE_DEVICES=0
 check compile 1 "compile=true amp=bf16"
+check stream 1 "data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 num_workers=4 amp=bf16"
 
 bench=()
 for model in resnet20 resnet32 resnet56; do
@@ -103,6 +108,17 @@ for model in resnet20 resnet32 resnet56; do
         status=1
     fi
 done
+
+line=$(timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
+    data_dir="$work/jpeg" loader=stream decode_device=cuda augment=rrc,flip image_size=224 batch_size=256 \
+    num_workers=4 steps=0 2>"$work/probe.log" | tail -n 1)
+ips=$("$py" -c 'import json, sys; print(json.loads(sys.argv[1])["ranks"][0]["images_per_s"])' "$line" 2>/dev/null)
+if [[ -n "$ips" ]]; then
+    bench+=("| stream nvJPEG 224px ${ips} img/s")
+else
+    bench+=("| stream nvJPEG FAILED (see $work/probe.log)")
+    status=1
+fi
 
 if [[ $status -eq 0 ]]; then
     echo "gpu_check: PASS ${verdicts[*]} | bench bf16 batch 512: ${bench[*]}"

@@ -16,7 +16,7 @@ def test_defaults_validate_and_names_are_canonical():
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"lr": -0.1}, "lr must be >= 0"),
     ({"epochs": "ten"}, "epochs must be an integer"),
-    ({"augment": "yes"}, r"augment: unknown augmentation\(s\) \['yes'\]; choose from crop, flip, rotate, jitter"),
+    ({"augment": "yes"}, r"augment: unknown augmentation\(s\) \['yes'\]; choose from rrc, crop, flip, rotate, jitter"),
     ({"augment": ["crop", "blur"]}, r"unknown augmentation\(s\) \['blur'\]"),
     ({"temperature": 0}, "temperature must be > 0"),
     ({"val_fraction": 1.5}, "val_fraction must be < 1"),

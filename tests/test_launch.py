@@ -108,7 +108,7 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
             *srcs, _dest = line.split()[1:]
             for s in srcs:
                 (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, ctx / s)
-    run = next(l for l in lines if l.startswith("RUN pip install"))
+    run = next(l for l in lines if l.startswith("RUN pip install") and " . " in l)  # the package's own step
     pip_args = [a for a in run.split("&&")[0].split("RUN pip install", 1)[1].split() if a != "\\"]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

@@ -1,0 +1,247 @@
+"""From a config to datasets and loaders: which data path, which splits.
+
+``loader: memory`` decodes each split once per node into the on-disk cache and trains from the decoded
+set on the device; ``loader: stream`` decodes every batch from the files; ``auto`` takes memory when the
+decoded splits at ``image_size`` fit ``memory_budget_gb`` (default: a quarter of the GPU's memory, or of
+the host's on CPU, where the node's ranks share one mapped copy) and stream otherwise, and stream whenever
+``augment`` has ``rrc`` (RandomResizedCrop needs the original files). The log says which and why.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DMLError
+from .cache import cached_images, default_cache_dir
+from .folders import FileList, center_resize, decode_file, scan, scan_shared
+from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset
+from .sampler import SampleLoader, sample_dataloader
+from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
+
+DEFAULTS = {"loader": "auto", "memory_budget_gb": None, "cache_dir": None, "crop_fraction": 1.0,
+            "rrc_scale": [0.08, 1.0], "rrc_ratio": [3 / 4, 4 / 3], "decode_device": "cpu"}
+
+
+def _check_decode_device(dataset, device) -> None:
+    if getattr(dataset, "decode_device", "cpu") == "cuda" and torch.device(device).type != "cuda":
+        raise DMLError("decode_device=cuda decodes on the training GPU, but this rank trains on the CPU; "
+                       "use decode_device=cpu (or train on GPUs)")
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    test: Optional[Dataset]
+    classes: list
+    collate_fn: Optional[Callable] = None   # a custom train loader's, kept for the per-sample path
+    path: str = "memory"                    # the training data path: memory | stream | custom
+    why: str = ""                           # why that path (logged)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (train, val) indices, each sorted: the same (seed, fraction) always holds out the
+    same samples."""
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DMLError(f"val_fraction={val_fraction} leaves no training images out of {n}; lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def subset_indices(n: int, k: int, seed: int) -> Optional[torch.Tensor]:
+    """A deterministic ``k``-of-``n`` subset (by ``seed``), in order; None for the whole set (k == 0)."""
+    if k <= 0 or k >= n:
+        return None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return perm[:k].sort().values
+
+
+def split_train_val(ds, val_fraction: float, seed: int):
+    train, val = split_indices(len(ds), val_fraction, seed)
+    return ds.subset(train), ds.subset(val, augment=())
+
+
+def take_subset(ds, k: int, seed: int):
+    idx = subset_indices(len(ds), k, seed)
+    return ds if idx is None else ds.subset(idx)
+
+
+def load_image_folder(root: str, image_size: int = 32, augment=(), crop_fraction: float = 1.0) -> TensorImageDataset:
+    """Decode ``root/<class>/*`` in this process (no cache) into a TensorImageDataset."""
+    files = scan(root)
+    images = torch.stack([center_resize(decode_file(files.path(i)), image_size, crop_fraction)
+                          for i in range(len(files))])
+    return TensorImageDataset(images, torch.from_numpy(files.labels), files.classes, augment)
+
+
+def _load_cifar(data_dir: str, name: str, image_size: int, download: bool):
+    """CIFAR-10/100 in the original python format (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
+    folder, train_files, test_files, meta, label_key, names_key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                    "batches.meta", "labels", "label_names"),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+    }[name]
+    base = os.path.join(data_dir, folder)
+    if not os.path.isdir(base) and download:
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(data_dir, train=True, download=True)
+        except Exception as e:  # no network, disk full, ...
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise DMLError(f"{name} is not in {base} and could not be downloaded ({first}); download it there on "
+                           f"a machine with network, or train on an image folder instead (dataset=imagefolder "
+                           f"data_dir=..., e.g. the shared subset ../shared/data/cifar10-small)") from None
+    if not os.path.isdir(base):
+        raise DMLError(f"{name} not found: expected {base}/ in the CIFAR python format")
+
+    def read(fname):
+        path = os.path.join(base, fname)
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="latin1")  # the CIFAR format is a pickle by design
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            raise DMLError(f"cannot read {path} ({type(e).__name__}); re-download {name}") from None
+
+    classes = list(read(meta)[names_key])
+
+    def build(files):
+        parts = [read(f) for f in files]
+        x = torch.cat([torch.as_tensor(p["data"], dtype=torch.uint8).view(-1, 3, 32, 32) for p in parts])
+        y = torch.cat([torch.as_tensor(p[label_key], dtype=torch.int64) for p in parts])
+        if image_size != 32:
+            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
+                              antialias=True).round().clamp(0, 255).to(torch.uint8)
+        return TensorImageDataset(x, y, classes)
+
+    return build(train_files), build(test_files)
+
+
+def memory_budget(cfg: dict, device: Optional[torch.device]) -> tuple[float, str]:
+    """Bytes the decoded set may take on the training device, and where the number comes from."""
+    if cfg.get("memory_budget_gb") is not None:
+        return cfg["memory_budget_gb"] * 1e9, "memory_budget_gb"
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 4, "a quarter of the GPU's memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4, "a quarter of the host's memory"
+
+
+def choose_path(cfg: dict, n_images: int, device: Optional[torch.device]) -> tuple[str, str]:
+    """``(memory|stream, why)`` for an image folder of ``n_images`` (all splits) at ``image_size``."""
+    s = cfg["image_size"]
+    need = n_images * 3 * s * s
+    rrc = isinstance(cfg["augment"], (list, tuple)) and "rrc" in cfg["augment"]
+    choice = cfg.get("loader", "auto")
+    if choice == "memory" and rrc:
+        raise DMLError("loader=memory cannot apply rrc: RandomResizedCrop crops the original files, and the "
+                       "memory path holds them resized; use loader=stream (or auto), or drop rrc from augment")
+    if choice != "auto":
+        return choice, f"loader={choice}"
+    if rrc:
+        return "stream", "augment has rrc (RandomResizedCrop reads the original files)"
+    budget, source = memory_budget(cfg, device)
+    fits = need <= budget
+    return ("memory" if fits else "stream"), (f"loader=auto: the decoded set ({need / 1e9:.2f} GB at {s} px) "
+                                              f"{'fits' if fits else 'exceeds'} the budget of {budget / 1e9:.2f} GB "
+                                              f"({source})")
+
+
+def _folder_datasets(cfg: dict, device, log) -> Datasets:
+    d, size, seed = cfg["data_dir"], cfg["image_size"], cfg["seed"]
+    if not os.path.isdir(d):
+        raise DMLError(f"data_dir {d} does not exist; point data_dir at a folder with train/ (and val/)")
+    lists = {split: scan_shared(os.path.join(d, split)) for split in ("train", "val", "test")}
+    train = lists["train"]
+    if train is None:
+        raise DMLError(f"data folder {os.path.join(d, 'train')} does not exist; set data_dir to a folder with "
+                       f"train/<class>/ images")
+    for split in ("val", "test"):
+        ds = lists[split]
+        if ds is not None and ds.classes != train.classes:
+            only_train = sorted(set(train.classes) - set(ds.classes))
+            only_split = sorted(set(ds.classes) - set(train.classes))
+            raise DMLError(f"class folders of train/ and {split}/ differ (only in train: {only_train}, "
+                           f"only in {split}: {only_split}); make both hold the same class folders")
+    specs = {"train": "train/", "val": "val/", "test": "test/"}
+    if lists["val"] is None:  # hold val_fraction of train/ out, by seed
+        tr, va = split_indices(len(train), cfg["val_fraction"], seed)
+        lists["train"], lists["val"] = train.subset(tr), train.subset(va)
+        specs["train"] = specs["val"] = f"train/ val_fraction={cfg['val_fraction']} seed={seed}"
+    sub = subset_indices(len(lists["train"]), cfg.get("train_subset", 0), seed)
+    if sub is not None:
+        lists["train"] = lists["train"].subset(sub)
+        specs["train"] += f" train_subset={cfg['train_subset']} seed={seed}"
+    n_all = sum(len(f) for f in lists.values() if f is not None)
+    path, why = choose_path(cfg, n_all, device)
+    out = {}
+    for split, files in lists.items():
+        augment = cfg["augment"] if split == "train" else ()
+        if files is None:
+            out[split] = None
+        elif path == "stream":
+            out[split] = FileImageDataset(files, size, cfg["crop_fraction"], augment, cfg["rrc_scale"],
+                                          cfg["rrc_ratio"])
+            out[split].decode_device = cfg["decode_device"]
+        else:
+            images, labels = cached_images(files, cfg.get("cache_dir") or default_cache_dir(d), split, specs[split],
+                                           size, cfg["crop_fraction"], log)
+            out[split] = TensorImageDataset(images, labels, files.classes, augment)
+    return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why)
+
+
+def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callable[[str], None] = lambda s: None) -> Datasets:
+    """train / val / test datasets as the config asks (README, "Data"). Collective under torchrun (the file
+    list is scanned by rank 0, the cache built by one rank per node). ``device``: the training device,
+    for the memory budget."""
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["dataset"] in ("cifar10", "cifar100"):
+        if cfg["loader"] == "stream":
+            raise DMLError(f"loader=stream reads image folders; {cfg['dataset']} is decoded from its python "
+                           f"arrays into memory: use loader=auto or memory")
+        train, test = _load_cifar(cfg["data_dir"], cfg["dataset"], cfg["image_size"], cfg.get("download", True))
+        train.augment = cfg["augment"]
+        train, val = split_train_val(train, cfg["val_fraction"], cfg["seed"])
+        train = take_subset(train, cfg.get("train_subset", 0), cfg["seed"])
+        return Datasets(train, val, test, train.classes, why=f"{cfg['dataset']}: decoded arrays")
+    return _folder_datasets(cfg, device, log)
+
+
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",
+                      shard: tuple[int, int] = (0, 1), collate_fn=None, node=(0, 1), group=None):
+    """The memory path for decoded sets, the stream path for file sets (``node``/``group``: this rank's
+    node, which decodes each batch once), the per-sample path (DataLoader) for any other dataset or when
+    a custom ``collate_fn`` must see the samples."""
+    if isinstance(dataset, TensorImageDataset) and collate_fn is None:
+        return DeviceTrainLoader(dataset, batch_size, seed, torch.device(device), shard)
+    if isinstance(dataset, FileImageDataset) and collate_fn is None:
+        _check_decode_device(dataset, device)
+        return StreamTrainLoader(dataset, batch_size, seed, device, node, group, num_workers, shard)
+    return SampleLoader(sample_dataloader(dataset, batch_size, seed, num_workers, shard, collate_fn,
+                                          pin_memory=torch.device(device).type == "cuda"), device)
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device=None,
+                     shard: tuple[int, int] = (0, 1), node=(0, 1), group=None):
+    """Sequential order: every rank scores the same samples in the same order. With ``device``, decoded
+    sets are scored from device-resident tensors and file sets decoded by the node together;
+    ``shard=(r, R)`` scores contiguous part r of R."""
+    if device is not None and isinstance(dataset, TensorImageDataset):
+        return DeviceEvalLoader(dataset, device, max(EVAL_BATCH, batch_size), shard)
+    if device is not None and isinstance(dataset, FileImageDataset):
+        _check_decode_device(dataset, device)
+        return StreamEvalLoader(dataset, device, node, group, num_workers, max(EVAL_BATCH, batch_size), shard)
+    if shard[1] > 1:
+        r, parts = shard
+        dataset = torch.utils.data.Subset(dataset, range(len(dataset) * r // parts, len(dataset) * (r + 1) // parts))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -1,0 +1,206 @@
+"""The memory path's on-disk cache: a split is decoded once per node, then mapped read-only.
+
+An entry is a folder ``<cache_dir>/<split>_<S>px_<spec>/`` (``spec``: a hash of the folder, the split's
+definition, ``image_size`` and ``crop_fraction``) holding ``images.u8`` (raw uint8 ``[N, 3, S, S]``),
+``labels.npy`` and ``index.json``. The index is written last (the commit point) and records the content
+key (every file's path, size and modification time: ``FileList.key``) and hashes of up to 256 evenly
+spaced 1 MiB blocks of ``images.u8`` (all of it up to 256 MiB). At start the entry is used only when the
+key matches (else it is *stale*) and the size and every recorded block hash match (else it is
+*damaged*); either way it is rebuilt, never used.
+
+One process per node (local rank 0) checks and builds; the build decodes with every core of the node
+(DataLoader workers writing into the memory-mapped file). The node's other ranks wait in a collective,
+then map the finished file copy-on-write: the pages are shared through the page cache, so L ranks of a
+node hold one copy, and a second start or an elastic restart reads the cache instead of decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import distributed as D
+from ..errors import DMLError
+from .folders import FileList, center_resize, decode_file
+
+FORMAT = 1
+BLOCK = 1 << 20
+MAX_BLOCKS = 256
+CHUNK = 64  # images per work item of the build
+
+
+def default_cache_dir(data_dir: str) -> str:
+    """``<data_dir>/.dml-cache`` when ``data_dir`` is writable, else ``$XDG_CACHE_HOME/dml-dist`` (a
+    read-only dataset mount). A folder without write bits counts as read-only for root too."""
+    if os.access(data_dir, os.W_OK) and os.stat(data_dir).st_mode & 0o222:
+        return os.path.join(data_dir, ".dml-cache")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dml-dist")
+
+
+def entry_path(cache_dir: str, files: FileList, split: str, spec: str, size: int, crop_fraction: float) -> str:
+    h = hashlib.blake2b(repr((os.path.abspath(files.root), spec, size, crop_fraction)).encode(), digest_size=6)
+    return os.path.join(cache_dir, f"{split}_{size}px_{h.hexdigest()}")
+
+
+def _block_offsets(nbytes: int) -> list[int]:
+    blocks = max(1, math.ceil(nbytes / BLOCK))
+    if blocks <= MAX_BLOCKS:
+        return [k * BLOCK for k in range(blocks)]
+    return sorted({(k * (blocks - 1) // (MAX_BLOCKS - 1)) * BLOCK for k in range(MAX_BLOCKS)})
+
+
+def _block_hashes(path: str, offsets: list[int]) -> list[str]:
+    out = []
+    with open(path, "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            out.append(hashlib.blake2b(f.read(BLOCK), digest_size=8).hexdigest())
+    return out
+
+
+def check_entry(entry: str, key: str, n: int, size: int) -> Optional[str]:
+    """Why ``entry`` cannot be used ("missing", "stale: ...", "damaged: ..."), or None when it can."""
+    index_path = os.path.join(entry, "index.json")
+    if not os.path.exists(index_path):
+        return "missing"
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        if index.get("format") != FORMAT:
+            return f"stale: format {index.get('format')}, this version writes {FORMAT}"
+        if index["key"] != key:
+            return "stale: files were added, removed or changed since it was built"
+        images = os.path.join(entry, "images.u8")
+        nbytes = n * 3 * size * size
+        if index["n"] != n or os.path.getsize(images) != nbytes:
+            return f"damaged: images.u8 has {os.path.getsize(images)} bytes, expected {nbytes}"
+        if np.load(os.path.join(entry, "labels.npy")).shape != (n,):
+            return "damaged: labels.npy does not hold one label per image"
+        if _block_hashes(images, index["offsets"]) != index["hashes"]:
+            return "damaged: images.u8 does not match its recorded checksums"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"damaged: {type(e).__name__}: {str(e)[:80]}"
+    return None
+
+
+def open_entry(entry: str, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images as a copy-on-write memory map (page cache shared by every process of the node; a write,
+    which the trainer never does, would stay private) and the labels."""
+    images = np.memmap(os.path.join(entry, "images.u8"), dtype=np.uint8, mode="c", shape=(n, 3, size, size))
+    labels = np.load(os.path.join(entry, "labels.npy"))
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+class _DecodeInto(Dataset):
+    """Work item c: decode images [c * CHUNK, ...) into the memory-mapped output (in a DataLoader worker).
+    Returns None, or the error message of the first unreadable file."""
+
+    def __init__(self, files: FileList, path: str, size: int, crop_fraction: float):
+        self.files, self.path, self.size, self.crop_fraction = files, path, size, crop_fraction
+        self.out = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / CHUNK)
+
+    def __getitem__(self, c: int):
+        if self.out is None:  # opened once per worker process
+            self.out = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(len(self.files), 3, self.size, self.size))
+        for i in range(c * CHUNK, min((c + 1) * CHUNK, len(self.files))):
+            try:
+                self.out[i] = center_resize(decode_file(self.files.path(i)), self.size, self.crop_fraction).numpy()
+            except DMLError as e:
+                return str(e)
+        return None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction: float,
+                log: Callable[[str], None]) -> None:
+    """Decode ``files`` with every core into a temporary folder, then rename it into place (atomic; a
+    concurrent builder on another node that finished first wins, ours is discarded)."""
+    n = len(files)
+    tmp = f"{entry}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        images = os.path.join(tmp, "images.u8")
+        with open(images, "wb") as f:
+            f.truncate(n * 3 * size * size)
+        workers = _cores()
+        loader = DataLoader(_DecodeInto(files, images, size, crop_fraction), batch_size=None,
+                            num_workers=workers if workers > 1 else 0)
+        t0 = last = time.time()
+        for c, error in enumerate(loader):
+            if error:
+                raise DMLError(error)
+            if time.time() - last > 30:
+                last = time.time()
+                done = min((c + 1) * CHUNK, n)
+                log(f"cache: decoded {done}/{n} images ({done / (last - t0):.0f}/s, {workers} processes)")
+        np.save(os.path.join(tmp, "labels.npy"), files.labels.astype(np.int64))
+        offsets = _block_offsets(n * 3 * size * size)
+        index = {"format": FORMAT, "key": key, "n": n, "image_size": size, "crop_fraction": crop_fraction,
+                 "root": os.path.abspath(files.root), "classes": files.classes, "offsets": offsets,
+                 "hashes": _block_hashes(images, offsets), "built_by": f"{socket.gethostname()}:{os.getpid()}",
+                 "seconds": round(time.time() - t0, 3)}
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(index, f)
+        if os.path.exists(entry):
+            if check_entry(entry, key, n, size) is None:  # another node finished the same entry first
+                log(f"cache: {entry} was built by another process meanwhile; using it")
+                return
+            aside = f"{entry}.old-{socket.gethostname()}-{os.getpid()}"  # a stale or damaged entry
+            os.rename(entry, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if check_entry(entry, key, n, size) is not None:  # not a concurrent builder's good entry
+                raise
+        log(f"cache: decoded {n} images into {entry} in {time.time() - t0:.1f}s ({workers} processes)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: int, crop_fraction: float,
+                  log: Callable[[str], None] = lambda s: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective: the decoded split, built once per node by local rank 0 (the other local ranks wait),
+    then mapped by every rank. An unreadable file stops every rank with the builder's line."""
+    entry = entry_path(cache_dir, files, split, spec, size, crop_fraction)
+    key = files.key(size, crop_fraction)
+    error = None
+    if D.local_rank() == 0:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            why = check_entry(entry, key, len(files), size)
+            if why is None:
+                log(f"cache: {split} read from {entry}")
+            else:
+                if why != "missing":
+                    log(f"cache: {entry} is {why}; rebuilding it")
+                build_entry(entry, files, key, size, crop_fraction, log)
+        except PermissionError as e:
+            error = (f"cannot write the decoded-image cache in {cache_dir} ({e.strerror}); "
+                     f"set cache_dir to a writable folder")
+        except DMLError as e:
+            error = str(e)
+    # Sync point: the node's other ranks wait here for the build (a group without the 10-minute timeout).
+    failed = [e for e in D.all_gather_objects(error, group=D.long_group()) if e]
+    if failed:
+        raise DMLError(failed[0])
+    return open_entry(entry, len(files), size)

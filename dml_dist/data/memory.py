@@ -1,0 +1,182 @@
+"""The memory path: the decoded set sits on the training device, every step is sampled and augmented there.
+
+The set (a uint8 tensor, from the on-disk cache or CIFAR's arrays) moves to each peer's device once. Per
+step, ``DeviceTrainLoader`` takes slice ``step`` of the epoch's permutation (a generator seeded with
+``(seed, epoch)``) and draws the per-sample augmentation parameters from a generator seeded with
+``(seed, epoch, step)``, both on the CPU; they cross to the device (pinned, non-blocking) and the whole
+batch is gathered, augmented and normalised there (``augment.py``). No DataLoader workers, no per-image
+Python. Evaluation runs from device-resident tensors in large batches. A batch depends on
+(seed, epoch, step) alone: not on the rank, or a restart in the middle of an epoch.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..augment import AUGMENTATIONS, AugParams, augment_batch, augment_one, step_generator
+from ..errors import DMLError
+
+# CIFAR-10 channel statistics; used for every dataset so a checkpoint always expects the same inputs.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+EVAL_BATCH = 512  # evaluation batch on the device path (BN is in eval mode: results do not depend on it)
+
+
+def augment_image(img: torch.Tensor, seed: int, ops=AUGMENTATIONS) -> torch.Tensor:
+    """Per-sample path: augment one uint8 CHW image with parameters drawn from ``seed`` alone -> float
+    in [0, 1]."""
+    return augment_one(img, AugParams.draw(1, torch.Generator().manual_seed(int(seed)))[0], ops)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants on ``device``, copied there once."""
+    return torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
+
+
+def normalize(img: torch.Tensor) -> torch.Tensor:
+    """uint8 (0..255) or float (0..1) image(s) -> float32 normalised with the CIFAR-10 statistics."""
+    x = img.float().div(255) if img.dtype == torch.uint8 else img
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+
+class TensorImageDataset(Dataset):
+    """Decoded uint8 images [N, 3, H, W] + int64 labels. ``ds[i]`` gives the plain (normalised) image;
+    ``ds[(i, seed)]`` gives it augmented with ``seed`` (per-sample path). ``augment``: the augmentation
+    names to apply (``augment.AUGMENTATIONS``); True means all, False none."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], augment=()):
+        self.images, self.labels, self.classes = images, labels, list(classes)
+        self.augment = augment
+
+    @property
+    def augment(self) -> tuple:
+        return self._augment
+
+    @augment.setter
+    def augment(self, value) -> None:
+        self._augment = tuple(AUGMENTATIONS) if value is True else tuple(value or ())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img = self.images[index]
+        if self.augment and seed is not None:
+            img = augment_image(img, seed, self.augment)
+        return normalize(img), int(self.labels[index])
+
+    def subset(self, indices: torch.Tensor, augment: Optional[bool] = None) -> "TensorImageDataset":
+        return TensorImageDataset(self.images[indices], self.labels[indices], self.classes,
+                                  self.augment if augment is None else augment)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device, pinned and non-blocking on CUDA (the copy overlaps with queued work)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class BatchPlan:
+    """What step ``step`` of epoch ``epoch`` holds, a function of (seed, epoch, step) alone: slice ``step``
+    of the epoch's permutation (a generator seeded with ``(seed, epoch)``) and per-sample parameters from
+    ``step_generator(seed, epoch, step)``: ``AugParams``, then (``rrc``) RandomResizedCrop uniforms."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise DMLError(f"batch_size={batch_size} is larger than the training set ({n} images); lower batch_size")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm: Optional[tuple[int, torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def indices(self, epoch: int, step: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1][step * self.batch_size:(step + 1) * self.batch_size]
+
+    def params(self, epoch: int, step: int, rrc_tries: int = 0):
+        """``AugParams`` of the whole batch; with ``rrc_tries``, also uniforms [B, rrc_tries, 4]."""
+        g = step_generator(self.seed, epoch, step)
+        params = AugParams.draw(self.batch_size, g)
+        return (params, torch.rand(self.batch_size, rrc_tries, 4, generator=g)) if rrc_tries else params
+
+
+def shard_rows(t, shard: tuple[int, int]):
+    """Part r of R of a batch's rows (a tensor or ``AugParams``): a data-parallel replica's share."""
+    r, replicas = shard
+    if replicas == 1:
+        return t
+    part = len(t) // replicas
+    return t[r * part:(r + 1) * part]
+
+
+class DeviceTrainLoader:
+    """The device path's training batches: ``for x, y in loader`` gives normalised float32 inputs and
+    int64 labels on ``device``. ``set_epoch(e, start_step=s)`` positions it at step ``s`` of epoch ``e``.
+
+    ``shard=(r, R)``: yield only part r of R of each batch (data-parallel replicas of one peer); every
+    rank still draws the whole batch's indices and parameters, so shard r is the same on every peer.
+    """
+
+    def __init__(self, dataset: TensorImageDataset, batch_size: int, seed: int, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)):
+        self.device = torch.device(device)
+        self.ops = dataset.augment
+        self.steps = BatchPlan(len(dataset), batch_size, seed)
+        self.shard = shard
+        # Moved once; every step gathers its batch on the device.
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def plan(self, epoch: int, step: int) -> tuple[torch.Tensor, AugParams]:
+        """CPU indices and augmentation parameters of this rank's shard of one step."""
+        idx, params = self.steps.indices(epoch, step), self.steps.params(epoch, step)
+        return shard_rows(idx, self.shard), shard_rows(params, self.shard)
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, params = self.plan(epoch, step)
+        idx = _to_device(idx, self.device)
+        x = self.images[idx]
+        if self.ops:
+            x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
+        return normalize(x), self.labels[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(self.start_step, len(self)):
+            yield self.batch(self.epoch, step)
+
+
+class DeviceEvalLoader:
+    """Evaluation batches in dataset order from device-resident tensors (large batches)."""
+
+    def __init__(self, dataset: TensorImageDataset, device: torch.device, batch_size: int = EVAL_BATCH,
+                 shard: tuple[int, int] = (0, 1)):
+        r, parts = shard
+        lo, hi = len(dataset) * r // parts, len(dataset) * (r + 1) // parts
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.images = dataset.images[lo:hi].to(self.device)
+        self.labels = dataset.labels[lo:hi].to(self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for lo in range(0, len(self.labels), self.batch_size):
+            yield normalize(self.images[lo:lo + self.batch_size]), self.labels[lo:lo + self.batch_size]

@@ -1,0 +1,96 @@
+"""Run the training data path alone, without models: what each rank draws, decodes and holds.
+
+    # 2 ranks on this machine: which path, images decoded per rank, batch fingerprints, first-batch time
+    torchrun --standalone --nproc_per_node=2 -m dml_dist.data.probe data_dir=DIR loader=stream steps=20
+
+Takes the trainer's config keys plus ``epoch`` (0-based, default 0), ``start_step`` (0), ``steps`` (10;
+0 = to the end of the epoch) and ``out`` (write rank 0's JSON there too). Every rank builds the datasets
+and the training loader exactly as the trainer does, draws the steps, and rank 0 prints one JSON line:
+the data path and why, and per rank its node, the images it decoded, the CPU seconds its decoding took,
+the fingerprint of every batch, the seconds from process start to its first batch, its peak RSS (and
+that of its loader workers) and what its data setup logged (cache builds). ``dml-bench --data`` and the tests use it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from .. import distributed as D
+from ..config import build_config, finalize_config, parse_overrides
+from ..engine import batch_fingerprint
+from ..errors import DMLError
+from .build import build_datasets, make_train_loader
+
+PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "out": None}
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc: the interpreter's start-up counts too)."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def probe(cfg: dict, opts: dict) -> dict | None:
+    ctx = D.init_distributed(cfg)
+    try:
+        cfg = finalize_config(cfg, ctx.world_size)
+        log: list = []
+        data = build_datasets(cfg, ctx.device, log.append)
+        group = D.node_group(ctx.local_world_size) if data.path == "stream" else None
+        loader = make_train_loader(data.train, cfg["batch_size"], cfg["seed"], cfg["num_workers"], ctx.device,
+                                   (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size),
+                                   group=group)
+        loader.set_epoch(opts["epoch"], opts["start_step"])
+        last = len(loader) if not opts["steps"] else min(len(loader), opts["start_step"] + opts["steps"])
+        fingerprints, first_batch_s, t0 = [], None, None
+        for step, (x, y) in zip(range(opts["start_step"], last), loader):
+            if first_batch_s is None:
+                first_batch_s, t0 = process_age(), time.perf_counter()
+            fingerprints.append([step, *batch_fingerprint(x, y).tolist()])
+        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        mine = {"rank": ctx.rank, "node": ctx.rank // ctx.local_world_size,
+                "decoded": getattr(loader, "decoded", 0), "decode_cpu_s": round(getattr(loader, "decode_cpu_s", 0.0), 4),
+                "first_batch_s": round(first_batch_s or 0.0, 3),
+                "images_per_s": round((len(fingerprints) - 1) * cfg["batch_size"] / seconds, 1) if seconds else None,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+                "log": log, "fingerprints": fingerprints}
+        ranks = D.gather_objects(mine)
+        if not ctx.is_main:
+            return None
+        return {"path": data.path, "why": data.why, "train_images": len(data.train), "batch_size": cfg["batch_size"],
+                "image_size": cfg["image_size"], "world_size": ctx.world_size, "num_workers": cfg["num_workers"],
+                "ranks": ranks}
+    finally:
+        D.destroy_distributed()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides = parse_overrides(argv)
+        opts = {k: overrides.pop(k, v) for k, v in PROBE_KEYS.items()}
+        cfg = build_config(overrides={"print_freq": 10 ** 6, **overrides})
+        result = probe(cfg, opts)
+    except DMLError as e:
+        print(f"dml-dist: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if result is not None:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if opts["out"]:
+            with open(opts["out"], "w") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The stream path: each batch is read and decoded from the files, once per node.
+
+Step ``s`` of epoch ``e``, on every rank of a node of L ranks:
+
+1. ``BatchPlan`` says which files and which per-sample parameters the batch holds (the shared-seed
+   permutation, ``step_generator(seed, e, s)``): the same on every rank without talking.
+2. Local rank ``l`` decodes its share, samples ``[l*k, (l+1)*k)`` with ``k = ceil(B / L)``, in DataLoader
+   workers that run a few steps ahead: TorchCodec decode (PIL where it refuses a file), then
+   RandomResizedCrop (``rrc``: crop first, then resize to S) or the evaluation transform -> uint8.
+3. One all-gather within the node group assembles the batch, uint8 ``[B, 3, S, S]``, on every rank of the
+   node (on the GPU over NCCL). Every node decodes each batch once, whatever the number of peers.
+4. Flip and the other augmentations run on the whole batch on the device (``augment_batch``), as on the
+   memory path. Without ``rrc`` the two paths give the same batches, byte for byte.
+
+What a batch holds is a function of (seed, epoch, step) alone: not of L, the worker count or a restart.
+A rank holds at most ``workers x 2`` prefetched shares, whatever the size of the folder.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import distributed as D
+from ..augment import AUGMENTATIONS, AugParams, augment_batch, augment_one
+from ..errors import DMLError
+from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, decode_file, read_file, resized_crop
+from .memory import EVAL_BATCH, BatchPlan, normalize, shard_rows
+
+
+class FileImageDataset(Dataset):
+    """An image folder read from its files. ``ds[i]``: file i through the evaluation transform,
+    normalised; ``ds[(i, seed)]``: augmented with parameters drawn from ``seed`` (the per-sample path)."""
+
+    def __init__(self, files: FileList, image_size: int, crop_fraction: float = 1.0, augment=(),
+                 rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3)):
+        self.files, self.image_size, self.crop_fraction = files, image_size, crop_fraction
+        self.rrc_scale, self.rrc_ratio = tuple(rrc_scale), tuple(rrc_ratio)
+        self.classes = list(files.classes)
+        self.labels = torch.from_numpy(files.labels)
+        self.augment = tuple(AUGMENTATIONS) if augment is True else tuple(augment or ())
+        self.decode_device = "cpu"  # "cuda": workers read the bytes, the rank decodes them with nvJPEG
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """uint8 [3, S, S]: RandomResizedCrop with uniforms ``rrc``, else the evaluation transform."""
+        return self.transform(decode_file(self.files.path(i)), rrc)
+
+    def transform(self, img: torch.Tensor, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A decoded image (any device) -> uint8 [3, S, S] on the same device."""
+        if rrc is not None:
+            return resized_crop(img, rrc, self.image_size, self.rrc_scale, self.rrc_ratio)
+        return center_resize(img, self.image_size, self.crop_fraction)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is None or not self.augment:
+            return normalize(self.load(index)), int(self.labels[index])
+        g = torch.Generator().manual_seed(int(seed))
+        p = AugParams.draw(1, g)
+        u = torch.rand(RRC_TRIES, 4, generator=g) if "rrc" in self.augment else None
+        img = augment_one(self.load(index, u), p[0], self.augment)
+        return normalize(img), int(self.labels[index])
+
+    def subset(self, indices, augment=None) -> "FileImageDataset":
+        return FileImageDataset(self.files.subset(indices), self.image_size, self.crop_fraction,
+                                self.augment if augment is None else augment, self.rrc_scale, self.rrc_ratio)
+
+
+def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: torch.device, k: int) -> torch.Tensor:
+    """``decode_device: cuda``: a share's encoded files -> uint8 [k, 3, S, S] on ``device``: one batched
+    TorchCodec ``decode_jpeg`` call (nvJPEG on CUDA), then each sample's transform on the device. Files
+    that are not JPEGs (a PNG named .JPEG), or that the batched call refuses, are decoded one by one on
+    the CPU (PIL as the last resort) and moved. On ``device=cpu`` this is the CPU twin of the CUDA path:
+    the tests hold it to the worker path byte for byte."""
+    from torchcodec.decoders import decode_jpeg
+    s = ds.image_size
+    out = torch.zeros(k, 3, s, s, dtype=torch.uint8, device=device)
+    if not raws:
+        return out
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in raws]
+    try:
+        imgs = decode_jpeg(tensors, mode="RGB", device=device)
+    except Exception:  # noqa: BLE001 - one file the batch call refuses: decode file by file below
+        imgs = [None] * len(raws)
+    for j, ((name, data), img) in enumerate(zip(raws, imgs)):
+        if img is None:
+            try:
+                img = decode_jpeg(tensors[j], mode="RGB", device=device)
+            except Exception:  # noqa: BLE001
+                img = decode_bytes(data, name).to(device)
+        out[j] = ds.transform(img, rrc[j] if rrc is not None else None)
+    return out
+
+
+class _Shares(Dataset):
+    """Item ``step``: this rank's share of the batch, decoded -> ``(uint8 [k, 3, S, S], cpu_seconds,
+    error)``. Runs in DataLoader workers (or in the rank itself with 0 workers)."""
+
+    def __init__(self, ds: FileImageDataset, plan: Optional[BatchPlan], batch_size: int, part: tuple[int, int]):
+        self.ds, self.plan, self.batch_size = ds, plan, batch_size
+        self.part = part  # (local rank, L)
+        self.epoch = 0
+        self.rrc = plan is not None and "rrc" in ds.augment
+
+    def share(self, step: int) -> range:
+        """Positions of this rank's share in the batch (k = ceil(B / L) each; the last may be shorter)."""
+        if self.plan is not None:
+            n = self.batch_size
+        else:
+            n = min(self.batch_size, len(self.ds) - step * self.batch_size)
+        l, parts = self.part
+        k = math.ceil(self.batch_size / parts)
+        return range(min(l * k, n), min((l + 1) * k, n))
+
+    def __len__(self) -> int:
+        return len(self.plan) if self.plan is not None else math.ceil(len(self.ds) / self.batch_size)
+
+    def __getitem__(self, step: int):
+        t0 = time.process_time()
+        if self.plan is not None:
+            idx = self.plan.indices(self.epoch, step)
+            u = self.plan.params(self.epoch, step, RRC_TRIES)[1] if self.rrc else None
+        else:
+            idx, u = torch.arange(step * self.batch_size, min(len(self.ds), (step + 1) * self.batch_size)), None
+        k = math.ceil(self.batch_size / self.part[1])
+        if self.ds.decode_device != "cpu":  # read only; the rank decodes on its GPU (decode_share)
+            try:
+                raws = [(self.ds.files.path(int(idx[p])), read_file(self.ds.files.path(int(idx[p]))))
+                        for p in self.share(step)]
+            except DMLError as e:
+                return None, time.process_time() - t0, str(e)
+            rrc = [u[p] for p in self.share(step)] if u is not None else None
+            return (raws, rrc), time.process_time() - t0, None
+        s = self.ds.image_size
+        out = torch.zeros(k, 3, s, s, dtype=torch.uint8)
+        for j, pos in enumerate(self.share(step)):
+            try:
+                out[j] = self.ds.load(int(idx[pos]), u[pos] if u is not None else None)
+            except DMLError as e:
+                return out, time.process_time() - t0, str(e)
+        return out, time.process_time() - t0, None
+
+
+class _CooperativeLoader:
+    """Shared machinery: iterate steps, decode this rank's share ahead in workers, assemble each batch
+    with one all-gather in the node group."""
+
+    def __init__(self, shares: _Shares, device: torch.device, node: tuple[int, int], group, num_workers: int):
+        self.shares, self.device, self.group, self.num_workers = shares, torch.device(device), group, num_workers
+        self.node = node
+        self.decoded, self.decode_cpu_s = 0, 0.0  # images this rank decoded, CPU seconds spent on it
+
+    def _items(self, steps: range) -> Iterator:
+        if self.num_workers == 0:
+            return (self.shares[s] for s in steps)
+        return iter(DataLoader(self.shares, batch_size=None, sampler=steps, num_workers=self.num_workers,
+                               prefetch_factor=2))
+
+    def _assemble(self, step: int, item) -> torch.Tensor:
+        """Collective: the whole batch (uint8, on the device) on every rank of the node. A rank whose share
+        hit an unreadable file makes every rank of the world stop with its line (world-wide flag)."""
+        share, cpu_s, error = item
+        if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
+            try:
+                share = decode_share(*share, self.shares.ds, self.device, math.ceil(self.shares.batch_size /
+                                                                                    self.node[1]))
+            except DMLError as e:
+                error = str(e)
+        flags = D.all_gather_tensor(torch.tensor([error is not None]))  # sync point (host, one byte per rank)
+        if bool(flags.any()):
+            first = next(e for e in D.all_gather_objects(error) if e)
+            raise DMLError(first)
+        self.decoded += len(self.shares.share(step))
+        self.decode_cpu_s += cpu_s
+        parts = D.all_gather_tensor(share.to(self.device), self.group)  # sync point: [L, k, 3, S, S]
+        return parts.flatten(0, 1)
+
+
+class StreamTrainLoader(_CooperativeLoader):
+    """Training batches decoded from the files: ``for x, y in loader`` gives normalised float32 inputs and
+    int64 labels on ``device``; ``set_epoch(e, start_step=s)`` as the memory path. ``node=(l, L)``: this
+    rank's index in its node and the node's size; ``group``: the node's process group."""
+
+    def __init__(self, dataset: FileImageDataset, batch_size: int, seed: int, device, node=(0, 1), group=None,
+                 num_workers: int = 0, shard: tuple[int, int] = (0, 1)):
+        plan = BatchPlan(len(dataset), batch_size, seed)
+        super().__init__(_Shares(dataset, plan, batch_size, node), device, node, group, num_workers)
+        self.plan, self.batch_size, self.shard = plan, batch_size, shard
+        self.ops = tuple(o for o in dataset.augment if o != "rrc")  # rrc is applied while decoding
+        self.labels = dataset.labels
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        self.shares.epoch = self.epoch
+        steps = range(self.start_step, len(self))
+        for step, item in zip(steps, self._items(steps)):
+            x = shard_rows(self._assemble(step, item)[:self.batch_size], self.shard)
+            idx = shard_rows(self.plan.indices(self.epoch, step), self.shard)
+            if self.ops:
+                params = shard_rows(self.plan.params(self.epoch, step), self.shard)
+                x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
+            yield normalize(x), self.labels[idx].to(self.device, non_blocking=True)
+
+
+class StreamEvalLoader(_CooperativeLoader):
+    """Evaluation batches in dataset order, decoded cooperatively by the node (evaluation transform).
+    ``shard=(r, R)``: this rank keeps only rows of contiguous part r of R of the set (its replica's
+    share), while still decoding its part of every batch for the others."""
+
+    def __init__(self, dataset: FileImageDataset, device, node=(0, 1), group=None, num_workers: int = 0,
+                 batch_size: int = EVAL_BATCH, shard: tuple[int, int] = (0, 1)):
+        super().__init__(_Shares(dataset, None, batch_size, node), device, node, group, num_workers)
+        r, parts = shard
+        self.lo, self.hi = len(dataset) * r // parts, len(dataset) * (r + 1) // parts
+        self.batch_size, self.labels = batch_size, dataset.labels
+
+    def __len__(self) -> int:
+        return len(self.shares)
+
+    def __iter__(self):
+        steps = range(len(self.shares))
+        for step, item in zip(steps, self._items(steps)):
+            first = step * self.batch_size
+            x = self._assemble(step, item)
+            lo, hi = max(self.lo, first), min(self.hi, first + self.batch_size)
+            if lo < hi:
+                yield normalize(x[lo - first:hi - first]), self.labels[lo:hi].to(self.device)

@@ -1,0 +1,247 @@
+"""The data paths at scale: the stream path (cooperative decoding), the on-disk cache, real-world files,
+the ImageNet transforms. In-process where the logic is local, real torchrun processes where ranks talk."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from dml_dist import DMLError, create_dml_config
+from dml_dist.data import build_datasets, make_eval_loader, make_train_loader
+from dml_dist.data.cache import cached_images
+from dml_dist.data.folders import RRC_TRIES, center_resize, decode_file, resized_crop, rrc_boxes, scan
+
+from conftest import REPO, _env, assert_no_worker_traceback, error_lines, kill_tree, torchrun
+
+STREAM = dict(loader="stream", image_size=16, crop_fraction=0.875, batch_size=12)
+
+
+def make_jpeg_folder(root, classes=3, per_class=12, seed=0):
+    """JPEGs of varied, non-square sizes (the shape of ImageNet, in miniature)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / "train" / f"c{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(24, 40)), int(rng.integers(24, 40))
+            img = np.clip(rng.normal(60 + 70 * c, 50, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(tmp_path_factory):
+    return make_jpeg_folder(tmp_path_factory.mktemp("jpegs") / "data")
+
+
+def _cfg(data_dir, tmp_path, **kw):
+    return create_dml_config(data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"), **{**STREAM, **kw})
+
+
+def test_stream_batches_equal_memory_batches_without_rrc(jpeg_dir, tmp_path):
+    """Same files, same (seed, epoch, step): the stream path decodes what the memory path cached, and the
+    batch augmentations run on both alike, so the batches are byte-identical (training and evaluation)."""
+    ops = ["crop", "flip", "jitter"]
+    mem = build_datasets(_cfg(jpeg_dir, tmp_path, loader="memory", augment=ops))
+    stream = build_datasets(_cfg(jpeg_dir, tmp_path, augment=ops))
+    assert mem.path == "memory" and stream.path == "stream" and len(stream.train) == len(mem.train) == 32
+    loaders = [make_train_loader(d.train, 12, seed=5, num_workers=w) for d, w in ((mem, 0), (stream, 2))]
+    for loader in loaders:
+        loader.set_epoch(1, start_step=1)
+    batches = [list(loader) for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) == 1
+    assert torch.equal(batches[0][0][0], batches[1][0][0]) and torch.equal(batches[0][0][1], batches[1][0][1])
+    evals = [list(make_eval_loader(d.val, 5, 0, device="cpu")) for d in (mem, stream)]
+    assert torch.equal(torch.cat([x for x, _ in evals[0]]), torch.cat([x for x, _ in evals[1]]))
+
+
+def test_transforms_agree_with_torchvision(jpeg_dir):
+    """Evaluation: torchvision's Resize(floor(S / 0.875)) + CenterCrop(S); RandomResizedCrop: its box rule
+    and its crop-then-resize, per sample; within a small tolerance of the PIL reference."""
+    path = next((jpeg_dir / "train" / "c1").iterdir())
+    img, pil = decode_file(str(path)), Image.open(path).convert("RGB")
+    ref = v2.functional.pil_to_tensor(v2.CenterCrop(32)(v2.Resize(36)(pil)))
+    ours = center_resize(img, 32, 0.875)
+    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 2.0
+    g = torch.Generator().manual_seed(0)
+    boxes = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3))
+             for _ in range(500)]
+    scales = np.array([h * w / (300 * 500) for _, _, h, w in boxes])
+    ratios = np.array([w / h for _, _, h, w in boxes])
+    assert all(0 <= t and 0 <= l and t + h <= 300 and l + w <= 500 for t, l, h, w in boxes)
+    assert scales.min() > 0.07 and scales.max() <= 1.0 and ratios.min() > 0.74 and ratios.max() < 1.34
+    # The same distribution as torchvision's own RandomResizedCrop.get_params (2,000 draws each).
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    tv = [RandomResizedCrop.get_params(torch.empty(3, 300, 500), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
+    tv_scales = np.array([h * w / (300 * 500) for _, _, h, w in tv])
+    more = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(1500)]
+    scales = np.concatenate([scales, [h * w / (300 * 500) for _, _, h, w in more]])
+    assert abs(scales.mean() - tv_scales.mean()) < 0.025 and abs(np.median(scales) - np.median(tv_scales)) < 0.04
+    # All tries rejected -> torchvision's fallback: the whole image clamped to the ratio range, centred.
+    assert rrc_boxes(torch.ones(RRC_TRIES, 4), 100, 400, (0.9, 1.0), (1.0, 1.0)) == (0, 150, 100, 100)
+    u = torch.rand(RRC_TRIES, 4, generator=g)
+    t, l, h, w = rrc_boxes(u, img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3))
+    ref = v2.functional.pil_to_tensor(v2.functional.resized_crop(pil, t, l, h, w, [16, 16], antialias=True))
+    assert (resized_crop(img, u, 16, (0.08, 1.0), (3 / 4, 4 / 3)).float() - ref.float()).abs().mean() < 3.0
+
+
+def test_real_world_files_decode_and_a_truncated_jpeg_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    files = {"cmyk.JPEG": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
+             "grey.JPEG": lambda p: rgb.convert("L").save(p, "JPEG"),
+             "png_named.JPEG": lambda p: rgb.save(p, "PNG")}
+    for name, write in files.items():
+        write(tmp_path / name)
+        ours = decode_file(str(tmp_path / name))
+        ref = v2.functional.pil_to_tensor(Image.open(tmp_path / name).convert("RGB"))
+        assert ours.shape == (3, 30, 40) and torch.equal(ours, ref), name
+    rgb.save(tmp_path / "full.JPEG", "JPEG", quality=95)
+    (tmp_path / "cut.JPEG").write_bytes((tmp_path / "full.JPEG").read_bytes()[:600])
+    with pytest.raises(DMLError, match=r"cannot read image .*cut\.JPEG .*delete or replace the file"):
+        decode_file(str(tmp_path / "cut.JPEG"))
+
+
+def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg_dir, tmp_path):
+    files, cache = scan(str(jpeg_dir / "train")), str(tmp_path / "cache")
+    log = []
+    first, labels = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
+    assert "decoded 36 images" in log[-1] and first.shape == (36, 3, 16, 16) and labels.tolist()[:2] == [0, 0]
+    again, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
+    assert "read from" in log[-1] and torch.equal(first, again)
+    assert not again.numpy().flags.writeable or again.numpy().base is not None  # a mapping, not a copy
+    entry = log[-1].rsplit(" ", 1)[1]
+    # A file changes (new content, new mtime): the key no longer matches -> stale -> rebuilt.
+    changed = jpeg_dir / "train" / "c0" / "000.JPEG"
+    original = changed.read_bytes()
+    try:
+        Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(changed, "JPEG")
+        rebuilt, _ = cached_images(scan(str(jpeg_dir / "train")), cache, "train", "train/", 16, 1.0, log.append)
+        assert "is stale" in log[-2] and "decoded 36" in log[-1] and rebuilt[0].sum() < first[0].sum()
+    finally:
+        changed.write_bytes(original)
+        files = scan(str(jpeg_dir / "train"))
+    cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
+    # Damage: flipped bytes, a truncated array, a garbled index -> detected, rebuilt, the same content again.
+    for damage in ("flip", "truncate", "index"):
+        images = os.path.join(entry, "images.u8")
+        if damage == "flip":
+            with open(images, "r+b") as f:
+                f.seek(100)
+                f.write(b"\xff\x00\xff")
+        elif damage == "truncate":
+            os.truncate(images, 1000)
+        else:
+            with open(os.path.join(entry, "index.json"), "w") as f:
+                f.write("{garbled")
+        again, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
+        assert "is damaged" in log[-2] and "decoded 36" in log[-1], (damage, log[-2:])
+        assert torch.equal(again, first)
+
+
+def _probe(nproc, data_dir, tmp_path, torchrun_args=(), **kw):
+    args = [f"{k}={v}" for k, v in {"data_dir": data_dir, "cache_dir": tmp_path / "cache", "steps": 0, **STREAM,
+                                      "batch_size": 8, "augment": "[rrc,flip,jitter]", **kw}.items()]
+    r = torchrun(nproc, args, module="dml_dist.data.probe", torchrun_args=torchrun_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_resume(jpeg_dir, tmp_path):
+    """2 ranks with 0 workers, 3 ranks with 2 workers (each decoding a third), and a start in the middle
+    of the epoch: the same bytes; the node decodes each batch once in all."""
+    two = _probe(2, jpeg_dir, tmp_path, num_workers=0, epoch=1)
+    three = _probe(3, jpeg_dir, tmp_path, num_workers=2, epoch=1, start_step=1)
+    # 36 images, 4 held out for validation: 4 steps of 8
+    assert two["path"] == "stream" and len(two["ranks"][0]["fingerprints"]) == 4
+    ref = two["ranks"][0]["fingerprints"]
+    for r in two["ranks"] + three["ranks"]:
+        assert r["fingerprints"] == ref[-len(r["fingerprints"]):]
+    assert len(three["ranks"][0]["fingerprints"]) == 3
+    # shares of ceil(8 / L): 4 + 4 per step for 2 ranks; 3 + 3 + 2 for 3 ranks
+    assert [r["decoded"] for r in two["ranks"]] == [16, 16] and [r["decoded"] for r in three["ranks"]] == [9, 9, 6]
+
+
+def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_dir, tmp_path):
+    cold = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
+    warm = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
+    assert cold["path"] == "memory"
+    assert [len(r["log"]) for r in cold["ranks"]] == [2, 0] and all("decoded" in l for l in cold["ranks"][0]["log"])
+    assert [len(r["log"]) for r in warm["ranks"]] == [2, 0] and all("read from" in l for l in warm["ranks"][0]["log"])
+    assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]
+
+
+def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path):
+    """Two torchrun agents (c10d rendezvous on localhost), 2 ranks each: per node 1 x the batch, and the
+    same batches on all 4 ranks."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [f"{k}={v}" for k, v in {"data_dir": jpeg_dir, "cache_dir": tmp_path / "cache", "steps": 0, **STREAM,
+                                      "batch_size": 8, "augment": "[rrc,flip]", "out": tmp_path / "probe.json"}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=stream", "-m", "dml_dist.data.probe", *args]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                              cwd=REPO, start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_tree(p.pid)
+        pytest.fail("two-node probe timed out")
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    result = json.loads((tmp_path / "probe.json").read_text())
+    ranks = result["ranks"]
+    assert result["world_size"] == 4 and sorted(r["node"] for r in ranks) == [0, 0, 1, 1]
+    for node in (0, 1):
+        assert sum(r["decoded"] for r in ranks if r["node"] == node) == 32  # 4 batches of 8, once per node
+    assert all(r["fingerprints"] == ranks[0]["fingerprints"] for r in ranks) and len(ranks[0]["fingerprints"]) == 4
+
+
+def test_truncated_jpeg_mid_epoch_stops_every_rank_with_one_line(tmp_path):
+    data = make_jpeg_folder(tmp_path / "data", per_class=8)
+    bad = data / "train" / "c2" / "005.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])
+    args = [f"{k}={v}" for k, v in {"data_dir": data, "cache_dir": tmp_path / "cache", "model": "resnet20",
+                                      "epochs": 2, "num_workers": 1, "save_dir": tmp_path / "ckpt",
+                                      "log_dir": tmp_path / "logs", "progress_bar": False, "val_fraction": 0.25,
+                                      **STREAM, "batch_size": 6}.items()]
+    r = torchrun(2, args)
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "005.JPEG" in lines[0], r.stderr[-3000:]
+    assert_no_worker_traceback(r.stderr)
+
+
+def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
+    """decode_device=cuda reads the bytes in workers and decodes the share with one batched decode_jpeg
+    call on the rank's device; on the CPU the same function must give the worker path's bytes (a PNG
+    named .JPEG included: it falls back file by file)."""
+    from dml_dist.data.stream import _Shares, decode_share
+    data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=6)
+    Image.fromarray(np.full((30, 20, 3), 99, np.uint8)).save(data / "train" / "c1" / "zz.JPEG", "PNG")
+    ds = build_datasets(create_dml_config(data_dir=str(data), **{**STREAM, "augment": ["rrc", "flip"],
+                                                                "val_fraction": 0.1})).train
+    from dml_dist.data import BatchPlan
+    plan = BatchPlan(len(ds), 6, seed=3)
+    names = []
+    for step in range(len(plan)):
+        for l in (0, 1):
+            cpu = _Shares(ds, plan, 6, (l, 2))[step]
+            ds.decode_device = "cuda"  # what the workers do then: read the files only
+            raw = _Shares(ds, plan, 6, (l, 2))[step]
+            ds.decode_device = "cpu"
+            assert cpu[2] is None and raw[2] is None and isinstance(raw[0][0][0][1], bytes)
+            assert torch.equal(decode_share(*raw[0], ds, torch.device("cpu"), 3), cpu[0])
+            names += [name for name, _ in raw[0][0]]
+    assert any(n.endswith("zz.JPEG") for n in names)  # the PNG went through the batched call's fallback
+    with pytest.raises(DMLError, match="decode_device=cuda decodes on the training GPU"):
+        ds.decode_device = "cuda"
+        make_train_loader(ds, 6, 0, device="cpu")
