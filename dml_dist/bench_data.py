@@ -15,7 +15,8 @@ with a cold and a warm cache), ``out`` (append the JSON line there). It prints o
   path, would give N.
 - ``per_core``: images/s on one core, one process: the stream loader (TorchCodec decode, RandomResizedCrop,
   flip, normalise) against the anchor pipeline (torchvision ``ImageFolder`` + ``RandomResizedCrop`` +
-  ``RandomHorizontalFlip`` + ``PILToTensor`` in a ``DataLoader``).
+  ``RandomHorizontalFlip`` + ``PILToTensor`` + ``ToDtype`` + ``Normalize`` in a ``DataLoader``: the
+  training preset of torchvision's reference scripts), both to normalised float batches.
 - ``first_step``: seconds from process start to the first batch, 2 ranks, memory path, cold cache (decode
   the folder) and warm (map the cache).
 - ``rss``: peak RSS per rank (and per loader worker) on the stream path for each of ``rss_dirs``.
@@ -70,7 +71,7 @@ def per_core(b: dict) -> dict:
     """Images/s on one core: the stream loader against torchvision's ImageFolder pipeline."""
     from torchvision import datasets
     from torchvision.transforms import v2
-    from .data import build_datasets, make_train_loader
+    from .data import MEAN, STD, build_datasets, make_train_loader
     torch.set_num_threads(1)
     s, bs = b["image_size"], b["batch_size"]
     steps = max(2, b["anchor_images"] // bs)
@@ -83,8 +84,10 @@ def per_core(b: dict) -> dict:
     for _ in range(steps):
         next(it)
     ours = steps * bs / (time.perf_counter() - t0)
+    # torchvision references/classification's training preset, to the same float output as ours
     anchor_ds = datasets.ImageFolder(os.path.join(b["data_dir"], "train"), transform=v2.Compose([
-        v2.RandomResizedCrop(s, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]))
+        v2.RandomResizedCrop(s, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
     it = iter(torch.utils.data.DataLoader(anchor_ds, batch_size=bs, shuffle=True, num_workers=0))
     next(it)
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "rrc_ratio": [0.75, 1.3333333333333333],  # and aspect-ratio range
     "decode_device": "cpu",       # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
     "batch_size": 32,             # per peer (split between its replicas)
-    "num_workers": 4,             # DataLoader workers: custom datasets only (image sets use the device path)
+    "num_workers": 4,             # DataLoader workers: the stream path's decoders per rank, and custom datasets
     "download": True,             # cifar10/cifar100 only: fetch when missing
     # optimisation (per peer: SGD + StepLR)
     "epochs": 200,

@@ -40,7 +40,7 @@ class Placement:
     shared_gpu: bool   # several local peers on one GPU (gloo, logits staged through host memory)
 
 
-def _cpu_count() -> int:
+def host_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
@@ -56,7 +56,7 @@ def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, dev
       GPU), logits go through host memory for the all-gather;
     - no GPU (or ``device=cpu``): CPU with gloo, the cores split between the local processes.
     """
-    cpus = cpu_count or _cpu_count()
+    cpus = cpu_count or host_cpus()
     threads = max(1, cpus // max(1, local_world_size))
     if device == "auto":
         device = "cuda" if num_gpus > 0 else "cpu"

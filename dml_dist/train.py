@@ -93,11 +93,10 @@ class Trainer:
         shard = (ctx.replica, ctx.replicas)
         # The stream path decodes each batch once per node: the node's ranks split it (collective: groups).
         node = (ctx.local_rank, ctx.local_world_size)
-        group = D.node_group(ctx.local_world_size) if data.path == "stream" else None
         self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device,
-                                              shard, collate_fn=data.collate_fn, node=node, group=group)
+                                              shard, collate_fn=data.collate_fn, node=node)
         self.val_loader, self.test_loader = (
-            make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node, group)
+            make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node)
             if ds is not None else None for ds in (data.val, data.test))
         self.steps_per_epoch = len(self.train_loader)
         # cohort state, identical on every rank

@@ -8,6 +8,8 @@
 #   replicas   1 peer x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 2+ GPUs)
 #   stream     the stream path with decode_device=cuda: batched nvJPEG on the GPU, RandomResizedCrop there,
 #              on a generated ImageNet-shaped JPEG folder (then its images/s alone, data.probe)
+#   stream2    the same with 2 ranks decoding cooperatively: the uint8 node all-gather over NCCL (2+ GPUs),
+#              or through host memory for 2 peers sharing GPU 0 (1 GPU)
 # and checks that the device data path gave byte-identical batches on every rank (fingerprints of every
 # step), then times dml-bench (world of one) for ResNet-20/32/56. It ends with one line:
 #   gpu_check: PASS <figures>        or        gpu_check: FAIL <reason>
@@ -94,6 +96,12 @@ fi
 check shared 2 "amp=bf16" CUDA_VISIBLE_DEVICES=0
 check compile 1 "compile=true amp=bf16"
 check stream 1 "data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 num_workers=4 amp=bf16"
+stream_keys="data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 num_workers=2 amp=bf16"
+if [[ "$gpus" -ge 2 ]]; then
+    check stream2 2 "$stream_keys"
+else
+    check stream2 2 "$stream_keys" CUDA_VISIBLE_DEVICES=0
+fi
 
 bench=()
 for model in resnet20 resnet32 resnet56; do

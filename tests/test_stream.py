@@ -60,14 +60,30 @@ def test_stream_batches_equal_memory_batches_without_rrc(jpeg_dir, tmp_path):
     assert torch.equal(torch.cat([x for x, _ in evals[0]]), torch.cat([x for x, _ in evals[1]]))
 
 
+def test_auto_chooses_the_path_and_says_why(jpeg_dir, tmp_path):
+    small = build_datasets(_cfg(jpeg_dir, tmp_path, loader="auto"))
+    assert small.path == "memory" and "fits the budget" in small.why
+    tight = build_datasets(_cfg(jpeg_dir, tmp_path, loader="auto", memory_budget_gb=1e-6))
+    assert tight.path == "stream" and "exceeds the budget of 0.00 GB (memory_budget_gb)" in tight.why
+    rrc = build_datasets(_cfg(jpeg_dir, tmp_path, loader="auto", augment=["rrc", "flip"]))
+    assert rrc.path == "stream" and "rrc" in rrc.why
+    with pytest.raises(DMLError, match="loader=memory cannot apply rrc"):
+        build_datasets(_cfg(jpeg_dir, tmp_path, loader="memory", augment=["rrc"]))
+
+
 def test_transforms_agree_with_torchvision(jpeg_dir):
     """Evaluation: torchvision's Resize(floor(S / 0.875)) + CenterCrop(S); RandomResizedCrop: its box rule
     and its crop-then-resize, per sample; within a small tolerance of the PIL reference."""
     path = next((jpeg_dir / "train" / "c1").iterdir())
     img, pil = decode_file(str(path)), Image.open(path).convert("RGB")
-    ref = v2.functional.pil_to_tensor(v2.CenterCrop(32)(v2.Resize(36)(pil)))
+    ref = v2.functional.pil_to_tensor(v2.CenterCrop(32)(v2.Resize(36)(pil)))  # 36 = floor(32 / 0.875)
     ours = center_resize(img, 32, 0.875)
-    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 2.0
+    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 2.0  # PIL resamples a bit apart
+    # torchvision's own tensor ops, exactly: its output size rule and its centre-crop rounding, for any shape
+    for h, w in ((347, 500), (500, 281), (29, 38), (37, 37), (300, 301)):
+        x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+        tv = v2.functional.center_crop(v2.functional.resize(x, [146], antialias=True), [128])
+        assert torch.equal(center_resize(x, 128, 0.875), tv), (h, w)
     g = torch.Generator().manual_seed(0)
     boxes = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3))
              for _ in range(500)]
@@ -115,8 +131,11 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
     assert "decoded 36 images" in log[-1] and first.shape == (36, 3, 16, 16) and labels.tolist()[:2] == [0, 0]
     again, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
     assert "read from" in log[-1] and torch.equal(first, again)
-    assert not again.numpy().flags.writeable or again.numpy().base is not None  # a mapping, not a copy
     entry = log[-1].rsplit(" ", 1)[1]
+    # A mapping of the cache file, not a copy: the tensor's memory lies in a mapping of images.u8.
+    ptr = again.untyped_storage().data_ptr()
+    maps = [l.split() for l in open("/proc/self/maps") if l.rstrip().endswith(os.path.join(entry, "images.u8"))]
+    assert any(int(m[0].split("-")[0], 16) <= ptr < int(m[0].split("-")[1], 16) for m in maps)
     # A file changes (new content, new mtime): the key no longer matches -> stale -> rebuilt.
     changed = jpeg_dir / "train" / "c0" / "000.JPEG"
     original = changed.read_bytes()
@@ -177,15 +196,18 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
     assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]
 
 
-def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path):
-    """Two torchrun agents (c10d rendezvous on localhost), 2 ranks each: per node 1 x the batch, and the
-    same batches on all 4 ranks."""
+@pytest.mark.parametrize("loader", ["stream", "memory"])
+def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
+    """Two torchrun agents (c10d rendezvous on localhost), 2 ranks each: the same batches on all 4 ranks.
+    stream: each node decodes 1 x every batch. memory: each node's local rank 0 builds the (shared)
+    cache folder, the first to finish wins, and the other node uses it."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [f"{k}={v}" for k, v in {"data_dir": jpeg_dir, "cache_dir": tmp_path / "cache", "steps": 0, **STREAM,
-                                      "batch_size": 8, "augment": "[rrc,flip]", "out": tmp_path / "probe.json"}.items()]
+                                      "batch_size": 8, "loader": loader, "out": tmp_path / "probe.json",
+                                      "augment": "[rrc,flip]" if loader == "stream" else "[crop,flip]"}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=stream", "-m", "dml_dist.data.probe", *args]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
@@ -200,8 +222,13 @@ def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path):
     result = json.loads((tmp_path / "probe.json").read_text())
     ranks = result["ranks"]
     assert result["world_size"] == 4 and sorted(r["node"] for r in ranks) == [0, 0, 1, 1]
+    assert result["path"] == loader
     for node in (0, 1):
-        assert sum(r["decoded"] for r in ranks if r["node"] == node) == 32  # 4 batches of 8, once per node
+        if loader == "stream":
+            assert sum(r["decoded"] for r in ranks if r["node"] == node) == 32  # 4 batches of 8, once per node
+        else:  # the node's local rank 0 dealt with the cache (built it, or took the other node's); not the others
+            logs = [r["log"] for r in ranks if r["node"] == node]
+            assert sorted(map(len, logs)) == [0, 2], logs
     assert all(r["fingerprints"] == ranks[0]["fingerprints"] for r in ranks) and len(ranks[0]["fingerprints"]) == 4
 
 

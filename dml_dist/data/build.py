@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .. import distributed as D
 from ..errors import DMLError
 from .cache import cached_images, default_cache_dir
 from .folders import FileList, center_resize, decode_file, scan, scan_shared
-from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset
+from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset, shard_range
 from .sampler import SampleLoader, sample_dataloader
 from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
 
@@ -29,9 +30,16 @@ DEFAULTS = {"loader": "auto", "memory_budget_gb": None, "cache_dir": None, "crop
 
 
 def _check_decode_device(dataset, device) -> None:
-    if getattr(dataset, "decode_device", "cpu") == "cuda" and torch.device(device).type != "cuda":
+    if getattr(dataset, "decode_device", "cpu") != "cuda":
+        return
+    if torch.device(device).type != "cuda":
         raise DMLError("decode_device=cuda decodes on the training GPU, but this rank trains on the CPU; "
                        "use decode_device=cpu (or train on GPUs)")
+    try:
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        raise DMLError(f"decode_device=cuda needs TorchCodec ({type(e).__name__}: {str(e)[:80]}); install its CUDA "
+                       f"build (README, 'Requirements') or use decode_device=cpu") from None
 
 
 @dataclass
@@ -133,7 +141,10 @@ def memory_budget(cfg: dict, device: Optional[torch.device]) -> tuple[float, str
     if cfg.get("memory_budget_gb") is not None:
         return cfg["memory_budget_gb"] * 1e9, "memory_budget_gb"
     if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 4, "a quarter of the GPU's memory"
+        # Peers sharing one GPU each hold a copy: the quarter is split between them.
+        sharing = max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // max(1, torch.cuda.device_count())))
+        return (torch.cuda.get_device_properties(device).total_memory / 4 / sharing,
+                "a quarter of the GPU's memory" + (f", split between the {sharing} ranks that share it" if sharing > 1 else ""))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4, "a quarter of the host's memory"
 
 
@@ -183,7 +194,9 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
         lists["train"] = lists["train"].subset(sub)
         specs["train"] += f" train_subset={cfg['train_subset']} seed={seed}"
     n_all = sum(len(f) for f in lists.values() if f is not None)
-    path, why = choose_path(cfg, n_all, device)
+    # Rank 0 decides for all (nodes may differ in memory); every rank computes it, so a config error
+    # stops them all alike.
+    path, why = D.broadcast_object(choose_path(cfg, n_all, device))  # sync point
     out = {}
     for split, files in lists.items():
         augment = cfg["augment"] if split == "train" else ()
@@ -209,6 +222,9 @@ def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callab
         if cfg["loader"] == "stream":
             raise DMLError(f"loader=stream reads image folders; {cfg['dataset']} is decoded from its python "
                            f"arrays into memory: use loader=auto or memory")
+        if "rrc" in cfg["augment"]:
+            raise DMLError(f"augment rrc (RandomResizedCrop) crops original image files; {cfg['dataset']} holds "
+                           f"32x32 arrays: use crop and flip instead")
         train, test = _load_cifar(cfg["data_dir"], cfg["dataset"], cfg["image_size"], cfg.get("download", True))
         train.augment = cfg["augment"]
         train, val = split_train_val(train, cfg["val_fraction"], cfg["seed"])
@@ -218,21 +234,22 @@ def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callab
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",
-                      shard: tuple[int, int] = (0, 1), collate_fn=None, node=(0, 1), group=None):
-    """The memory path for decoded sets, the stream path for file sets (``node``/``group``: this rank's
-    node, which decodes each batch once), the per-sample path (DataLoader) for any other dataset or when
-    a custom ``collate_fn`` must see the samples."""
+                      shard: tuple[int, int] = (0, 1), collate_fn=None, node=(0, 1)):
+    """The memory path for decoded sets, the stream path for file sets (``node=(l, L)``: this rank's index
+    in its node and the node's size; the node decodes each batch once), the per-sample path (DataLoader)
+    for any other dataset or when a custom ``collate_fn`` must see the samples. Collective for file sets
+    (the node's process group is created on first use)."""
     if isinstance(dataset, TensorImageDataset) and collate_fn is None:
         return DeviceTrainLoader(dataset, batch_size, seed, torch.device(device), shard)
     if isinstance(dataset, FileImageDataset) and collate_fn is None:
         _check_decode_device(dataset, device)
-        return StreamTrainLoader(dataset, batch_size, seed, device, node, group, num_workers, shard)
+        return StreamTrainLoader(dataset, batch_size, seed, device, node, D.node_group(node[1]), num_workers, shard)
     return SampleLoader(sample_dataloader(dataset, batch_size, seed, num_workers, shard, collate_fn,
                                           pin_memory=torch.device(device).type == "cuda"), device)
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device=None,
-                     shard: tuple[int, int] = (0, 1), node=(0, 1), group=None):
+                     shard: tuple[int, int] = (0, 1), node=(0, 1)):
     """Sequential order: every rank scores the same samples in the same order. With ``device``, decoded
     sets are scored from device-resident tensors and file sets decoded by the node together;
     ``shard=(r, R)`` scores contiguous part r of R."""
@@ -240,8 +257,8 @@ def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, de
         return DeviceEvalLoader(dataset, device, max(EVAL_BATCH, batch_size), shard)
     if device is not None and isinstance(dataset, FileImageDataset):
         _check_decode_device(dataset, device)
-        return StreamEvalLoader(dataset, device, node, group, num_workers, max(EVAL_BATCH, batch_size), shard)
+        return StreamEvalLoader(dataset, device, node, D.node_group(node[1]), num_workers,
+                                max(EVAL_BATCH, batch_size), shard)
     if shard[1] > 1:
-        r, parts = shard
-        dataset = torch.utils.data.Subset(dataset, range(len(dataset) * r // parts, len(dataset) * (r + 1) // parts))
+        dataset = torch.utils.data.Subset(dataset, range(*shard_range(len(dataset), shard)))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

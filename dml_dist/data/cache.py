@@ -119,14 +119,35 @@ class _DecodeInto(Dataset):
                 self.out[i] = center_resize(decode_file(self.files.path(i)), self.size, self.crop_fraction).numpy()
             except DMLError as e:
                 return str(e)
+            except Exception as e:  # noqa: BLE001 - a decoded image the transform cannot take
+                return f"cannot use image {self.files.path(i)} ({type(e).__name__}: {str(e)[:80]}); delete or replace it"
         return None
 
 
-def _cores() -> int:
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_builds(entry: str) -> None:
+    """Temporary folders of this host's builders that died (killed, preempted): they can be tens of GB."""
+    folder, prefix = os.path.dirname(entry), f"{os.path.basename(entry)}.tmp-{socket.gethostname()}-"
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name[len(prefix):].isdigit() and not _alive(int(name[len(prefix):])):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction: float,
@@ -134,14 +155,14 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
     """Decode ``files`` with every core into a temporary folder, then rename it into place (atomic; a
     concurrent builder on another node that finished first wins, ours is discarded)."""
     n = len(files)
+    _remove_dead_builds(entry)
     tmp = f"{entry}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         images = os.path.join(tmp, "images.u8")
-        with open(images, "wb") as f:
-            f.truncate(n * 3 * size * size)
-        workers = _cores()
+        with open(images, "wb") as f:  # reserve the space now: a full disk fails here, not in a worker
+            os.posix_fallocate(f.fileno(), 0, n * 3 * size * size)
+        workers = D.host_cpus()
         loader = DataLoader(_DecodeInto(files, images, size, crop_fraction), batch_size=None,
                             num_workers=workers if workers > 1 else 0)
         t0 = last = time.time()
@@ -158,8 +179,11 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
                  "root": os.path.abspath(files.root), "classes": files.classes, "offsets": offsets,
                  "hashes": _block_hashes(images, offsets), "built_by": f"{socket.gethostname()}:{os.getpid()}",
                  "seconds": round(time.time() - t0, 3)}
+        _fsync(images)  # the data is on disk before the index that commits it (and visible to other nodes)
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump(index, f)
+            f.flush()
+            os.fsync(f.fileno())
         if os.path.exists(entry):
             if check_entry(entry, key, n, size) is None:  # another node finished the same entry first
                 log(f"cache: {entry} was built by another process meanwhile; using it")
@@ -194,11 +218,14 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
                 if why != "missing":
                     log(f"cache: {entry} is {why}; rebuilding it")
                 build_entry(entry, files, key, size, crop_fraction, log)
-        except PermissionError as e:
-            error = (f"cannot write the decoded-image cache in {cache_dir} ({e.strerror}); "
-                     f"set cache_dir to a writable folder")
         except DMLError as e:
             error = str(e)
+        except OSError as e:  # read-only, disk full, quota
+            error = (f"cannot write the decoded-image cache in {cache_dir} ({e.strerror or e}); set cache_dir to "
+                     f"a writable folder with room for {len(files) * 3 * size * size / 1e9:.1f} GB, or use loader=stream")
+        except RuntimeError as e:  # a decoding worker was killed (out of memory, bus error)
+            error = (f"building the decoded-image cache in {cache_dir} failed ({str(e).splitlines()[0][:120]}); "
+                     f"free memory or disk, or use loader=stream")
     # Sync point: the node's other ranks wait here for the build (a group without the 10-minute timeout).
     failed = [e for e in D.all_gather_objects(error, group=D.long_group()) if e]
     if failed:

@@ -89,14 +89,15 @@ def scan(root: str) -> FileList:
 
 def scan_shared(root: str) -> Optional[FileList]:
     """Collective: rank 0 scans, every rank gets its list (None when ``root`` does not exist). A scan error
-    stops every rank with rank 0's line."""
+    stops every rank with rank 0's line. The others wait without the collective timeout (a cold network
+    filesystem can take minutes to list a million files)."""
     result = None
     if not D.is_active() or D.rank() == 0:
         try:
             result = scan(root) if os.path.isdir(root) else None
         except DMLError as e:
             result = e
-    result = D.broadcast_object(result)  # sync point
+    result = D.broadcast_object(result, group=D.long_group())  # sync point
     if isinstance(result, DMLError):
         raise DMLError(str(result))
     return result
@@ -134,7 +135,8 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     decode = _torchcodec_decode()
     if decode is not None:
         try:
-            return decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+            img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+            return img[0] if img.ndim == 4 else img  # an animated GIF/WebP: its first frame
         except Exception:  # noqa: BLE001 - any refusal: try PIL, which reads formats TorchCodec lacks
             pass
     try:
@@ -164,14 +166,13 @@ def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def center_resize(img: torch.Tensor, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
-    """uint8 [3, H, W] -> [3, size, size]: shorter side to ``floor(size / crop_fraction)``, centre crop."""
+    """uint8 [3, H, W] -> [3, size, size]: torchvision's ``Resize(floor(size / crop_fraction))`` (shorter
+    side to that, the longer one truncated in proportion) then ``CenterCrop(size)``, with its rounding."""
     _, h, w = img.shape
     short = int(math.floor(size / crop_fraction))
-    if crop_fraction == 1.0 and h == w:
-        return _resize(img, size, size)
-    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
     img = _resize(img, nh, nw)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return img[:, top:top + size, left:left + size]
 
 

@@ -39,9 +39,10 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) image(s) -> float32 normalised with the CIFAR-10 statistics."""
-    x = img.float().div(255) if img.dtype == torch.uint8 else img
-    mean, std = _mean_std(x.device)
-    return (x - mean) / std
+    mean, std = _mean_std(img.device)
+    if img.dtype == torch.uint8:
+        return img.float().div_(255).sub_(mean).div_(std)  # in place on the fresh float copy
+    return (img - mean).div_(std)
 
 
 
@@ -100,8 +101,7 @@ class BatchPlan:
 
     def indices(self, epoch: int, step: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
         return self._perm[1][step * self.batch_size:(step + 1) * self.batch_size]
 
     def params(self, epoch: int, step: int, rrc_tries: int = 0):
@@ -109,6 +109,17 @@ class BatchPlan:
         g = step_generator(self.seed, epoch, step)
         params = AugParams.draw(self.batch_size, g)
         return (params, torch.rand(self.batch_size, rrc_tries, 4, generator=g)) if rrc_tries else params
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch ``epoch``: the same on every rank (the shared-seed samplers all use it)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def shard_range(n: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """``[lo, hi)`` of contiguous part r of R of ``n`` samples (a replica's share of an evaluation set)."""
+    r, parts = shard
+    return n * r // parts, n * (r + 1) // parts
 
 
 def shard_rows(t, shard: tuple[int, int]):
@@ -168,8 +179,7 @@ class DeviceEvalLoader:
 
     def __init__(self, dataset: TensorImageDataset, device: torch.device, batch_size: int = EVAL_BATCH,
                  shard: tuple[int, int] = (0, 1)):
-        r, parts = shard
-        lo, hi = len(dataset) * r // parts, len(dataset) * (r + 1) // parts
+        lo, hi = shard_range(len(dataset), shard)
         self.device, self.batch_size = torch.device(device), batch_size
         self.images = dataset.images[lo:hi].to(self.device)
         self.labels = dataset.labels[lo:hi].to(self.device)

@@ -44,10 +44,8 @@ def probe(cfg: dict, opts: dict) -> dict | None:
         cfg = finalize_config(cfg, ctx.world_size)
         log: list = []
         data = build_datasets(cfg, ctx.device, log.append)
-        group = D.node_group(ctx.local_world_size) if data.path == "stream" else None
         loader = make_train_loader(data.train, cfg["batch_size"], cfg["seed"], cfg["num_workers"], ctx.device,
-                                   (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size),
-                                   group=group)
+                                   (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size))
         loader.set_epoch(opts["epoch"], opts["start_step"])
         last = len(loader) if not opts["steps"] else min(len(loader), opts["start_step"] + opts["steps"])
         fingerprints, first_batch_s, t0 = [], None, None

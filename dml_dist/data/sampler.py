@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DMLError
 from .memory import TensorImageDataset
+from .stream import FileImageDataset
 
 class SeededDataset(Dataset):
     """Wraps any map-style dataset (a notebook user's own, with its own random transforms) so that
@@ -62,7 +63,7 @@ class SharedSeedBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
+        perm = torch.randperm(self.n, generator=g).tolist()  # = memory.epoch_permutation, then the seeds
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
         for step in range(self.start_step, len(self)):
             lo = step * self.batch_size
@@ -92,7 +93,7 @@ def sample_dataloader(dataset: Dataset, batch_size: int, seed: int, num_workers:
                       shard: tuple[int, int] = (0, 1), collate_fn=None, pin_memory: bool = False) -> DataLoader:
     """A plain DataLoader over the shared-seed batch sampler (the per-sample path; what
     ``prepare_dataloaders`` hands to users). Call ``loader.batch_sampler.set_epoch(e)`` between epochs."""
-    if not isinstance(dataset, (SeededDataset, TensorImageDataset)):
+    if not isinstance(dataset, (SeededDataset, TensorImageDataset, FileImageDataset)):
         dataset = SeededDataset(dataset)
     sampler = SharedSeedBatchSampler(len(dataset), batch_size, seed)
     if shard[1] > 1:

@@ -28,7 +28,7 @@ from .. import distributed as D
 from ..augment import AUGMENTATIONS, AugParams, augment_batch, augment_one
 from ..errors import DMLError
 from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, decode_file, read_file, resized_crop
-from .memory import EVAL_BATCH, BatchPlan, normalize, shard_rows
+from .memory import EVAL_BATCH, BatchPlan, normalize, shard_range, shard_rows
 
 
 class FileImageDataset(Dataset):
@@ -144,6 +144,9 @@ class _Shares(Dataset):
                 out[j] = self.ds.load(int(idx[pos]), u[pos] if u is not None else None)
             except DMLError as e:
                 return out, time.process_time() - t0, str(e)
+            except Exception as e:  # noqa: BLE001 - a decoded image the transform cannot take
+                return out, time.process_time() - t0, (f"cannot use image {self.ds.files.path(int(idx[pos]))} "
+                                                       f"({type(e).__name__}: {str(e)[:80]}); delete or replace it")
         return out, time.process_time() - t0, None
 
 
@@ -222,8 +225,7 @@ class StreamEvalLoader(_CooperativeLoader):
     def __init__(self, dataset: FileImageDataset, device, node=(0, 1), group=None, num_workers: int = 0,
                  batch_size: int = EVAL_BATCH, shard: tuple[int, int] = (0, 1)):
         super().__init__(_Shares(dataset, None, batch_size, node), device, node, group, num_workers)
-        r, parts = shard
-        self.lo, self.hi = len(dataset) * r // parts, len(dataset) * (r + 1) // parts
+        self.lo, self.hi = shard_range(len(dataset), shard)
         self.batch_size, self.labels = batch_size, dataset.labels
 
     def __len__(self) -> int:
