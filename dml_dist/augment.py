@@ -16,6 +16,7 @@ Augmentation names (config key ``augment``): ``crop``, ``flip``, ``rotate`` (wit
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, fields
@@ -110,8 +111,14 @@ def _flip_rotate(x: torch.Tensor, p: AugParams, flip: bool) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _gray_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """torchvision's greyscale weights on ``device``, copied there once (not twice per step)."""
+    return torch.tensor(_GRAY, device=device, dtype=dtype).view(1, 3, 1, 1)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (x * x.new_tensor(_GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * _gray_weights(x.device, x.dtype)).sum(1, keepdim=True)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

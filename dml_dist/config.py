@@ -60,6 +60,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 42,
     "device": "auto",             # auto | cpu | cuda
     "backend": "auto",            # auto | nccl | gloo
+    "timeout": None,              # seconds a collective waits for the slowest rank; None = $DML_DIST_TIMEOUT or 600
     "amp": "auto",                # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
     "channels_last": False,
     "compile": False,             # torch.compile each peer's model
@@ -136,6 +137,9 @@ def validate_config(cfg: dict) -> dict:
         raise DMLError(f"val_fraction must be < 1, got {c['val_fraction']}")
     if c["crop_fraction"] > 1:
         raise DMLError(f"crop_fraction must be in (0, 1] (ImageNet's is 0.875), got {c['crop_fraction']}")
+    t = c["timeout"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 5):
+        raise DMLError(f"timeout must be a whole number of seconds >= 5 (or null for $DML_DIST_TIMEOUT / 600), got {t!r}")
     mb = c["memory_budget_gb"]
     if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb <= 0):
         raise DMLError(f"memory_budget_gb must be a number of GB > 0 (or null for automatic), got {mb!r}")

@@ -18,8 +18,10 @@ The collective rule (one rule, every backend):
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -29,7 +31,15 @@ import torch.distributed as dist
 
 from .errors import DMLError
 
-TIMEOUT = timedelta(seconds=int(os.environ.get("DML_DIST_TIMEOUT", "600")))
+DEFAULT_TIMEOUT_S = 600
+
+
+def collective_timeout(cfg: Optional[dict] = None) -> timedelta:
+    """How long a collective may wait for the slowest rank: config ``timeout``, else the environment's
+    ``DML_DIST_TIMEOUT``, else 600 s."""
+    if cfg is not None and cfg.get("timeout") is not None:
+        return timedelta(seconds=cfg["timeout"])
+    return timedelta(seconds=int(os.environ.get("DML_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,7 @@ def init_distributed(cfg: dict) -> DistContext:
         torch.cuda.set_device(torch.device(placement.device))
     if under_launcher() and not dist.is_initialized():
         kwargs = {"device_id": torch.device(placement.device)} if placement.backend == "nccl" else {}
-        dist.init_process_group(process_group_backend(placement), timeout=TIMEOUT, **kwargs)
+        dist.init_process_group(process_group_backend(placement), timeout=collective_timeout(cfg), **kwargs)
     replicas = int(cfg.get("replicas", 1))
     if replicas > 1 and dist.is_initialized() and world % replicas == 0:
         # The 2-D layout peers x replicas, peer-major. A world that does not divide is refused later
@@ -165,6 +175,61 @@ def is_peer_loss(e: BaseException) -> bool:
     if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
         return True
     return isinstance(e, (RuntimeError, dist.DistError)) and any(s in str(e) for s in _CONNECTION_LOST)
+
+
+# ------------------------------------------------------------------------------------------ stalled ranks
+def report_progress(epoch: int, step: int, what: str) -> None:
+    """Heartbeat: this rank enters collective ``what`` at (epoch, step). Written to the process group's
+    key-value store (a host-side TCP write, no device sync), so that when a collective times out the ranks
+    still alive can name the one that stopped answering."""
+    store = _store()
+    if store is not None:
+        store.set(f"dml_progress/{dist.get_rank()}", json.dumps([epoch, step, what, time.time()]))
+
+
+def _store():
+    if not _active():
+        return None
+    try:  # the default group's store (the rendezvous' TCPStore); private in torch, stable since 1.x
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def is_timeout(e: BaseException) -> bool:
+    """A collective that waited longer than the process group's timeout (gloo's message; NCCL's watchdog
+    aborts the process instead of raising)."""
+    return isinstance(e, (RuntimeError, dist.DistError)) and "timed out" in str(e).lower() and not is_peer_loss(e)
+
+
+def describe_stall(replicas: int, timeout: timedelta) -> str:
+    """One line after a collective timed out: the rank(s) furthest behind by their last heartbeat, where
+    this rank waited, and the fix."""
+    store, me, world, now = _store(), dist.get_rank(), dist.get_world_size(), time.time()
+    reports = {}
+    for r in range(world):
+        key = f"dml_progress/{r}"
+        try:
+            if store is not None and store.check([key]):
+                reports[r] = json.loads(store.get(key))
+        except Exception:  # noqa: BLE001 - the store itself may be gone with the rank that hosted it
+            pass
+    mine = reports.get(me, [0, 0, "setup", now])
+    silent = [r for r in range(world) if r not in reports and r != me]
+    if silent:
+        culprit, last = silent, "never reported progress"
+    else:
+        low = min((v[0], v[1]) for v in reports.values())
+        if low < (mine[0], mine[1]):  # behind this rank: it never reached this step's collective
+            culprit = [r for r, v in reports.items() if (v[0], v[1]) == low]
+        else:  # every rank at this step: the one whose last report is oldest
+            culprit = [min((r for r in reports if r != me), key=lambda r: reports[r][3], default=me)]
+        first = reports[culprit[0]]
+        last = f"its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
+    who = ", ".join(f"rank {r} (peer {r // replicas + 1})" for r in culprit) or "another rank"
+    return (f"{who} stopped answering: rank {me} waited {timeout.total_seconds():.0f} s in {mine[2]} at epoch "
+            f"{mine[0]} step {mine[1]}{'; ' + last if last else ''}. Check that process (stopped, swapped out, "
+            f"a hung GPU or filesystem); if its steps legitimately take longer, raise timeout= (seconds)")
 
 
 def destroy_distributed() -> None:

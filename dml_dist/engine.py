@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import resource
+import threading
 import time
+from collections import deque
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -46,6 +48,47 @@ class Meters:
         return dict(zip(("loss", "ce", "kl", "correct", "n"), self.sums.cpu().tolist()))
 
 
+class StepWatch:
+    """Rank 0's watch over the step in flight (a daemon thread): a step that has taken far longer than
+    usual (``factor`` x the median of recent steps, and at least ``floor_s``) is logged while it still
+    waits, before the collective timeout ends the run."""
+
+    def __init__(self, logger: NullLogger, timeout_s: float, factor: float = 10.0, floor_s: float = 5.0):
+        self.logger, self.timeout_s, self.factor, self.floor_s = logger, timeout_s, factor, floor_s
+        self.durations: deque = deque(maxlen=200)
+        self.current: Optional[tuple] = None   # (epoch, step, started)
+        self.warned: Optional[tuple] = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="dml-step-watch", daemon=True).start()
+
+    def start(self, epoch: int, step: int) -> None:
+        """Step ``step`` of ``epoch`` begins now (the previous one, if any, ended)."""
+        now = time.time()
+        if self.current is not None:
+            self.durations.append(now - self.current[2])
+        self.current = (epoch, step, now)
+
+    def pause(self) -> None:
+        """Between epochs (evaluation and checkpoints are not steps)."""
+        self.start(0, 0)
+        self.current = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            cur, done = self.current, sorted(self.durations)
+            if cur is None or len(done) < 3 or self.warned == cur[:2]:
+                continue
+            median, waited = done[len(done) // 2], time.time() - cur[2]
+            if waited > max(self.factor * median, self.floor_s):
+                self.warned = cur[:2]
+                self.logger.info(f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
+                                 f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
+                                 f"be stalled: the run stops after timeout={self.timeout_s:.0f} s")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -66,6 +109,7 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
     Replica r of every peer must hold the same shard (compared across the peer dimension), and every
     rank the same full batch (the shards' fingerprints in replica order, compared across all ranks)."""
     rank, r = (ctx.rank, ctx.replicas) if ctx is not None else (0, 1)
+    D.report_progress(epoch, step, "the batch fingerprint check")
     fp = batch_fingerprint(x, y)
     faults.record_fingerprint(rank, epoch, step, fp)
     if r > 1:
@@ -147,7 +191,7 @@ def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> 
 def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epoch: int,
                     logger: NullLogger = NullLogger(), start_step: int = 0, meters: Optional[Meters] = None,
                     scaler=None, on_step: Optional[Callable[[int, Meters], None]] = None,
-                    kl_weight: Optional[Callable[[int], float]] = None) -> Meters:
+                    kl_weight: Optional[Callable[[int], float]] = None, watch: Optional[StepWatch] = None) -> Meters:
     """One epoch for this rank's peer. ``epoch`` counts from 1; ``start_step`` skips already-done batches
     (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). ``kl_weight(step)``
     gives the mutual term's weight per step (warm-up); default: ``cfg['kl_weight']``.
@@ -161,12 +205,15 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
     check_every = cfg["consistency_check_every"]
     bar = logger.progress(loader, total=steps - start_step, desc=f"epoch {epoch}")
     t_epoch = t_last = time.time()
+    if watch is not None:
+        watch.start(epoch, start_step)
     for step, (x, y) in enumerate(bar, start=start_step):
         data_time = time.time() - t_last
         faults.at_step(ctx.rank, epoch, step)
         if check_every and (step == start_step or step % check_every == 0):
             check_batch_consistency(x, y, epoch, step, ctx)  # sync point (host copy of the batch)
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+        D.report_progress(epoch, step, "the logits all-gather")  # heartbeat (host, no device sync)
         all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point: one all-gather per step
         w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
         stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
@@ -189,6 +236,10 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
                         f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB)")
         if on_step is not None:
             on_step(step, meters)
+        if watch is not None:
+            watch.start(epoch, step + 1)
+    if watch is not None:
+        watch.pause()
     bar.close()
     return meters
 

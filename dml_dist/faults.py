@@ -5,6 +5,7 @@
 - ``seed_offset``: rank r uses ``seed + 1`` for data sampling (the consistency check must catch it);
 - ``raise``: rank r fails with an error at setup (no epoch) or at (epoch, step);
 - ``sigkill``: rank r SIGKILLs itself at (epoch, step), first attempt only (not after a torchrun restart);
+- ``sigstop``: rank r stops itself (SIGSTOP) at (epoch, step): a stalled rank, first attempt only;
 - ``kill_in_save``: rank 0 SIGKILLs itself after writing a checkpoint's temp file, before the rename,
   on the first save at or after ``epoch``.
 
@@ -26,7 +27,7 @@ def _spec() -> Optional[dict]:
     if not raw:
         return None
     spec = dict(part.split("=", 1) for part in raw.split(",") if "=" in part)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and spec.get("action") in ("sigkill", "kill_in_save"):
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and spec.get("action") in ("sigkill", "sigstop", "kill_in_save"):
         return None
     return spec
 
@@ -53,6 +54,8 @@ def at_step(rank: int, epoch: int, step: int) -> None:
         raise DMLError(f"injected failure on rank {rank} at epoch {epoch} step {step} (DML_FAULT)", all_ranks=False)
     if _mine(spec, rank, "sigkill"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _mine(spec, rank, "sigstop"):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def before_rename(epoch: int) -> None:

@@ -23,9 +23,7 @@ computes its DML loss locally. Rank 0 evaluates the ensemble, logs and writes ev
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import random
 import sys
 import time
 from typing import Optional
@@ -34,12 +32,11 @@ import torch
 
 from . import distributed as D
 from . import faults
-from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_checkpoint, cpu_copy,
-                         latest_path, load_checkpoint, peer_path, prune_epoch_checkpoints,
-                         remove_stale_temp_files, versions)
+from .checkpoint import latest_path, peer_path, remove_stale_temp_files, versions
+from .cohort import CohortCheckpoint, public_config
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
-from .engine import Meters, evaluate, gather_meters, meter_table, train_one_epoch
+from .engine import Meters, StepWatch, evaluate, gather_meters, train_one_epoch
 from .errors import DMLError
 from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
@@ -57,12 +54,6 @@ def resolve_amp(cfg: dict, device: torch.device) -> str:
     if cfg["amp"] == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "off"
     return cfg["amp"]
-
-
-def public_config(cfg: dict) -> dict:
-    """The config as trained: ``resume`` says how a process started, not what was trained, so it is left
-    out (a resumed run and an uninterrupted one then report the same config)."""
-    return {k: v for k, v in cfg.items() if k != "resume"}
 
 
 class Trainer:
@@ -99,143 +90,15 @@ class Trainer:
             make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node)
             if ds is not None else None for ds in (data.val, data.test))
         self.steps_per_epoch = len(self.train_loader)
-        # cohort state, identical on every rank
-        self.epoch, self.step = 0, 0                     # completed epochs; steps done in the current epoch
-        self.history: list[dict] = []
-        self.best: list[Optional[float]] = [None] * cfg["model_num"]
-        self.best_ensemble = 0.0
-        self.meters: Optional[Meters] = None
-        self.run_info = {"resumed_from": [], "epoch_seconds": []}
-        self.writer = CheckpointWriter(enabled=ctx.is_main)
+        self.watch = StepWatch(logger, D.collective_timeout(cfg).total_seconds()) if ctx.is_main else None
+        # The cohort's state, identical on every rank, and its checkpoints (cohort.py).
+        self.ckpt = CohortCheckpoint(cfg, ctx, logger, data, (self.arch, self.model, self.optimizer, self.scheduler,
+                                                              self.scaler), self.archs)
 
     def kl_weight(self, epoch: int):
         """The mutual term's weight per step of ``epoch`` (``loss.kl_ramp``: warm-up, then kl_weight)."""
         cfg = self.cfg
         return lambda step: kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], self.steps_per_epoch, epoch, step)
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def _peer_state(self, meter_sums: Optional[list]) -> Optional[dict]:
-        """This peer's state from its replica 0; other replicas hand in nothing (a cohort checkpoint does
-        not depend on the number of replicas)."""
-        if self.ctx.replica != 0:
-            return None
-        return cpu_copy({
-            "arch": self.arch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "meters": meter_sums,
-        })
-
-    def _meta(self) -> dict:
-        return {"format": FORMAT, "kind": "cohort", "epoch": self.epoch, "step": self.step,
-                "config": public_config(self.cfg), "num_classes": self.data.num_classes,
-                "classes": list(self.data.classes), "history": copy.deepcopy(self.history),
-                "best_accuracies": list(self.best), "best_ensemble_accuracy": self.best_ensemble,
-                "run": copy.deepcopy(self.run_info), "versions": versions()}
-
-    def _peer_file(self, k: int, state: dict, tag: str, accuracy: Optional[float]) -> None:
-        atomic_save({"format": FORMAT, "kind": "peer", "peer": k + 1, "arch": state["arch"],
-                     "num_classes": self.data.num_classes, "classes": list(self.data.classes),
-                     "image_size": self.cfg["image_size"],
-                     "model": state["model"], "epoch": self.epoch, "accuracy": accuracy,
-                     "best_accuracy": self.best[k], "config": public_config(self.cfg), "versions": versions()},
-                    peer_path(self.cfg["save_dir"], self.cfg["experiment_name"], k + 1, tag), self.epoch)
-
-    def save(self, meters: Optional[Meters] = None, new_best=(), final: bool = False, epoch_done: int = 0) -> None:
-        """Collective: replica 0 of every peer hands its state to rank 0, whose writer thread writes the
-        files (per-peer files first, the cohort's ``latest`` last: it is the commit point for resume).
-        Mid-epoch, the meters are checked for a non-finite loss first: a diverged peer is never saved."""
-        # A diverged peer is never saved: its loss may still have been finite on the step that broke it.
-        finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
-        flags = D.all_gather_tensor(torch.tensor([float(finite)])).view(-1, self.ctx.replicas)[:, 0]  # sync point
-        if not bool(flags.all()):
-            bad = [k + 1 for k, f in enumerate(flags.tolist()) if not f]
-            raise DMLError(f"peer(s) {bad}: weights are not finite (nan/inf) at epoch {max(epoch_done, self.epoch)}"
-                           f"{f', step {self.step}' if self.step else ''}; lower lr (or use amp=off) and check the data")
-        sums = None
-        if meters is not None:
-            # This peer's partial-epoch sums over all its replicas (sync point; raises on nan/inf).
-            table = meter_table(meters, self.ctx, epoch_done, self.step - 1)
-            sums = dict(zip(("loss", "ce", "kl", "correct", "n"), table[self.ctx.peer, :5].tolist()))
-        states = D.gather_objects(self._peer_state(sums))  # sync point
-        if not self.ctx.is_main:
-            return
-        states = [st for st in states if st is not None]  # replica 0 of each peer, in peer order
-        meta, cfg, epoch = self._meta(), self.cfg, self.epoch
-        accs = self.history[-1]["val_acc"] if self.history else [None] * cfg["model_num"]
-        epoch_file = self.step == 0 and cfg["save_freq"] and epoch % cfg["save_freq"] == 0
-
-        def write():
-            for k, state in enumerate(states):
-                if k in new_best:
-                    self._peer_file(k, state, "best", accs[k])
-                if epoch_file:
-                    self._peer_file(k, state, f"epoch_{epoch}", accs[k])
-                    prune_epoch_checkpoints(cfg["save_dir"], cfg["experiment_name"], k + 1, cfg["keep_last"])
-                if final:
-                    self._peer_file(k, state, "final", accs[k])
-            atomic_save({**meta, "peers": states}, latest_path(cfg["save_dir"], cfg["experiment_name"]), epoch)
-
-        self.writer.submit(write)
-
-    def _resume_path(self, resume: str) -> Optional[str]:
-        """Rank 0: the file to resume from. After a torchrun restart, this experiment's own ``_latest.pth``
-        wins over an explicit ``resume=PATH`` when it is newer: it holds the progress made since PATH."""
-        latest = latest_path(self.cfg["save_dir"], self.cfg["experiment_name"])
-        if resume == "auto":
-            return latest if os.path.isfile(latest) else None
-        if self.ctx.restart_count > 0 and os.path.isfile(latest) and os.path.isfile(resume) and \
-                os.path.realpath(latest) != os.path.realpath(resume) and \
-                os.path.getmtime(latest) > os.path.getmtime(resume):
-            return latest
-        return resume
-
-    def resume(self, resume: Optional[str]) -> None:
-        """Rank 0 reads and checks the cohort checkpoint, then hands each rank its peer's state."""
-        if not resume:
-            return
-        path, error, ckpt = None, None, None
-        if self.ctx.is_main:
-            try:
-                path = self._resume_path(resume)
-                if path is not None:
-                    ckpt = load_checkpoint(path)
-                    check_cohort_checkpoint(ckpt, path, self.cfg, self.archs, self.data.num_classes)
-            except DMLError as e:
-                error = str(e)
-        path, error = D.broadcast_object((path, error))
-        if error:
-            raise DMLError(error)
-        if path is None:
-            self.logger.info("resume=auto: no checkpoint for this experiment yet, starting fresh")
-            return
-        r = self.ctx.replicas
-        per_rank = [ckpt["peers"][rank // r] for rank in range(self.ctx.world_size)] if ckpt else None
-        state = D.scatter_objects(per_rank)
-        meta = D.broadcast_object({k: v for k, v in ckpt.items() if k != "peers"} if ckpt else None)
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise DMLError(f"checkpoint {path}: peer {self.ctx.peer + 1} state does not fit this model "
-                           f"({str(e).splitlines()[0][:160]}); start a new experiment", all_ranks=False) from None
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        # A peer's partial-epoch sums go to its replica 0 (any number of replicas sums to the same).
-        if state["meters"] and self.ctx.replica == 0:
-            self.meters = Meters(self.ctx.device, state["meters"])
-        elif state["meters"]:
-            self.meters = Meters(self.ctx.device)
-        self.epoch, self.step = meta["epoch"], meta["step"]
-        self.history, self.best = meta["history"], list(meta["best_accuracies"])
-        self.best_ensemble = meta["best_ensemble_accuracy"]
-        self.run_info = meta["run"]
-        self.run_info["resumed_from"].append(f"{path}@epoch{self.epoch}+step{self.step}")
-        self.logger.info(f"resumed from {path}: {self.epoch} epoch(s) and {self.step} step(s) done")
 
     # ------------------------------------------------------------------------------------------- loop
     def _on_step(self, epoch: int):
@@ -244,43 +107,44 @@ class Trainer:
         def hook(step: int, meters: Meters) -> None:
             global_step = (epoch - 1) * self.steps_per_epoch + step + 1
             if every and global_step % every == 0 and step + 1 < self.steps_per_epoch:
-                self.step = step + 1
-                self.save(meters, epoch_done=epoch)
+                self.ckpt.step = step + 1
+                self.ckpt.save(meters, epoch_done=epoch)
         return hook
 
     def fit(self) -> None:
-        cfg, ctx, log = self.cfg, self.ctx, self.logger
-        if self.epoch >= cfg["epochs"]:
-            log.info(f"nothing to train: the checkpoint already holds {self.epoch} epoch(s); raise epochs= to go on")
-        for epoch in range(self.epoch + 1, cfg["epochs"] + 1):
+        cfg, ctx, log, c = self.cfg, self.ctx, self.logger, self.ckpt
+        if c.epoch >= cfg["epochs"]:
+            log.info(f"nothing to train: the checkpoint already holds {c.epoch} epoch(s); raise epochs= to go on")
+        for epoch in range(c.epoch + 1, cfg["epochs"] + 1):
             t0 = time.time()
-            self.train_loader.set_epoch(epoch - 1, self.step)
+            self.train_loader.set_epoch(epoch - 1, c.step)
             meters = train_one_epoch(self.train_model, self.optimizer, self.train_loader, ctx, cfg, epoch, log,
-                                     start_step=self.step, meters=self.meters, scaler=self.scaler,
-                                     on_step=self._on_step(epoch), kl_weight=self.kl_weight(epoch))
-            self.meters, self.step = None, 0
+                                     start_step=c.step, meters=c.meters, scaler=self.scaler,
+                                     on_step=self._on_step(epoch), kl_weight=self.kl_weight(epoch), watch=self.watch)
+            c.meters, c.step = None, 0
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
+            D.report_progress(epoch, self.steps_per_epoch, "evaluation")
             val = evaluate(self.model, self.val_loader, ctx, cfg)
-            self.epoch = epoch
+            c.epoch = epoch
             # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
-            new_best = [k for k, a in enumerate(val["peer_acc"]) if self.best[k] is None or a > self.best[k]]
+            new_best = [k for k, a in enumerate(val["peer_acc"]) if c.best[k] is None or a > c.best[k]]
             for k in new_best:
-                self.best[k] = val["peer_acc"][k]
-            self.best_ensemble = max(self.best_ensemble, val["ensemble_acc"])
-            self.history.append({
+                c.best[k] = val["peer_acc"][k]
+            c.best_ensemble = max(c.best_ensemble, val["ensemble_acc"])
+            c.history.append({
                 "epoch": epoch, "lr": lr,
                 "train_loss": [t[0] for t in train], "train_ce": [t[1] for t in train],
                 "train_kl": [t[2] for t in train], "train_acc": [t[3] for t in train],
                 "val_loss": val["peer_loss"], "val_acc": val["peer_acc"],
                 "ensemble_acc": val["ensemble_acc"], "ensemble_loss": val["ensemble_loss"],
             })
-            self.run_info["epoch_seconds"].append(round(time.time() - t0, 3))
-            self._log_epoch(self.history[-1])
-            self.save(new_best=new_best, final=epoch == cfg["epochs"])
+            c.run_info["epoch_seconds"].append(round(time.time() - t0, 3))
+            self._log_epoch(c.history[-1])
+            c.save(new_best=new_best, final=epoch == cfg["epochs"])
             log.write_json(f"{cfg['experiment_name']}_summary.json", self.summary())
-        self.writer.wait()
+        c.writer.wait()
 
     def _log_epoch(self, h: dict) -> None:
         scalars = {"lr": h["lr"], "ensemble/val_acc": h["ensemble_acc"], "ensemble/val_loss": h["ensemble_loss"]}
@@ -303,26 +167,26 @@ class Trainer:
         return {"peer_acc": res["peer_acc"], "peer_loss": res["peer_loss"], "ensemble_acc": res["ensemble_acc"]}
 
     def summary(self, test_results: Optional[dict] = None) -> dict:
-        cfg = self.cfg
-        last = self.history[-1] if self.history else None
+        cfg, c = self.cfg, self.ckpt
+        last = c.history[-1] if c.history else None
         return {
             "experiment_name": cfg["experiment_name"],
             "config": public_config(cfg),
             "classes": list(self.data.classes),
-            "best_accuracies": [b or 0.0 for b in self.best],
-            "avg_best_accuracy": sum(b or 0.0 for b in self.best) / len(self.best),
-            "best_ensemble_accuracy": self.best_ensemble,
+            "best_accuracies": [b or 0.0 for b in c.best],
+            "avg_best_accuracy": sum(b or 0.0 for b in c.best) / len(c.best),
+            "best_ensemble_accuracy": c.best_ensemble,
             "final_accuracies": last["val_acc"] if last else None,
             "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
             "test_results": test_results,
-            "history": self.history,
+            "history": c.history,
             "checkpoints": {
                 "latest": latest_path(cfg["save_dir"], cfg["experiment_name"]),
                 "best": [peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "best") for k in range(cfg["model_num"])],
                 "final": [peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "final") for k in range(cfg["model_num"])],
             },
             "versions": versions(),
-            "run": self.run_info,  # wall-clock facts: the only part that differs between equal runs
+            "run": c.run_info,  # wall-clock facts: the only part that differs between equal runs
         }
 
 
@@ -357,6 +221,9 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
         faults.at_setup(ctx.rank)
         cfg["amp"] = resolve_amp(cfg, ctx.device)
+        if ctx.device.type == "cuda":
+            # Fixed-shape training: let cuDNN pick the fastest convolution algorithms once per shape.
+            torch.backends.cudnn.benchmark = True
         # channels_last only pays off on GPUs; on CPU it would change conv kernels and thus results.
         cfg["channels_last"] = cfg["channels_last"] and ctx.device.type == "cuda"
         logger = make_logger(ctx.is_main, cfg, stream)
@@ -381,22 +248,28 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                     + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"])))
         logger.info(f"data path: {data.path} ({data.why})")
         trainer = Trainer(cfg, ctx, logger, data)
-        trainer.resume(cfg["resume"])
+        trainer.ckpt.resume(cfg["resume"])
         t0 = time.time()
         trainer.fit()
         test_results = trainer.test()
-        trainer.run_info.update({"started_at": started, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        trainer.ckpt.run_info.update({"started_at": started, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                  "elapsed_s": round(time.time() - t0, 3), "restarts": ctx.restart_count})
         summary = trainer.summary(test_results)
         logger.write_json(f"{cfg['experiment_name']}_summary.json", summary)
         logger.info(f"done: best acc {['%.4f' % a for a in summary['best_accuracies']]} (avg {summary['avg_best_accuracy']:.4f}), "
-                    f"best ensemble {trainer.best_ensemble:.4f}; summary in "
+                    f"best ensemble {trainer.ckpt.best_ensemble:.4f}; summary in "
                     f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}")
         return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
                 "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
+    except RuntimeError as e:
+        if D.is_active() and D.is_timeout(e):  # a rank stopped answering: name it while the group's store is up
+            raise DMLError(D.describe_stall(ctx.replicas, D.collective_timeout(cfg)), all_ranks=False) from None
+        raise
     finally:
         if trainer is not None:
-            trainer.writer.close()
+            trainer.ckpt.writer.close()
+            if trainer.watch is not None:
+                trainer.watch.close()
         logger.close()
         if created_group:
             D.destroy_distributed()

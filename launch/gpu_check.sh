@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU acceptance run (under 3 minutes on one GPU): what CPU CI cannot see. Trains one short epoch on a
+# GPU acceptance run (about 4 minutes on one GPU, never more than TOTAL_TIMEOUT): what CPU CI cannot see. Trains one short epoch on a
 # generated image folder through
 #   nccl1      NCCL in a world of one: real collectives (CPU fingerprints/meters over gloo, logits over NCCL)
 #   nccl2      2 peers, one GPU each (only with 2+ GPUs), fp16 with a GradScaler
@@ -20,16 +20,34 @@
 # Variables:
 #   PYTHON   interpreter that has dml_dist installed (default: python)
 #   WORKDIR  scratch folder for data, logs and checkpoints (default: a new temp folder)
-#   STEP_TIMEOUT  seconds allowed per run (default: 150)
+#   STEP_TIMEOUT  seconds allowed per run (default: 90)
+#   TOTAL_TIMEOUT seconds for the whole check: later runs get what is left, so it ends in time even when
+#                 a run hangs (default: 480)
+#   CUDA_VISIBLE_DEVICES  kept as a scheduler set it; the shared-GPU runs use its first device
 set -uo pipefail
 
 py=${PYTHON:-python}
 work=${WORKDIR:-$(mktemp -d)}
-limit=${STEP_TIMEOUT:-150}
+limit=${STEP_TIMEOUT:-90}
+deadline=$((SECONDS + ${TOTAL_TIMEOUT:-480}))
+first_gpu=${CUDA_VISIBLE_DEVICES:-0}
+first_gpu=${first_gpu%%,*}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
-gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+budget() {  # seconds for the next run: STEP_TIMEOUT, or what is left before the deadline (at least 5)
+    local left=$((deadline - SECONDS))
+    if ((left < limit)); then echo $((left > 5 ? left : 5)); else echo "$limit"; fi
+}
+if ! command -v "$py" >/dev/null 2>&1; then
+    echo "gpu_check: FAIL no Python interpreter '$py' (set PYTHON to the one that has dml_dist installed)"
+    exit 1
+fi
+if ! "$py" -c 'import torch, dml_dist' >/dev/null 2>&1; then
+    echo "gpu_check: FAIL $py cannot import torch and dml_dist (pip install -e . with that interpreter)"
+    exit 1
+fi
+gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
 if [[ "$gpus" -lt 1 ]]; then
-    echo "gpu_check: FAIL no GPU visible to torch (torch.cuda.device_count() == 0)"
+    echo "gpu_check: FAIL no GPU visible to torch (torch.cuda.device_count() == 0; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})"
     exit 1
 fi
 "$py" - "$work/data" <<'PY'
@@ -51,21 +69,21 @@ PY
 
 verdicts=()
 status=0
-check() {  # name nproc "key=value ..." [ENV=value ...]
-    local name=$1 nproc=$2 keys=$3
-    shift 3
+check() {  # name nproc expected-backend(nccl|gloo) expected-amp "key=value ..." [ENV=value ...]
+    local name=$1 nproc=$2 want_backend=$3 want_amp=$4 keys=$5
+    shift 5
     mkdir -p "$work/$name/fp"
     # shellcheck disable=SC2086  # keys is a list of key=value words on purpose
-    if env "$@" DML_FINGERPRINT_DIR="$work/$name/fp" timeout "$limit" "$py" -m torch.distributed.run --standalone \
+    if env "$@" DML_FINGERPRINT_DIR="$work/$name/fp" timeout "$(budget)" "$py" -m torch.distributed.run --standalone \
         --nproc_per_node="$nproc" -m dml_dist.train data_dir="$work/data" model=resnet20 epochs=1 \
         batch_size=128 augment=true consistency_check_every=1 progress_bar=false print_freq=4 \
         save_dir="$work/$name/ckpt" log_dir="$work/$name/logs" experiment_name="$name" $keys \
         >"$work/$name.log" 2>&1; then
         local info
-        info=$("$py" - "$work/$name" "$name" <<'PY'
+        info=$("$py" - "$work/$name" "$name" "$want_backend" "$want_amp" <<'PY'
 import json, sys
 from pathlib import Path
-w, name = Path(sys.argv[1]), sys.argv[2]
+w, name, want_backend, want_amp = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 s = json.loads((w / "logs" / f"{name}_summary.json").read_text())
 fps = sorted((w / "fp").glob("fingerprints_rank*.txt"))
 r = s["config"]["replicas"]  # replica i of every peer holds the same shard: compare ranks i, i + r, ...
@@ -73,12 +91,13 @@ texts = {int(f.stem.split("rank")[1]): f.read_text() for f in fps}
 same = all(t == texts[k % r] for k, t in texts.items()) and texts[0].count("\n") >= 8
 group = [l.split(" group ")[1].split(" ")[0] for l in (w / "logs" / f"{name}.log").read_text().splitlines()
          if "placement:" in l][0]
-print(("" if same else "MISMATCH ") + f"group={group} amp={s['config']['amp']} compile={s['config']['compile']} "
+applied = ("nccl" in group) == (want_backend == "nccl") and s["config"]["amp"] == want_amp
+print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['config']['amp']} compile={s['config']['compile']} "
       f"ranks={len(fps)} batches-identical={same} acc={['%.2f' % a for a in s['best_accuracies']]}")
 PY
 )
         if [[ "$info" == MISMATCH* ]]; then
-            verdicts+=("$name: FAILED batches differ between ranks ($info)")
+            verdicts+=("$name: FAILED batches differ between ranks, or backend/amp not as asked ($info)")
             status=1
         else
             verdicts+=("$name: ok ($info)")
@@ -88,24 +107,24 @@ PY
         status=1
     fi
 }
-check nccl1 1 "amp=bf16"
+check nccl1 1 nccl bf16 "amp=bf16"
 if [[ "$gpus" -ge 2 ]]; then
-    check nccl2 2 "amp=fp16"
-    check replicas 2 "model_num=1 replicas=2 sync_bn=true amp=bf16"
+    check nccl2 2 nccl fp16 "amp=fp16"
+    check replicas 2 nccl bf16 "model_num=1 replicas=2 sync_bn=true amp=bf16"
 fi
-check shared 2 "amp=bf16" CUDA_VISIBLE_DEVICES=0
-check compile 1 "compile=true amp=bf16"
-check stream 1 "data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 num_workers=4 amp=bf16"
-stream_keys="data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 num_workers=2 amp=bf16"
+check shared 2 gloo bf16 "amp=bf16" CUDA_VISIBLE_DEVICES="$first_gpu"
+check compile 1 nccl bf16 "compile=true amp=bf16"
+stream_keys="data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 amp=bf16"
+check stream 1 nccl bf16 "$stream_keys num_workers=4"
 if [[ "$gpus" -ge 2 ]]; then
-    check stream2 2 "$stream_keys"
+    check stream2 2 nccl bf16 "$stream_keys num_workers=2"
 else
-    check stream2 2 "$stream_keys" CUDA_VISIBLE_DEVICES=0
+    check stream2 2 gloo bf16 "$stream_keys num_workers=2" CUDA_VISIBLE_DEVICES="$first_gpu"
 fi
 
 bench=()
 for model in resnet20 resnet32 resnet56; do
-    line=$(timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \
+    line=$(timeout "$(budget)" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \
         model="$model" batch_size=512 amp=bf16 steps=20 warmup=5 data_dir="$work/data" 2>"$work/bench_$model.log" | tail -n 1)
     ips=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1]); print(r["images_per_s_per_peer"], r["loader"]["batched_images_per_s"])' "$line" 2>/dev/null)
     if [[ -n "$ips" ]]; then
@@ -117,7 +136,7 @@ for model in resnet20 resnet32 resnet56; do
     fi
 done
 
-line=$(timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
+line=$(timeout "$(budget)" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
     data_dir="$work/jpeg" loader=stream decode_device=cuda augment=rrc,flip image_size=224 batch_size=256 \
     num_workers=4 steps=0 2>"$work/probe.log" | tail -n 1)
 ips=$("$py" -c 'import json, sys; print(json.loads(sys.argv[1])["ranks"][0]["images_per_s"])' "$line" 2>/dev/null)
@@ -128,6 +147,9 @@ else
     status=1
 fi
 
+if [[ "$gpus" -lt 2 ]]; then
+    echo "gpu_check: note: 1 GPU: multi-rank NCCL, DDP and SyncBatchNorm on CUDA were not run (they need 2+ GPUs)"
+fi
 if [[ $status -eq 0 ]]; then
     echo "gpu_check: PASS ${verdicts[*]} | bench bf16 batch 512: ${bench[*]}"
 else

@@ -103,3 +103,15 @@ def test_eval_loader_covers_the_set_in_order_and_in_shards():
     assert torch.equal(torch.cat([x for x, _ in whole]), normalize(ds.images))
     parts = [torch.cat([y for _, y in DeviceEvalLoader(ds, torch.device("cpu"), 8, shard=(r, 2))]) for r in range(2)]
     assert torch.equal(torch.cat(parts), ds.labels)
+
+
+def test_jitter_builds_its_greyscale_weights_once_per_device():
+    """Issue 16: the weights were built from a Python list on every call (two blocking host-to-device
+    copies per step on a GPU); now once per (device, dtype)."""
+    from dml_dist.augment import AugParams, _gray_weights, augment_batch, step_generator
+    _gray_weights.cache_clear()
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    for step in range(3):
+        augment_batch(x, AugParams.draw(4, step_generator(0, 0, step)), ["jitter"])
+    info = _gray_weights.cache_info()
+    assert info.misses == 1 and info.hits == 5  # contrast and saturation, 3 steps

@@ -1,5 +1,6 @@
 """Real torchrun launches over gloo on localhost."""
 import json
+import re
 import sys
 
 import pytest
@@ -155,3 +156,21 @@ def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
     assert len(errs) == 1 and needle in errs[0], r.stderr[-3000:]
     assert_no_worker_traceback(r.stderr)
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_path, image_folder):
+    """Issue 16: rank 1 stops (SIGSTOP) at epoch 2 step 1. Before the 20 s timeout, rank 0's log shows the
+    slow step; at the timeout it prints one line naming the stalled peer and rank, where it waited and the
+    fix. torchrun then restarts the group, which resumes from the epoch-1 checkpoint and finishes."""
+    args = base_args(tmp_path, image_folder, epochs=3, timeout=20)
+    r = torchrun(2, args, env={"DML_FAULT": "action=sigstop,rank=1,epoch=2,step=1"},
+                 torchrun_args=["--max-restarts=1"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert ("(rank 0) rank 1 (peer 2) stopped answering: rank 0 waited 20 s in the logits all-gather at epoch 2 "
+            "step 1; its last report: epoch 2 step 0") in lines[0] and "raise timeout=" in lines[0], lines[0]
+    slow = re.search(r"slow step: epoch 2 step 1 has taken (\d+\.\d) s", r.stdout)
+    assert slow and 5 <= float(slow.group(1)) < 20, r.stdout[-3000:]
+    assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout
+    assert len(read_summary(tmp_path)["history"]) == 3

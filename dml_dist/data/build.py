@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed as D
 from ..errors import DMLError
 from .cache import cached_images, default_cache_dir
-from .folders import FileList, center_resize, decode_file, scan, scan_shared
+from .folders import center_resize, decode_file, scan, scan_shared
 from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset, shard_range
 from .sampler import SampleLoader, sample_dataloader
 from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
@@ -36,7 +36,7 @@ def _check_decode_device(dataset, device) -> None:
         raise DMLError("decode_device=cuda decodes on the training GPU, but this rank trains on the CPU; "
                        "use decode_device=cpu (or train on GPUs)")
     try:
-        from torchcodec.decoders import decode_jpeg  # noqa: F401
+        from torchcodec.decoders import decode_jpeg  # noqa: F401 - importable with its native library
     except Exception as e:  # noqa: BLE001
         raise DMLError(f"decode_device=cuda needs TorchCodec ({type(e).__name__}: {str(e)[:80]}); install its CUDA "
                        f"build (README, 'Requirements') or use decode_device=cpu") from None

@@ -18,8 +18,6 @@ import resource
 import sys
 import time
 
-import torch
-
 from .. import distributed as D
 from ..config import build_config, finalize_config, parse_overrides
 from ..engine import batch_fingerprint

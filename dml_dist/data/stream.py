@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
