@@ -21,7 +21,6 @@ all-gather share of the step, the loaders' images/s and their ratio, placement, 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from .config import build_config, finalize_config, parse_overrides, peer_model_n
 from .data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
 from .engine import forward, peer_update
 from .errors import DMLError
+from .logger import emit_json_line
 from .models import build_model
 from .parallel import wrap_replicas
 
@@ -190,12 +190,7 @@ def main(argv=None) -> int:
     except DMLError as e:
         print(f"dml-bench: error: {e}", file=sys.stderr)
         return 1
-    if result is not None:
-        line = json.dumps(result)
-        print(line, flush=True)
-        if bench["out"]:
-            with open(bench["out"], "a") as f:
-                f.write(line + "\n")
+    emit_json_line(result, bench["out"])
     return 0
 
 

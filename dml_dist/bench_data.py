@@ -35,6 +35,7 @@ import torch
 from .checkpoint import versions
 from .config import build_config, parse_overrides
 from .errors import DMLError
+from .logger import emit_json_line
 
 KEYS = {"data_dir": None, "image_size": 128, "batch_size": 64, "steps": 16, "cohorts": [1, 2, 4],
         "anchor_images": 512, "rss_dirs": [], "first_step": True, "out": None}
@@ -141,11 +142,7 @@ def main(argv=None) -> int:
     except DMLError as e:
         print(f"dml-bench: error: {e}", file=sys.stderr)
         return 1
-    line = json.dumps(result)
-    print(line, flush=True)
-    if b["out"]:
-        with open(b["out"], "a") as f:
-            f.write(line + "\n")
+    emit_json_line(result, b["out"])
     return 0
 
 

@@ -79,3 +79,14 @@ def make_logger(is_main: bool, cfg: dict, stream=None) -> NullLogger:
 def format_eta(seconds: Optional[float]) -> str:
     s = int(seconds or 0)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def emit_json_line(result: Optional[dict], out: Optional[str] = None) -> None:
+    """The benchmarks' and the probe's result: one JSON line on stdout, appended to ``out`` too."""
+    if result is None:  # not rank 0
+        return
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")

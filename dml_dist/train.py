@@ -14,6 +14,9 @@
     # an 8-GPU node, 2 peers x 4 data-parallel replicas (DDP within each peer)
     torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=2 replicas=4
 
+    # ImageNet-sized folders: 2 ResNet-50 peers x 4 replicas, each batch decoded once per node (stream path)
+    torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/imagenet_resnet50.yaml replicas=4 data_dir=/data/imagenet
+
     # a worker dies -> torchrun restarts the group, which resumes from <exp>_latest.pth by itself
     torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m dml_dist.train --config configs/quickstart.yaml
 

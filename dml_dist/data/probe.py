@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=2 -m dml_dist.data.probe data_dir=DIR loader=stream steps=20
 
 Takes the trainer's config keys plus ``epoch`` (0-based, default 0), ``start_step`` (0), ``steps`` (10;
-0 = to the end of the epoch) and ``out`` (write rank 0's JSON there too). Every rank builds the datasets
+0 = to the end of the epoch) and ``out`` (append rank 0's JSON line there too). Every rank builds the datasets
 and the training loader exactly as the trainer does, draws the steps, and rank 0 prints one JSON line:
 the data path and why, and per rank its node, the images it decoded, the CPU seconds its decoding took,
 the fingerprint of every batch, the seconds from process start to its first batch, its peak RSS (and
@@ -12,7 +12,6 @@ that of its loader workers) and what its data setup logged (cache builds). ``dml
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -22,6 +21,7 @@ from .. import distributed as D
 from ..config import build_config, finalize_config, parse_overrides
 from ..engine import batch_fingerprint
 from ..errors import DMLError
+from ..logger import emit_json_line
 from .build import build_datasets, make_train_loader
 
 PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "out": None}
@@ -79,12 +79,7 @@ def main(argv=None) -> int:
     except DMLError as e:
         print(f"dml-dist: error: {e}", file=sys.stderr, flush=True)
         return 1
-    if result is not None:
-        line = json.dumps(result)
-        print(line, flush=True)
-        if opts["out"]:
-            with open(opts["out"], "w") as f:
-                f.write(line + "\n")
+    emit_json_line(result, opts["out"])
     return 0
 
 
