@@ -36,10 +36,14 @@ DEFAULT_TIMEOUT_S = 600
 
 def collective_timeout(cfg: Optional[dict] = None) -> timedelta:
     """How long a collective may wait for the slowest rank: config ``timeout``, else the environment's
-    ``DML_DIST_TIMEOUT``, else 600 s."""
+    ``DML_DIST_TIMEOUT``, else 600 s. Every group this package creates gets it (subgroups do not inherit
+    the default group's)."""
     if cfg is not None and cfg.get("timeout") is not None:
         return timedelta(seconds=cfg["timeout"])
-    return timedelta(seconds=int(os.environ.get("DML_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    raw = os.environ.get("DML_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    if not raw.isdigit() or int(raw) < 5:
+        raise DMLError(f"DML_DIST_TIMEOUT={raw!r} is not a whole number of seconds >= 5; fix or unset it")
+    return timedelta(seconds=int(raw))
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,10 @@ def init_distributed(cfg: dict) -> DistContext:
     torch.set_num_threads(placement.threads)
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
+    _GROUPS["timeout"] = collective_timeout(cfg)
     if under_launcher() and not dist.is_initialized():
         kwargs = {"device_id": torch.device(placement.device)} if placement.backend == "nccl" else {}
-        dist.init_process_group(process_group_backend(placement), timeout=collective_timeout(cfg), **kwargs)
+        dist.init_process_group(process_group_backend(placement), timeout=_GROUPS["timeout"], **kwargs)
     replicas = int(cfg.get("replicas", 1))
     if replicas > 1 and dist.is_initialized() and world % replicas == 0:
         # The 2-D layout peers x replicas, peer-major. A world that does not divide is refused later
@@ -178,13 +183,17 @@ def is_peer_loss(e: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ stalled ranks
+_PROGRESS: list = [0, 0, "setup", 0.0]  # this rank's last report, kept locally too
+
+
 def report_progress(epoch: int, step: int, what: str) -> None:
     """Heartbeat: this rank enters collective ``what`` at (epoch, step). Written to the process group's
-    key-value store (a host-side TCP write, no device sync), so that when a collective times out the ranks
-    still alive can name the one that stopped answering."""
-    store = _store()
+    key-value store (a one-way host-side TCP write, no device sync), so that when a collective times out
+    the ranks still alive can name the one that stopped answering. Skipped in a world of one."""
+    _PROGRESS[:] = [epoch, step, what, time.time()]
+    store = _store() if _active() and dist.get_world_size() > 1 else None
     if store is not None:
-        store.set(f"dml_progress/{dist.get_rank()}", json.dumps([epoch, step, what, time.time()]))
+        store.set(f"dml_progress/{dist.get_rank()}", json.dumps(_PROGRESS))
 
 
 def _store():
@@ -196,40 +205,43 @@ def _store():
         return None
 
 
+_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout")  # gloo's; NCCL's watchdog aborts instead
+
+
 def is_timeout(e: BaseException) -> bool:
-    """A collective that waited longer than the process group's timeout (gloo's message; NCCL's watchdog
-    aborts the process instead of raising)."""
-    return isinstance(e, (RuntimeError, dist.DistError)) and "timed out" in str(e).lower() and not is_peer_loss(e)
+    """A collective that waited longer than the process group's timeout."""
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(m in str(e) for m in _TIMEOUT_MESSAGES)
 
 
-def describe_stall(replicas: int, timeout: timedelta) -> str:
-    """One line after a collective timed out: the rank(s) furthest behind by their last heartbeat, where
-    this rank waited, and the fix."""
+def describe_stall(replicas: int, timeout: timedelta, error: BaseException) -> str:
+    """One line after a collective timed out: the rank(s) behind this one by their last heartbeat (or
+    that no rank is behind), where this rank waited, the fix, and the backend's own first line."""
     store, me, world, now = _store(), dist.get_rank(), dist.get_world_size(), time.time()
-    reports = {}
-    for r in range(world):
-        key = f"dml_progress/{r}"
-        try:
-            if store is not None and store.check([key]):
-                reports[r] = json.loads(store.get(key))
-        except Exception:  # noqa: BLE001 - the store itself may be gone with the rank that hosted it
-            pass
-    mine = reports.get(me, [0, 0, "setup", now])
-    silent = [r for r in range(world) if r not in reports and r != me]
-    if silent:
-        culprit, last = silent, "never reported progress"
-    else:
-        low = min((v[0], v[1]) for v in reports.values())
-        if low < (mine[0], mine[1]):  # behind this rank: it never reached this step's collective
-            culprit = [r for r, v in reports.items() if (v[0], v[1]) == low]
-        else:  # every rank at this step: the one whose last report is oldest
-            culprit = [min((r for r in reports if r != me), key=lambda r: reports[r][3], default=me)]
+    mine, reports, unreachable = list(_PROGRESS), {}, False
+    if store is not None:
+        store.set_timeout(timedelta(seconds=5))  # the store lives in rank 0's process, which may be the stalled one
+        for r in range(world):
+            try:
+                if r != me and store.check([f"dml_progress/{r}"]):
+                    reports[r] = json.loads(store.get(f"dml_progress/{r}"))
+            except Exception:  # noqa: BLE001
+                unreachable = True
+                break
+    where = f"rank {me} waited {timeout.total_seconds():.0f} s in {mine[2]} at epoch {mine[0]} step {mine[1]}"
+    behind = [r for r, v in reports.items() if (v[0], v[1]) < (mine[0], mine[1])]
+    if unreachable:
+        what = "rank 0 (peer 1, it hosts the job's key-value store) stopped answering"
+    elif behind:
+        low = min((reports[r][0], reports[r][1]) for r in behind)
+        culprit = [r for r in behind if (reports[r][0], reports[r][1]) == low]
         first = reports[culprit[0]]
-        last = f"its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
-    who = ", ".join(f"rank {r} (peer {r // replicas + 1})" for r in culprit) or "another rank"
-    return (f"{who} stopped answering: rank {me} waited {timeout.total_seconds():.0f} s in {mine[2]} at epoch "
-            f"{mine[0]} step {mine[1]}{'; ' + last if last else ''}. Check that process (stopped, swapped out, "
-            f"a hung GPU or filesystem); if its steps legitimately take longer, raise timeout= (seconds)")
+        what = (", ".join(f"rank {r} (peer {r // replicas + 1})" for r in culprit) + " stopped answering")
+        where += f"; its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
+    else:
+        what = "a rank stopped answering inside the collective (no rank is behind this one by its reports)"
+    first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    return (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
+            f"if its steps legitimately take longer, raise timeout= (seconds) [{first_line}]")
 
 
 def destroy_distributed() -> None:
@@ -257,6 +269,11 @@ def local_rank() -> int:
 _GROUPS: dict = {}
 
 
+def group_timeout() -> timedelta:
+    """The timeout the process group was created with (``collective_timeout``), for the subgroups."""
+    return _GROUPS.get("timeout") or collective_timeout()
+
+
 def long_group():
     """A gloo group over the world without the collective timeout, for waits that legitimately take long
     (a node decoding a large image folder into its cache). Created on first use: collective."""
@@ -279,7 +296,7 @@ def node_group(local_world_size: int):
             raise DMLError(f"{world} ranks do not split into nodes of {local_world_size}; start the same "
                            f"--nproc_per_node on every node")
         for first in range(0, world, local_world_size):
-            g = dist.new_group(list(range(first, first + local_world_size)))
+            g = dist.new_group(list(range(first, first + local_world_size)), timeout=group_timeout())
             if first <= me < first + local_world_size:
                 _GROUPS["node"] = g
     return _GROUPS["node"]

@@ -59,18 +59,20 @@ class StepWatch:
         self.current: Optional[tuple] = None   # (epoch, step, started)
         self.warned: Optional[tuple] = None
         self._stop = threading.Event()
-        threading.Thread(target=self._run, name="dml-step-watch", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="dml-step-watch", daemon=True)
+        self._thread.start()
 
     def start(self, epoch: int, step: int) -> None:
         """Step ``step`` of ``epoch`` begins now (the previous one, if any, ended)."""
-        now = time.time()
+        now = time.monotonic()
         if self.current is not None:
             self.durations.append(now - self.current[2])
         self.current = (epoch, step, now)
 
     def pause(self) -> None:
-        """Between epochs (evaluation and checkpoints are not steps)."""
-        self.start(0, 0)
+        """Between epochs (evaluation and checkpoints are not steps): the step in flight ends, no new one."""
+        if self.current is not None:
+            self.durations.append(time.monotonic() - self.current[2])
         self.current = None
 
     def _run(self) -> None:
@@ -78,7 +80,7 @@ class StepWatch:
             cur, done = self.current, sorted(self.durations)
             if cur is None or len(done) < 3 or self.warned == cur[:2]:
                 continue
-            median, waited = done[len(done) // 2], time.time() - cur[2]
+            median, waited = done[len(done) // 2], time.monotonic() - cur[2]
             if waited > max(self.factor * median, self.floor_s):
                 self.warned = cur[:2]
                 self.logger.info(f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
@@ -87,6 +89,7 @@ class StepWatch:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=2)
 
 
 def peak_rss_gb() -> float:
@@ -236,7 +239,7 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
                         f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB)")
         if on_step is not None:
             on_step(step, meters)
-        if watch is not None:
+        if watch is not None and step + 1 < steps:
             watch.start(epoch, step + 1)
     if watch is not None:
         watch.pause()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import distributed as D
 from .distributed import DistContext
 
 
@@ -78,7 +79,8 @@ def separate_replica_group(ctx: DistContext):
     """A second group over this peer's replicas (collective: every rank creates every group), so that
     SyncBN's all-reduces in backward never interleave with DDP's gradient buckets on one communicator."""
     r = ctx.replicas
-    groups = [dist.new_group([k * r + i for i in range(r)]) for k in range(ctx.world_size // r)]
+    groups = [dist.new_group([k * r + i for i in range(r)], timeout=D.group_timeout())
+              for k in range(ctx.world_size // r)]
     return groups[ctx.peer]
 
 

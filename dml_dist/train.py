@@ -93,10 +93,11 @@ class Trainer:
             make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node)
             if ds is not None else None for ds in (data.val, data.test))
         self.steps_per_epoch = len(self.train_loader)
-        self.watch = StepWatch(logger, D.collective_timeout(cfg).total_seconds()) if ctx.is_main else None
+
         # The cohort's state, identical on every rank, and its checkpoints (cohort.py).
         self.ckpt = CohortCheckpoint(cfg, ctx, logger, data, (self.arch, self.model, self.optimizer, self.scheduler,
                                                               self.scaler), self.archs)
+        self.watch = StepWatch(logger, D.group_timeout().total_seconds()) if ctx.is_main else None  # created last
 
     def kl_weight(self, epoch: int):
         """The mutual term's weight per step of ``epoch`` (``loss.kl_ramp``: warm-up, then kl_weight)."""
@@ -224,8 +225,9 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
         faults.at_setup(ctx.rank)
         cfg["amp"] = resolve_amp(cfg, ctx.device)
-        if ctx.device.type == "cuda":
-            # Fixed-shape training: let cuDNN pick the fastest convolution algorithms once per shape.
+        if ctx.device.type == "cuda" and created_group:
+            # Fixed-shape training: let cuDNN pick the fastest convolution algorithms once per shape (only in
+            # processes this package started: a user's own process keeps its global setting).
             torch.backends.cudnn.benchmark = True
         # channels_last only pays off on GPUs; on CPU it would change conv kernels and thus results.
         cfg["channels_last"] = cfg["channels_last"] and ctx.device.type == "cuda"
@@ -266,16 +268,18 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                 "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
     except RuntimeError as e:
         if D.is_active() and D.is_timeout(e):  # a rank stopped answering: name it while the group's store is up
-            raise DMLError(D.describe_stall(ctx.replicas, D.collective_timeout(cfg)), all_ranks=False) from None
+            raise DMLError(D.describe_stall(ctx.replicas, D.group_timeout(), e), all_ranks=False) from None
         raise
     finally:
-        if trainer is not None:
-            trainer.ckpt.writer.close()
-            if trainer.watch is not None:
-                trainer.watch.close()
-        logger.close()
-        if created_group:
-            D.destroy_distributed()
+        try:
+            if trainer is not None:
+                if trainer.watch is not None:
+                    trainer.watch.close()
+                trainer.ckpt.writer.close()
+        finally:
+            logger.close()
+            if created_group:
+                D.destroy_distributed()
 
 
 def report_error(e: DMLError) -> None:

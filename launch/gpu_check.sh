@@ -33,16 +33,22 @@ deadline=$((SECONDS + ${TOTAL_TIMEOUT:-480}))
 first_gpu=${CUDA_VISIBLE_DEVICES:-0}
 first_gpu=${first_gpu%%,*}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
-budget() {  # seconds for the next run: STEP_TIMEOUT, or what is left before the deadline (at least 5)
+budget() {  # seconds for the next run: STEP_TIMEOUT, or what is left before the deadline (0: none left)
     local left=$((deadline - SECONDS))
-    if ((left < limit)); then echo $((left > 5 ? left : 5)); else echo "$limit"; fi
+    if ((left < limit)); then echo $((left > 0 ? left : 0)); else echo "$limit"; fi
+}
+run_within() {  # run_within CMD...: under the budget, killed 10 s after its time (torchrun's grace is 30 s)
+    local t
+    t=$(budget)
+    if ((t < 10)); then return 124; fi
+    timeout -k 10 "$t" "$@"
 }
 if ! command -v "$py" >/dev/null 2>&1; then
     echo "gpu_check: FAIL no Python interpreter '$py' (set PYTHON to the one that has dml_dist installed)"
     exit 1
 fi
-if ! "$py" -c 'import torch, dml_dist' >/dev/null 2>&1; then
-    echo "gpu_check: FAIL $py cannot import torch and dml_dist (pip install -e . with that interpreter)"
+if ! err=$("$py" -c 'import torch, dml_dist' 2>&1); then
+    echo "gpu_check: FAIL $py cannot import torch and dml_dist (pip install -e . with that interpreter): ${err##*$'\n'}"
     exit 1
 fi
 gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
@@ -74,7 +80,7 @@ check() {  # name nproc expected-backend(nccl|gloo) expected-amp "key=value ..."
     shift 5
     mkdir -p "$work/$name/fp"
     # shellcheck disable=SC2086  # keys is a list of key=value words on purpose
-    if env "$@" DML_FINGERPRINT_DIR="$work/$name/fp" timeout "$(budget)" "$py" -m torch.distributed.run --standalone \
+    if run_within env "$@" DML_FINGERPRINT_DIR="$work/$name/fp" "$py" -m torch.distributed.run --standalone \
         --nproc_per_node="$nproc" -m dml_dist.train data_dir="$work/data" model=resnet20 epochs=1 \
         batch_size=128 augment=true consistency_check_every=1 progress_bar=false print_freq=4 \
         save_dir="$work/$name/ckpt" log_dir="$work/$name/logs" experiment_name="$name" $keys \
@@ -95,8 +101,8 @@ applied = ("nccl" in group) == (want_backend == "nccl") and s["config"]["amp"] =
 print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['config']['amp']} compile={s['config']['compile']} "
       f"ranks={len(fps)} batches-identical={same} acc={['%.2f' % a for a in s['best_accuracies']]}")
 PY
-)
-        if [[ "$info" == MISMATCH* ]]; then
+) || info="MISMATCH the verdict script failed (see $work/$name.log)"
+        if [[ "$info" != want* ]]; then
             verdicts+=("$name: FAILED batches differ between ranks, or backend/amp not as asked ($info)")
             status=1
         else
@@ -124,7 +130,7 @@ fi
 
 bench=()
 for model in resnet20 resnet32 resnet56; do
-    line=$(timeout "$(budget)" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \
+    line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \
         model="$model" batch_size=512 amp=bf16 steps=20 warmup=5 data_dir="$work/data" 2>"$work/bench_$model.log" | tail -n 1)
     ips=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1]); print(r["images_per_s_per_peer"], r["loader"]["batched_images_per_s"])' "$line" 2>/dev/null)
     if [[ -n "$ips" ]]; then
@@ -136,7 +142,7 @@ for model in resnet20 resnet32 resnet56; do
     fi
 done
 
-line=$(timeout "$(budget)" "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
+line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
     data_dir="$work/jpeg" loader=stream decode_device=cuda augment=rrc,flip image_size=224 batch_size=256 \
     num_workers=4 steps=0 2>"$work/probe.log" | tail -n 1)
 ips=$("$py" -c 'import json, sys; print(json.loads(sys.argv[1])["ranks"][0]["images_per_s"])' "$line" 2>/dev/null)
