@@ -97,17 +97,22 @@ def test_stop_after_epoch_2_and_resume_is_bit_identical(tmp_path, data_dir, refe
 
 # With save_every_steps=2 the newest step checkpoint before the kill is step 5, or an earlier one (3, 1) when
 # torchrun's SIGTERM reached rank 0 while its writer thread was still writing (the temp file is discarded).
-@pytest.mark.parametrize("save_every_steps,resumed", [(2, r"1 epoch\(s\) and [135] step\(s\) done"),
-                                                       (0, r"1 epoch\(s\) and 0 step\(s\) done")])
+# loader=stream: the same run through the stream path (each batch decoded from the files by the two ranks
+# together, in a worker) must give the memory path's weights bit for bit, a mid-epoch resume included.
+@pytest.mark.parametrize("save_every_steps,resumed,loader", [(2, r"1 epoch\(s\) and [135] step\(s\) done", "memory"),
+                                                              (0, r"1 epoch\(s\) and 0 step\(s\) done", "memory"),
+                                                              (2, r"1 epoch\(s\) and [135] step\(s\) done", "stream")])
 def test_sigkilled_worker_is_restarted_and_finishes_identically(tmp_path, data_dir, reference, save_every_steps,
-                                                                 resumed):
+                                                                 resumed, loader):
     w = tmp_path / "killed"
+    extra = {"loader": "stream", "num_workers": 1} if loader == "stream" else {}
     r = _launch(w, data_dir, torchrun_args=["--max-restarts=1"], save_every_steps=save_every_steps,
-                env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5"})
+                env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5"}, **extra)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(exitcode: -9) local_rank: 1" in r.stderr and "torchrun restart 1: resume=auto" in r.stdout
     assert re.search(resumed, r.stdout), r.stdout[-2000:]
-    _assert_same_run(reference, w, ignore_config=["save_every_steps"])
+    assert f"data path: {loader}" in r.stdout
+    _assert_same_run(reference, w, ignore_config=["save_every_steps", *extra])
     assert _no_temp_files(w) == []
 
 

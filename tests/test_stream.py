@@ -71,6 +71,20 @@ def test_auto_chooses_the_path_and_says_why(jpeg_dir, tmp_path):
         build_datasets(_cfg(jpeg_dir, tmp_path, loader="memory", augment=["rrc"]))
 
 
+def test_replica_shards_of_a_streamed_batch_make_the_whole_batch(jpeg_dir, tmp_path):
+    """With replicas each rank takes its shard after the node's gather: shards 0 and 1 of 2, side by side,
+    are the batch of one replica."""
+    ds = build_datasets(_cfg(jpeg_dir, tmp_path, augment=["rrc", "flip", "jitter"])).train
+    batches = []
+    for shard in ((0, 1), (0, 2), (1, 2)):
+        loader = make_train_loader(ds, 8, seed=1, shard=shard)
+        loader.set_epoch(2)
+        batches.append(next(iter(loader)))
+    assert batches[1][0].shape[0] == 4
+    assert torch.equal(torch.cat([batches[1][0], batches[2][0]]), batches[0][0])
+    assert torch.equal(torch.cat([batches[1][1], batches[2][1]]), batches[0][1])
+
+
 def test_transforms_agree_with_torchvision(jpeg_dir):
     """Evaluation: torchvision's Resize(floor(S / 0.875)) + CenterCrop(S); RandomResizedCrop: its box rule
     and its crop-then-resize, per sample; within a small tolerance of the PIL reference."""
