@@ -101,7 +101,6 @@ class DistContext:
     replicas: int = 1
     peer_group: Any = None
     replica_group: Any = None
-    mesh: Any = None
 
     @property
     def peer(self) -> int:
@@ -161,12 +160,27 @@ def init_distributed(cfg: dict) -> DistContext:
     if replicas > 1 and dist.is_initialized() and world % replicas == 0:
         # The 2-D layout peers x replicas, peer-major. A world that does not divide is refused later
         # (finalize_config) with a message naming both numbers.
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(torch.device(placement.device).type, (world // replicas, replicas),
-                                mesh_dim_names=("peer", "replica"))
-        return DistContext(rank, world, local_rank, local_world, placement, replicas,
-                           mesh["peer"].get_group(), mesh["replica"].get_group(), mesh)
+        peer_group, replica_group = layout_groups(world, replicas, rank, process_group_backend(placement))
+        return DistContext(rank, world, local_rank, local_world, placement, replicas, peer_group, replica_group)
     return DistContext(rank, world, local_rank, local_world, placement)
+
+
+def layout_groups(world: int, replicas: int, rank: int, backend: str) -> tuple:
+    """This rank's peer group (the ranks with its replica index, one per peer: the logits travel there)
+    and replica group (its peer's replicas: DDP, SyncBN), built with plain ``dist.new_group`` and the
+    process group's backend string, which every supported torch accepts (a DeviceMesh over
+    ``"cpu:gloo,cuda:nccl"`` needs a recent ``split_group``). Collective: every rank creates every group,
+    in the same order."""
+    peers, mine = world // replicas, {}
+    for i in range(replicas):
+        g = dist.new_group([k * replicas + i for k in range(peers)], timeout=group_timeout(), backend=backend)
+        if rank % replicas == i:
+            mine["peer"] = g
+    for k in range(peers):
+        g = dist.new_group([k * replicas + i for i in range(replicas)], timeout=group_timeout(), backend=backend)
+        if rank // replicas == k:
+            mine["replica"] = g
+    return mine["peer"], mine["replica"]
 
 
 # What a rank sees when another rank died mid-collective (gloo's TCP pairs, the c10d store).

@@ -1,4 +1,4 @@
-"""Data-parallel replicas of one peer: DDP over the mesh's ``replica`` group, optional SyncBN within it.
+"""Data-parallel replicas of one peer: DDP over the ``replica`` group, optional SyncBN within it.
 
 Peers are never wrapped together: each peer's replicas form their own group (``DistContext.replica_group``)
 and DDP averages gradients there only; the logits travel over the ``peer`` group. Over equal shards, DDP's
