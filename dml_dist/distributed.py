@@ -316,6 +316,17 @@ def node_group(local_world_size: int):
     return _GROUPS["node"]
 
 
+def _host_group(group=None):
+    """The group for host-side (CPU) collectives: ``group`` itself when it has a CPU backend; for a default
+    group without one (a user's own NCCL-only group around ``train_dml``), a gloo group over the same
+    ranks, created once (collective on first use: every rank reaches it through the same call)."""
+    if group is not None or "cpu:" in dist.get_backend_config():
+        return group
+    if "host" not in _GROUPS:
+        _GROUPS["host"] = dist.new_group(backend="gloo", timeout=group_timeout())
+    return _GROUPS["host"]
+
+
 def _comm_device(t: torch.Tensor) -> torch.device:
     """The device a tensor travels on: its own when the group has a backend for it (CPU: always; CUDA:
     when NCCL is in the group), else host memory (CUDA tensors of peers sharing a GPU over gloo)."""
@@ -338,6 +349,8 @@ def all_gather_logits(logits: torch.Tensor, group=None) -> torch.Tensor:
         return logits.detach().unsqueeze(0)
     src = logits.detach().contiguous()
     dev = _comm_device(src)
+    if dev.type == "cpu":
+        group = _host_group(group)
     world = dist.get_world_size(group)
     # Concatenated layout [world * B, ...]: the one every backend accepts; viewed as [world, B, ...].
     out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=dev)
@@ -356,6 +369,8 @@ def gather_to_main(t: torch.Tensor, group=None) -> Optional[torch.Tensor]:
         return t.detach().cpu().unsqueeze(0)
     src = t.detach().contiguous()
     src = src.to(_comm_device(src))
+    if src.device.type == "cpu":
+        group = _host_group(group)
     first = dist.get_global_rank(group, 0) if group is not None else 0
     parts = [torch.empty_like(src) for _ in range(dist.get_world_size(group))] if dist.get_rank() == first else None
     dist.gather(src, parts, dst=first, group=group)
@@ -367,6 +382,7 @@ def gather_objects(obj: Any, group=None) -> Optional[list]:
     collectives travel over the group's CPU backend."""
     if not _active():
         return [obj]
+    group = _host_group(group)
     first = dist.get_global_rank(group, 0) if group is not None else 0
     out = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
     dist.gather_object(obj, out, dst=first, group=group)
@@ -377,6 +393,7 @@ def all_gather_objects(obj: Any, group=None) -> list:
     """Picklable object from every rank of ``group`` -> the list of all of them, on each of them."""
     if not _active():
         return [obj]
+    group = _host_group(group)
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
@@ -386,6 +403,7 @@ def broadcast_object(obj: Any = None, src: int = 0, group=None) -> Any:
     """``obj`` of global rank ``src`` -> every rank of ``group``."""
     if not _active():
         return obj
+    group = _host_group(group)
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
@@ -395,6 +413,7 @@ def scatter_objects(objs: Optional[list], group=None) -> Any:
     """The first rank's list -> element ``i`` on the group's i-th rank (restoring peers from rank 0)."""
     if not _active():
         return objs[0]
+    group = _host_group(group)
     first = dist.get_global_rank(group, 0) if group is not None else 0
     out = [None]
     dist.scatter_object_list(out, objs if dist.get_rank() == first else None, src=first, group=group)
@@ -403,4 +422,4 @@ def scatter_objects(objs: Optional[list], group=None) -> Any:
 
 def barrier() -> None:
     if _active():
-        dist.barrier()
+        dist.barrier(group=_host_group())

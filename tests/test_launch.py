@@ -55,8 +55,10 @@ def test_world_of_one_runs_the_real_collectives():
                  str(REPO / "tests" / "scripts" / "collective_rule.py")])
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    # A group without a CPU backend rejects CPU tensors even alone: the bug class NCCL-only groups had.
+    # A group without a CPU backend rejects CPU tensors even alone: the bug class NCCL-only groups had...
     assert out["device_only_group"] == "No backend type associated with device type cpu"
+    # ...so our host-side collectives take a gloo group of their own there, and only there.
+    assert out["host_group_used"] and out["host_side_ok"] and out["no_host_group"]
     assert out["backend"] == "gloo" and out["all_gather"] and out["gather_to_main"] and out["objects"]
 
 

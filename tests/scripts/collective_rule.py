@@ -1,7 +1,8 @@
 """Run under `torchrun --nproc_per_node=1` by tests/test_launch.py: the collective rule at a world of one.
 
-1. A group with no CPU backend (``cuda:gloo``: what an NCCL-only group is to CPU tensors) must make our
-   collectives fail on CPU tensors even with one process: the real collective runs, nothing short-circuits.
+1. A group with no CPU backend (``cuda:gloo``: what a user's NCCL-only group is to CPU tensors) rejects a
+   CPU tensor even with one process (the real collective runs, nothing short-circuits); our host-side
+   collectives then run on a gloo group of their own (issue 16: ``train_dml`` inside a user's NCCL group).
 2. With the backend string the placement rule gives, every collective the trainer uses works.
 Prints one JSON line.
 """
@@ -15,15 +16,22 @@ from dml_dist import distributed as D
 out = {}
 dist.init_process_group("cuda:gloo")
 try:
-    D.all_gather_tensor(torch.ones(2))
+    dist.all_gather_into_tensor(torch.empty(2), torch.ones(2))
     out["device_only_group"] = "no error"
 except RuntimeError as e:
     out["device_only_group"] = str(e).splitlines()[0]
-dist.destroy_process_group()
+out["host_group_used"] = D._host_group() is not None and D._host_group() is D._host_group()
+out["host_side_ok"] = (D.all_gather_tensor(torch.ones(2)).tolist() == [[1.0, 1.0]]
+                       and D.gather_to_main(torch.ones(1)).tolist() == [[1.0]]
+                       and D.all_gather_objects("o") == ["o"] and D.broadcast_object("b") == "b"
+                       and D.gather_objects(1) == [1] and D.scatter_objects([2]) == 2)
+D.barrier()
+D.destroy_distributed()
 
 placement = D.resolve_placement(0, 1, 0)
 dist.init_process_group(D.process_group_backend(placement))
 out["backend"] = str(dist.get_backend())
+out["no_host_group"] = D._host_group() is None  # a group with a CPU backend serves host-side collectives itself
 out["all_gather"] = D.all_gather_logits(torch.arange(6.0).view(2, 3)).shape == (1, 2, 3)
 out["gather_to_main"] = D.gather_to_main(torch.ones(3)).tolist() == [[1.0, 1.0, 1.0]]
 out["objects"] = D.gather_objects({"a": 1}) == [{"a": 1}] and D.broadcast_object("x") == "x" \
