@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+from dataclasses import fields
 import threading
 import time
 from collections import deque
@@ -97,23 +98,30 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[2] int64: hashes of the labels and of the input bytes (equal only for byte-identical batches)."""
-    def h(t: torch.Tensor) -> int:
-        digest = hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
-        return int.from_bytes(digest, "little", signed=True)
+def batch_fingerprint(x: torch.Tensor, y: torch.Tensor, source: Optional[tuple] = None) -> torch.Tensor:
+    """[2] int64: hashes of the labels and of what defines the inputs. ``source``: the loader's
+    ``(uint8 batch before augmentation, AugParams)`` (memory and stream paths): a quarter of the float
+    batch's bytes cross to the host, plus the parameters; without it, the float inputs themselves."""
+    def h(*ts: torch.Tensor) -> int:
+        digest = hashlib.blake2b(digest_size=8)
+        for t in ts:
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return int.from_bytes(digest.digest(), "little", signed=True)
+    if source is not None:
+        u8, params = source
+        return torch.tensor([h(y), h(u8, *(getattr(params, f.name) for f in fields(params)))], dtype=torch.int64)
     return torch.tensor([h(y), h(x)], dtype=torch.int64)
 
 
 def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
-                            ctx: Optional[D.DistContext] = None) -> None:
+                            ctx: Optional[D.DistContext] = None, source: Optional[tuple] = None) -> None:
     """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch.
 
     Replica r of every peer must hold the same shard (compared across the peer dimension), and every
     rank the same full batch (the shards' fingerprints in replica order, compared across all ranks)."""
     rank, r = (ctx.rank, ctx.replicas) if ctx is not None else (0, 1)
     D.report_progress(epoch, step, "the batch fingerprint check")
-    fp = batch_fingerprint(x, y)
+    fp = batch_fingerprint(x, y, source)
     faults.record_fingerprint(rank, epoch, step, fp)
     if r > 1:
         shards = D.all_gather_tensor(fp, ctx.replica_group)
@@ -214,7 +222,8 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
         data_time = time.time() - t_last
         faults.at_step(ctx.rank, epoch, step)
         if check_every and (step == start_step or step % check_every == 0):
-            check_batch_consistency(x, y, epoch, step, ctx)  # sync point (host copy of the batch)
+            # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
+            check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None))
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
         D.report_progress(epoch, step, "the logits all-gather")  # heartbeat (host, no device sync)
         all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point: one all-gather per step

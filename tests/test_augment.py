@@ -115,3 +115,21 @@ def test_jitter_builds_its_greyscale_weights_once_per_device():
         augment_batch(x, AugParams.draw(4, step_generator(0, 0, step)), ["jitter"])
     info = _gray_weights.cache_info()
     assert info.misses == 1 and info.hits == 5  # contrast and saturation, 3 steps
+
+
+def test_fingerprint_hashes_the_uint8_batch_and_its_parameters_not_the_float_inputs():
+    """Issue 16: the check copied the whole float batch to the host (300 MB at batch 512, 224 px); it now
+    hashes what defines the batch: the uint8 images before augmentation and the augmentation parameters."""
+    from dml_dist.engine import batch_fingerprint
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = TensorImageDataset(images, torch.arange(20) % 2, ["a", "b"], ["crop", "flip"])
+    loader = DeviceTrainLoader(ds, 4, seed=0, device="cpu")
+    x, y = loader.batch(0, 1)
+    u8, params = loader.last_source
+    assert u8.dtype == torch.uint8 and u8.shape == (4, 3, 8, 8) and x.dtype == torch.float32
+    fp = batch_fingerprint(x, y, loader.last_source)
+    assert torch.equal(fp, batch_fingerprint(*loader.batch(0, 1), loader.last_source))  # same step, same hash
+    other = params[torch.arange(4)]
+    other.flip = ~other.flip  # same images, other augmentation: caught
+    assert not torch.equal(fp, batch_fingerprint(x, y, (u8, other)))
+    assert not torch.equal(fp, batch_fingerprint(*loader.batch(0, 2), loader.last_source))

@@ -149,6 +149,7 @@ class DeviceTrainLoader:
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
         self.epoch, self.start_step = 0, 0
+        self.last_source: Optional[tuple] = None
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -165,6 +166,7 @@ class DeviceTrainLoader:
         idx, params = self.plan(epoch, step)
         idx = _to_device(idx, self.device)
         x = self.images[idx]
+        self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
         if self.ops:
             x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
         return normalize(x), self.labels[idx]

@@ -198,6 +198,7 @@ class StreamTrainLoader(_CooperativeLoader):
         self.ops = tuple(o for o in dataset.augment if o != "rrc")  # rrc is applied while decoding
         self.labels = dataset.labels
         self.epoch, self.start_step = 0, 0
+        self.last_source: Optional[tuple] = None
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -211,8 +212,9 @@ class StreamTrainLoader(_CooperativeLoader):
         for step, item in zip(steps, self._items(steps)):
             x = shard_rows(self._assemble(step, item)[:self.batch_size], self.shard)
             idx = shard_rows(self.plan.indices(self.epoch, step), self.shard)
+            params = shard_rows(self.plan.params(self.epoch, step), self.shard)
+            self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
             if self.ops:
-                params = shard_rows(self.plan.params(self.epoch, step), self.shard)
                 x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
             yield normalize(x), self.labels[idx].to(self.device, non_blocking=True)
 
