@@ -133,3 +133,31 @@ def test_fingerprint_hashes_the_uint8_batch_and_its_parameters_not_the_float_inp
     other.flip = ~other.flip  # same images, other augmentation: caught
     assert not torch.equal(fp, batch_fingerprint(x, y, (u8, other)))
     assert not torch.equal(fp, batch_fingerprint(*loader.batch(0, 2), loader.last_source))
+
+
+@pytest.mark.parametrize("ops", [["crop", "flip"], ["crop", "flip", "rotate", "jitter"], []])
+def test_a_step_sends_one_host_to_device_copy(ops):
+    """Issue 16: a step copied 8 small tensors to the device (the indices and every AugParams field, used
+    or not). Now one packed tensor of the fields the active ops use. Counted on CPU with a torch function
+    mode that sees every Tensor.to(device) of a step (each one is a host-to-device copy on a GPU)."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountTo(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to and any(isinstance(a, (torch.device, str)) for a in args[1:]):
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    ds = _dataset(augment=ops)
+    loader = DeviceTrainLoader(ds, 8, seed=0, device="cpu")
+    reference = [loader.batch(1, s) for s in range(3)]
+    with CountTo() as counter:
+        batches = [loader.batch(1, s) for s in range(3)]
+    assert counter.calls == 3 and loader.upload.copies == 6
+    assert loader.upload.names == [n for op in ops for n in {"crop": ["crop_i", "crop_j"], "flip": ["flip"],
+                                                             "rotate": ["angle"], "jitter": ["brightness", "contrast", "saturation"]}[op]]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, batches))

@@ -3,7 +3,8 @@
 The set (a uint8 tensor, from the on-disk cache or CIFAR's arrays) moves to each peer's device once. Per
 step, ``DeviceTrainLoader`` takes slice ``step`` of the epoch's permutation (a generator seeded with
 ``(seed, epoch)``) and draws the per-sample augmentation parameters from a generator seeded with
-``(seed, epoch, step)``, both on the CPU; they cross to the device (pinned, non-blocking) and the whole
+``(seed, epoch, step)``, both on the CPU; they cross to the device in one packed copy (``StepUpload``:
+a reused pinned buffer, non-blocking, only the fields the active augmentations use) and the whole
 batch is gathered, augmented and normalised there (``augment.py``). No DataLoader workers, no per-image
 Python. Evaluation runs from device-resident tensors in large batches. A batch depends on
 (seed, epoch, step) alone: not on the rank, or a restart in the middle of an epoch.
@@ -11,6 +12,7 @@ Python. Evaluation runs from device-resident tensors in large batches. A batch d
 from __future__ import annotations
 
 import functools
+from dataclasses import fields
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -78,11 +80,45 @@ class TensorImageDataset(Dataset):
                                   self.augment if augment is None else augment)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device, pinned and non-blocking on CUDA (the copy overlaps with queued work)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+_FIELDS = {"crop": ("crop_i", "crop_j"), "flip": ("flip",), "rotate": ("angle",),
+           "jitter": ("brightness", "contrast", "saturation")}
+_DTYPES = {"crop_i": torch.int64, "crop_j": torch.int64, "flip": torch.bool}  # the rest: float32
+
+
+class StepUpload:
+    """One host-to-device copy per step: the batch's indices and the augmentation parameters that the
+    active ``ops`` use, packed into one float64 tensor (exact for indices below 2^53 and for every
+    parameter) and, on CUDA, copied non-blocking through one of two reused pinned buffers; a buffer is
+    refilled only after its previous copy finished (a CUDA event, normally long done). Parameters of
+    inactive ops are never sent (zeros on the device stand in). ``copies`` counts the transfers."""
+
+    def __init__(self, ops, device: torch.device):
+        self.names = [n for op in AUGMENTATIONS if op in ops for n in _FIELDS[op]]
+        self.device, self.copies = torch.device(device), 0
+        self._slots: list = []  # [pinned buffer, event] x 2 on CUDA
+        self._turn = 0
+
+    def __call__(self, idx: torch.Tensor, params: AugParams) -> tuple[torch.Tensor, AugParams]:
+        host = torch.stack([idx.double()] + [getattr(params, n).double() for n in self.names], 1)
+        self.copies += 1
+        if self.device.type == "cuda":
+            if not self._slots or self._slots[0][0].shape != host.shape:
+                self._slots = [[torch.empty_like(host).pin_memory(), None] for _ in range(2)]
+            slot = self._slots[self._turn]
+            self._turn ^= 1
+            if slot[1] is not None:
+                slot[1].synchronize()  # this buffer's previous copy (two steps ago) has finished
+            slot[0].copy_(host)
+            dev = slot[0].to(self.device, non_blocking=True)
+            slot[1] = torch.cuda.Event()
+            slot[1].record()
+        else:
+            dev = host.to(self.device)
+        cols = {n: dev[:, 1 + k].to(_DTYPES.get(n, torch.float32)) for k, n in enumerate(self.names)}
+        for f in fields(AugParams):
+            if f.name not in cols:
+                cols[f.name] = torch.zeros(len(idx), dtype=_DTYPES.get(f.name, torch.float32), device=self.device)
+        return dev[:, 0].long(), AugParams(**cols)
 
 
 class BatchPlan:
@@ -150,6 +186,7 @@ class DeviceTrainLoader:
         self.labels = dataset.labels.to(self.device)
         self.epoch, self.start_step = 0, 0
         self.last_source: Optional[tuple] = None
+        self.upload = StepUpload(self.ops, self.device)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -164,11 +201,11 @@ class DeviceTrainLoader:
 
     def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, params = self.plan(epoch, step)
-        idx = _to_device(idx, self.device)
+        idx, dev_params = self.upload(idx, params)  # one host-to-device copy
         x = self.images[idx]
         self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
         if self.ops:
-            x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
+            x = augment_batch(x, dev_params, self.ops)
         return normalize(x), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

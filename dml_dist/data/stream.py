@@ -28,7 +28,7 @@ from .. import distributed as D
 from ..augment import AUGMENTATIONS, AugParams, augment_batch, augment_one
 from ..errors import DMLError
 from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, decode_file, read_file, resized_crop
-from .memory import EVAL_BATCH, BatchPlan, normalize, shard_range, shard_rows
+from .memory import EVAL_BATCH, BatchPlan, StepUpload, normalize, shard_range, shard_rows
 
 
 class FileImageDataset(Dataset):
@@ -196,9 +196,10 @@ class StreamTrainLoader(_CooperativeLoader):
         super().__init__(_Shares(dataset, plan, batch_size, node), device, node, group, num_workers)
         self.plan, self.batch_size, self.shard = plan, batch_size, shard
         self.ops = tuple(o for o in dataset.augment if o != "rrc")  # rrc is applied while decoding
-        self.labels = dataset.labels
+        self.labels = dataset.labels.to(self.device)  # once: each step indexes them on the device
         self.epoch, self.start_step = 0, 0
         self.last_source: Optional[tuple] = None
+        self.upload = StepUpload(self.ops, self.device)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -214,9 +215,10 @@ class StreamTrainLoader(_CooperativeLoader):
             idx = shard_rows(self.plan.indices(self.epoch, step), self.shard)
             params = shard_rows(self.plan.params(self.epoch, step), self.shard)
             self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
+            idx, dev_params = self.upload(idx, params)  # one host-to-device copy
             if self.ops:
-                x = augment_batch(x, params.to(self.device, non_blocking=True), self.ops)
-            yield normalize(x), self.labels[idx].to(self.device, non_blocking=True)
+                x = augment_batch(x, dev_params, self.ops)
+            yield normalize(x), self.labels[idx]
 
 
 class StreamEvalLoader(_CooperativeLoader):
