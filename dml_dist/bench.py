@@ -12,7 +12,8 @@ Takes the trainer's config keys plus ``steps`` (timed steps per round, 10), ``ro
 
 Every rank runs, in lock-step (no evaluation, no checkpoints):
 1. ``alone``: its peer trained without the mutual term: no all-gather, no KL (the same peer trained alone);
-2. ``dml``: the DML step, with the all-gather timed separately (device-synchronised on GPU);
+2. ``dml``: the DML step, with the all-gather timed separately; both phases are timed alike, with CUDA
+   events on a GPU (nothing synchronises inside the timed steps) and ``perf_counter`` on the CPU;
    ``rounds`` alternating rounds of both, the median round of each counts;
 3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
    path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.
@@ -65,28 +66,48 @@ def _batches(loader: DeviceTrainLoader):
         epoch += 1
 
 
-def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool) -> tuple[float, float]:
+class _Clock:
+    """Time as the device sees it, the same way in both phases: CUDA events on a GPU (recorded on the
+    compute stream, nothing synchronises inside the timed steps, read once at the end), ``perf_counter``
+    on the CPU (where every collective is synchronous anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, a, b) -> float:
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1000
+
+
+def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scaler=None) -> tuple[float, float]:
     """Seconds per step and the seconds per step spent in the all-gather, over ``n`` steps."""
-    gather_s = 0.0
+    clock, gathers = _Clock(ctx.device), []
     D.barrier()
-    _sync(ctx.device)
-    t0 = time.perf_counter()
+    _sync(ctx.device)  # outside the timed stretch: both phases start from an idle device
+    start = clock.mark()
     for _ in range(n):
         x, y = next(batches)
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
         if mutual:
-            _sync(ctx.device)
-            tg = time.perf_counter()
+            g0 = clock.mark()
             all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point, as in training
-            _sync(ctx.device)
-            gather_s += time.perf_counter() - tg
+            gathers.append((g0, clock.mark()))
             index = ctx.peer
         else:
             all_logits, index = logits.detach().unsqueeze(0), 0  # no peers: plain cross-entropy
-        peer_update(logits, all_logits, index, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"])
-    _sync(ctx.device)
-    elapsed = time.perf_counter() - t0
-    return elapsed / n, gather_s / n
+        peer_update(logits, all_logits, index, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"],
+                    scaler)
+    elapsed = clock.seconds(start, clock.mark())
+    return elapsed / n, sum(clock.seconds(a, b) for a, b in gathers) / n
 
 
 def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_images: int) -> dict:
@@ -141,15 +162,16 @@ def run(cfg: dict, bench: dict) -> dict | None:
         if cfg["compile"]:
             train_model = torch.compile(train_model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None  # as the trainer does
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
-        _time_steps(train_model, optimizer, batches, ctx, cfg, warm, mutual=True)  # warm-up (and compile)
+        _time_steps(train_model, optimizer, batches, ctx, cfg, warm, True, scaler)  # warm-up (and compile)
         # Alternating rounds, median of each phase: a noisy neighbour hits both phases alike.
         alone, dml = [], []
         for _ in range(bench["rounds"]):
-            alone.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=False))
-            dml.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, mutual=True))
+            alone.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, False, scaler))
+            dml.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, True, scaler))
         alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
         dml_s, gather_s = sorted(dml)[len(dml) // 2]
         per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),
