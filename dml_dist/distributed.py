@@ -61,14 +61,49 @@ def host_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def gpu_uuids() -> list[str]:
+    """The identities of this process's visible GPUs (``CUDA_VISIBLE_DEVICES`` order)."""
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
+    """``(visible GPU index for rank, whether any rank of the job shares its GPU)`` from every rank's
+    ``(host, visible GPU UUIDs)``. Local rank l of a host takes its visible GPU ``l mod count``, as the
+    count rule did; "shared" comes from the physical identities, two ranks of a host on one UUID. A
+    launcher that shows each process only its own GPU (SLURM ``--gpus-per-task=1``, Kubernetes) is then
+    one GPU per rank (NCCL), where counts alone (2 ranks, 1 visible GPU) said shared. One answer for the
+    whole job, so every rank picks the same backend."""
+    by_host: dict = {}
+    for r, (host, uuids) in enumerate(identities):
+        by_host.setdefault(host, []).append(r)
+    picks = {}
+    for host, ranks in by_host.items():
+        for local, r in enumerate(ranks):  # torchrun numbers a node's ranks contiguously
+            uuids = identities[r][1]
+            picks[r] = (host, uuids[local % len(uuids)])
+    local = by_host[identities[rank][0]].index(rank)
+    return local % len(identities[rank][1]), len(set(picks.values())) < len(picks)
+
+
+def exchange_gpu_identities(store, rank: int, world: int) -> list:
+    """Every rank's ``(host, visible GPU UUIDs)``, through the rendezvous store (before the process
+    group exists: the backend depends on the answer)."""
+    store.set(f"dml_gpus/{rank}", json.dumps([socket.gethostname(), gpu_uuids()]))
+    return [json.loads(store.get(f"dml_gpus/{r}")) for r in range(world)]
+
+
 def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, device: str = "auto",
-                      backend: str = "auto", cpu_count: Optional[int] = None) -> Placement:
+                      backend: str = "auto", cpu_count: Optional[int] = None,
+                      assignment: Optional[tuple[int, bool]] = None) -> Placement:
     """Map a local rank to a device and a backend.
 
     - one GPU per local peer: ``cuda:<local_rank>`` with NCCL;
     - more local peers than GPUs: peers share GPUs round-robin with gloo (NCCL refuses two ranks on one
       GPU), logits go through host memory for the all-gather;
     - no GPU (or ``device=cpu``): CPU with gloo, the cores split between the local processes.
+
+    ``assignment``: ``assign_gpus``'s answer from the GPUs' identities (under a launcher); without it,
+    counts decide (local ranks > visible GPUs = shared).
     """
     cpus = cpu_count or host_cpus()
     threads = max(1, cpus // max(1, local_world_size))
@@ -80,12 +115,12 @@ def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, dev
         return Placement("cpu", "gloo", threads, False)
     if num_gpus < 1:
         raise DMLError("device=cuda but no GPU is visible; use device=cpu or device=auto")
-    shared = local_world_size > num_gpus
+    index, shared = assignment if assignment is not None else (local_rank % num_gpus, local_world_size > num_gpus)
     if backend == "nccl" and shared:
         raise DMLError(f"{local_world_size} peers on {num_gpus} GPU(s): NCCL refuses two ranks on one GPU; "
                        f"use backend=gloo (or auto)")
     chosen = backend if backend != "auto" else ("gloo" if shared else "nccl")
-    return Placement(f"cuda:{local_rank % num_gpus}", chosen, threads, shared)
+    return Placement(f"cuda:{index}", chosen, threads, shared)
 
 
 @dataclass(frozen=True)
@@ -148,13 +183,21 @@ def init_distributed(cfg: dict) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     num_gpus = torch.cuda.device_count() if cfg["device"] != "cpu" else 0
-    placement = resolve_placement(local_rank, local_world, num_gpus, cfg["device"], cfg["backend"])
+    _GROUPS["timeout"] = collective_timeout(cfg)
+    store, assignment = None, None
+    if under_launcher() and not dist.is_initialized() and num_gpus > 0:
+        # GPUs: which physical GPU each rank gets decides the backend, so ask every rank before the group.
+        store, rank, world = next(dist.rendezvous("env://", timeout=_GROUPS["timeout"]))
+        assignment = assign_gpus(exchange_gpu_identities(store, rank, world), rank)
+    placement = resolve_placement(local_rank, local_world, num_gpus, cfg["device"], cfg["backend"],
+                                  assignment=assignment)
     torch.set_num_threads(placement.threads)
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
-    _GROUPS["timeout"] = collective_timeout(cfg)
     if under_launcher() and not dist.is_initialized():
         kwargs = {"device_id": torch.device(placement.device)} if placement.backend == "nccl" else {}
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(process_group_backend(placement), timeout=_GROUPS["timeout"], **kwargs)
     replicas = int(cfg.get("replicas", 1))
     if replicas > 1 and dist.is_initialized() and world % replicas == 0:

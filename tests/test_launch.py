@@ -13,7 +13,8 @@ import torch
 
 from conftest import REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
 from dml_dist import DMLError
-from dml_dist.distributed import Placement, is_peer_loss, process_group_backend, resolve_placement
+from dml_dist.distributed import (Placement, assign_gpus, exchange_gpu_identities, is_peer_loss, process_group_backend,
+                                  resolve_placement)
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 
@@ -48,6 +49,32 @@ def test_placement(args, expected):
 def test_process_group_backend_has_a_cpu_backend_for_every_placement(args, backend):
     placement = resolve_placement(*args, cpu_count=8)
     assert process_group_backend(placement) == backend
+
+
+@pytest.mark.parametrize("identities,expected", [
+    # each process sees only its own GPU (SLURM --gpus-per-task=1, Kubernetes): one GPU each, NCCL
+    ([("n0", ["A"]), ("n0", ["B"]), ("n0", ["C"]), ("n0", ["D"])], [(0, False)] * 4),
+    # the same one GPU shown to two processes: shared (gloo)
+    ([("n0", ["A"]), ("n0", ["A"])], [(0, True)] * 2),
+    # a node's 8 GPUs shown to every process: GPU l for local rank l
+    ([("n0", list("ABCDEFGH"))] * 2, [(0, False), (1, False)]),
+    # 3 processes, 2 GPUs: round-robin, shared
+    ([("n0", ["A", "B"])] * 3, [(0, True), (1, True), (0, True)]),
+    # two nodes with the same GPU names: counted per host; one shared node makes the whole job gloo
+    ([("n0", ["A"]), ("n0", ["B"]), ("n1", ["A"]), ("n1", ["A"])], [(0, True), (0, True), (0, True), (0, True)]),
+])
+def test_shared_gpus_are_decided_by_identity_not_count(identities, expected):
+    """Issue 16: "shared" was local ranks > visible GPUs, so one GPU per process looked shared by all."""
+    assert [assign_gpus(identities, r) for r in range(len(identities))] == expected
+    # and the placement that follows: 4 ranks, 1 visible GPU each, distinct -> cuda:0 with NCCL (counts said gloo)
+    assert resolve_placement(3, 4, 1, cpu_count=8, assignment=(0, False)) == Placement("cuda:0", "nccl", 2, False)
+    assert resolve_placement(3, 4, 1, cpu_count=8) == Placement("cuda:0", "gloo", 2, True)
+
+
+def test_gpu_identities_travel_through_a_real_store():
+    from datetime import timedelta
+    store = torch.distributed.TCPStore("127.0.0.1", _free_port(), 1, True, timedelta(seconds=10))
+    assert exchange_gpu_identities(store, 0, 1) == [[socket.gethostname(), []]]  # no GPU here
 
 
 def test_world_of_one_runs_the_real_collectives():
