@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# A throwaway SLURM cluster on this machine, to run launch/slurm.sbatch for real without a cluster:
+# munged, slurmctld and NODES slurmd (several slurmd on one host fake several nodes) in a temporary
+# folder, on free localhost ports. It submits launch/slurm.sbatch for 2 peers and 2 short epochs on the
+# shared CIFAR-10 subset, requeues the job (scontrol requeue) once the first epoch is saved, waits for the
+# requeued run to resume from that checkpoint and finish, checks the job's output, and stops only the
+# daemons it started (by their PIDs). Needs root and Debian's slurmctld, slurmd, slurm-client and munge.
+#
+#   launch/slurm_local.sh        # 1 node, 2 processes
+#   launch/slurm_local.sh 2      # 2 fake nodes, 1 process each (the c10d rendezvous crosses "nodes")
+#
+# It ends with one line, `slurm_local: PASS ...` or `slurm_local: FAIL <reason>`, and exits 0 / 1.
+# Variables: PYTHON (interpreter with dml_dist installed, default: python), DATA (default: the shared
+# subset next to this checkout), KEEP=1 keeps the temporary folder.
+set -uo pipefail
+
+nodes=${1:-1}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-python}
+data=${DATA:-$repo/../shared/data/cifar10-small}
+tmp=$(mktemp -d /tmp/dml-slurm.XXXXXX)
+pids=()
+
+fail() { echo "slurm_local: FAIL $*"; exit 1; }
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+    sleep 1
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null; done
+    [[ "${KEEP:-0}" == 1 ]] || rm -rf "$tmp"
+}
+trap cleanup EXIT
+for tool in munged slurmctld slurmd sbatch scontrol squeue; do
+    command -v "$tool" >/dev/null || fail "$tool not found: apt-get install slurmctld slurmd slurm-client munge"
+done
+[[ -d "$data/train" ]] || fail "no data at $data (set DATA to an image folder with train/)"
+free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+mkdir -p "$tmp"/{munge,state,log,spool,run}
+chmod 700 "$tmp/munge"
+dd if=/dev/urandom of="$tmp/munge/munge.key" bs=1024 count=1 status=none
+chmod 400 "$tmp/munge/munge.key"
+munged --force --key-file="$tmp/munge/munge.key" --socket="$tmp/munge/munge.socket" \
+    --pid-file="$tmp/munge/munged.pid" --log-file="$tmp/log/munged.log" --seed-file="$tmp/munge/seed" \
+    || fail "munged did not start (see $tmp/log/munged.log)"
+pids+=("$(cat "$tmp/munge/munged.pid")")
+
+cpus=$(nproc)
+per_node=$((cpus / nodes > 0 ? cpus / nodes : 1))
+conf="$tmp/slurm.conf"
+{
+    echo "ClusterName=dmllocal"
+    echo "SlurmctldHost=localhost(127.0.0.1)"
+    echo "SlurmctldPort=$(free_port)"
+    echo "SlurmUser=root"
+    echo "SlurmdUser=root"
+    echo "AuthType=auth/munge"
+    echo "AuthInfo=socket=$tmp/munge/munge.socket"
+    echo "CredType=cred/munge"
+    echo "StateSaveLocation=$tmp/state"
+    echo "SlurmdSpoolDir=$tmp/spool/%n"
+    echo "SlurmctldPidFile=$tmp/run/slurmctld.pid"
+    echo "SlurmdPidFile=$tmp/run/slurmd-%n.pid"
+    echo "SlurmctldLogFile=$tmp/log/slurmctld.log"
+    echo "SlurmdLogFile=$tmp/log/slurmd-%n.log"
+    echo "ProctrackType=proctrack/linuxproc"
+    echo "TaskPlugin=task/none"
+    echo "SelectType=select/cons_tres"
+    echo "SelectTypeParameters=CR_CPU"
+    echo "SlurmdParameters=config_overrides"
+    echo "ReturnToService=2"
+    echo "MpiDefault=none"
+    echo "JobRequeue=1"
+    echo "AccountingStorageType=accounting_storage/none"
+    echo "JobCompType=jobcomp/none"
+    for n in $(seq 1 "$nodes"); do
+        echo "NodeName=node$n NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$per_node State=UNKNOWN"
+    done
+    echo "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+} >"$conf"
+export SLURM_CONF="$conf"
+
+slurmctld -f "$conf" || fail "slurmctld did not start (see $tmp/log/slurmctld.log)"
+for _ in $(seq 50); do [[ -s "$tmp/run/slurmctld.pid" ]] && break; sleep 0.2; done
+pids+=("$(cat "$tmp/run/slurmctld.pid")")
+for n in $(seq 1 "$nodes"); do
+    mkdir -p "$tmp/spool/node$n"
+    slurmd -f "$conf" -N "node$n" || fail "slurmd node$n did not start (see $tmp/log/slurmd-node$n.log)"
+    for _ in $(seq 50); do [[ -s "$tmp/run/slurmd-node$n.pid" ]] && break; sleep 0.2; done
+    pids+=("$(cat "$tmp/run/slurmd-node$n.pid")")
+done
+for _ in $(seq 100); do
+    idle=$(sinfo -h -N -t idle -o %N 2>/dev/null | wc -l)
+    [[ "$idle" -ge "$nodes" ]] && break
+    sleep 0.3
+done
+[[ "$idle" -ge "$nodes" ]] || fail "the $nodes node(s) did not come up idle: $(sinfo -N 2>&1 | tr '\n' ' ')"
+
+# The job: 2 peers in all, 2 short epochs, checkpoints and logs in the temporary folder (shared by the
+# fake nodes, as a cluster's shared filesystem would be).
+work="$tmp/work"
+mkdir -p "$work"
+job=$(cd "$work" && NPROC_PER_NODE=$((2 / nodes)) RDZV_PORT=$(free_port) MAX_RESTARTS=0 PYTHON="$py" \
+    CONFIG="$repo/configs/quickstart.yaml" \
+    sbatch --parsable --nodes="$nodes" --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
+    data_dir="$data" train_subset=512 epochs=2 batch_size=64 save_dir="$work/ckpt" log_dir="$work/logs" \
+    cache_dir="$work/cache" progress_bar=false print_freq=4) || fail "sbatch refused the job"
+out="$work/slurm-$job.out"
+# Requeue once the first epoch's checkpoint exists: the requeued run must resume from it.
+for _ in $(seq 600); do
+    grep -q "^epoch 1/2" "$out" 2>/dev/null && break
+    sleep 0.5
+done
+grep -q "^epoch 1/2" "$out" 2>/dev/null || fail "the job did not finish epoch 1: $(tail -n 5 "$out" 2>/dev/null | tr '\n' ' ')"
+for _ in $(seq 100); do [[ -s "$work/ckpt/quickstart_latest.pth" ]] && break; sleep 0.2; done
+scontrol requeue "$job" || fail "scontrol requeue $job failed"
+# SLURM holds a requeued job for about two minutes (its begin time): once it is pending, start it now.
+for _ in $(seq 150); do
+    if scontrol show job "$job" 2>/dev/null | grep -q 'JobState=PENDING'; then
+        scontrol update JobId="$job" StartTime=now && break
+    fi
+    sleep 0.2
+done
+for _ in $(seq 900); do
+    state=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+    [[ "$state" == COMPLETED || "$state" == FAILED || "$state" == CANCELLED || "$state" == TIMEOUT ]] && break
+    sleep 0.5
+done
+[[ "${state:-}" == COMPLETED ]] || fail "job $job ended $state: $(tail -n 5 "$out" | tr '\n' ' ')"
+grep -q "resumed from .*quickstart_latest.pth: 1 epoch(s)" "$out" || fail "the requeued run did not resume from epoch 1 (see $out)"
+grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (see $out)"
+runs=$(grep -c "placement: rank 0" "$out")
+[[ "$runs" -ge 2 ]] || fail "the output holds $runs run(s): the first attempt's output was lost"
+echo "slurm_local: PASS $nodes node(s): job $job trained 2 peers, was requeued after epoch 1, resumed and finished ($runs runs in $(basename "$out"))"

@@ -1,0 +1,24 @@
+"""launch/slurm.sbatch on a real SLURM (issue 16): a throwaway cluster on this machine, launch/slurm_local.sh,
+with 1 node and with 2 fake nodes (two slurmd on one host). `.ci/run` installs SLURM from Debian's packages."""
+import os
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA, run_cmd
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")) or os.geteuid() != 0
+    or not SHARED_DATA.is_dir(),
+    reason="needs root, SLURM (apt-get install slurmctld slurmd slurm-client munge) and ../shared/data/cifar10-small")
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_sbatch_trains_is_requeued_and_resumes(nodes):
+    """2 peers, 2 short epochs; `scontrol requeue` after epoch 1; the requeued run resumes from the epoch-1
+    checkpoint and finishes, and the job's output (--open-mode=append) holds both runs."""
+    r = run_cmd(["bash", str(REPO / "launch" / "slurm_local.sh"), str(nodes)], env={"PYTHON": sys.executable},
+                timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"slurm_local: PASS {nodes} node(s)" in r.stdout and "(2 runs in" in r.stdout
