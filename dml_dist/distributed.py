@@ -18,10 +18,8 @@ The collective rule (one rule, every backend):
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -30,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import DMLError
+from .placement import Placement, assign_gpus, exchange_gpu_identities, process_group_backend, resolve_placement
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -44,83 +43,6 @@ def collective_timeout(cfg: Optional[dict] = None) -> timedelta:
     if not raw.isdigit() or int(raw) < 5:
         raise DMLError(f"DML_DIST_TIMEOUT={raw!r} is not a whole number of seconds >= 5; fix or unset it")
     return timedelta(seconds=int(raw))
-
-
-@dataclass(frozen=True)
-class Placement:
-    device: str        # "cpu" or "cuda:<i>"
-    backend: str       # "gloo" or "nccl"
-    threads: int       # torch intra-op threads for this process
-    shared_gpu: bool   # several local peers on one GPU (gloo, logits staged through host memory)
-
-
-def host_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def gpu_uuids() -> list[str]:
-    """The identities of this process's visible GPUs (``CUDA_VISIBLE_DEVICES`` order)."""
-    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
-
-
-def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
-    """``(visible GPU index for rank, whether any rank of the job shares its GPU)`` from every rank's
-    ``(host, visible GPU UUIDs)``. Local rank l of a host takes its visible GPU ``l mod count``, as the
-    count rule did; "shared" comes from the physical identities, two ranks of a host on one UUID. A
-    launcher that shows each process only its own GPU (SLURM ``--gpus-per-task=1``, Kubernetes) is then
-    one GPU per rank (NCCL), where counts alone (2 ranks, 1 visible GPU) said shared. One answer for the
-    whole job, so every rank picks the same backend."""
-    by_host: dict = {}
-    for r, (host, uuids) in enumerate(identities):
-        by_host.setdefault(host, []).append(r)
-    picks = {}
-    for host, ranks in by_host.items():
-        for local, r in enumerate(ranks):  # torchrun numbers a node's ranks contiguously
-            uuids = identities[r][1]
-            picks[r] = (host, uuids[local % len(uuids)])
-    local = by_host[identities[rank][0]].index(rank)
-    return local % len(identities[rank][1]), len(set(picks.values())) < len(picks)
-
-
-def exchange_gpu_identities(store, rank: int, world: int) -> list:
-    """Every rank's ``(host, visible GPU UUIDs)``, through the rendezvous store (before the process
-    group exists: the backend depends on the answer)."""
-    store.set(f"dml_gpus/{rank}", json.dumps([socket.gethostname(), gpu_uuids()]))
-    return [json.loads(store.get(f"dml_gpus/{r}")) for r in range(world)]
-
-
-def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, device: str = "auto",
-                      backend: str = "auto", cpu_count: Optional[int] = None,
-                      assignment: Optional[tuple[int, bool]] = None) -> Placement:
-    """Map a local rank to a device and a backend.
-
-    - one GPU per local peer: ``cuda:<local_rank>`` with NCCL;
-    - more local peers than GPUs: peers share GPUs round-robin with gloo (NCCL refuses two ranks on one
-      GPU), logits go through host memory for the all-gather;
-    - no GPU (or ``device=cpu``): CPU with gloo, the cores split between the local processes.
-
-    ``assignment``: ``assign_gpus``'s answer from the GPUs' identities (under a launcher); without it,
-    counts decide (local ranks > visible GPUs = shared).
-    """
-    cpus = cpu_count or host_cpus()
-    threads = max(1, cpus // max(1, local_world_size))
-    if device == "auto":
-        device = "cuda" if num_gpus > 0 else "cpu"
-    if device == "cpu":
-        if backend == "nccl":
-            raise DMLError("backend=nccl needs GPUs but device=cpu; use backend=gloo (or auto)")
-        return Placement("cpu", "gloo", threads, False)
-    if num_gpus < 1:
-        raise DMLError("device=cuda but no GPU is visible; use device=cpu or device=auto")
-    index, shared = assignment if assignment is not None else (local_rank % num_gpus, local_world_size > num_gpus)
-    if backend == "nccl" and shared:
-        raise DMLError(f"{local_world_size} peers on {num_gpus} GPU(s): NCCL refuses two ranks on one GPU; "
-                       f"use backend=gloo (or auto)")
-    chosen = backend if backend != "auto" else ("gloo" if shared else "nccl")
-    return Placement(f"cuda:{index}", chosen, threads, shared)
 
 
 @dataclass(frozen=True)
@@ -162,12 +84,6 @@ class DistContext:
         return {"rank": self.rank, "peer": self.peer + 1, "replica": self.replica, "host": socket.gethostname(),
                 "device": self.placement.device, "backend": self.placement.backend, "group": group,
                 "threads": self.placement.threads}
-
-
-def process_group_backend(placement: Placement) -> str:
-    """The backend string for ``init_process_group``: always a CPU backend, NCCL for CUDA tensors when
-    the placement chose NCCL (see the module docstring)."""
-    return "cpu:gloo,cuda:nccl" if placement.backend == "nccl" else "gloo"
 
 
 def under_launcher() -> bool:
@@ -237,68 +153,6 @@ def is_peer_loss(e: BaseException) -> bool:
     if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
         return True
     return isinstance(e, (RuntimeError, dist.DistError)) and any(s in str(e) for s in _CONNECTION_LOST)
-
-
-# ------------------------------------------------------------------------------------------ stalled ranks
-_PROGRESS: list = [0, 0, "setup", 0.0]  # this rank's last report, kept locally too
-
-
-def report_progress(epoch: int, step: int, what: str) -> None:
-    """Heartbeat: this rank enters collective ``what`` at (epoch, step). Written to the process group's
-    key-value store (a one-way host-side TCP write, no device sync), so that when a collective times out
-    the ranks still alive can name the one that stopped answering. Skipped in a world of one."""
-    _PROGRESS[:] = [epoch, step, what, time.time()]
-    store = _store() if _active() and dist.get_world_size() > 1 else None
-    if store is not None:
-        store.set(f"dml_progress/{dist.get_rank()}", json.dumps(_PROGRESS))
-
-
-def _store():
-    if not _active():
-        return None
-    try:  # the default group's store (the rendezvous' TCPStore); private in torch, stable since 1.x
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout")  # gloo's; NCCL's watchdog aborts instead
-
-
-def is_timeout(e: BaseException) -> bool:
-    """A collective that waited longer than the process group's timeout."""
-    return isinstance(e, (RuntimeError, dist.DistError)) and any(m in str(e) for m in _TIMEOUT_MESSAGES)
-
-
-def describe_stall(replicas: int, timeout: timedelta, error: BaseException) -> str:
-    """One line after a collective timed out: the rank(s) behind this one by their last heartbeat (or
-    that no rank is behind), where this rank waited, the fix, and the backend's own first line."""
-    store, me, world, now = _store(), dist.get_rank(), dist.get_world_size(), time.time()
-    mine, reports, unreachable = list(_PROGRESS), {}, False
-    if store is not None:
-        store.set_timeout(timedelta(seconds=5))  # the store lives in rank 0's process, which may be the stalled one
-        for r in range(world):
-            try:
-                if r != me and store.check([f"dml_progress/{r}"]):
-                    reports[r] = json.loads(store.get(f"dml_progress/{r}"))
-            except Exception:  # noqa: BLE001
-                unreachable = True
-                break
-    where = f"rank {me} waited {timeout.total_seconds():.0f} s in {mine[2]} at epoch {mine[0]} step {mine[1]}"
-    behind = [r for r, v in reports.items() if (v[0], v[1]) < (mine[0], mine[1])]
-    if unreachable:
-        what = "rank 0 (peer 1, it hosts the job's key-value store) stopped answering"
-    elif behind:
-        low = min((reports[r][0], reports[r][1]) for r in behind)
-        culprit = [r for r in behind if (reports[r][0], reports[r][1]) == low]
-        first = reports[culprit[0]]
-        what = (", ".join(f"rank {r} (peer {r // replicas + 1})" for r in culprit) + " stopped answering")
-        where += f"; its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
-    else:
-        what = "a rank stopped answering inside the collective (no rank is behind this one by its reports)"
-    first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-    return (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
-            f"if its steps legitimately take longer, raise timeout= (seconds) [{first_line}]")
 
 
 def destroy_distributed() -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as D
-from . import faults
+from . import faults, stall
 from .errors import DMLError
 from .logger import NullLogger, format_eta
 from .loss import compute_dml_loss
@@ -120,7 +120,7 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
     Replica r of every peer must hold the same shard (compared across the peer dimension), and every
     rank the same full batch (the shards' fingerprints in replica order, compared across all ranks)."""
     rank, r = (ctx.rank, ctx.replicas) if ctx is not None else (0, 1)
-    D.report_progress(epoch, step, "the batch fingerprint check")
+    stall.report_progress(epoch, step, "the batch fingerprint check")
     fp = batch_fingerprint(x, y, source)
     faults.record_fingerprint(rank, epoch, step, fp)
     if r > 1:
@@ -225,7 +225,7 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
             # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
             check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None))
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
-        D.report_progress(epoch, step, "the logits all-gather")  # heartbeat (host, no device sync)
+        stall.report_progress(epoch, step, "the logits all-gather")  # heartbeat (host, no device sync)
         all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point: one all-gather per step
         w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
         stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from . import distributed as D
-from . import faults
+from . import faults, stall
 from .checkpoint import latest_path, peer_path, remove_stale_temp_files, versions
 from .cohort import CohortCheckpoint, public_config
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
@@ -129,7 +129,7 @@ class Trainer:
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
-            D.report_progress(epoch, self.steps_per_epoch, "evaluation")
+            stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
             val = evaluate(self.model, self.val_loader, ctx, cfg)
             c.epoch = epoch
             # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
@@ -267,8 +267,8 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
         return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
                 "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
     except RuntimeError as e:
-        if D.is_active() and D.is_timeout(e):  # a rank stopped answering: name it while the group's store is up
-            raise DMLError(D.describe_stall(ctx.replicas, D.group_timeout(), e), all_ranks=False) from None
+        if D.is_active() and stall.is_timeout(e):  # a rank stopped answering: name it while the store is up
+            raise DMLError(stall.describe_stall(ctx.replicas, D.group_timeout(), e), all_ranks=False) from None
         raise
     finally:
         try:

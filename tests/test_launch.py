@@ -13,8 +13,9 @@ import torch
 
 from conftest import REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
 from dml_dist import DMLError
-from dml_dist.distributed import (Placement, assign_gpus, exchange_gpu_identities, is_peer_loss, process_group_backend,
-                                  resolve_placement)
+from dml_dist.distributed import is_peer_loss
+from dml_dist.placement import (Placement, assign_gpus, exchange_gpu_identities, process_group_backend,
+                                resolve_placement)
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as D
 from ..errors import DMLError
+from ..placement import host_cpus
 from .folders import FileList, center_resize, decode_file
 
 FORMAT = 1
@@ -162,7 +163,7 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
         images = os.path.join(tmp, "images.u8")
         with open(images, "wb") as f:  # reserve the space now: a full disk fails here, not in a worker
             os.posix_fallocate(f.fileno(), 0, n * 3 * size * size)
-        workers = D.host_cpus()
+        workers = host_cpus()
         loader = DataLoader(_DecodeInto(files, images, size, crop_fraction), batch_size=None,
                             num_workers=workers if workers > 1 else 0)
         t0 = last = time.time()

@@ -1,0 +1,98 @@
+"""Where a rank runs and which backend its process group uses (the placement rule; README, "Launching
+anywhere"). Pure functions of the launcher's numbers and the GPUs' identities, so the tests check every
+case on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import DMLError
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str        # "cpu" or "cuda:<i>"
+    backend: str       # "gloo" or "nccl"
+    threads: int       # torch intra-op threads for this process
+    shared_gpu: bool   # several local peers on one GPU (gloo, logits staged through host memory)
+
+
+def host_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def gpu_uuids() -> list[str]:
+    """The identities of this process's visible GPUs (``CUDA_VISIBLE_DEVICES`` order)."""
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
+    """``(visible GPU index for rank, whether any rank of the job shares its GPU)`` from every rank's
+    ``(host, visible GPU UUIDs)``. Local rank l of a host takes its visible GPU ``l mod count``, as the
+    count rule did; "shared" comes from the physical identities, two ranks of a host on one UUID. A
+    launcher that shows each process only its own GPU (SLURM ``--gpus-per-task=1``, Kubernetes) is then
+    one GPU per rank (NCCL), where counts alone (2 ranks, 1 visible GPU) said shared. One answer for the
+    whole job, so every rank picks the same backend."""
+    by_host: dict = {}
+    for r, (host, uuids) in enumerate(identities):
+        by_host.setdefault(host, []).append(r)
+    picks = {}
+    for host, ranks in by_host.items():
+        for local, r in enumerate(ranks):  # torchrun numbers a node's ranks contiguously
+            uuids = identities[r][1]
+            picks[r] = (host, uuids[local % len(uuids)])
+    local = by_host[identities[rank][0]].index(rank)
+    return local % len(identities[rank][1]), len(set(picks.values())) < len(picks)
+
+
+def exchange_gpu_identities(store, rank: int, world: int) -> list:
+    """Every rank's ``(host, visible GPU UUIDs)``, through the rendezvous store (before the process
+    group exists: the backend depends on the answer)."""
+    store.set(f"dml_gpus/{rank}", json.dumps([socket.gethostname(), gpu_uuids()]))
+    return [json.loads(store.get(f"dml_gpus/{r}")) for r in range(world)]
+
+
+def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, device: str = "auto",
+                      backend: str = "auto", cpu_count: Optional[int] = None,
+                      assignment: Optional[tuple[int, bool]] = None) -> Placement:
+    """Map a local rank to a device and a backend.
+
+    - one GPU per local peer: ``cuda:<local_rank>`` with NCCL;
+    - more local peers than GPUs: peers share GPUs round-robin with gloo (NCCL refuses two ranks on one
+      GPU), logits go through host memory for the all-gather;
+    - no GPU (or ``device=cpu``): CPU with gloo, the cores split between the local processes.
+
+    ``assignment``: ``assign_gpus``'s answer from the GPUs' identities (under a launcher); without it,
+    counts decide (local ranks > visible GPUs = shared).
+    """
+    cpus = cpu_count or host_cpus()
+    threads = max(1, cpus // max(1, local_world_size))
+    if device == "auto":
+        device = "cuda" if num_gpus > 0 else "cpu"
+    if device == "cpu":
+        if backend == "nccl":
+            raise DMLError("backend=nccl needs GPUs but device=cpu; use backend=gloo (or auto)")
+        return Placement("cpu", "gloo", threads, False)
+    if num_gpus < 1:
+        raise DMLError("device=cuda but no GPU is visible; use device=cpu or device=auto")
+    index, shared = assignment if assignment is not None else (local_rank % num_gpus, local_world_size > num_gpus)
+    if backend == "nccl" and shared:
+        raise DMLError(f"{local_world_size} peers on {num_gpus} GPU(s): NCCL refuses two ranks on one GPU; "
+                       f"use backend=gloo (or auto)")
+    chosen = backend if backend != "auto" else ("gloo" if shared else "nccl")
+    return Placement(f"cuda:{index}", chosen, threads, shared)
+
+
+def process_group_backend(placement: Placement) -> str:
+    """The backend string for ``init_process_group``: always a CPU backend, NCCL for CUDA tensors when
+    the placement chose NCCL (see the module docstring)."""
+    return "cpu:gloo,cuda:nccl" if placement.backend == "nccl" else "gloo"

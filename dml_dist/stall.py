@@ -1,0 +1,72 @@
+"""A stalled rank: heartbeats to the process group's store, and the one line that names the rank that
+stopped answering when a collective times out (README, "Troubleshooting").
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from .distributed import _active
+
+_PROGRESS: list = [0, 0, "setup", 0.0]  # this rank's last report, kept locally too
+
+
+def report_progress(epoch: int, step: int, what: str) -> None:
+    """Heartbeat: this rank enters collective ``what`` at (epoch, step). Written to the process group's
+    key-value store (a one-way host-side TCP write, no device sync), so that when a collective times out
+    the ranks still alive can name the one that stopped answering. Skipped in a world of one."""
+    _PROGRESS[:] = [epoch, step, what, time.time()]
+    store = _store() if _active() and dist.get_world_size() > 1 else None
+    if store is not None:
+        store.set(f"dml_progress/{dist.get_rank()}", json.dumps(_PROGRESS))
+
+
+def _store():
+    if not _active():
+        return None
+    try:  # the default group's store (the rendezvous' TCPStore); private in torch, stable since 1.x
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout")  # gloo's; NCCL's watchdog aborts instead
+
+
+def is_timeout(e: BaseException) -> bool:
+    """A collective that waited longer than the process group's timeout."""
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(m in str(e) for m in _TIMEOUT_MESSAGES)
+
+
+def describe_stall(replicas: int, timeout: timedelta, error: BaseException) -> str:
+    """One line after a collective timed out: the rank(s) behind this one by their last heartbeat (or
+    that no rank is behind), where this rank waited, the fix, and the backend's own first line."""
+    store, me, world, now = _store(), dist.get_rank(), dist.get_world_size(), time.time()
+    mine, reports, unreachable = list(_PROGRESS), {}, False
+    if store is not None:
+        store.set_timeout(timedelta(seconds=5))  # the store lives in rank 0's process, which may be the stalled one
+        for r in range(world):
+            try:
+                if r != me and store.check([f"dml_progress/{r}"]):
+                    reports[r] = json.loads(store.get(f"dml_progress/{r}"))
+            except Exception:  # noqa: BLE001
+                unreachable = True
+                break
+    where = f"rank {me} waited {timeout.total_seconds():.0f} s in {mine[2]} at epoch {mine[0]} step {mine[1]}"
+    behind = [r for r, v in reports.items() if (v[0], v[1]) < (mine[0], mine[1])]
+    if unreachable:
+        what = "rank 0 (peer 1, it hosts the job's key-value store) stopped answering"
+    elif behind:
+        low = min((reports[r][0], reports[r][1]) for r in behind)
+        culprit = [r for r in behind if (reports[r][0], reports[r][1]) == low]
+        first = reports[culprit[0]]
+        what = (", ".join(f"rank {r} (peer {r // replicas + 1})" for r in culprit) + " stopped answering")
+        where += f"; its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
+    else:
+        what = "a rank stopped answering inside the collective (no rank is behind this one by its reports)"
+    first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    return (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
+            f"if its steps legitimately take longer, raise timeout= (seconds) [{first_line}]")
