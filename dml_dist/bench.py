@@ -13,7 +13,8 @@ Takes the trainer's config keys plus ``steps`` (timed steps per round, 10), ``ro
 Every rank runs, in lock-step (no evaluation, no checkpoints):
 1. ``alone``: its peer trained without the mutual term: no all-gather, no KL (the same peer trained alone);
 2. ``dml``: the DML step, with the all-gather timed separately; both phases are timed alike, with CUDA
-   events on a GPU (nothing synchronises inside the timed steps) and ``perf_counter`` on the CPU;
+   events on a GPU (the timing adds no synchronisation; what training itself does stays, e.g. fp16's
+   GradScaler check) and ``perf_counter`` on the CPU;
    ``rounds`` alternating rounds of both, the median round of each counts;
 3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
    path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.

@@ -112,8 +112,8 @@ def init_distributed(cfg: dict) -> DistContext:
         torch.cuda.set_device(torch.device(placement.device))
     if under_launcher() and not dist.is_initialized():
         kwargs = {"device_id": torch.device(placement.device)} if placement.backend == "nccl" else {}
-        if store is not None:
-            kwargs.update(store=store, rank=rank, world_size=world)
+        if store is not None:  # namespaced as init_process_group's own rendezvous does it
+            kwargs.update(store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
         dist.init_process_group(process_group_backend(placement), timeout=_GROUPS["timeout"], **kwargs)
     replicas = int(cfg.get("replicas", 1))
     if replicas > 1 and dist.is_initialized() and world % replicas == 0:
@@ -214,8 +214,8 @@ def node_group(local_world_size: int):
 
 
 def _host_group(group=None):
-    """The group for host-side (CPU) collectives: ``group`` itself when it has a CPU backend; for a default
-    group without one (a user's own NCCL-only group around ``train_dml``), a gloo group over the same
+    """The group for host-side (CPU) collectives: a given ``group`` as it is (this package creates its
+    subgroups with the default group's backend string); for a default group without a CPU backend (a user's own NCCL-only group around ``train_dml``), a gloo group over the same
     ranks, created once (collective on first use: every rank reaches it through the same call)."""
     if group is not None or "cpu:" in dist.get_backend_config():
         return group

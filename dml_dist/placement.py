@@ -57,8 +57,9 @@ def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
 def exchange_gpu_identities(store, rank: int, world: int) -> list:
     """Every rank's ``(host, visible GPU UUIDs)``, through the rendezvous store (before the process
     group exists: the backend depends on the answer)."""
-    store.set(f"dml_gpus/{rank}", json.dumps([socket.gethostname(), gpu_uuids()]))
-    return [json.loads(store.get(f"dml_gpus/{r}")) for r in range(world)]
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restart never reads a dead attempt's
+    store.set(f"dml_gpus/{attempt}/{rank}", json.dumps([socket.gethostname(), gpu_uuids()]))
+    return [json.loads(store.get(f"dml_gpus/{attempt}/{r}")) for r in range(world)]
 
 
 def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, device: str = "auto",
