@@ -167,23 +167,18 @@ def shard_rows(t, shard: tuple[int, int]):
     return t[r * part:(r + 1) * part]
 
 
-class DeviceTrainLoader:
-    """The device path's training batches: ``for x, y in loader`` gives normalised float32 inputs and
-    int64 labels on ``device``. ``set_epoch(e, start_step=s)`` positions it at step ``s`` of epoch ``e``.
+class TrainBatches:
+    """What both training loaders share (``for x, y in loader``: normalised float32 inputs and int64
+    labels on ``device``): the step plan, the position (``set_epoch(e, start_step=s)``: step ``s`` of
+    epoch ``e``), the one-copy upload, and a step's tail: the batch augmentations and normalisation on the
+    device, keeping what defines the batch for the fingerprint check (``last_source``).
 
-    ``shard=(r, R)``: yield only part r of R of each batch (data-parallel replicas of one peer); every
-    rank still draws the whole batch's indices and parameters, so shard r is the same on every peer.
-    """
+    ``shard=(r, R)``: only part r of R of each batch (data-parallel replicas of one peer); every rank still
+    draws the whole batch's indices and parameters, so shard r is the same on every peer."""
 
-    def __init__(self, dataset: TensorImageDataset, batch_size: int, seed: int, device: torch.device,
-                 shard: tuple[int, int] = (0, 1)):
-        self.device = torch.device(device)
-        self.ops = dataset.augment
-        self.steps = BatchPlan(len(dataset), batch_size, seed)
-        self.shard = shard
-        # Moved once; every step gathers its batch on the device.
-        self.images = dataset.images.to(self.device)
-        self.labels = dataset.labels.to(self.device)
+    def _setup(self, steps: BatchPlan, ops, labels: torch.Tensor, device, shard: tuple[int, int]) -> None:
+        self.steps, self.ops, self.shard, self.device = steps, tuple(ops), shard, torch.device(device)
+        self.labels = labels.to(self.device)  # once: each step indexes them on the device
         self.epoch, self.start_step = 0, 0
         self.last_source: Optional[tuple] = None
         self.upload = StepUpload(self.ops, self.device)
@@ -199,14 +194,27 @@ class DeviceTrainLoader:
         idx, params = self.steps.indices(epoch, step), self.steps.params(epoch, step)
         return shard_rows(idx, self.shard), shard_rows(params, self.shard)
 
-    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, epoch: int, step: int, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's batch: ``images(device_indices)`` gives its uint8 images on the device."""
         idx, params = self.plan(epoch, step)
         idx, dev_params = self.upload(idx, params)  # one host-to-device copy
-        x = self.images[idx]
+        x = images(idx)
         self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
         if self.ops:
             x = augment_batch(x, dev_params, self.ops)
         return normalize(x), self.labels[idx]
+
+
+class DeviceTrainLoader(TrainBatches):
+    """The memory path's training batches (see ``TrainBatches``), gathered from the device-resident set."""
+
+    def __init__(self, dataset: TensorImageDataset, batch_size: int, seed: int, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)):
+        self._setup(BatchPlan(len(dataset), batch_size, seed), dataset.augment, dataset.labels, device, shard)
+        self.images = dataset.images.to(self.device)  # moved once; every step gathers its batch there
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(epoch, step, lambda idx: self.images[idx])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step in range(self.start_step, len(self)):

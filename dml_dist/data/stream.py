@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as D
-from ..augment import AUGMENTATIONS, AugParams, augment_batch, augment_one
+from ..augment import AUGMENTATIONS, AugParams, augment_one
 from ..errors import DMLError
 from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, decode_file, read_file, resized_crop
-from .memory import EVAL_BATCH, BatchPlan, StepUpload, normalize, shard_range, shard_rows
+from .memory import EVAL_BATCH, BatchPlan, TrainBatches, normalize, shard_range, shard_rows
 
 
 class FileImageDataset(Dataset):
@@ -185,40 +185,24 @@ class _CooperativeLoader:
         return parts.flatten(0, 1)
 
 
-class StreamTrainLoader(_CooperativeLoader):
-    """Training batches decoded from the files: ``for x, y in loader`` gives normalised float32 inputs and
-    int64 labels on ``device``; ``set_epoch(e, start_step=s)`` as the memory path. ``node=(l, L)``: this
-    rank's index in its node and the node's size; ``group``: the node's process group."""
+class StreamTrainLoader(_CooperativeLoader, TrainBatches):
+    """Training batches decoded from the files (see ``TrainBatches``). ``node=(l, L)``: this rank's index in
+    its node and the node's size; ``group``: the node's process group."""
 
     def __init__(self, dataset: FileImageDataset, batch_size: int, seed: int, device, node=(0, 1), group=None,
                  num_workers: int = 0, shard: tuple[int, int] = (0, 1)):
         plan = BatchPlan(len(dataset), batch_size, seed)
         super().__init__(_Shares(dataset, plan, batch_size, node), device, node, group, num_workers)
-        self.plan, self.batch_size, self.shard = plan, batch_size, shard
-        self.ops = tuple(o for o in dataset.augment if o != "rrc")  # rrc is applied while decoding
-        self.labels = dataset.labels.to(self.device)  # once: each step indexes them on the device
-        self.epoch, self.start_step = 0, 0
-        self.last_source: Optional[tuple] = None
-        self.upload = StepUpload(self.ops, self.device)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return len(self.plan)
+        self.batch_size = batch_size
+        ops = [o for o in dataset.augment if o != "rrc"]  # rrc is applied while decoding
+        self._setup(plan, ops, dataset.labels, device, shard)
 
     def __iter__(self):
         self.shares.epoch = self.epoch
         steps = range(self.start_step, len(self))
         for step, item in zip(steps, self._items(steps)):
             x = shard_rows(self._assemble(step, item)[:self.batch_size], self.shard)
-            idx = shard_rows(self.plan.indices(self.epoch, step), self.shard)
-            params = shard_rows(self.plan.params(self.epoch, step), self.shard)
-            self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
-            idx, dev_params = self.upload(idx, params)  # one host-to-device copy
-            if self.ops:
-                x = augment_batch(x, dev_params, self.ops)
-            yield normalize(x), self.labels[idx]
+            yield self.finish(self.epoch, step, lambda idx: x)
 
 
 class StreamEvalLoader(_CooperativeLoader):
