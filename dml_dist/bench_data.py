@@ -36,6 +36,7 @@ from .checkpoint import versions
 from .config import build_config, parse_overrides
 from .errors import DMLError
 from .logger import emit_json_line
+from .placement import host_cpus
 
 KEYS = {"data_dir": None, "image_size": 128, "batch_size": 64, "steps": 16, "cohorts": [1, 2, 4],
         "anchor_images": 512, "rss_dirs": [], "first_step": True, "out": None}
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
                            "python benchmarks/make_imagenet_folder.py DIR --train 20000")
         with tempfile.TemporaryDirectory() as cache:
             result = {"data_dir": b["data_dir"], "image_size": b["image_size"], "batch_size": b["batch_size"],
-                      "cores": len(os.sched_getaffinity(0)), "decode": decode_work(b, cache), "per_core": per_core(b),
+                      "cores": host_cpus(), "decode": decode_work(b, cache), "per_core": per_core(b),
                       "first_step": first_step(b) if b["first_step"] else None,
                       "rss": rss(b, cache) if b["rss_dirs"] else None, "versions": versions()}
     except DMLError as e:

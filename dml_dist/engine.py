@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import resource
 from dataclasses import fields
-import threading
 import time
-from collections import deque
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -47,50 +45,6 @@ class Meters:
 
     def state_dict(self) -> dict:
         return dict(zip(("loss", "ce", "kl", "correct", "n"), self.sums.cpu().tolist()))
-
-
-class StepWatch:
-    """Rank 0's watch over the step in flight (a daemon thread): a step that has taken far longer than
-    usual (``factor`` x the median of recent steps, and at least ``floor_s``) is logged while it still
-    waits, before the collective timeout ends the run."""
-
-    def __init__(self, logger: NullLogger, timeout_s: float, factor: float = 10.0, floor_s: float = 5.0):
-        self.logger, self.timeout_s, self.factor, self.floor_s = logger, timeout_s, factor, floor_s
-        self.durations: deque = deque(maxlen=200)
-        self.current: Optional[tuple] = None   # (epoch, step, started)
-        self.warned: Optional[tuple] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dml-step-watch", daemon=True)
-        self._thread.start()
-
-    def start(self, epoch: int, step: int) -> None:
-        """Step ``step`` of ``epoch`` begins now (the previous one, if any, ended)."""
-        now = time.monotonic()
-        if self.current is not None:
-            self.durations.append(now - self.current[2])
-        self.current = (epoch, step, now)
-
-    def pause(self) -> None:
-        """Between epochs (evaluation and checkpoints are not steps): the step in flight ends, no new one."""
-        if self.current is not None:
-            self.durations.append(time.monotonic() - self.current[2])
-        self.current = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            cur, done = self.current, sorted(self.durations)
-            if cur is None or len(done) < 3 or self.warned == cur[:2]:
-                continue
-            median, waited = done[len(done) // 2], time.monotonic() - cur[2]
-            if waited > max(self.factor * median, self.floor_s):
-                self.warned = cur[:2]
-                self.logger.info(f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
-                                 f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
-                                 f"be stalled: the run stops after timeout={self.timeout_s:.0f} s")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
 
 
 def peak_rss_gb() -> float:
@@ -202,7 +156,7 @@ def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> 
 def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epoch: int,
                     logger: NullLogger = NullLogger(), start_step: int = 0, meters: Optional[Meters] = None,
                     scaler=None, on_step: Optional[Callable[[int, Meters], None]] = None,
-                    kl_weight: Optional[Callable[[int], float]] = None, watch: Optional[StepWatch] = None) -> Meters:
+                    kl_weight: Optional[Callable[[int], float]] = None, watch: Optional[stall.StepWatch] = None) -> Meters:
     """One epoch for this rank's peer. ``epoch`` counts from 1; ``start_step`` skips already-done batches
     (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). ``kl_weight(step)``
     gives the mutual term's weight per step (warm-up); default: ``cfg['kl_weight']``.

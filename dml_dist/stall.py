@@ -1,11 +1,15 @@
-"""A stalled rank: heartbeats to the process group's store, and the one line that names the rank that
-stopped answering when a collective times out (README, "Troubleshooting").
+"""A stalled rank: heartbeats to the process group's store, rank 0's watch over a step that takes far
+longer than usual, and the one line that names the rank that stopped answering when a collective times
+out (README, "Troubleshooting").
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import deque
 from datetime import timedelta
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -70,3 +74,47 @@ def describe_stall(replicas: int, timeout: timedelta, error: BaseException) -> s
     first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
     return (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
             f"if its steps legitimately take longer, raise timeout= (seconds) [{first_line}]")
+
+
+class StepWatch:
+    """Rank 0's watch over the step in flight (a daemon thread): a step that has taken far longer than
+    usual (``factor`` x the median of recent steps, and at least ``floor_s``) is logged while it still
+    waits, before the collective timeout ends the run."""
+
+    def __init__(self, logger, timeout_s: float, factor: float = 10.0, floor_s: float = 5.0):
+        self.logger, self.timeout_s, self.factor, self.floor_s = logger, timeout_s, factor, floor_s
+        self.durations: deque = deque(maxlen=200)
+        self.current: Optional[tuple] = None   # (epoch, step, started)
+        self.warned: Optional[tuple] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dml-step-watch", daemon=True)
+        self._thread.start()
+
+    def start(self, epoch: int, step: int) -> None:
+        """Step ``step`` of ``epoch`` begins now (the previous one, if any, ended)."""
+        now = time.monotonic()
+        if self.current is not None:
+            self.durations.append(now - self.current[2])
+        self.current = (epoch, step, now)
+
+    def pause(self) -> None:
+        """Between epochs (evaluation and checkpoints are not steps): the step in flight ends, no new one."""
+        if self.current is not None:
+            self.durations.append(time.monotonic() - self.current[2])
+        self.current = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            cur, done = self.current, sorted(self.durations)
+            if cur is None or len(done) < 3 or self.warned == cur[:2]:
+                continue
+            median, waited = done[len(done) // 2], time.monotonic() - cur[2]
+            if waited > max(self.factor * median, self.floor_s):
+                self.warned = cur[:2]
+                self.logger.info(f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
+                                 f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
+                                 f"be stalled: the run stops after timeout={self.timeout_s:.0f} s")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)

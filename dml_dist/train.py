@@ -39,7 +39,7 @@ from .checkpoint import latest_path, peer_path, remove_stale_temp_files, version
 from .cohort import CohortCheckpoint, public_config
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
-from .engine import Meters, StepWatch, evaluate, gather_meters, train_one_epoch
+from .engine import Meters, evaluate, gather_meters, train_one_epoch
 from .errors import DMLError
 from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
@@ -97,7 +97,7 @@ class Trainer:
         # The cohort's state, identical on every rank, and its checkpoints (cohort.py).
         self.ckpt = CohortCheckpoint(cfg, ctx, logger, data, (self.arch, self.model, self.optimizer, self.scheduler,
                                                               self.scaler), self.archs)
-        self.watch = StepWatch(logger, D.group_timeout().total_seconds()) if ctx.is_main else None  # created last
+        self.watch = stall.StepWatch(logger, D.group_timeout().total_seconds()) if ctx.is_main else None  # created last
 
     def kl_weight(self, epoch: int):
         """The mutual term's weight per step of ``epoch`` (``loss.kl_ramp``: warm-up, then kl_weight)."""
@@ -194,24 +194,6 @@ class Trainer:
         }
 
 
-def load_datasets(cfg: dict, ctx: D.DistContext, log=lambda s: None) -> Datasets:
-    """Every rank's datasets. Image folders: ``build_datasets`` (collective). A CIFAR download happens once per node (local rank 0, which keeps what it
-    built); the other local ranks read the files after it. Collective: a failed download stops every rank
-    with its one line (none waits, none reports "lost contact")."""
-    if cfg["dataset"] == "imagefolder":
-        return build_datasets(cfg, ctx.device, log)  # collective: one scan per job, one cache build per node
-    data, error = None, None
-    if ctx.local_rank == 0 and cfg["download"]:
-        try:
-            data = build_datasets(cfg)
-        except DMLError as e:
-            error = str(e)
-    failed = [e for e in D.all_gather_objects(error) if e]  # sync point: the others wait for the download
-    if failed:
-        raise DMLError(failed[0])
-    return data if data is not None else build_datasets(cfg)
-
-
 def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
     """Train this rank's peer inside the current torchrun world (or alone); return the results on every
     rank: ``model`` is this rank's peer. ``data``: ready datasets (the API's custom loaders) instead of
@@ -246,7 +228,8 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
         if data is None:
-            data = load_datasets(cfg, ctx, logger.info)
+            # collective: one folder scan per job, one cache build or CIFAR download per node
+            data = build_datasets(cfg, ctx.device, logger.info)
         logger.info(f"data: {len(data.train)} train / {len(data.val)} val"
                     + (f" / {len(data.test)} test" if data.test is not None else "")
                     + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "

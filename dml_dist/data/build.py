@@ -204,8 +204,7 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
             out[split] = None
         elif path == "stream":
             out[split] = FileImageDataset(files, size, cfg["crop_fraction"], augment, cfg["rrc_scale"],
-                                          cfg["rrc_ratio"])
-            out[split].decode_device = cfg["decode_device"]
+                                          cfg["rrc_ratio"], cfg["decode_device"])
         else:
             images, labels = cached_images(files, cfg.get("cache_dir") or default_cache_dir(d), split, specs[split],
                                            size, cfg["crop_fraction"], log)
@@ -215,8 +214,8 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
 
 def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callable[[str], None] = lambda s: None) -> Datasets:
     """train / val / test datasets as the config asks (README, "Data"). Collective under torchrun (the file
-    list is scanned by rank 0, the cache built by one rank per node). ``device``: the training device,
-    for the memory budget."""
+    list is scanned by rank 0, the cache built or CIFAR downloaded by one rank per node). ``device``: the
+    training device, for the memory budget."""
     cfg = {**DEFAULTS, **cfg}
     if cfg["dataset"] in ("cifar10", "cifar100"):
         if cfg["loader"] == "stream":
@@ -225,12 +224,31 @@ def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callab
         if "rrc" in cfg["augment"]:
             raise DMLError(f"augment rrc (RandomResizedCrop) crops original image files; {cfg['dataset']} holds "
                            f"32x32 arrays: use crop and flip instead")
+        return _cifar_datasets(cfg)
+    return _folder_datasets(cfg, device, log)
+
+
+def _cifar_datasets(cfg: dict) -> Datasets:
+    """CIFAR's splits. A download happens once per node (local rank 0, which keeps what it built); the
+    node's other ranks read the files after it. Collective under torchrun: a failed download stops every
+    rank with its one line (none waits, none reports "lost contact")."""
+    def build() -> Datasets:
         train, test = _load_cifar(cfg["data_dir"], cfg["dataset"], cfg["image_size"], cfg.get("download", True))
         train.augment = cfg["augment"]
         train, val = split_train_val(train, cfg["val_fraction"], cfg["seed"])
         train = take_subset(train, cfg.get("train_subset", 0), cfg["seed"])
         return Datasets(train, val, test, train.classes, why=f"{cfg['dataset']}: decoded arrays")
-    return _folder_datasets(cfg, device, log)
+
+    data, error = None, None
+    if D.local_rank() == 0 and cfg.get("download", True):
+        try:
+            data = build()
+        except DMLError as e:
+            error = str(e)
+    failed = [e for e in D.all_gather_objects(error) if e]  # sync point: the others wait for the download
+    if failed:
+        raise DMLError(failed[0])
+    return data if data is not None else build()
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed as D
 from ..errors import DMLError
 from ..placement import host_cpus
-from .folders import FileList, center_resize, decode_file
+from .folders import FileList, center_resize, load_image
 
 FORMAT = 1
 BLOCK = 1 << 20
@@ -117,11 +117,10 @@ class _DecodeInto(Dataset):
             self.out = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(len(self.files), 3, self.size, self.size))
         for i in range(c * CHUNK, min((c + 1) * CHUNK, len(self.files))):
             try:
-                self.out[i] = center_resize(decode_file(self.files.path(i)), self.size, self.crop_fraction).numpy()
+                self.out[i] = load_image(self.files.path(i),
+                                         lambda img: center_resize(img, self.size, self.crop_fraction)).numpy()
             except DMLError as e:
                 return str(e)
-            except Exception as e:  # noqa: BLE001 - a decoded image the transform cannot take
-                return f"cannot use image {self.files.path(i)} ({type(e).__name__}: {str(e)[:80]}); delete or replace it"
         return None
 
 

@@ -17,7 +17,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -156,6 +156,19 @@ def read_file(path: str) -> bytes:
 
 def decode_file(path: str) -> torch.Tensor:
     return decode_bytes(read_file(path), path)
+
+
+def load_image(path: str, transform: Callable[[torch.Tensor], torch.Tensor],
+               img: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``transform(decode_file(path))``, or of ``img`` when it is already decoded: the one rule for every
+    path (cache build, stream workers, GPU decoding) that a file that cannot be read or transformed is a
+    DMLError naming it."""
+    if img is None:
+        img = decode_file(path)
+    try:
+        return transform(img)
+    except Exception as e:  # noqa: BLE001 - a decoded image the transform cannot take
+        raise DMLError(f"cannot use image {path} ({type(e).__name__}: {str(e)[:80]}); delete or replace it") from None
 
 
 # ------------------------------------------------------------------------------------------- transforms

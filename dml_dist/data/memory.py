@@ -147,9 +147,14 @@ class BatchPlan:
         return (params, torch.rand(self.batch_size, rrc_tries, 4, generator=g)) if rrc_tries else params
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of epoch ``epoch``, the same on every rank: its first draw is the epoch's order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of epoch ``epoch``: the same on every rank (the shared-seed samplers all use it)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """The order of epoch ``epoch``: the same on every rank (every shared-seed sampler draws it first)."""
+    return torch.randperm(n, generator=epoch_generator(seed, epoch))
 
 
 def shard_range(n: int, shard: tuple[int, int]) -> tuple[int, int]:

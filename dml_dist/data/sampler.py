@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DMLError
-from .memory import TensorImageDataset
+from .memory import TensorImageDataset, epoch_generator
 from .stream import FileImageDataset
 
 class SeededDataset(Dataset):
@@ -62,8 +62,8 @@ class SharedSeedBatchSampler(Sampler):
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[list]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()  # = memory.epoch_permutation, then the seeds
+        g = epoch_generator(self.seed, self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()  # = epoch_permutation, then the per-sample seeds
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
         for step in range(self.start_step, len(self)):
             lo = step * self.batch_size

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed as D
 from ..augment import AUGMENTATIONS, AugParams, augment_one
 from ..errors import DMLError
-from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, decode_file, read_file, resized_crop
+from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, load_image, read_file, resized_crop
 from .memory import EVAL_BATCH, BatchPlan, TrainBatches, normalize, shard_range, shard_rows
 
 
@@ -36,20 +36,20 @@ class FileImageDataset(Dataset):
     normalised; ``ds[(i, seed)]``: augmented with parameters drawn from ``seed`` (the per-sample path)."""
 
     def __init__(self, files: FileList, image_size: int, crop_fraction: float = 1.0, augment=(),
-                 rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3)):
+                 rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3), decode_device: str = "cpu"):
         self.files, self.image_size, self.crop_fraction = files, image_size, crop_fraction
         self.rrc_scale, self.rrc_ratio = tuple(rrc_scale), tuple(rrc_ratio)
         self.classes = list(files.classes)
         self.labels = torch.from_numpy(files.labels)
         self.augment = tuple(AUGMENTATIONS) if augment is True else tuple(augment or ())
-        self.decode_device = "cpu"  # "cuda": workers read the bytes, the rank decodes them with nvJPEG
+        self.decode_device = decode_device  # "cuda": workers read the bytes, the rank decodes them with nvJPEG
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, i: int, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """uint8 [3, S, S]: RandomResizedCrop with uniforms ``rrc``, else the evaluation transform."""
-        return self.transform(decode_file(self.files.path(i)), rrc)
+        return load_image(self.files.path(i), lambda img: self.transform(img, rrc))
 
     def transform(self, img: torch.Tensor, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A decoded image (any device) -> uint8 [3, S, S] on the same device."""
@@ -69,7 +69,8 @@ class FileImageDataset(Dataset):
 
     def subset(self, indices, augment=None) -> "FileImageDataset":
         return FileImageDataset(self.files.subset(indices), self.image_size, self.crop_fraction,
-                                self.augment if augment is None else augment, self.rrc_scale, self.rrc_ratio)
+                                self.augment if augment is None else augment, self.rrc_scale, self.rrc_ratio,
+                                self.decode_device)
 
 
 def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: torch.device, k: int) -> torch.Tensor:
@@ -94,7 +95,7 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
                 img = decode_jpeg(tensors[j], mode="RGB", device=device)
             except Exception:  # noqa: BLE001
                 img = decode_bytes(data, name).to(device)
-        out[j] = ds.transform(img, rrc[j] if rrc is not None else None)
+        out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)
     return out
 
 
@@ -105,6 +106,7 @@ class _Shares(Dataset):
     def __init__(self, ds: FileImageDataset, plan: Optional[BatchPlan], batch_size: int, part: tuple[int, int]):
         self.ds, self.plan, self.batch_size = ds, plan, batch_size
         self.part = part  # (local rank, L)
+        self.k = math.ceil(batch_size / part[1])  # each rank's share of a batch (the last share may be shorter)
         self.epoch = 0
         self.rrc = plan is not None and "rrc" in ds.augment
 
@@ -114,9 +116,8 @@ class _Shares(Dataset):
             n = self.batch_size
         else:
             n = min(self.batch_size, len(self.ds) - step * self.batch_size)
-        l, parts = self.part
-        k = math.ceil(self.batch_size / parts)
-        return range(min(l * k, n), min((l + 1) * k, n))
+        lo = self.part[0] * self.k
+        return range(min(lo, n), min(lo + self.k, n))
 
     def __len__(self) -> int:
         return len(self.plan) if self.plan is not None else math.ceil(len(self.ds) / self.batch_size)
@@ -128,25 +129,21 @@ class _Shares(Dataset):
             u = self.plan.params(self.epoch, step, RRC_TRIES)[1] if self.rrc else None
         else:
             idx, u = torch.arange(step * self.batch_size, min(len(self.ds), (step + 1) * self.batch_size)), None
-        k = math.ceil(self.batch_size / self.part[1])
         if self.ds.decode_device != "cpu":  # read only; the rank decodes on its GPU (decode_share)
             try:
-                raws = [(self.ds.files.path(int(idx[p])), read_file(self.ds.files.path(int(idx[p]))))
-                        for p in self.share(step)]
+                paths = [self.ds.files.path(int(idx[p])) for p in self.share(step)]
+                raws = [(path, read_file(path)) for path in paths]
             except DMLError as e:
                 return None, time.process_time() - t0, str(e)
             rrc = [u[p] for p in self.share(step)] if u is not None else None
             return (raws, rrc), time.process_time() - t0, None
         s = self.ds.image_size
-        out = torch.zeros(k, 3, s, s, dtype=torch.uint8)
+        out = torch.zeros(self.k, 3, s, s, dtype=torch.uint8)
         for j, pos in enumerate(self.share(step)):
             try:
                 out[j] = self.ds.load(int(idx[pos]), u[pos] if u is not None else None)
             except DMLError as e:
                 return out, time.process_time() - t0, str(e)
-            except Exception as e:  # noqa: BLE001 - a decoded image the transform cannot take
-                return out, time.process_time() - t0, (f"cannot use image {self.ds.files.path(int(idx[pos]))} "
-                                                       f"({type(e).__name__}: {str(e)[:80]}); delete or replace it")
         return out, time.process_time() - t0, None
 
 
@@ -171,8 +168,7 @@ class _CooperativeLoader:
         share, cpu_s, error = item
         if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
             try:
-                share = decode_share(*share, self.shares.ds, self.device, math.ceil(self.shares.batch_size /
-                                                                                    self.node[1]))
+                share = decode_share(*share, self.shares.ds, self.device, self.shares.k)
             except DMLError as e:
                 error = str(e)
         flags = D.all_gather_tensor(torch.tensor([error is not None]))  # sync point (host, one byte per rank)
