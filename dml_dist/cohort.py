@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import distributed as D
+from . import faults
 from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_checkpoint, cpu_copy, latest_path,
                          load_checkpoint, peer_path, prune_epoch_checkpoints, versions)
 from .engine import Meters, meter_table
@@ -115,6 +116,7 @@ class CohortCheckpoint:
         epoch_file = self.step == 0 and cfg["save_freq"] and epoch % cfg["save_freq"] == 0
 
         def write():
+            faults.before_write()
             for k, state in enumerate(states):
                 if k in new_best:
                     self._peer_file(k, state, "best", accs[k], meta)

@@ -1,4 +1,11 @@
-"""The one exception type the trainer turns into a one-line error and a non-zero exit."""
+"""The exceptions the entry points turn into exits, and the SIGTERM rule that lets rank 0 finish its writes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
 
 
 class DMLError(Exception):
@@ -12,3 +19,64 @@ class DMLError(Exception):
     def __init__(self, message: str, all_ranks: bool = True):
         super().__init__(message)
         self.all_ranks = all_ranks
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived: torchrun stopping the group after another rank failed, SLURM preempting or
+    ``scancel``-ing the job, ``docker stop``. A BaseException, so no ``except Exception`` on the way
+    swallows it."""
+
+
+class _Sigterm:
+    pid = None        # the process that installed the handler (forked DataLoader workers inherit it)
+    armed = False     # raise Stopped on the next SIGTERM
+    received = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    if os.getpid() != _Sigterm.pid:  # a forked worker: die as it would have without us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _Sigterm.received = True
+    if _Sigterm.armed:
+        _Sigterm.armed = False
+        raise Stopped()
+
+
+def stop_on_sigterm() -> None:
+    """Entry points of training processes (``dml-train`` under torchrun, the launcher's peer processes):
+    SIGTERM becomes ``Stopped`` in the main thread, so ``train.run``'s cleanup finishes rank 0's queued
+    checkpoint writes before the process dies of the signal (torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+    default 30 s, SLURM KillWait, default 30 s, Docker 10 s before SIGKILL). Caveat: Python runs the handler
+    when the main thread is back in the interpreter; one blocked inside a C++ call (a hung NCCL wait) is
+    SIGKILLed after that grace period, as without this handler. Not used in a caller's own process (API)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _Sigterm.pid, _Sigterm.armed, _Sigterm.received = os.getpid(), True, False
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+    """Cleanup that a SIGTERM must not cut short (draining the checkpoint writer). A SIGTERM during the
+    block is remembered; afterwards the default action is restored and, if one came (now or before), the
+    process dies of it, so torchrun and SLURM see what they sent."""
+    mine = _Sigterm.pid == os.getpid()
+    _Sigterm.armed = False
+    try:
+        yield
+    finally:
+        if mine:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if _Sigterm.received:
+                die_of_sigterm()
+
+
+def die_of_sigterm() -> None:
+    """End as SIGTERM's default action would, after flushing what this process printed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

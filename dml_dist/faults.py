@@ -6,6 +6,8 @@
 - ``raise``: rank r fails with an error at setup (no epoch) or at (epoch, step);
 - ``sigkill``: rank r SIGKILLs itself at (epoch, step), first attempt only (not after a torchrun restart);
 - ``sigstop``: rank r stops itself (SIGSTOP) at (epoch, step): a stalled rank, first attempt only;
+- ``slow_save``: rank 0's checkpoint writer sleeps ``seconds`` (default 2) before each checkpoint it
+  writes: a slow disk, so that a test can stop the job while writes are queued;
 - ``kill_in_save``: rank 0 SIGKILLs itself after writing a checkpoint's temp file, before the rename,
   on the first save at or after ``epoch``.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 from .errors import DMLError
@@ -56,6 +59,12 @@ def at_step(rank: int, epoch: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if _mine(spec, rank, "sigstop"):
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def before_write() -> None:
+    spec = _spec()
+    if _mine(spec, 0, "slow_save"):
+        time.sleep(float(spec.get("seconds", 2)))
 
 
 def before_rename(epoch: int) -> None:

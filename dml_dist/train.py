@@ -40,7 +40,7 @@ from .cohort import CohortCheckpoint, public_config
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
 from .engine import Meters, evaluate, gather_meters, train_one_epoch
-from .errors import DMLError
+from .errors import DMLError, Stopped, die_of_sigterm, sigterm_deferred, stop_on_sigterm
 from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
@@ -253,16 +253,21 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
         if D.is_active() and stall.is_timeout(e):  # a rank stopped answering: name it while the store is up
             raise DMLError(stall.describe_stall(ctx.replicas, D.group_timeout(), e), all_ranks=False) from None
         raise
+    except Stopped:
+        if trainer is not None and any(not f.done() for f in trainer.ckpt.writer.pending):
+            logger.info("SIGTERM: finishing the queued checkpoint writes, then stopping")
+        raise
     finally:
-        try:
-            if trainer is not None:
-                if trainer.watch is not None:
-                    trainer.watch.close()
-                trainer.ckpt.writer.close()
-        finally:
-            logger.close()
-            if created_group:
-                D.destroy_distributed()
+        with sigterm_deferred():  # a SIGTERM must not cut the writes short; the process dies of it afterwards
+            try:
+                if trainer is not None:
+                    if trainer.watch is not None:
+                        trainer.watch.close()
+                    trainer.ckpt.writer.close()
+            finally:
+                logger.close()
+                if created_group:
+                    D.destroy_distributed()
 
 
 def report_error(e: DMLError) -> None:
@@ -288,10 +293,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return _main(parse_args(argv))
+    except Stopped:  # SIGTERM outside run(), which handles its own
+        die_of_sigterm()
+        return 143
+
+
+def _main(args) -> int:
     try:
         cfg = build_config(args.config, parse_overrides(args.overrides))
         if D.under_launcher():
+            stop_on_sigterm()
             run(cfg)
         else:
             # No torchrun: this process starts the cohort itself (model_num * replicas local processes).
@@ -299,6 +312,7 @@ def main(argv=None) -> int:
                 cfg["model_num"] = len(cfg["model"]) if isinstance(cfg["model"], list) else DEFAULT_LOCAL_PEERS
             cfg = finalize_config(cfg, cfg["model_num"] * cfg["replicas"])
             if cfg["model_num"] * cfg["replicas"] == 1:
+                stop_on_sigterm()
                 run(cfg)
             else:
                 launch_local(cfg)

@@ -12,7 +12,7 @@ import sys
 
 def main(argv=None) -> int:
     from .distributed import is_peer_loss
-    from .errors import DMLError
+    from .errors import DMLError, Stopped, die_of_sigterm, stop_on_sigterm
     from .train import ERROR_PREFIX, report_error, run
 
     argv = sys.argv[1:] if argv is None else argv
@@ -37,7 +37,10 @@ def main(argv=None) -> int:
             return 1
 
     try:
+        stop_on_sigterm()
         run(job["cfg"], job["data"])
+    except Stopped:  # only before run()'s own cleanup took over
+        die_of_sigterm()
     except DMLError as e:
         note("error", str(e))
         report_error(e)

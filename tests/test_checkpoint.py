@@ -3,12 +3,16 @@ import json
 import re
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, torchrun
+from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, error_lines, kill_tree, make_image_folder,
+                      torchrun)
 
 EPOCHS = 4
 
@@ -180,4 +184,42 @@ def test_defect3_restart_prefers_this_experiments_newer_latest_over_explicit_res
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {src / 'save' / 't_latest.pth'}: 1 epoch(s)" in r.stdout
     assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout, r.stdout[-2000:]
+    _assert_same_run(reference, w)
+
+
+def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_path, data_dir, reference):
+    """Preemption (SLURM, scancel, torchrun stopping the group): SIGTERM while rank 0's writer is busy on a
+    slow disk (each checkpoint takes 3 s) must not lose the queued checkpoints: the workers finish them
+    within torchrun's grace period, die of the signal, and ``resume=auto`` then reproduces the reference."""
+    w = tmp_path / "w"
+    w.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "dml_dist.train", *base_args(w, data_dir, epochs=EPOCHS, save_freq=1, keep_last=2, augment=True,
+                                        step_size=2, save_dir="save", log_dir="log", kl_warmup_epochs=2)]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=w, start_new_session=True,
+                                env=_env({"DML_FAULT": "action=slow_save,seconds=3"}))
+        lines = []
+        try:
+            for line in proc.stdout:  # epoch 2 has ended: the writer is still sleeping on epoch 1's files
+                lines.append(line)
+                if line.startswith("epoch 2/4"):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            out = "".join(lines) + proc.communicate(timeout=TIMEOUT)[0]
+        finally:
+            kill_tree(proc.pid)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode != 0 and "epoch 4/4" not in out, out[-2000:]
+    assert "SIGTERM: finishing the queued checkpoint writes, then stopping" in out, out[-2000:]
+    assert "Unable to shutdown process" not in stderr, stderr[-3000:]  # nobody needed torchrun's SIGKILL
+    assert_no_worker_traceback(stderr)
+    # Epoch 1's save was queued before epoch 2 began; epoch 2's may have been queued before the signal.
+    latest = torch.load(w / "save" / "t_latest.pth", weights_only=True)
+    done = latest["epoch"]
+    assert done in (1, 2) and latest["step"] == 0
+    assert (w / "save" / f"t_model2_epoch_{done}.pth").is_file() and not _no_temp_files(w)
+    r = _launch(w, data_dir, resume="auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from save/t_latest.pth: {done} epoch(s) and 0 step(s) done" in r.stdout
     _assert_same_run(reference, w)
