@@ -13,14 +13,14 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .config import DEFAULT_CONFIG, build_config, finalize_config, validate_config
+from .config import DEFAULT_CONFIG, build_config, default_model_num, finalize_config, validate_config, world_size_for
 from .data import (Datasets, FileImageDataset, SeededDataset, TensorImageDataset, build_datasets, make_eval_loader,
                    sample_dataloader, split_indices, split_train_val)
 from .distributed import under_launcher
 from .engine import forward, peer_update
 from .errors import DMLError
 from .evaluate import load_dml_models, resolve_device
-from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
+from .launcher import DMLTrainingError, launch_local
 
 __all__ = ["DMLTrainingError", "prepare_dataloaders", "train_dml", "train_epoch_dml"]
 
@@ -199,9 +199,8 @@ def train_dml(config: Optional[dict] = None, train_loader=None, val_loader=None,
     cfg["batch_size"] = batch_size or cfg["batch_size"]
     if _in_torchrun():
         return _train_in_group(cfg, data)
-    if (config or {}).get("model_num") is None:
-        cfg["model_num"] = len(cfg["model"]) if isinstance(cfg["model"], list) else DEFAULT_LOCAL_PEERS
-    cfg = finalize_config(cfg, cfg["model_num"] * cfg["replicas"])  # fail here, not in the children
+    cfg["model_num"] = default_model_num({**cfg, "model_num": (config or {}).get("model_num")})
+    cfg = finalize_config(cfg, world_size_for(cfg))  # fail here, not in the children
     cfg["progress_bar"] = False  # children write to files; the caller streams rank 0's log lines instead
     summary = launch_local(cfg, data, stream=sys.stdout, caller="train_dml")
     models = load_dml_models(summary["checkpoints"]["final"], "cpu")["models"]

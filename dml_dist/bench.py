@@ -1,9 +1,12 @@
-"""Throughput of the whole training loop: sampling, augmentation, forward, all-gather, loss, backward, step.
+"""Throughput of the whole training loop: sampling, augmentation, forward, exchange, loss, backward, step.
 
     # 2 peers on this machine (CPU/gloo, or one GPU each), the real data path on the shared subset
     torchrun --standalone --nproc_per_node=2 -m dml_dist.bench data_dir=../shared/data/cifar10-small model=resnet20
     # 2 peers x 2 replicas
     torchrun --standalone --nproc_per_node=4 -m dml_dist.bench replicas=2 model_num=2
+    # a mixed pair: how long the small peer waits for the wide one, and with a second replica for it
+    torchrun --standalone --nproc_per_node=2 -m dml_dist.bench model=[resnet20,wrn16_4]
+    torchrun --standalone --nproc_per_node=3 -m dml_dist.bench model=[resnet20,wrn16_4] replicas=[1,2]
     dml-bench model=resnet56 batch_size=512 amp=bf16     # one process: a world of one
 
 Takes the trainer's config keys plus ``steps`` (timed steps per round, 10), ``rounds`` (3), ``warmup`` (5),
@@ -11,15 +14,15 @@ Takes the trainer's config keys plus ``steps`` (timed steps per round, 10), ``ro
 ``data_dir`` it builds a synthetic set of random images of ``image_size`` (same code path).
 
 Every rank runs, in lock-step (no evaluation, no checkpoints):
-1. ``alone``: its peer trained without the mutual term: no all-gather, no KL (the same peer trained alone);
-2. ``dml``: the DML step, with the all-gather timed separately; both phases are timed alike, with CUDA
+1. ``alone``: its peer trained without the mutual term: no exchange, no KL (the same peer trained alone);
+2. ``dml``: the DML step, with the exchange (``exchange``: all-gather or all-reduce) timed separately; both phases are timed alike, with CUDA
    events on a GPU (the timing adds no synchronisation; what training itself does stays, e.g. fp16's
    GradScaler check) and ``perf_counter`` on the CPU;
    ``rounds`` alternating rounds of both, the median round of each counts;
 3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
    path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.
 Rank 0 prints one JSON line: images/s per peer, the DML tax (dml step time / alone step time), the
-all-gather share of the step, the loaders' images/s and their ratio, placement, versions and commit.
+exchange's share of the step, per peer its compute and exchange time and idle share (``per_peer``), the loaders' images/s and their ratio, placement, versions and commit.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from . import distributed as D
 from .checkpoint import versions
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
-from .engine import forward, peer_update
+from .engine import DeviceClock, exchange, forward, peer_update, resolve_exchange
 from .errors import DMLError
 from .logger import emit_json_line
 from .models import build_model
@@ -67,31 +70,9 @@ def _batches(loader: DeviceTrainLoader):
         epoch += 1
 
 
-class _Clock:
-    """Time as the device sees it, the same way in both phases: CUDA events on a GPU (recorded on the
-    compute stream, nothing synchronises inside the timed steps, read once at the end), ``perf_counter``
-    on the CPU (where every collective is synchronous anyway)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, a, b) -> float:
-        if not self.cuda:
-            return b - a
-        b.synchronize()
-        return a.elapsed_time(b) / 1000
-
-
 def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scaler=None) -> tuple[float, float]:
-    """Seconds per step and the seconds per step spent in the all-gather, over ``n`` steps."""
-    clock, gathers = _Clock(ctx.device), []
+    """Seconds per step and the seconds per step spent in the exchange, over ``n`` steps."""
+    clock, gathers = DeviceClock(ctx.device), []
     D.barrier()
     _sync(ctx.device)  # outside the timed stretch: both phases start from an idle device
     start = clock.mark()
@@ -100,7 +81,7 @@ def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scale
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
         if mutual:
             g0 = clock.mark()
-            all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point, as in training
+            all_logits = exchange(logits, ctx, cfg)  # sync point, as in training
             gathers.append((g0, clock.mark()))
             index = ctx.peer
         else:
@@ -147,10 +128,25 @@ def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_ima
             "crop_flip_batched_images_per_s": round(batched(["crop", "flip"]))}
 
 
+def _per_peer(per_rank: list[dict], cfg: dict, ctx) -> list[dict]:
+    """Each peer's DML step, its time in the exchange (waiting for slower peers, on CPU also the transfer)
+    and that idle share, averaged over its replicas: how to balance ``replicas: [..]`` in a mixed cohort."""
+    out = []
+    for k, (first, r) in enumerate(zip(ctx.first_ranks, ctx.layout)):
+        mine = per_rank[first:first + r]
+        step = sum(x["dml_ms"] for x in mine) / r
+        wait = sum(x["exchange_ms"] for x in mine) / r
+        out.append({"peer": k + 1, "model": peer_model_name(cfg, k), "replicas": r, "step_ms": round(step, 2),
+                    "compute_ms": round(step - wait, 2), "exchange_ms": round(wait, 2),
+                    "idle_share": round(wait / step, 3)})
+    return out
+
+
 def run(cfg: dict, bench: dict) -> dict | None:
     ctx = D.init_distributed(cfg)
     try:
         cfg = finalize_config(cfg, ctx.world_size)
+        cfg["exchange"] = resolve_exchange(cfg)[0]
         if ctx.device.type != "cuda":
             cfg["amp"], cfg["channels_last"] = "off", False
         elif cfg["amp"] == "auto":
@@ -176,7 +172,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
         alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
         dml_s, gather_s = sorted(dml)[len(dml) // 2]
         per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),
-                                     "allgather_ms": round(1000 * gather_s, 2), **ctx.describe()})
+                                     "exchange_ms": round(1000 * gather_s, 2), **ctx.describe()})
         loaders = _loader_rates(ds, cfg, ctx.device, bench["loader_images"]) if ctx.is_main else None
         D.barrier()  # the other ranks wait while rank 0 times the loaders alone
         if not ctx.is_main:
@@ -190,7 +186,8 @@ def run(cfg: dict, bench: dict) -> dict | None:
             "images_per_s_per_peer": round(cfg["batch_size"] / (slowest["dml_ms"] / 1000), 1),
             "dml_step_ms": slowest["dml_ms"], "alone_step_ms": alone,
             "dml_tax": round(slowest["dml_ms"] / alone, 3),
-            "allgather_share": round(slowest["allgather_ms"] / slowest["dml_ms"], 3),
+            "exchange": cfg["exchange"], "exchange_share": round(slowest["exchange_ms"] / slowest["dml_ms"], 3),
+            "per_peer": _per_peer(per_rank, cfg, ctx),
             "loader": loaders, "threads_per_rank": ctx.placement.threads, "ranks": per_rank, "versions": versions(),
         }
         return result
@@ -203,6 +200,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--data"]:  # the data path's benchmark (bench_data.py)
         from .bench_data import main as data_main
         return data_main(argv[1:])
+    if argv[:1] == ["--exchange"]:  # the exchange's scale benchmark (bench_exchange.py)
+        from .bench_exchange import main as exchange_main
+        return exchange_main(argv[1:])
     try:
         overrides = parse_overrides(argv)
         bench = {k: overrides.pop(k, v) for k, v in BENCH_KEYS.items()}

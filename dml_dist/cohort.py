@@ -97,7 +97,7 @@ class CohortCheckpoint:
         queued, so a slow disk cannot label a file with a later epoch."""
         # A diverged peer is never saved: its loss may still have been finite on the step that broke it.
         finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
-        flags = D.all_gather_tensor(torch.tensor([float(finite)])).view(-1, self.ctx.replicas)[:, 0]  # sync point
+        flags = D.all_gather_tensor(torch.tensor([float(finite)])).view(-1)[self.ctx.first_ranks]  # sync point
         if not bool(flags.all()):
             bad = [k + 1 for k, f in enumerate(flags.tolist()) if not f]
             raise DMLError(f"peer(s) {bad}: weights are not finite (nan/inf) at epoch {max(epoch_done, self.epoch)}"
@@ -161,8 +161,7 @@ class CohortCheckpoint:
         if path is None:
             self.logger.info("resume=auto: no checkpoint for this experiment yet, starting fresh")
             return
-        r = self.ctx.replicas
-        per_rank = [ckpt["peers"][rank // r] for rank in range(self.ctx.world_size)] if ckpt else None
+        per_rank = [ckpt["peers"][self.ctx.peer_of(rank)] for rank in range(self.ctx.world_size)] if ckpt else None
         state = D.scatter_objects(per_rank)
         meta = D.broadcast_object({k: v for k, v in ckpt.items() if k != "peers"} if ckpt else None)
         try:

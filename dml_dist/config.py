@@ -15,13 +15,16 @@ from .augment import AUGMENTATIONS
 from .errors import DMLError
 from .models import canonical_model_name
 
+DEFAULT_LOCAL_PEERS = 2  # peers that dml-train / train_dml start without torchrun when nothing says otherwise
+
 DEFAULT_CONFIG: dict[str, Any] = {
     # The original single-process module's keys keep its values (batch 32, no augmentation, ...); the DML
     # paper's schedule (batch 64, Nesterov, crop+flip) lives in configs/ and the README's examples.
     # model / cohort
     "model": "ResNet32",          # one name for every peer (case-insensitive), or a list, one per peer
     "model_num": 2,               # peers; when a config leaves it unset: the world size under torchrun, else 2
-    "replicas": 1,                # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas
+    "replicas": 1,                # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas;
+                                  # or a list, one count per peer (e.g. [1, 7]: the slow peer gets 7 GPUs), world = sum
     "sync_bn": False,             # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
     "pretrained": False,          # torchvision.<name> models only: start from torchvision's weights
     # data
@@ -56,6 +59,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "temperature": 1.0,
     "kl_weight": 1.0,             # 0 trains the peers independently (the baseline)
     "kl_warmup_epochs": 0,        # ramp the mutual term's weight from 0 to kl_weight over this many epochs
+    "exchange": "auto",           # all_gather (every peer's logits) | all_reduce (their softmax sums: bytes
+                                  # constant in N) | auto (all_reduce from 3 peers on; README "The exchange")
     # runtime
     "seed": 42,
     "device": "auto",             # auto | cpu | cuda
@@ -83,13 +88,14 @@ _CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "amp": ("auto", "bf16", "fp16", "off"),
     "mutual": ("dml", "ensemble"),
+    "exchange": ("auto", "all_gather", "all_reduce"),
     "loader": ("auto", "memory", "stream"),
     "decode_device": ("cpu", "cuda"),
 }
 _INT_MIN = {  # integer keys and their smallest allowed value
     "image_size": 8, "batch_size": 1, "num_workers": 0, "epochs": 1, "step_size": 1, "seed": 0,
     "consistency_check_every": 0, "print_freq": 1, "save_freq": 0, "save_every_steps": 0, "keep_last": 0,
-    "replicas": 1, "train_subset": 0, "kl_warmup_epochs": 0,
+    "train_subset": 0, "kl_warmup_epochs": 0,
 }
 _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "lr": (0.0, True), "momentum": (0.0, True), "weight_decay": (0.0, True), "gamma": (0.0, False),
@@ -127,6 +133,7 @@ def validate_config(cfg: dict) -> dict:
             raise DMLError(f"{k} must be an integer, got {c[k]!r}")
         if c[k] < lo:
             raise DMLError(f"{k} must be >= {lo}, got {c[k]}")
+    c["replicas"] = _replicas(c["replicas"])
     for k, (lo, inclusive) in _FLOAT_MIN.items():
         if isinstance(c[k], bool) or not isinstance(c[k], (int, float)):
             raise DMLError(f"{k} must be a number, got {c[k]!r}")
@@ -227,6 +234,39 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = 
     return validate_config(cfg)
 
 
+def _replicas(v):
+    """An integer >= 1 (every peer), or a non-empty list of them (one per peer)."""
+    def ok(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    if ok(v):
+        return v
+    if isinstance(v, (list, tuple)) and v and all(ok(x) for x in v):
+        return list(v)
+    raise DMLError(f"replicas must be an integer >= 1 or a list of them, one per peer (e.g. [1, 3]), got {v!r}")
+
+
+def replica_layout(cfg: dict) -> tuple[int, ...]:
+    """Replicas per peer (``model_num`` set): the list as given, or the integer for every peer."""
+    r = cfg["replicas"]
+    return tuple(r) if isinstance(r, list) else (r,) * cfg["model_num"]
+
+
+def default_model_num(cfg: dict) -> int:
+    """``model_num`` outside torchrun: as set, else one per listed replica count or model, else 2."""
+    if cfg["model_num"] is not None:
+        return cfg["model_num"]
+    for k in ("replicas", "model"):
+        if isinstance(cfg[k], list):
+            return len(cfg[k])
+    return DEFAULT_LOCAL_PEERS
+
+
+def world_size_for(cfg: dict) -> int:
+    """Processes a config needs: one per replica of every peer (``model_num`` set, or a replica list)."""
+    r = cfg["replicas"]
+    return sum(r) if isinstance(r, list) else cfg["model_num"] * r
+
+
 def create_dml_config(**kwargs) -> dict:
     """Defaults plus ``kwargs``, validated exactly as the CLI validates (notebook entry point)."""
     return build_config(overrides=kwargs)
@@ -234,24 +274,35 @@ def create_dml_config(**kwargs) -> dict:
 
 def finalize_config(cfg: dict, world_size: int) -> dict:
     """Fill the world-dependent keys (model_num, experiment_name) and check them against the world:
-    ``world_size == model_num * replicas`` (ranks peer-major: rank = peer * replicas + replica)."""
+    ``world_size == model_num * replicas``, or the sum of a replica list (ranks peer-major: peer k's replicas
+    are the next ``replicas[k]`` ranks)."""
     c = dict(cfg)
     r = c["replicas"]
-    if c["model_num"] is None:
+    if isinstance(r, list):
+        if c["model_num"] is None:
+            c["model_num"] = len(r)
+        if len(r) != c["model_num"]:
+            raise DMLError(f"replicas lists {len(r)} counts for {c['model_num']} peers; give one per peer "
+                           f"(or one integer for all)")
+        if sum(r) != world_size:
+            raise DMLError(f"replicas={r} needs {sum(r)} processes (their sum) but {world_size} were started; "
+                           f"launch torchrun --nproc_per_node={sum(r)} or change replicas")
+    elif c["model_num"] is None:
         if isinstance(c["model"], list) and world_size == 1:
             c["model_num"] = len(c["model"])
         else:
             c["model_num"] = max(1, world_size // r)
     m = c["model_num"]
-    if m * r != world_size:
+    if not isinstance(r, list) and m * r != world_size:
         if r == 1:
             raise DMLError(f"model_num={m} but {world_size} process(es) were started; launch with "
                            f"torchrun --nproc_per_node={m} (one process per peer) or set model_num={world_size}")
         raise DMLError(f"model_num={m} x replicas={r} needs {m * r} processes but {world_size} were started; "
                        f"launch {m * r} processes (torchrun --nproc_per_node={m * r}) or change model_num/replicas")
-    if c["batch_size"] % r:
-        raise DMLError(f"batch_size={c['batch_size']} does not divide by replicas={r}; each replica takes an equal "
-                       f"share of its peer's batch: use a multiple of {r}")
+    for k in sorted(set(replica_layout(c))):
+        if c["batch_size"] % k:
+            raise DMLError(f"batch_size={c['batch_size']} does not divide by replicas={k}; each replica takes an "
+                           f"equal share of its peer's batch: use a multiple of {k}")
     if isinstance(c["model"], list) and len(c["model"]) != m:
         raise DMLError(f"model lists {len(c['model'])} architectures for {m} peers; give one per peer")
     if not c["experiment_name"]:

@@ -1,7 +1,7 @@
 """Process-group setup, device placement and the few collectives DML needs.
 
 Peers are not replicas: there is no DDP wrapper and no SyncBN. Ranks talk only to exchange logits
-(one all-gather per step), batch fingerprints, meters, validation logits and checkpoint state. Every
+(one all-gather, or one all-reduce of their softmax sums, per step), batch fingerprints, meters, validation logits and checkpoint state. Every
 function here is a collective: call it on every rank.
 
 The collective rule (one rule, every backend):
@@ -47,25 +47,61 @@ def collective_timeout(cfg: Optional[dict] = None) -> timedelta:
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this rank stands. Ranks are peer-major: ``rank = peer * replicas + replica``. ``peer_group``
-    holds the ranks with this rank's replica index (one per peer: logits are all-gathered there);
-    ``replica_group`` this peer's replicas (DDP, SyncBN). None means the whole world (replicas == 1)."""
+    """Where this rank stands. Ranks are peer-major: peer k's replicas are the ``layout[k]`` ranks after
+    peer k-1's (``layout``: replicas per peer; ``(R,) * N`` for ``replicas: R``). ``replica_group``: this
+    peer's replicas (DDP, SyncBN). ``peer_group``: on a uniform layout, the ranks with this rank's replica
+    index, one per peer (the exchange runs there); None means the whole world (one replica per peer, or
+    a layout that is not a rectangle: the exchange then runs over the world, by batch rows)."""
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     placement: Placement
-    replicas: int = 1
+    layout: tuple = (1,)
     peer_group: Any = None
     replica_group: Any = None
 
+    def __post_init__(self):
+        if sum(self.layout) != self.world_size:  # a world of one without torchrun, or before the config check
+            object.__setattr__(self, "layout", (1,) * self.world_size)
+
+    def peer_of(self, rank: int) -> int:
+        """The peer that ``rank`` trains."""
+        for k, first in enumerate(self.first_ranks):
+            if rank < first + self.layout[k]:
+                return k
+        raise ValueError(f"rank {rank} is outside the layout {self.layout}")
+
+    @property
+    def first_ranks(self) -> list[int]:
+        """Each peer's replica 0."""
+        return [sum(self.layout[:k]) for k in range(len(self.layout))]
+
+    @property
+    def peers(self) -> int:
+        return len(self.layout)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.layout)) == 1
+
     @property
     def peer(self) -> int:
-        return self.rank // self.replicas
+        return self.peer_of(self.rank)
 
     @property
     def replica(self) -> int:
-        return self.rank % self.replicas
+        return self.rank - self.first_ranks[self.peer]
+
+    @property
+    def replicas(self) -> int:
+        """This peer's number of replicas."""
+        return self.layout[self.peer]
+
+    def rows(self, batch: int) -> tuple[int, int]:
+        """``[lo, hi)``: this rank's rows of its peer's batch of ``batch`` (contiguous share r of R)."""
+        part = batch // self.replicas
+        return self.replica * part, (self.replica + 1) * part
 
     @property
     def is_main(self) -> bool:
@@ -115,29 +151,38 @@ def init_distributed(cfg: dict) -> DistContext:
         if store is not None:  # namespaced as init_process_group's own rendezvous does it
             kwargs.update(store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
         dist.init_process_group(process_group_backend(placement), timeout=_GROUPS["timeout"], **kwargs)
-    replicas = int(cfg.get("replicas", 1))
-    if replicas > 1 and dist.is_initialized() and world % replicas == 0:
-        # The 2-D layout peers x replicas, peer-major. A world that does not divide is refused later
-        # (finalize_config) with a message naming both numbers.
-        peer_group, replica_group = layout_groups(world, replicas, rank, process_group_backend(placement))
-        return DistContext(rank, world, local_rank, local_world, placement, replicas, peer_group, replica_group)
-    return DistContext(rank, world, local_rank, local_world, placement)
+    layout = _layout(cfg, world)
+    if dist.is_initialized() and layout is not None and max(layout) > 1:
+        peer_group, replica_group = layout_groups(layout, rank, process_group_backend(placement))
+        return DistContext(rank, world, local_rank, local_world, placement, layout, peer_group, replica_group)
+    return DistContext(rank, world, local_rank, local_world, placement, layout or (1,) * world)
 
 
-def layout_groups(world: int, replicas: int, rank: int, backend: str) -> tuple:
-    """This rank's peer group (the ranks with its replica index, one per peer: the logits travel there)
-    and replica group (its peer's replicas: DDP, SyncBN), built with plain ``dist.new_group`` and the
-    process group's backend string, which every supported torch accepts (a DeviceMesh over
-    ``"cpu:gloo,cuda:nccl"`` needs a recent ``split_group``). Collective: every rank creates every group,
-    in the same order."""
-    peers, mine = world // replicas, {}
-    for i in range(replicas):
-        g = dist.new_group([k * replicas + i for k in range(peers)], timeout=group_timeout(), backend=backend)
-        if rank % replicas == i:
-            mine["peer"] = g
-    for k in range(peers):
-        g = dist.new_group([k * replicas + i for i in range(replicas)], timeout=group_timeout(), backend=backend)
-        if rank // replicas == k:
+def _layout(cfg: dict, world: int) -> Optional[tuple]:
+    """Replicas per peer, or None when the config does not fit the world (finalize_config then refuses it
+    with a message naming both)."""
+    r = cfg.get("replicas", 1)
+    if isinstance(r, list):
+        return tuple(r) if sum(r) == world else None
+    return (r,) * (world // r) if world % r == 0 else None
+
+
+def layout_groups(layout: tuple, rank: int, backend: str) -> tuple:
+    """This rank's peer group (uniform layouts: the ranks with its replica index, one per peer: the
+    exchange runs there; None otherwise) and replica group (its peer's replicas: DDP, SyncBN), built with
+    plain ``dist.new_group`` and the process group's backend string, which every supported torch accepts
+    (a DeviceMesh over ``"cpu:gloo,cuda:nccl"`` needs a recent ``split_group``, and a layout such as
+    [1, 3] is no mesh). Collective: every rank creates every group, in the same order."""
+    firsts = [sum(layout[:k]) for k in range(len(layout))]
+    mine = {"peer": None}
+    if len(set(layout)) == 1:
+        for i in range(layout[0]):
+            g = dist.new_group([f + i for f in firsts], timeout=group_timeout(), backend=backend)
+            if (rank - i) in firsts:
+                mine["peer"] = g
+    for k, first in enumerate(firsts):
+        g = dist.new_group(list(range(first, first + layout[k])), timeout=group_timeout(), backend=backend)
+        if first <= rank < first + layout[k]:
             mine["replica"] = g
     return mine["peer"], mine["replica"]
 
@@ -167,6 +212,10 @@ def _active() -> bool:
 
 
 is_active = _active
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group) if _active() else 1
 
 
 def rank() -> int:
@@ -253,6 +302,20 @@ def all_gather_logits(logits: torch.Tensor, group=None) -> torch.Tensor:
     out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=dev)
     _ALL_GATHER(out, src.to(dev), group=group)
     return out.view(world, *src.shape).to(logits.device)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise sum of ``t`` over the ranks of ``group``, on every one of them, on ``t.device`` (a new
+    tensor; ``t`` is untouched). No gradient flows (the DML exchange's sums are targets). Sync point: with
+    ``exchange: all_reduce``, the one collective of a training step."""
+    if not _active():
+        return t.detach().clone()
+    dev = _comm_device(t)
+    if dev.type == "cpu":
+        group = _host_group(group)
+    out = t.detach().to(dev, copy=True).contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.to(t.device)
 
 
 def all_gather_tensor(t: torch.Tensor, group=None) -> torch.Tensor:

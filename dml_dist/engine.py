@@ -1,7 +1,7 @@
 """The training loop: ``train_one_epoch`` and ``evaluate`` (torchvision references style).
 
-Per step, every rank: fingerprint check (some steps) -> forward -> all-gather logits (sync point) ->
-DML loss against the detached peers -> backward -> SGD step (``peer_update``, shared with the
+Per step, every rank: fingerprint check (some steps) -> forward -> the exchange (sync point: all-gather
+of the logits, or all-reduce of the softmax sums, ``exchange``) -> DML loss against the detached peers -> backward -> SGD step (``peer_update``, shared with the
 single-process API). Nothing in a step reads a value back to the host: meters and the finiteness flag
 accumulate on the device and are read at ``print_freq`` boundaries. Meters stay per peer; they are
 gathered, never summed, since each rank is a different peer.
@@ -9,11 +9,12 @@ gathered, never summed, since each rank is a different peer.
 from __future__ import annotations
 
 import hashlib
+import math
 import resource
 from dataclasses import fields
 import time
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from . import distributed as D
 from . import faults, stall
 from .errors import DMLError
+from .data.memory import shard_rows
 from .logger import NullLogger, format_eta
-from .loss import compute_dml_loss
+from .loss import compute_dml_loss, exchange_payload, loss_from_sums
 
 
 class Meters:
@@ -37,7 +39,7 @@ class Meters:
             self.sums.copy_(torch.tensor([sums[k] for k in ("loss", "ce", "kl", "correct", "n")], dtype=torch.float64))
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.unchecked_from: Optional[int] = None  # first step not yet checked for a finite loss
-        self.data_time = self.step_time = 0.0
+        self.data_time = self.step_time = self.exchange_time = 0.0  # this rank's seconds (host, not saved)
 
     def add(self, stats: torch.Tensor, finite: torch.Tensor) -> None:
         self.sums += stats
@@ -71,24 +73,34 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
                             ctx: Optional[D.DistContext] = None, source: Optional[tuple] = None) -> None:
     """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch.
 
-    Replica r of every peer must hold the same shard (compared across the peer dimension), and every
-    rank the same full batch (the shards' fingerprints in replica order, compared across all ranks)."""
-    rank, r = (ctx.rank, ctx.replicas) if ctx is not None else (0, 1)
+    The batch is cut into L equal chunks of rows, L the least common multiple of the peers' replica
+    counts, so every rank's share is whole chunks whatever its peer's number of replicas: every rank
+    fingerprints its chunks, and every chunk must look the same on every rank that holds it."""
+    rank = ctx.rank if ctx is not None else 0
     stall.report_progress(epoch, step, "the batch fingerprint check")
-    fp = batch_fingerprint(x, y, source)
-    faults.record_fingerprint(rank, epoch, step, fp)
-    if r > 1:
-        shards = D.all_gather_tensor(fp, ctx.replica_group)
-        digest = hashlib.blake2b(shards.numpy().tobytes(), digest_size=8).digest()
-        full = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
-    else:
-        full = fp[1:]
-    fps = D.all_gather_tensor(torch.cat([fp, full]))  # [world, 3]
-    bad = [k for k in range(fps.shape[0]) if not torch.equal(fps[k, :2], fps[k % r, :2]) or fps[k, 2] != fps[0, 2]]
+    faults.record_fingerprint(rank, epoch, step, batch_fingerprint(x, y, source))
+    if ctx is None:
+        return
+    chunks = math.lcm(*ctx.layout)
+    mine = chunks // ctx.replicas
+    table = torch.zeros(chunks, 3, dtype=torch.int64)  # per chunk: [held, labels hash, inputs hash]
+    for c in range(mine):
+        part = (c, mine)
+        src = tuple(shard_rows(t, part) for t in source) if source is not None else None
+        table[ctx.replica * mine + c] = torch.cat([torch.ones(1, dtype=torch.int64),
+                                                   batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)])
+    fps = D.all_gather_tensor(table)  # [world, chunks, 3]
+    bad, ref_of_bad = [], set()
+    for c in range(chunks):
+        holders = [k for k in range(fps.shape[0]) if fps[k, c, 0]]
+        for k in holders:
+            if not torch.equal(fps[k, c], fps[holders[0], c]) and k not in bad:
+                bad.append(k)
+                ref_of_bad.add(holders[0])
+                what = "labels" if fps[k, c, 1] != fps[holders[0], c, 1] else "augmented inputs"
     if bad:
-        what = "labels" if any(fps[k, 0] != fps[k % r, 0] for k in bad) else "augmented inputs"
-        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: rank(s) {bad} drew different {what} than "
-                       f"rank(s) {sorted({k % r for k in bad})}; every rank must use the same seed, data and "
+        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: rank(s) {sorted(bad)} drew different {what} "
+                       f"than rank(s) {sorted(ref_of_bad)}; every rank must use the same seed, data and "
                        f"augmentation settings")
 
 
@@ -106,14 +118,67 @@ def forward(model, x: torch.Tensor, amp: str = "off", channels_last: bool = Fals
         return model(x).float()
 
 
-def peer_update(logits: torch.Tensor, all_logits: torch.Tensor, index: int, y: torch.Tensor, optimizer,
+EXCHANGE_WAIT = {"all_gather": "the logits all-gather", "all_reduce": "the exchange all-reduce"}
+
+
+class PeerSums(NamedTuple):
+    """What ``exchange: all_reduce`` hands the loss: the [B, C + 1] sum of every peer's
+    ``exchange_payload`` (softmax sums S and negative entropies H) and the number of peers."""
+    summed: torch.Tensor
+    peers: int
+
+
+# auto's crossover, measured with ``dml-bench --exchange`` (README "The exchange"): from 3 peers on, the
+# all-reduce moves fewer bytes (2 (N-1)/N x B(C+1) against (N-1) x BC per rank) and took less time; with 2
+# it moves the same bytes in two phases, and all_gather keeps the results of earlier releases bit for bit.
+ALL_REDUCE_FROM_PEERS = 3
+
+
+def resolve_exchange(cfg: dict) -> tuple[str, str]:
+    """The exchange mode for ``cfg`` (model_num set) and why."""
+    if cfg["exchange"] != "auto":
+        return cfg["exchange"], "set in the config"
+    n = cfg["model_num"]
+    if n >= ALL_REDUCE_FROM_PEERS:
+        return "all_reduce", f"auto: {n} peers >= {ALL_REDUCE_FROM_PEERS}, the sums' bytes do not grow with N"
+    return "all_gather", f"auto: {n} peer(s) < {ALL_REDUCE_FROM_PEERS}, one all-gather of the same bytes"
+
+
+def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
+    """The step's one collective over this rank's peer group (sync point): ``all_gather`` -> the peers'
+    logits [N, B, C]; ``all_reduce`` -> ``PeerSums`` (B x (C + 1) numbers whatever N; see loss.py)."""
+    if ctx.uniform:
+        if cfg["exchange"] == "all_reduce":
+            summed = D.all_reduce_sum(exchange_payload(logits, cfg["temperature"]), ctx.peer_group)
+            return PeerSums(summed, D.group_size(ctx.peer_group))
+        return D.all_gather_logits(logits, ctx.peer_group)
+    # A layout that is not a rectangle (replicas: [1, 3]): peers split the batch B into different shares,
+    # so the exchange runs over the world by batch rows; each rank keeps exactly its own rows.
+    batch = logits.shape[0] * ctx.replicas  # training batches are full (the samplers drop the last)
+    lo, hi = ctx.rows(batch)
+    if cfg["exchange"] == "all_reduce":
+        payload = exchange_payload(logits, cfg["temperature"])
+        full = payload.new_zeros(batch, payload.shape[1])
+        full[lo:hi] = payload  # every peer's rows add up once: S and H for the whole batch
+        return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers)
+    width = batch // min(ctx.layout)  # the largest share; gather needs equal shapes
+    shares = D.all_gather_logits(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
+    return torch.stack([torch.cat([shares[first + i, :batch // r] for i in range(r)])[lo:hi]
+                        for first, r in zip(ctx.first_ranks, ctx.layout)])
+
+
+def peer_update(logits: torch.Tensor, all_logits, index: int, y: torch.Tensor, optimizer,
                 temperature: float, kl_weight: float, mutual: str = "dml", scaler=None):
     """The training step shared by the distributed engine and the single-process ``train_epoch_dml``:
-    peer ``index``'s loss against the other rows of ``all_logits`` (detached peers), backward, optimizer
-    step. Returns ``(stats, finite)`` on the device without a host sync: stats = float64
-    ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was finite."""
-    peers = torch.cat([all_logits[:index], all_logits[index + 1:]])
-    loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual)
+    peer ``index``'s loss against the other rows of ``all_logits`` (detached peers), or against the
+    all-reduced ``PeerSums``, backward, optimizer step. Returns ``(stats, finite)`` on the device without a
+    host sync: stats = float64 ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was
+    finite."""
+    if isinstance(all_logits, PeerSums):
+        loss = loss_from_sums(logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual)
+    else:
+        peers = torch.cat([all_logits[:index], all_logits[index + 1:]])
+        loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss.total).backward()
@@ -129,12 +194,24 @@ def peer_update(logits: torch.Tensor, all_logits: torch.Tensor, index: int, y: t
     return stats, torch.isfinite(loss.total.detach())
 
 
+def _idle(k: int, step_s: float, wait_s: float) -> str:
+    """Peer k's time per step outside and inside the exchange, and the share spent waiting there."""
+    return f"p{k + 1} {1000 * (step_s - wait_s):.1f}/{1000 * wait_s:.1f} ({wait_s / max(step_s, 1e-9):.0%})"
+
+
+def sum_by_peer(per_rank: torch.Tensor, ctx: D.DistContext) -> torch.Tensor:
+    """[world, ...] rows of every rank -> [peers, ...]: each peer's rows summed over its replicas."""
+    peer = torch.tensor([ctx.peer_of(r) for r in range(per_rank.shape[0])])
+    return per_rank.new_zeros(ctx.peers, *per_rank.shape[1:]).index_add_(0, peer, per_rank)
+
+
 def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> torch.Tensor:
-    """Collective over the world (sync point): [peers, 6] float64, each peer's sums over its replicas
-    (``[loss * n, ce * n, kl * n, correct, n, non-finite]``; never mixed across peers). Raises on every rank,
+    """Collective over the world (sync point): [peers, 8] float64, each peer's sums over its replicas
+    (``[loss * n, ce * n, kl * n, correct, n, non-finite, step s, exchange s]``; never mixed across peers). Raises on every rank,
     naming the peer(s) and the steps, when any loss went non-finite since the last check."""
-    mine = torch.cat([meters.sums.cpu(), meters.bad.cpu().double().view(1)])
-    table = D.all_gather_tensor(mine).view(-1, ctx.replicas, 6).sum(1)
+    mine = torch.cat([meters.sums.cpu(), meters.bad.cpu().double().view(1),
+                      torch.tensor([meters.step_time, meters.exchange_time], dtype=torch.float64)])
+    table = sum_by_peer(D.all_gather_tensor(mine), ctx)
     first = meters.unchecked_from if meters.unchecked_from is not None else step
     meters.unchecked_from = step + 1
     bad = [k + 1 for k, r in enumerate(table.tolist()) if r[5]]
@@ -147,10 +224,34 @@ def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> to
 
 def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> list[list[float]]:
     """``meter_table`` as one row per peer, on every rank: ``[loss, ce, kl, acc, n]`` averaged over the
-    peer's replicas, weighted by samples."""
+    peer's replicas, weighted by samples, then the seconds this epoch in steps and in the exchange, averaged
+    over the peer's replicas."""
     table = meter_table(meters, ctx, epoch, step)
     n = table[:, 4:5].clamp_min(1)
-    return torch.cat([table[:, :4] / n, table[:, 4:5]], 1).tolist()
+    replicas = torch.tensor(ctx.layout, dtype=torch.float64).view(-1, 1)
+    return torch.cat([table[:, :4] / n, table[:, 4:5], table[:, 6:8] / replicas], 1).tolist()
+
+
+class DeviceClock:
+    """Time as the device sees it: CUDA events on a GPU (recorded on the compute stream, which waits for
+    the collectives; nothing synchronises when marking, ``seconds`` does, so read at sync points only),
+    ``perf_counter`` on the CPU (where every collective is synchronous anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, a, b) -> float:
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1000
 
 
 def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epoch: int,
@@ -170,6 +271,7 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
     check_every = cfg["consistency_check_every"]
     bar = logger.progress(loader, total=steps - start_step, desc=f"epoch {epoch}")
     t_epoch = t_last = time.time()
+    clock, spans = DeviceClock(ctx.device), []  # the exchange's wait, read at the print boundaries
     if watch is not None:
         watch.start(epoch, start_step)
     for step, (x, y) in enumerate(bar, start=start_step):
@@ -179,8 +281,10 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
             # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
             check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None))
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
-        stall.report_progress(epoch, step, "the logits all-gather")  # heartbeat (host, no device sync)
-        all_logits = D.all_gather_logits(logits, ctx.peer_group)  # sync point: one all-gather per step
+        stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
+        c0 = clock.mark()
+        all_logits = exchange(logits, ctx, cfg)  # sync point: the step's one collective
+        spans.append((c0, clock.mark()))
         w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
         stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
                                     cfg["mutual"], scaler)
@@ -190,6 +294,8 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
         meters.step_time += t_now - t_last
         t_last = t_now
         if (step + 1) % cfg["print_freq"] == 0 or step + 1 == steps:
+            meters.exchange_time += sum(clock.seconds(a, b) for a, b in spans)
+            spans.clear()
             # Collective on every rank (sync point): show all peers, not just rank 0's.
             rows = gather_meters(meters, ctx, epoch, step)
             done = step + 1 - start_step
@@ -199,7 +305,8 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
             step_s = meters.step_time / max(done, 1)
             logger.info(f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
                         f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
-                        f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB)")
+                        f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
+                        f"compute/exchange ms " + " ".join(_idle(k, a[5] / done, a[6] / done) for k, a in enumerate(rows)))
         if on_step is not None:
             on_step(step, meters)
         if watch is not None and step + 1 < steps:
@@ -258,9 +365,8 @@ def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
     all_labels = D.gather_to_main(labels)
     metrics = None
     if all_logits is not None:
-        r = ctx.replicas
-        peers = torch.stack([torch.cat([all_logits[k * r + i, :sizes[k * r + i]] for i in range(r)])
-                             for k in range(len(sizes) // r)])
-        y = torch.cat([all_labels[i, :sizes[i]] for i in range(r)])
+        peers = torch.stack([torch.cat([all_logits[first + i, :sizes[first + i]] for i in range(r)])
+                             for first, r in zip(ctx.first_ranks, ctx.layout)])
+        y = torch.cat([all_labels[i, :sizes[i]] for i in range(ctx.layout[0])])
         metrics = score_logits(peers, y)
     return D.broadcast_object(metrics)

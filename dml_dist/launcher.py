@@ -23,9 +23,9 @@ import time
 import uuid
 from typing import Optional, TextIO
 
+from .config import world_size_for
 from .errors import DMLError
 
-DEFAULT_LOCAL_PEERS = 2  # model_num when a config leaves it unset and this process starts the peers
 
 
 class DMLTrainingError(DMLError):
@@ -63,7 +63,7 @@ def _failure_message(err_dir: str, failures: dict) -> str:
 
 
 def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: str = "dml-train") -> dict:
-    """Run ``cfg`` (finalized for ``model_num * replicas`` processes) as local peer processes; return rank
+    """Run ``cfg`` (finalized for ``world_size_for(cfg)`` processes) as local peer processes; return rank
     0's summary. ``stream``: None lets the children write to this process's stdout/stderr (the CLI);
     a text stream gets rank 0's log lines while the children's own output goes to files (the API)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
@@ -71,7 +71,7 @@ def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    nproc = cfg["model_num"] * cfg["replicas"]
+    nproc = world_size_for(cfg)
     # Restarted gloo workers must not read the dead workers' addresses (pytorch/pytorch#135712).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     log_path = os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}.log")

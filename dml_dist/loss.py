@@ -44,6 +44,52 @@ def _loss(logits: torch.Tensor, peer_logits, targets: torch.Tensor, temperature:
     return DMLLoss(ce + kl_weight * kl, ce, kl)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The exchange without the peers' logits (``exchange: all_reduce``).
+#
+# With q_k = softmax(z_k / T) (detached) and log p_i = log_softmax(z_i / T) (this peer's, with gradient),
+# S = sum_k q_k over all N peers and h_k = sum_c q_k log q_k (peer k's negative entropy), per sample:
+#
+#   sum_{j != i} KL(q_j || p_i) = sum_{j != i} sum_c q_j log q_j - sum_c (sum_{j != i} q_j) log p_i
+#                               = (H - h_i) - sum_c (S - q_i) log p_i,          H = sum_k h_k.
+#
+# The gradient with respect to z_i flows only through log p_i, so it needs only the B x C sum S; the
+# value also needs the B-vector H. The ``ensemble`` target (S - q_i) / (N - 1) needs S alone. So one
+# all-reduce of the packed [B, C + 1] tensor (S | H), fp32, replaces the all-gather of N x B x C logits:
+# the same loss and the same gradient, up to float rounding (S - q_i cancels this rank's own term).
+# ---------------------------------------------------------------------------------------------------
+
+
+def exchange_payload(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """This peer's share of the all-reduce: [B, C + 1] float32 = (q | h), detached (the peers' sums are
+    targets; no gradient crosses the exchange)."""
+    log_q = F.log_softmax(logits.detach().float() / float(temperature), dim=-1)
+    q = log_q.exp()
+    return torch.cat([q, (q * log_q).sum(-1, keepdim=True)], dim=-1)
+
+
+def loss_from_sums(logits: torch.Tensor, summed: torch.Tensor, peers: int, targets: torch.Tensor,
+                   temperature: float = 1.0, kl_weight: float = 1.0, mutual: str = "dml") -> DMLLoss:
+    """``compute_dml_loss`` for a cohort of ``peers`` peers from the all-reduced ``exchange_payload``s
+    (``summed`` [B, C + 1]: S and H) instead of the other peers' logits. Same value and gradient."""
+    if mutual not in MUTUAL:
+        raise ValueError(f"mutual must be one of {MUTUAL}, got {mutual!r}")
+    ce = F.cross_entropy(logits, targets)
+    if peers < 2:
+        return DMLLoss(ce, ce, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    t = float(temperature)
+    log_p_i = F.log_softmax(logits.float() / t, dim=-1)             # [B, C], with gradient
+    own = exchange_payload(logits, t)
+    rest = (summed - own) / (peers - 1)                              # mean over the other peers: (q | h)
+    q_rest = rest[:, :-1].clamp_min(0.0)                             # rounding can leave -1e-9 after the cancel
+    if mutual == "ensemble":
+        log_q = q_rest.clamp_min(1e-30).log()
+        kl = (q_rest * (log_q - log_p_i)).sum(-1).mean() * (t * t)
+    else:
+        kl = (rest[:, -1] - (q_rest * log_p_i).sum(-1)).mean() * (t * t)
+    return DMLLoss(ce + kl_weight * kl, ce, kl)
+
+
 def kl_ramp(kl_weight: float, warmup_epochs: int, steps_per_epoch: int, epoch: int, step: int) -> float:
     """The mutual term's weight at ``step`` (from 0) of ``epoch`` (from 1): linear from 0 at the first step
     to ``kl_weight`` after ``warmup_epochs`` epochs, per step; ``kl_weight`` throughout without warm-up. A

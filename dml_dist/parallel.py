@@ -78,20 +78,21 @@ def convert_sync_batchnorm(model: nn.Module, group, device: torch.device) -> nn.
 def separate_replica_group(ctx: DistContext):
     """A second group over this peer's replicas (collective: every rank creates every group), so that
     SyncBN's all-reduces in backward never interleave with DDP's gradient buckets on one communicator."""
-    r = ctx.replicas
-    groups = [dist.new_group([k * r + i for i in range(r)], timeout=D.group_timeout())
-              for k in range(ctx.world_size // r)]
+    groups = [dist.new_group(list(range(first, first + r)), timeout=D.group_timeout())
+              for first, r in zip(ctx.first_ranks, ctx.layout)]
     return groups[ctx.peer]
 
 
 def wrap_replicas(model: nn.Module, ctx: DistContext, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     """-> (model to keep: its state dict is the peer's, model to train with). With one replica both are
     ``model``; otherwise the second is DDP over the replica group."""
+    group = ctx.replica_group
+    if sync_bn and max(ctx.layout) > 1 and ctx.device.type == "cpu":
+        group = separate_replica_group(ctx)  # collective: every rank, a peer with one replica too
     if ctx.replicas == 1:
         return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
     if sync_bn:
-        group = separate_replica_group(ctx) if ctx.device.type == "cpu" else ctx.replica_group
         model = convert_sync_batchnorm(model, group, ctx.device)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return model, DDP(model, device_ids=device_ids, process_group=ctx.replica_group)

@@ -45,7 +45,7 @@ def is_timeout(e: BaseException) -> bool:
     return isinstance(e, (RuntimeError, dist.DistError)) and any(m in str(e) for m in _TIMEOUT_MESSAGES)
 
 
-def describe_stall(replicas: int, timeout: timedelta, error: BaseException) -> str:
+def describe_stall(peer_of, timeout: timedelta, error: BaseException) -> str:
     """One line after a collective timed out: the rank(s) behind this one by their last heartbeat (or
     that no rank is behind), where this rank waited, the fix, and the backend's own first line."""
     store, me, world, now = _store(), dist.get_rank(), dist.get_world_size(), time.time()
@@ -67,7 +67,7 @@ def describe_stall(replicas: int, timeout: timedelta, error: BaseException) -> s
         low = min((reports[r][0], reports[r][1]) for r in behind)
         culprit = [r for r in behind if (reports[r][0], reports[r][1]) == low]
         first = reports[culprit[0]]
-        what = (", ".join(f"rank {r} (peer {r // replicas + 1})" for r in culprit) + " stopped answering")
+        what = (", ".join(f"rank {r} (peer {peer_of(r) + 1})" for r in culprit) + " stopped answering")
         where += f"; its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
     else:
         what = "a rank stopped answering inside the collective (no rank is behind this one by its reports)"

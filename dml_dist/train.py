@@ -37,11 +37,12 @@ from . import distributed as D
 from . import faults, stall
 from .checkpoint import latest_path, peer_path, remove_stale_temp_files, versions
 from .cohort import CohortCheckpoint, public_config
-from .config import build_config, finalize_config, parse_overrides, peer_model_name
+from .config import (build_config, default_model_num, finalize_config, parse_overrides, peer_model_name,
+                     world_size_for)
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
-from .engine import Meters, evaluate, gather_meters, train_one_epoch
+from .engine import Meters, evaluate, gather_meters, resolve_exchange, train_one_epoch
 from .errors import DMLError, Stopped, die_of_sigterm, sigterm_deferred, stop_on_sigterm
-from .launcher import DEFAULT_LOCAL_PEERS, DMLTrainingError, launch_local
+from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
 from .models import build_model
@@ -207,6 +208,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
         faults.at_setup(ctx.rank)
         cfg["amp"] = resolve_amp(cfg, ctx.device)
+        cfg["exchange"], exchange_why = resolve_exchange(cfg)
         if ctx.device.type == "cuda" and created_group:
             # Fixed-shape training: let cuDNN pick the fastest convolution algorithms once per shape (only in
             # processes this package started: a user's own process keeps its global setting).
@@ -235,6 +237,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                     + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
                     + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"])))
         logger.info(f"data path: {data.path} ({data.why})")
+        logger.info(f"exchange: {cfg['exchange']} ({exchange_why})")
         trainer = Trainer(cfg, ctx, logger, data)
         trainer.ckpt.resume(cfg["resume"])
         t0 = time.time()
@@ -251,7 +254,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                 "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
     except RuntimeError as e:
         if D.is_active() and stall.is_timeout(e):  # a rank stopped answering: name it while the store is up
-            raise DMLError(stall.describe_stall(ctx.replicas, D.group_timeout(), e), all_ranks=False) from None
+            raise DMLError(stall.describe_stall(ctx.peer_of, D.group_timeout(), e), all_ranks=False) from None
         raise
     except Stopped:
         if trainer is not None and any(not f.done() for f in trainer.ckpt.writer.pending):
@@ -307,11 +310,9 @@ def _main(args) -> int:
             stop_on_sigterm()
             run(cfg)
         else:
-            # No torchrun: this process starts the cohort itself (model_num * replicas local processes).
-            if cfg["model_num"] is None:
-                cfg["model_num"] = len(cfg["model"]) if isinstance(cfg["model"], list) else DEFAULT_LOCAL_PEERS
-            cfg = finalize_config(cfg, cfg["model_num"] * cfg["replicas"])
-            if cfg["model_num"] * cfg["replicas"] == 1:
+            # No torchrun: this process starts the cohort itself (one local process per replica of every peer).
+            cfg = finalize_config(cfg, world_size_for({**cfg, "model_num": default_model_num(cfg)}))
+            if world_size_for(cfg) == 1:
                 stop_on_sigterm()
                 run(cfg)
             else:

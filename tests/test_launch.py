@@ -229,7 +229,7 @@ def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text().splitlines()[-1])
     assert result["peers"] == 2 and result["replicas"] == 2 and result["data"].startswith("synthetic")
-    assert result["images_per_s_per_peer"] > 0 and result["dml_tax"] > 0 and 0 <= result["allgather_share"] < 1
+    assert result["images_per_s_per_peer"] > 0 and result["dml_tax"] > 0 and 0 <= result["exchange_share"] < 1
     loader = result["loader"]
     assert loader["augment"] == ["crop", "flip", "rotate", "jitter"] and loader["per_sample_images_per_s"] > 0
     assert loader["batched_vs_per_sample"] == pytest.approx(
