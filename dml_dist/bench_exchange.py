@@ -84,7 +84,7 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
         g = torch.Generator().manual_seed(rank)
         z = torch.randn(b["batch"], b["classes"], generator=g) * 3
         y = torch.randint(0, b["classes"], (b["batch"],), generator=g)
-        ctx = SimpleNamespace(peer_group=None, rank=rank)
+        ctx = SimpleNamespace(peer_group=None, rank=rank, uniform=True)  # one replica per peer, the world
         rounds = {m: [] for m in MODES}
         for m in MODES:  # warm-up: connections, allocator
             for _ in range(3):
@@ -94,6 +94,7 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
                 cfg = {"exchange": m, "temperature": b["temperature"]}
                 dist.barrier()
                 rx0 = loopback_rx_bytes()
+                dist.barrier()  # nobody sends a step's bytes before rank 0 has read the counter
                 times = [_step_tail(m, z, y, cfg, ctx) for _ in range(b["steps"])]
                 dist.barrier()
                 rx = loopback_rx_bytes() - rx0
@@ -117,7 +118,10 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
 def run_cohort(n: int, b: dict) -> dict:
     """N processes, both modes; rank 0's figures."""
     store = dist.TCPStore("127.0.0.1", 0, n + 1, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    # forkserver: torch is imported once by the server, each process is a fork of it (spawn would import it
+    # N times per cohort); no fork of this process, whose store already runs threads.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "dml_dist.engine", "dml_dist.loss"])
     results = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, n, store.port, b, results)) for r in range(n)]
     for p in procs:

@@ -14,6 +14,9 @@
     # an 8-GPU node, 2 peers x 4 data-parallel replicas (DDP within each peer)
     torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=2 replicas=4
 
+    # a mixed pair on an 8-GPU node: the ResNet-32 on one GPU, the 75x costlier WRN-28-10 on seven
+    torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/paper_cifar100_resnet32.yaml model=[resnet32,wrn28_10] replicas=[1,7] batch_size=56
+
     # ImageNet-sized folders: 2 ResNet-50 peers x 4 replicas, each batch decoded once per node (stream path)
     torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/imagenet_resnet50.yaml replicas=4 data_dir=/data/imagenet
 

@@ -52,3 +52,20 @@ def test_auto_picks_all_reduce_from_three_peers_and_the_byte_model():
     # all_gather's bytes grow with N; all_reduce's stay below 2 B (C + 1) 4 whatever N
     assert [model_bytes("all_gather", n, 256, 1000) for n in (2, 16)] == [1_024_000, 15_360_000]
     assert all(model_bytes("all_reduce", n, 256, 1000) < 2 * 256 * 1001 * 4 for n in (2, 4, 8, 16, 64))
+
+
+def test_exchange_benchmark_measures_the_bytes_it_models(tmp_path):
+    """``dml-bench --exchange`` on small shapes: loopback bytes per rank match the ring model, all_gather's
+    grow with N while all_reduce's stay, and it writes the table, the JSON line and the plot."""
+    out, png = tmp_path / "x.jsonl", tmp_path / "x.png"
+    r = run_cmd([sys.executable, "-m", "dml_dist.bench", "--exchange", "peers=[2,3]", "batch=64", "classes=100",
+                 "steps=4", "rounds=1", f"plot={png}", f"out={out}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| N | mode | bytes/rank/step measured |" in r.stdout and png.stat().st_size > 0
+    rows = {(x["peers"], x["mode"]): x for x in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(n, m) for n in (2, 3) for m in ("all_gather", "all_reduce")}
+    for x in rows.values():  # gloo's headers and the barriers add a little
+        assert x["model_bytes_per_rank"] <= x["rx_bytes_per_rank"] <= 1.25 * x["model_bytes_per_rank"], x
+        assert x["exchange_ms"] > 0 and x["loss_ms"] > 0
+    assert rows[3, "all_gather"]["rx_bytes_per_rank"] > 1.8 * rows[2, "all_gather"]["rx_bytes_per_rank"]
+    assert rows[3, "all_reduce"]["rx_bytes_per_rank"] < 1.5 * rows[2, "all_reduce"]["rx_bytes_per_rank"]

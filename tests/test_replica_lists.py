@@ -1,11 +1,13 @@
 """Issue 17: replicas per peer as a list (``replicas: [1, 2]``): a layout that is not a rectangle."""
 import re
 import shutil
+import sys
 
 import pytest
 import torch
 
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
+from conftest import (REPO, assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, run_cmd,
+                      torchrun)
 
 # SyncBN makes a peer's replicas compute exactly its full-batch step (test_replicas.py), so every layout of
 # the same cohort must land on the same weights, up to float rounding.
@@ -45,10 +47,13 @@ def _assert_close(a, b, atol=1e-4):
 
 
 def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, folder, reference):
-    """[1, 2] (3 processes, all-gather by rows) for one epoch, resumed as [1, 1]: the weights of [1, 1]."""
+    """[1, 2] (3 processes, all-gather by rows; started by launch/local.sh with REPLICAS=[1,2]) for one
+    epoch, resumed as [1, 1]: the weights of [1, 1]."""
     ref, _ = reference
     w = tmp_path / "w"
-    r = torchrun(3, base_args(w, folder, **{**COMMON, "epochs": 1}, replicas="[1,2]"))
+    (tmp_path / "empty.yaml").write_text("{}\n")  # defaults + the same overrides as the reference
+    r = run_cmd(["bash", str(REPO / "launch" / "local.sh"), "2", "--config", str(tmp_path / "empty.yaml"),
+                 *base_args(w, folder, **{**COMMON, "epochs": 1})], env={"REPLICAS": "[1,2]", "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr[-3000:]
     for rank, (peer, replica) in enumerate([(1, 0), (2, 0), (2, 1)]):
         assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout

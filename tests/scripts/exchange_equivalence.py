@@ -32,7 +32,7 @@ def train(n: int, mode: str, mutual: str, kl: float = KL):
     model = build_model("resnet20", 10, image_size=16)
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ctx = SimpleNamespace(peer_group=groups[n])
+    ctx = SimpleNamespace(peer_group=groups[n], uniform=True)  # one replica per peer
     cfg = {"exchange": mode, "temperature": T}
     stats = []
     for step, (x, y) in enumerate(batches):
