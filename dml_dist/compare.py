@@ -18,9 +18,10 @@ import os
 import sys
 from typing import Optional
 
-# Keys that say how a run was named, filed, logged or launched, not what was trained.
+# Keys that say how a run was named, filed, logged or launched, not what was trained (``exchange``: the same
+# loss and gradient either way, up to float rounding).
 IGNORED = ("seed", "experiment_name", "save_dir", "log_dir", "resume", "progress_bar", "print_freq", "save_freq",
-           "save_every_steps", "keep_last", "consistency_check_every", "num_workers", "download")
+           "save_every_steps", "keep_last", "consistency_check_every", "num_workers", "download", "exchange")
 MUTUAL_KEYS = ("kl_weight", "temperature", "mutual", "kl_warmup_epochs")
 
 
