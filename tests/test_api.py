@@ -73,7 +73,8 @@ def test_custom_loaders_use_the_shared_seed_sampler(tmp_path, hard_folder):
         assert res["n_models"] == 2
         # "loaders" passes prepare_dataloaders' test loader (hard_folder has test/), "imagefolder" none
         if mode == "loaders":
-            assert len(res["test_results"]["peer_acc"]) == 2 and 0 <= res["test_results"]["ensemble_acc"] <= 1
+            tr = res["test_results"]
+            assert tr is not None and len(tr["peer_acc"]) == 2 and 0 <= tr["ensemble_acc"] <= 1, tr
         else:
             assert res["test_results"] is None
 
