@@ -63,6 +63,16 @@ def resolve_amp(cfg: dict, device: torch.device) -> str:
     return cfg["amp"]
 
 
+def compile_report(model) -> str:
+    """What torch.compile did in this process (dynamo's counters), logged after the first epoch: proof
+    that the peer really runs compiled, and how often dynamo fell back to eager."""
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    return (f"compile: {type(model).__name__}, {graphs} graph(s) compiled, {breaks} graph break(s) "
+            f"in the first epoch")
+
+
 class Trainer:
     """Holds one rank's peer (or one replica of it) and the cohort bookkeeping every rank keeps in step."""
 
@@ -123,13 +133,16 @@ class Trainer:
         cfg, ctx, log, c = self.cfg, self.ctx, self.logger, self.ckpt
         if c.epoch >= cfg["epochs"]:
             log.info(f"nothing to train: the checkpoint already holds {c.epoch} epoch(s); raise epochs= to go on")
-        for epoch in range(c.epoch + 1, cfg["epochs"] + 1):
+        first_epoch = c.epoch + 1
+        for epoch in range(first_epoch, cfg["epochs"] + 1):
             t0 = time.time()
             self.train_loader.set_epoch(epoch - 1, c.step)
             meters = train_one_epoch(self.train_model, self.optimizer, self.train_loader, ctx, cfg, epoch, log,
                                      start_step=c.step, meters=c.meters, scaler=self.scaler,
                                      on_step=self._on_step(epoch), kl_weight=self.kl_weight(epoch), watch=self.watch)
             c.meters, c.step = None, 0
+            if cfg["compile"] and epoch == first_epoch:
+                log.info(compile_report(self.train_model))
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()

@@ -38,7 +38,12 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     assert cfg["momentum"] == DEFAULT_CONFIG["momentum"]
 
 
-def test_yaml_unknown_key_and_bad_override():
+def test_yaml_unknown_key_and_bad_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(DMLError, match=r"unknown config key\(s\): 'learning_rate' \(did you mean 'lr'\?\)") as e:
+        build_config(str(f))
+    assert "\n" not in str(e.value)
     with pytest.raises(DMLError, match="not found"):
         build_config("/nonexistent.yaml")
     with pytest.raises(DMLError, match="key=value"):

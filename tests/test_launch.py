@@ -162,15 +162,19 @@ def _free_port():
 
 
 def test_two_nodes_on_localhost(tmp_path, image_folder):
-    """Two torchrun "nodes" (launch/multinode.sh), one peer each, c10d rendezvous on a free port."""
+    """Two torchrun "nodes" (launch/multinode.sh), one peer each, c10d rendezvous on a free port; they train
+    exactly as one node with two processes does. Each node is pinned to a CPU of its own and the one-node
+    run to both, so every rank computes with one thread in both layouts (bit-identical results)."""
+    config = str(REPO / "configs" / "quickstart.yaml")
     env = _env({"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
-                "RDZV_ID": "test", "MAX_RESTARTS": "0", "PYTHON": sys.executable,
-                "CONFIG": str(REPO / "configs" / "quickstart.yaml")})
-    args = base_args(tmp_path, image_folder, save_dir="ckpt", log_dir="logs")
+                "RDZV_ID": "test", "MAX_RESTARTS": "0", "PYTHON": sys.executable, "CONFIG": config})
+    args = base_args(tmp_path, image_folder, save_dir="ckpt", log_dir="logs", epochs=1)
+    cpus = (sorted(os.sched_getaffinity(0)) * 2)[:2]
     procs = []
-    for node in ("node_a", "node_b"):
+    for node, cpu in zip(("node_a", "node_b"), cpus):
         (tmp_path / node).mkdir()
-        procs.append(subprocess.Popen(["bash", str(REPO / "launch" / "multinode.sh"), *args], cwd=tmp_path / node,
+        procs.append(subprocess.Popen(["taskset", "-c", str(cpu), "bash", str(REPO / "launch" / "multinode.sh"),
+                                       *args], cwd=tmp_path / node,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True))
     outs = []
@@ -190,6 +194,18 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
     assert len(summary["best_accuracies"]) == 2 and 0 <= summary["best_ensemble_accuracy"] <= 1
     assert {p.name for p in (main / "ckpt").iterdir()} >= {"t_model1_final.pth", "t_model2_final.pth", "t_latest.pth"}
     assert not (other / "ckpt").exists()
+    # The same job on one node (the arguments multinode.sh passes): the same history and weights.
+    single = tmp_path / "single"
+    single.mkdir()
+    r = run_cmd(["taskset", "-c", ",".join(map(str, sorted(set(cpus)))), sys.executable, "-m",
+                 "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dml_dist.train",
+                 "--config", config, "replicas=1", *args], cwd=single)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = json.loads((single / "logs" / "t_summary.json").read_text())
+    assert summary["history"] == reference["history"] and summary["history"][0]["val_loss"]
+    for k in (1, 2):
+        a, b = (torch.load(d / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"] for d in (main, single))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"peer {k}"
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/cifar10-small")

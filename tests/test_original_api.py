@@ -2,6 +2,7 @@
 review found, each with its own test. In-process unless a launch is the point."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from dml_dist import (DEFAULT_CONFIG, build_model, compute_dml_loss, evaluate_dm
 from dml_dist.checkpoint import prune_epoch_checkpoints, remove_stale_temp_files
 from dml_dist.train import parse_args
 
-from conftest import make_image_folder
+from conftest import base_args, make_image_folder, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +96,19 @@ def test_defect7_key_value_pairs_on_both_sides_of_config():
     assert args.config == "c.yaml" and args.overrides == ["data_dir=X", "epochs=3"]
 
 
-def test_defect6_readme_states_the_seed_rule_the_code_uses():
-    readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_defect6_peers_start_from_the_weights_the_readme_seed_rule_gives(tmp_path):
+    """README: peer k (counted from 1) starts from weights seeded ``seed + k - 1``. With lr=0 the weights
+    never move (momentum and weight decay only scale a zero step), so the final checkpoints hold each
+    peer's initial parameters."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "peer k (counted from 1) starts from weights seeded `seed + k - 1`" in readme
-    import inspect
-    from dml_dist.train import Trainer
-    assert 'torch.manual_seed(cfg["seed"] + ctx.peer)' in inspect.getsource(Trainer.__init__)
+    data = make_image_folder(tmp_path / "data", n_train=3, n_val=1)  # 9 images: one step of 8
+    r = torchrun(2, base_args(tmp_path, data, lr=0, epochs=1, seed=7))
+    assert r.returncode == 0, r.stderr[-3000:]
+    params = [n for n, _ in build_model("resnet20", 3).named_parameters()]
+    saved = [torch.load(tmp_path / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"] for k in (1, 2)]
+    for k in (1, 2):
+        torch.manual_seed(7 + k - 1)
+        expected = build_model("resnet20", 3, image_size=16).state_dict()
+        assert all(torch.equal(saved[k - 1][n], expected[n]) for n in params), f"peer {k}"
+    assert not torch.equal(saved[0]["conv1.weight"], saved[1]["conv1.weight"])

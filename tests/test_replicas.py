@@ -9,17 +9,56 @@ from conftest import assert_no_worker_traceback, base_args, error_lines, make_im
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("replicas") / "data", n_train=16, n_val=4)
+    # 9 val images: replica shares of 5 and 4, so evaluation reassembles uneven shards
+    return make_image_folder(tmp_path_factory.mktemp("replicas") / "data", n_train=16, n_val=3)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, folder):
+    """The module's launches, each run once on first use (2 peers, augmentation, 6 steps an epoch):
+    ``r1``: 1 replica, 2 epochs, the reference; ``r2``: 2 replicas with SyncBN, 1 epoch; ``r2_resumed``:
+    r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch."""
+    root = tmp_path_factory.mktemp("replica_runs")
+    specs = {"r1": (2, {"epochs": 2}), "r2": (4, {"replicas": 2, "sync_bn": True}),
+             "r2_resumed": (2, {"epochs": 2, "sync_bn": True, "resume": "auto"}),
+             "r2_nosync": (4, {"replicas": 2, "sync_bn": False})}
+    done = {}
+
+    def get(name):
+        if name not in done:
+            if name == "r2_resumed":
+                shutil.copytree(get("r2")[0] / "ckpt", root / name / "ckpt")
+            nproc, extra = specs[name]
+            r = torchrun(nproc, base_args(root / name, folder, **{"epochs": 1, "augment": True, **extra}))
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[name] = (root / name, r)
+        return done[name]
+    return get
 
 
 def _weights(path, peers=2, tag="final"):
     return [torch.load(path / "ckpt" / f"t_model{k}_{tag}.pth", weights_only=True)["model"] for k in range(1, peers + 1)]
 
 
-def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(tmp_path, folder):
-    w = tmp_path / "r2"
-    r = torchrun(4, base_args(w, folder, replicas=2, epochs=1, augment=True))
-    assert r.returncode == 0, r.stderr[-3000:]
+def _assert_same_weights(a, b, atol):
+    for wa, wb in zip(a, b):
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.allclose(wa[k].double(), wb[k].double(), atol=atol, rtol=0), k
+
+
+def _assert_same_epoch(h1, h2):
+    """One epoch's history entries agree: the meters (per peer, over its replicas) and the evaluation,
+    which rank 0 reassembles from the replicas' shares of the val set (peers and ensemble)."""
+    for key in ("train_loss", "train_ce", "train_kl", "val_loss"):
+        assert h2[key] == pytest.approx(h1[key], abs=1e-5), key
+    assert h2["train_acc"] == h1["train_acc"] and h2["val_acc"] == h1["val_acc"]
+    assert h2["ensemble_acc"] == h1["ensemble_acc"]
+    assert h2["ensemble_loss"] == pytest.approx(h1["ensemble_loss"], abs=1e-5)
+
+
+def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(runs):
+    w, r = runs("r2")
     s = read_summary(w)
     assert len(s["best_accuracies"]) == 2 and s["config"]["replicas"] == 2 and s["config"]["model_num"] == 2
     for rank, (peer, replica) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1)]):
@@ -28,30 +67,30 @@ def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(tmp_path
     assert len(latest["peers"]) == 2  # one state per peer, whatever the number of replicas
     # Resumed with 1 replica (2 processes); any other count goes the same way (4 replicas = 8 processes: too
     # slow for the suite).
-    other = tmp_path / "resume_r1"
-    shutil.copytree(w / "ckpt", other / "ckpt")
-    r = torchrun(2, base_args(other, folder, replicas=1, epochs=2, augment=True, resume="auto"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    other, r = runs("r2_resumed")
     assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout
-    assert [h["epoch"] for h in read_summary(other)["history"]] == [1, 2]
+    resumed = read_summary(other)["history"]
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    # With SyncBN an epoch over 2 replicas is the full-batch epoch, so the run that switched from 2 replicas
+    # to 1 at the checkpoint ends where the uninterrupted 1-replica run ends.
+    ref = runs("r1")[0]
+    _assert_same_weights(_weights(ref), _weights(other), atol=1e-4)
+    for h1, h2 in zip(read_summary(ref)["history"], resumed):
+        _assert_same_epoch(h1, h2)
 
 
-def test_sync_bn_step_over_replicas_equals_full_batch_step(tmp_path):
-    """One step (the train set is one batch): DDP's average over equal shards with SyncBN statistics is the
-    full-batch gradient, so 2 peers x 2 replicas end with the weights of 2 peers x 1 replica."""
-    one_batch = make_image_folder(tmp_path / "data", n_train=4, n_val=2)  # 12 training images
-    runs = {}
-    for name, nproc, extra in (("r1", 2, {}), ("r2", 4, {"replicas": 2, "sync_bn": True})):
-        r = torchrun(nproc, base_args(tmp_path / name, one_batch, batch_size=12, epochs=1, augment=True,
-                                      momentum=0.9, **extra))
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = _weights(tmp_path / name)
-    for a, b in zip(runs["r1"], runs["r2"]):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.allclose(a[k].double(), b[k].double(), atol=1e-5, rtol=0), k
-    h1, h2 = read_summary(tmp_path / "r1")["history"][0], read_summary(tmp_path / "r2")["history"][0]
-    assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)  # meters: per peer, over its replicas
+def test_sync_bn_epoch_over_replicas_equals_full_batch_epoch(runs):
+    """DDP's average over equal shards with SyncBN statistics is the full-batch gradient, so 2 peers x 2
+    replicas end epoch 1 with the weights of 2 peers x 1 replica, and score the same; without SyncBN
+    (statistics per shard) they do not."""
+    ref, sync, nosync = runs("r1")[0], runs("r2")[0], runs("r2_nosync")[0]
+    epoch1 = _weights(ref, tag="epoch_1")
+    _assert_same_weights(epoch1, _weights(sync), atol=1e-5)
+    _assert_same_epoch(read_summary(ref)["history"][0], read_summary(sync)["history"][0])
+    # negative control: per-shard statistics change the gradients and the running statistics
+    apart = max((a[k].double() - b[k].double()).abs().max().item()
+                for a, b in zip(epoch1, _weights(nosync)) for k in a if a[k].is_floating_point())
+    assert apart > 1e-3, apart
 
 
 @pytest.mark.parametrize("nproc,extra,needle", [

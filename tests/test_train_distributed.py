@@ -38,10 +38,12 @@ def _check_tensorboard(log_dir, peers, epochs):
     return acc
 
 
-def test_two_peers_same_batches_with_augmentation_and_workers(tmp_path, image_folder):
+def test_two_peers_same_batches_with_augmentation(tmp_path, image_folder):
+    # The memory path (an image folder that fits) reads no files while training, so it has no workers; the
+    # per-sample path's workers run under torchrun in test_api.py, the stream path's in test_stream.py.
     fp_dir = tmp_path / "fp"
     fp_dir.mkdir()
-    r = torchrun(2, base_args(tmp_path, image_folder, augment=True, num_workers=2, consistency_check_every=1),
+    r = torchrun(2, base_args(tmp_path, image_folder, augment=True, consistency_check_every=1),
                  env={"DML_FINGERPRINT_DIR": str(fp_dir)})
     assert r.returncode == 0, r.stderr[-3000:]
     # Every step of both epochs was fingerprinted on both ranks, and the ranks saw byte-identical batches.
@@ -108,10 +110,19 @@ def test_consistency_check_can_be_turned_off(tmp_path, image_folder):
 
 
 def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder):
-    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1, kl_weight=0))
+    r = torchrun(2, base_args(tmp_path / "cohort", image_folder, epochs=1, kl_weight=0))
     assert r.returncode == 0, r.stderr[-3000:]
-    h = read_summary(tmp_path)["history"][0]
+    h = read_summary(tmp_path / "cohort")["history"][0]
     assert h["train_loss"] == pytest.approx(h["train_ce"]) and all(k > 0 for k in h["train_kl"])
+    # Peer 1 trains as if alone: a model_num=1 run (one plain process, same seed) ends with its weights.
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path / "solo", image_folder, epochs=1,
+                                                                     model_num=1)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    peer1, solo = (torch.load(tmp_path / d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
+                   for d in ("cohort", "solo"))
+    for k in solo:
+        assert torch.allclose(peer1[k].double(), solo[k].double(), atol=1e-5, rtol=0), k
+    assert read_summary(tmp_path / "solo")["history"][0]["val_loss"][0] == pytest.approx(h["val_loss"][0], abs=1e-5)
 
 
 def test_diverging_rank_is_caught_by_the_consistency_check(tmp_path, image_folder):
