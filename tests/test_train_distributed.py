@@ -150,7 +150,10 @@ def _break(tmp_path, kind):
     ("model_num_mismatch", "model_num=3 but 2 process(es) were started"),
 ])
 def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
-    r = torchrun(2, _break(tmp_path, kind), timeout=120)
+    # Two cases with rank 0 slow to print (a loaded machine): before a process group exists (unknown key) and
+    # after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0 before its line.
+    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=7"} if kind in ("missing_data_dir", "unknown_key") else None
+    r = torchrun(2, _break(tmp_path, kind), timeout=120, env=slow)
     assert r.returncode != 0
     errs = error_lines(r.stderr)
     assert len(errs) == 1 and needle in errs[0], r.stderr[-3000:]
