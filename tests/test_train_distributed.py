@@ -1,12 +1,16 @@
 """Real torchrun launches over gloo on localhost."""
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import dml_dist
 from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, run_cmd, torchrun
 
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
@@ -14,6 +18,15 @@ PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val
 
 def _fingerprints(folder, rank):
     return (folder / f"fingerprints_rank{rank}.txt").read_text().split("\n")
+
+
+def _git_head_of_the_package():
+    """The commit the summary must record: HEAD of the checkout dml_dist runs from (None if not a checkout)."""
+    repo = Path(dml_dist.__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        return None
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def _check_summary(summary, peers, epochs):
@@ -26,15 +39,29 @@ def _check_summary(summary, peers, epochs):
         assert len(h["val_acc"]) == peers and 0 <= h["ensemble_acc"] <= 1
     assert summary["best_accuracies"] == [max(h["val_acc"][k] for h in summary["history"]) for k in range(peers)]
     assert summary["config"]["model_num"] == peers
+    # README: final_accuracies (the last epoch's), versions (libraries, git commit), run (wall-clock facts)
+    assert summary["final_accuracies"] == summary["history"][-1]["val_acc"]
+    assert summary["final_ensemble_accuracy"] == summary["history"][-1]["ensemble_acc"]
+    v = summary["versions"]
+    assert (v["torch"], v["torchvision"], v["dml_dist"]) == (torch.__version__, torchvision.__version__,
+                                                             dml_dist.__version__)
+    assert v["git"] == _git_head_of_the_package()
+    run = summary["run"]
+    assert run["resumed_from"] == [] and run["restarts"] == 0 and len(run["epoch_seconds"]) == epochs
+    assert run["started_at"] <= run["finished_at"] and run["elapsed_s"] > 0
 
 
-def _check_tensorboard(log_dir, peers, epochs):
+def _check_tensorboard(log_dir, peers, epochs, history=None):
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"lr", "ensemble/val_acc"} | {f"peer{k}/{t}" for k in range(1, peers + 1) for t in PEER_TAGS}
+    expected = {"lr", "ensemble/val_acc", "ensemble/val_loss"} | {f"peer{k}/{t}" for k in range(1, peers + 1)
+                                                                 for t in PEER_TAGS}
     assert expected <= tags, expected - tags
     assert [e.step for e in acc.Scalars("ensemble/val_acc")] == list(range(1, epochs + 1))
+    if history is not None:  # the values are the summary's, epoch by epoch
+        for tag, key in (("ensemble/val_loss", "ensemble_loss"), ("ensemble/val_acc", "ensemble_acc"), ("lr", "lr")):
+            assert [e.value for e in acc.Scalars(tag)] == pytest.approx([h[key] for h in history], rel=1e-6), tag
     return acc
 
 
@@ -51,7 +78,7 @@ def test_two_peers_same_batches_with_augmentation_and_workers(tmp_path, image_fo
     assert len(set(l.split()[3] for l in f0 if l)) == 18  # inputs differ from step to step
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=2, epochs=2)
-    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2)
+    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2, history=summary["history"])
     assert acc.Scalars("peer1/val_acc")[-1].value == pytest.approx(summary["history"][-1]["val_acc"][0], abs=1e-6)
     # Rank 0 logged every rank's placement; non-zero ranks stay quiet.
     log = (tmp_path / "logs" / "t.log").read_text()
@@ -70,7 +97,7 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
     assert r.returncode == 0, r.stderr[-3000:]
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=3, epochs=2)
-    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2)
+    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2, history=summary["history"])
     assert summary["config"]["model"] == ["resnet20", "mobilenet", "resnet20"]
     assert summary["config"]["mutual"] == "ensemble"
     assert all(h["train_kl"][k] > 0 for h in summary["history"] for k in range(3))
