@@ -1,8 +1,15 @@
 """Real torchrun launches over gloo on localhost."""
+import fcntl
 import json
+import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +18,8 @@ import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dml_dist
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, run_cmd, torchrun
+from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, kill_tree, error_lines, make_image_folder,
+                      read_summary, run_cmd, torchrun)
 
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
 
@@ -106,12 +114,73 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
 
 
 def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_folder):
-    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1, model_num=1)])
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1, model_num=1,
+                                                                     progress_bar=True)])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 1 [" in r.stdout and "%|" not in r.stderr + r.stdout  # progress_bar: only on a terminal
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=1, epochs=1)
     assert summary["history"][0]["train_kl"] == [0.0]
     assert summary["history"][0]["train_loss"] == summary["history"][0]["train_ce"]
+
+
+def _run_on_a_terminal(cmd, cwd, timeout=TIMEOUT):
+    """``cmd`` with stdout and stderr on a pseudo-terminal (own session; the tree is killed on timeout)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0: no room for a bar
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env(), cwd=cwd,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.time() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{b''.join(chunks)[-3000:]!r}")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every process holding the terminal has exited
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, image_folder):
+    """README: dml-train without torchrun starts model_num local processes itself, their output on this
+    terminal (rank 0's log and progress bar); also nesterov=false and save_freq=0 (no epoch files)."""
+    code, out = _run_on_a_terminal([sys.executable, "-m", "dml_dist.train", *base_args(
+        tmp_path, image_folder, epochs=1, model_num=2, progress_bar=True, save_freq=0, nesterov=False)], tmp_path)
+    assert code == 0, out[-3000:]
+    assert "placement: rank 0 (peer 1" in out and "placement: rank 1 (peer 2" in out
+    assert "epoch 1/1" in out and "done: best acc" in out
+    assert re.search(r"epoch 1: +\d+%\|", out), out[-3000:]  # rank 0's tqdm bar, on a terminal
+    assert "dml-dist: error" not in out and "Traceback" not in out
+    summary = read_summary(tmp_path)
+    _check_summary(summary, peers=2, epochs=1)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
+        ["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2) for tag in ("best", "final")])  # save_freq=0
+    latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
+    assert [p["optimizer"]["param_groups"][0]["nesterov"] for p in latest["peers"]] == [False, False]
+
+
+def test_a_rank_that_lost_contact_says_so_in_one_line(tmp_path, image_folder):
+    """Rank 1 dies (SIGKILL) mid-epoch: rank 0's all-gather fails and rank 0 prints the one documented line.
+    torchrun checks its workers every 5 s here (default 0.1 s), so that it does not stop rank 0 first."""
+    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1), torchrun_args=["--monitor-interval=5"],
+                 env={"DML_FAULT": "action=sigkill,rank=1,epoch=1,step=2"})
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert re.fullmatch(r"dml-dist: error: \(rank 0\) lost contact with another rank \(.+\); see that rank's error",
+                        lines[0]), lines[0]
+    assert "(exitcode: -9) local_rank: 1" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
+    assert_no_worker_traceback(r.stderr)
 
 
 def test_cifar10_python_format_under_torchrun(tmp_path):
@@ -179,7 +248,7 @@ def _break(tmp_path, kind):
 def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
     # Two cases with rank 0 slow to print (a loaded machine): before a process group exists (unknown key) and
     # after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0 before its line.
-    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=7"} if kind in ("missing_data_dir", "unknown_key") else None
+    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=6"} if kind in ("missing_data_dir", "unknown_key") else None
     r = torchrun(2, _break(tmp_path, kind), timeout=120, env=slow)
     assert r.returncode != 0
     errs = error_lines(r.stderr)
