@@ -308,6 +308,8 @@ def report_error(e: DMLError) -> None:
             e.store.wait([key], timedelta(seconds=REPORT_WAIT_S))
     except Exception:  # noqa: BLE001  the store's host (rank 0) has exited: its line is out
         pass
+    finally:
+        e.store = None
 
 
 def parse_args(argv=None):
