@@ -218,7 +218,11 @@ def _results(summary: dict, models: list) -> dict:
 
 def _train_in_group(cfg: dict, data: Optional[Datasets]) -> dict:
     from .train import run
-    res = run(cfg, data)
+    try:
+        res = run(cfg, data)
+    except DMLError as e:
+        e.store = None  # the caller handles it, not report_error: the group's store must not outlive the group
+        raise
     model = res.pop("model")
     if res["rank"] == 0:
         models = load_dml_models(res["checkpoints"]["final"], "cpu")["models"]

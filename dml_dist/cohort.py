@@ -96,6 +96,7 @@ class CohortCheckpoint:
         non-finite loss first. Everything the writer thread writes is snapshotted here, when the write is
         queued, so a slow disk cannot label a file with a later epoch."""
         # A diverged peer is never saved: its loss may still have been finite on the step that broke it.
+        faults.before_save(self.ctx.rank, max(epoch_done, self.epoch), self.model)
         finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
         flags = D.all_gather_tensor(torch.tensor([float(finite)])).view(-1)[self.ctx.first_ranks]  # sync point
         if not bool(flags.all()):

@@ -19,6 +19,9 @@ class DMLError(Exception):
     def __init__(self, message: str, all_ranks: bool = True):
         super().__init__(message)
         self.all_ranks = all_ranks
+        # The process group's store, attached by ``train.run`` when the error ends a group it created: the
+        # other ranks wait there for rank 0 to have printed the line (``train.report_error``).
+        self.store = None
 
 
 class Stopped(BaseException):

@@ -8,6 +8,10 @@
 - ``sigstop``: rank r stops itself (SIGSTOP) at (epoch, step): a stalled rank, first attempt only;
 - ``slow_save``: rank 0's checkpoint writer sleeps ``seconds`` (default 2) before each checkpoint it
   writes: a slow disk, so that a test can stop the job while writes are queued;
+- ``slow_report``: rank 0 waits ``seconds`` (default 8) before printing an error every rank hit: a loaded
+  machine, where the other ranks' exit must not make the launcher stop rank 0 before its line is out;
+- ``nan_weights``: rank r's weights become nan at the end of ``epoch``, before that epoch's checkpoint
+  (its loss stayed finite): the save must refuse them;
 - ``kill_in_save``: rank 0 SIGKILLs itself after writing a checkpoint's temp file, before the rename,
   on the first save at or after ``epoch``.
 
@@ -65,6 +69,20 @@ def before_write() -> None:
     spec = _spec()
     if _mine(spec, 0, "slow_save"):
         time.sleep(float(spec.get("seconds", 2)))
+
+
+def before_error_report(rank: int) -> None:
+    spec = _spec()
+    if _mine(spec, rank, "slow_report"):
+        time.sleep(float(spec.get("seconds", 8)))
+
+
+def before_save(rank: int, epoch: int, model) -> None:
+    spec = _spec()
+    if _mine(spec, rank, "nan_weights") and int(spec.get("epoch", 1)) == epoch:
+        import torch
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
 
 
 def before_rename(epoch: int) -> None:

@@ -23,12 +23,13 @@ def report_progress(epoch: int, step: int, what: str) -> None:
     key-value store (a one-way host-side TCP write, no device sync), so that when a collective times out
     the ranks still alive can name the one that stopped answering. Skipped in a world of one."""
     _PROGRESS[:] = [epoch, step, what, time.time()]
-    store = _store() if _active() and dist.get_world_size() > 1 else None
+    store = default_store() if _active() and dist.get_world_size() > 1 else None
     if store is not None:
         store.set(f"dml_progress/{dist.get_rank()}", json.dumps(_PROGRESS))
 
 
-def _store():
+def default_store():
+    """The default process group's key-value store (None without a group)."""
     if not _active():
         return None
     try:  # the default group's store (the rendezvous' TCPStore); private in torch, stable since 1.x
@@ -48,7 +49,7 @@ def is_timeout(e: BaseException) -> bool:
 def describe_stall(peer_of, timeout: timedelta, error: BaseException) -> str:
     """One line after a collective timed out: the rank(s) behind this one by their last heartbeat (or
     that no rank is behind), where this rank waited, the fix, and the backend's own first line."""
-    store, me, world, now = _store(), dist.get_rank(), dist.get_world_size(), time.time()
+    store, me, world, now = default_store(), dist.get_rank(), dist.get_world_size(), time.time()
     mine, reports, unreachable = list(_PROGRESS), {}, False
     if store is not None:
         store.set_timeout(timedelta(seconds=5))  # the store lives in rank 0's process, which may be the stalled one

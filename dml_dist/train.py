@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -268,6 +270,10 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                     f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}")
         return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
                 "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
+    except DMLError as e:
+        if created_group and D.is_active():
+            e.store = stall.default_store()  # outlives destroy_distributed below: report_error's channel
+        raise
     except RuntimeError as e:
         if D.is_active() and stall.is_timeout(e):  # a rank stopped answering: name it while the store is up
             raise DMLError(stall.describe_stall(ctx.peer_of, D.group_timeout(), e), all_ranks=False) from None
@@ -289,17 +295,40 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                     D.destroy_distributed()
 
 
+REPORT_WAIT_S = 120  # how long a rank waits for rank 0 to print an error every rank hit (normally < 1 s)
+
+
 def report_error(e: DMLError) -> None:
-    """One line on stderr: rank 0 speaks for errors every rank hits; a rank-specific one names its rank."""
+    """One line on stderr: rank 0 speaks for errors every rank hits; a rank-specific one names its rank.
+
+    An error every rank hits: the other ranks must not exit before rank 0 has printed it (a rank's exit
+    makes the launcher stop the group, rank 0 included). With a process group (``e.store``, attached by
+    ``run``), rank 0 prints, then sets a key in the group's store; the others return when the key is there
+    or the store is unreachable (it lives in rank 0's process, which is then gone, its line printed).
+    Before any group was formed (a config error) there is no channel to rank 0: the others stay until the
+    launcher stops them, which it does once rank 0 has exited with its line."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0 or not e.all_ranks:
+        faults.before_error_report(rank)
         where = f" (rank {rank})" if world > 1 and not e.all_ranks else ""
         print(f"{ERROR_PREFIX}{where} {e}", file=sys.stderr, flush=True)
-    elif world > 1:
-        # Hack: every rank hit the same error; give rank 0 a moment to print it before this rank's exit
-        # makes torchrun stop the group (torchrun ends this sleep as soon as rank 0 exits).
-        time.sleep(5)
+    if world == 1 or not e.all_ranks:
+        return
+    key = f"dml_error_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a shared store outlives restarts
+    if e.store is None:
+        if rank != 0:
+            threading.Event().wait(REPORT_WAIT_S)
+        return
+    try:
+        if rank == 0:
+            e.store.set(key, "1")
+        else:
+            e.store.wait([key], timedelta(seconds=REPORT_WAIT_S))
+    except Exception:  # noqa: BLE001  the store's host (rank 0) has exited: its line is out
+        pass
+    finally:
+        e.store = None
 
 
 def parse_args(argv=None):

@@ -40,8 +40,9 @@ def image_folder(tmp_path):
 
 
 def base_args(tmp_path: Path, data_dir: Path, **extra) -> list[str]:
-    """A fast config for generated folders: tiny images, a couple of epochs, outputs under tmp_path."""
-    cfg = {"data_dir": str(data_dir), "model": "resnet20", "image_size": 16, "batch_size": 8, "epochs": 2,
+    """A fast config for generated folders: tiny images, a couple of epochs, outputs under tmp_path. Pinned
+    to the CPU: the tests assert CPU behaviour (bit-identical resumes, amp off), also on a machine with GPUs."""
+    cfg = {"data_dir": str(data_dir), "device": "cpu", "model": "resnet20", "image_size": 16, "batch_size": 8, "epochs": 2,
            "lr": 0.05, "num_workers": 0, "save_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
            "experiment_name": "t", "print_freq": 2, "progress_bar": False, "save_freq": 1}
     cfg.update(extra)
@@ -103,9 +104,9 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
+def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None, stdin=None) -> subprocess.CompletedProcess:
     """Run in a new session; on timeout kill the whole process tree (no orphans) and fail."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env),
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env),
                             cwd=cwd or REPO, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -36,6 +36,7 @@ def test_train_dml_from_plain_process(tmp_path, hard_folder, model_num):
     assert "error" not in res, res.get("error")
     assert res["n_models"] == model_num and res["model_types"] == ["CifarResNet"]
     assert res["config_model_num"] == model_num and res["children"] == []
+    assert res["handlers_restored"]  # the caller's SIGINT/SIGTERM handlers are back
     summary = json.loads((tmp_path / "logs" / "api_summary.json").read_text())
     assert res["best_accuracies"] == summary["best_accuracies"]
     assert res["avg_best_accuracy"] == summary["avg_best_accuracy"]
@@ -59,7 +60,7 @@ def test_train_dml_from_plain_process(tmp_path, hard_folder, model_num):
 def test_failing_peer_raises_in_the_caller(tmp_path, hard_folder):
     res, _ = _api(tmp_path, hard_folder, 2, env={"DML_FAULT": "action=raise,rank=1,epoch=1,step=2"})
     assert res["error"].startswith("DMLTrainingError: train_dml failed: peer 2 (rank 1): injected failure on rank 1")
-    assert res["children"] == []
+    assert res["children"] == [] and res["handlers_restored"]
 
 
 def test_custom_loaders_use_the_shared_seed_sampler(tmp_path, hard_folder):
@@ -94,6 +95,29 @@ def test_unpicklable_loader_is_a_clear_error(hard_folder):
         train_dml(create_dml_config(model_num=2), loader, loader)
     with pytest.raises(DMLError, match="val_loader was given without train_loader"):
         train_dml(create_dml_config(model_num=2), val_loader=loader)
+
+
+class MainDataset(torch.utils.data.Dataset):
+    classes = ["a", "b"]
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 16, 16), i % 2
+
+
+def test_dataset_class_defined_in_main_is_refused_with_the_documented_message(monkeypatch):
+    """A class of the calling script (``__main__``): pickling works in the caller, but a peer process could not
+    import it. Put into this process's ``__main__`` as a script's own class is, it must be refused up front."""
+    monkeypatch.setattr(MainDataset, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "MainDataset", MainDataset, raising=False)
+    loader = DataLoader(MainDataset(), batch_size=2)
+    with pytest.raises(DMLError) as e:
+        train_dml(create_dml_config(model_num=2, image_size=16), loader, loader)
+    assert str(e.value) == ("train_loader.dataset uses a class or function defined in __main__ (a notebook cell or "
+                            "the calling script); the peer processes are fresh interpreters that cannot import it, "
+                            "so define it in an importable module")
 
 
 def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, hard_folder):

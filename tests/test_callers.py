@@ -63,9 +63,8 @@ def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
         r = run_cmd([sys.executable, "-c", code], env=env, cwd=tmp_path)
     else:
         (tmp_path / "caller.py").write_text(code)
-        with open(tmp_path / "caller.py") as stdin:
-            r = subprocess.run([sys.executable, "-"], stdin=stdin, capture_output=True, text=True, env=_env(env),
-                               cwd=tmp_path, timeout=240)
+        with open(tmp_path / "caller.py") as stdin:  # own session; a timeout kills the whole tree
+            r = run_cmd([sys.executable, "-"], env=env, cwd=tmp_path, stdin=stdin)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["n_models"] == 2 and res["model_num"] == 2 and res["history"] == 1

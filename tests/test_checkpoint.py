@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dml_dist import load_dml_models
+
 from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, error_lines, kill_tree, make_image_folder,
                       torchrun)
 
@@ -82,6 +84,18 @@ def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(refere
     assert latest["peers"][0]["scheduler"]["last_epoch"] == EPOCHS
     best = torch.load(reference / "save" / "t_model1_best.pth", weights_only=True)
     assert best["accuracy"] == max(h["val_acc"][0] for h in latest["history"])
+    # StepLR (lr 0.05, step_size 2, gamma 0.1): the lr each epoch trained with, and SGD's Nesterov default
+    assert [h["lr"] for h in latest["history"]] == pytest.approx([0.05, 0.05, 0.005, 0.005], rel=1e-12)
+    for peer in latest["peers"]:
+        group = peer["optimizer"]["param_groups"][0]
+        assert group["nesterov"] is True and group["momentum"] == 0.9
+        assert group["lr"] == pytest.approx(0.0005, rel=1e-12)  # after epoch 4's step: the next epoch's lr
+    # load_dml_models on the cohort file gives every peer, with the final weights
+    loaded = load_dml_models([str(reference / "save" / "t_latest.pth")], "cpu")["models"]
+    assert len(loaded) == 2
+    for model, final in zip(loaded, _final_weights(reference)):
+        state = model.state_dict()
+        assert state.keys() == final.keys() and all(torch.equal(state[k], final[k]) for k in final)
     # the mutual term ramps up over 2 epochs, then has its full weight
     first, last = latest["history"][0], latest["history"][-1]
     for k in range(2):
@@ -91,8 +105,10 @@ def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(refere
 
 def test_stop_after_epoch_2_and_resume_is_bit_identical(tmp_path, data_dir, reference):
     w = tmp_path / "stopped"
-    r = _launch(w, data_dir, epochs=2)
+    r = _launch(w, data_dir, epochs=2, resume="auto")  # no checkpoint yet: starts fresh (the reference's start)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume=auto: no checkpoint for this experiment yet, starting fresh" in r.stdout
+    assert "resumed from" not in r.stdout
     r = _launch(w, data_dir, resume="auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout
@@ -144,6 +160,7 @@ class _Evil:
     ("truncated", "is truncated or corrupt"),
     ("pickled_code", "holds pickled objects other than tensors and plain values; refused"),
     ("single_peer", "holds a single peer, not a cohort"),
+    ("classes", "has 3 classes but the data has 4; use the data it was trained on"),
 ])
 def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
     src = reference / "save" / "t_latest.pth"
@@ -164,6 +181,9 @@ def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
         torch.save({"format": "dml-dist/1", "kind": "cohort", "payload": evil}, bad)
     elif case == "single_peer":
         shutil.copy(reference / "save" / "t_model1_best.pth", bad)
+    elif case == "classes":
+        shutil.copy(src, bad)
+        data_dir = make_image_folder(tmp_path / "data4", classes=("cat", "dog", "frog", "bird"), n_train=4, n_val=2)
     r = _launch(tmp_path / "w", data_dir, nproc=nproc, resume=str(bad), **extra)
     assert r.returncode != 0
     errs = error_lines(r.stderr)

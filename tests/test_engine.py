@@ -44,3 +44,22 @@ def test_non_finite_loss_is_one_line_naming_epoch_and_steps(tmp_path, tiny):
     assert "peer(s) [1, 2]: loss is not finite (nan/inf) at epoch 1, steps 0-3; lower lr" in errs[0], errs[0]
     assert_no_worker_traceback(r.stderr)
     assert not (tmp_path / "ckpt" / "t_latest.pth").exists()  # nothing diverged was saved
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, tiny):
+    """Peer 2's weights turn nan at the end of epoch 2 while its loss stayed finite (DML_FAULT nan_weights):
+    the save refuses them with one line, and every file on disk still holds epoch 1's finite weights."""
+    r = torchrun(2, base_args(tmp_path, tiny, epochs=3), env={"DML_FAULT": "action=nan_weights,rank=1,epoch=2"})
+    assert r.returncode != 0
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1, r.stderr[-3000:]
+    assert "peer(s) [2]: weights are not finite (nan/inf) at epoch 2; lower lr" in errs[0], errs[0]
+    assert_no_worker_traceback(r.stderr)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == sorted(["t_latest.pth"] + [f"t_model{k}_{t}.pth" for k in (1, 2) for t in ("best", "epoch_1")])
+    latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
+    assert latest["epoch"] == 1
+    for f in files:
+        ck = torch.load(tmp_path / "ckpt" / f, weights_only=True)
+        for state in ([p["model"] for p in ck["peers"]] if "peers" in ck else [ck["model"]]):
+            assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), f

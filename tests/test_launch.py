@@ -74,7 +74,7 @@ def test_shared_gpus_are_decided_by_identity_not_count(identities, expected):
 
 def test_gpu_identities_travel_through_a_real_store():
     from datetime import timedelta
-    store = torch.distributed.TCPStore("127.0.0.1", _free_port(), 1, True, timedelta(seconds=10))
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10))  # port 0: the OS picks
     assert exchange_gpu_identities(store, 0, 1) == [[socket.gethostname(), []]]  # no GPU here
 
 
@@ -155,18 +155,18 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
     assert str(env_dir) in r.stdout  # the installed copy, not this checkout
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_localhost(tmp_path, image_folder):
-    """Two torchrun "nodes" (launch/multinode.sh), one peer each, c10d rendezvous on a free port; they train
-    exactly as one node with two processes does. Each node is pinned to a CPU of its own and the one-node
-    run to both, so every rank computes with one thread in both layouts (bit-identical results)."""
+    """Two torchrun "nodes" (launch/multinode.sh), one peer each, c10d rendezvous; they train exactly as one
+    node with two processes does. The rendezvous store is hosted here on a port the OS picks (port 0) and
+    held for the whole test, so no other process can take it between choosing and using it: both torchruns
+    find the port taken and join it as clients (torch's c10d rendezvous falls back to a client when it
+    cannot host). Each node is pinned to a CPU of its own and the one-node run to both, so every rank
+    computes with one thread in both layouts (bit-identical results)."""
+    from datetime import timedelta
+    rdzv = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True,
+                                      timeout=timedelta(seconds=60), wait_for_workers=False)
     config = str(REPO / "configs" / "quickstart.yaml")
-    env = _env({"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+    env = _env({"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{rdzv.port}",
                 "RDZV_ID": "test", "MAX_RESTARTS": "0", "PYTHON": sys.executable, "CONFIG": config})
     args = base_args(tmp_path, image_folder, save_dir="ckpt", log_dir="logs", epochs=1)
     cpus = (sorted(os.sched_getaffinity(0)) * 2)[:2]
@@ -186,6 +186,7 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
                 kill_tree(q.pid)
             pytest.fail("two-node run timed out")
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert rdzv.num_keys() > 0  # the nodes met in the store held here
     # Exactly one node hosted rank 0: it holds the summary and both peers' checkpoints; the other none.
     mains = [n for n in ("node_a", "node_b") if (tmp_path / n / "logs").exists()]
     assert len(mains) == 1

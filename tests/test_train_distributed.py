@@ -1,19 +1,40 @@
 """Real torchrun launches over gloo on localhost."""
+import fcntl
 import json
+import os
+import pty
 import re
+import select
+import struct
+import subprocess
 import sys
+import termios
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, run_cmd, torchrun
+import dml_dist
+from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, kill_tree, error_lines, make_image_folder,
+                      read_summary, run_cmd, torchrun)
 
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
 
 
 def _fingerprints(folder, rank):
     return (folder / f"fingerprints_rank{rank}.txt").read_text().split("\n")
+
+
+def _git_head_of_the_package():
+    """The commit the summary must record: HEAD of the checkout dml_dist runs from (None if not a checkout)."""
+    repo = Path(dml_dist.__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        return None
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def _check_summary(summary, peers, epochs):
@@ -26,15 +47,29 @@ def _check_summary(summary, peers, epochs):
         assert len(h["val_acc"]) == peers and 0 <= h["ensemble_acc"] <= 1
     assert summary["best_accuracies"] == [max(h["val_acc"][k] for h in summary["history"]) for k in range(peers)]
     assert summary["config"]["model_num"] == peers
+    # README: final_accuracies (the last epoch's), versions (libraries, git commit), run (wall-clock facts)
+    assert summary["final_accuracies"] == summary["history"][-1]["val_acc"]
+    assert summary["final_ensemble_accuracy"] == summary["history"][-1]["ensemble_acc"]
+    v = summary["versions"]
+    assert (v["torch"], v["torchvision"], v["dml_dist"]) == (torch.__version__, torchvision.__version__,
+                                                             dml_dist.__version__)
+    assert v["git"] == _git_head_of_the_package()
+    run = summary["run"]
+    assert run["resumed_from"] == [] and run["restarts"] == 0 and len(run["epoch_seconds"]) == epochs
+    assert run["started_at"] <= run["finished_at"] and run["elapsed_s"] > 0
 
 
-def _check_tensorboard(log_dir, peers, epochs):
+def _check_tensorboard(log_dir, peers, epochs, history=None):
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"lr", "ensemble/val_acc"} | {f"peer{k}/{t}" for k in range(1, peers + 1) for t in PEER_TAGS}
+    expected = {"lr", "ensemble/val_acc", "ensemble/val_loss"} | {f"peer{k}/{t}" for k in range(1, peers + 1)
+                                                                 for t in PEER_TAGS}
     assert expected <= tags, expected - tags
     assert [e.step for e in acc.Scalars("ensemble/val_acc")] == list(range(1, epochs + 1))
+    if history is not None:  # the values are the summary's, epoch by epoch
+        for tag, key in (("ensemble/val_loss", "ensemble_loss"), ("ensemble/val_acc", "ensemble_acc"), ("lr", "lr")):
+            assert [e.value for e in acc.Scalars(tag)] == pytest.approx([h[key] for h in history], rel=1e-6), tag
     return acc
 
 
@@ -53,7 +88,7 @@ def test_two_peers_same_batches_with_augmentation(tmp_path, image_folder):
     assert len(set(l.split()[3] for l in f0 if l)) == 18  # inputs differ from step to step
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=2, epochs=2)
-    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2)
+    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2, history=summary["history"])
     assert acc.Scalars("peer1/val_acc")[-1].value == pytest.approx(summary["history"][-1]["val_acc"][0], abs=1e-6)
     # Rank 0 logged every rank's placement; non-zero ranks stay quiet.
     log = (tmp_path / "logs" / "t.log").read_text()
@@ -72,7 +107,7 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
     assert r.returncode == 0, r.stderr[-3000:]
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=3, epochs=2)
-    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2)
+    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2, history=summary["history"])
     assert summary["config"]["model"] == ["resnet20", "mobilenet", "resnet20"]
     assert summary["config"]["mutual"] == "ensemble"
     # 3 peers: auto takes the all-reduce of the softmax sums (tests/test_exchange.py: the same numbers)
@@ -83,12 +118,73 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
 
 
 def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_folder):
-    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1, model_num=1)])
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1, model_num=1,
+                                                                     progress_bar=True)])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 1 [" in r.stdout and "%|" not in r.stderr + r.stdout  # progress_bar: only on a terminal
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=1, epochs=1)
     assert summary["history"][0]["train_kl"] == [0.0]
     assert summary["history"][0]["train_loss"] == summary["history"][0]["train_ce"]
+
+
+def _run_on_a_terminal(cmd, cwd, timeout=TIMEOUT):
+    """``cmd`` with stdout and stderr on a pseudo-terminal (own session; the tree is killed on timeout)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0: no room for a bar
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env(), cwd=cwd,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.time() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{b''.join(chunks)[-3000:]!r}")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every process holding the terminal has exited
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, image_folder):
+    """README: dml-train without torchrun starts model_num local processes itself, their output on this
+    terminal (rank 0's log and progress bar); also nesterov=false and save_freq=0 (no epoch files)."""
+    code, out = _run_on_a_terminal([sys.executable, "-m", "dml_dist.train", *base_args(
+        tmp_path, image_folder, epochs=1, model_num=2, progress_bar=True, save_freq=0, nesterov=False)], tmp_path)
+    assert code == 0, out[-3000:]
+    assert "placement: rank 0 (peer 1" in out and "placement: rank 1 (peer 2" in out
+    assert "epoch 1/1" in out and "done: best acc" in out
+    assert re.search(r"epoch 1: +\d+%\|", out), out[-3000:]  # rank 0's tqdm bar, on a terminal
+    assert "dml-dist: error" not in out and "Traceback" not in out
+    summary = read_summary(tmp_path)
+    _check_summary(summary, peers=2, epochs=1)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
+        ["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2) for tag in ("best", "final")])  # save_freq=0
+    latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
+    assert [p["optimizer"]["param_groups"][0]["nesterov"] for p in latest["peers"]] == [False, False]
+
+
+def test_a_rank_that_lost_contact_says_so_in_one_line(tmp_path, image_folder):
+    """Rank 1 dies (SIGKILL) mid-epoch: rank 0's all-gather fails and rank 0 prints the one documented line.
+    torchrun checks its workers every 5 s here (default 0.1 s), so that it does not stop rank 0 first."""
+    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1), torchrun_args=["--monitor-interval=5"],
+                 env={"DML_FAULT": "action=sigkill,rank=1,epoch=1,step=2"})
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert re.fullmatch(r"dml-dist: error: \(rank 0\) lost contact with another rank \(.+\); see that rank's error",
+                        lines[0]), lines[0]
+    assert "(exitcode: -9) local_rank: 1" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
+    assert_no_worker_traceback(r.stderr)
 
 
 def test_cifar10_python_format_under_torchrun(tmp_path):
@@ -163,7 +259,10 @@ def _break(tmp_path, kind):
     ("model_num_mismatch", "model_num=3 but 2 process(es) were started"),
 ])
 def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
-    r = torchrun(2, _break(tmp_path, kind), timeout=120)
+    # Two cases with rank 0 slow to print (a loaded machine): before a process group exists (unknown key) and
+    # after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0 before its line.
+    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=6"} if kind in ("missing_data_dir", "unknown_key") else None
+    r = torchrun(2, _break(tmp_path, kind), timeout=120, env=slow)
     assert r.returncode != 0
     errs = error_lines(r.stderr)
     assert len(errs) == 1 and needle in errs[0], r.stderr[-3000:]

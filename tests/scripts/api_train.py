@@ -5,6 +5,7 @@ Prints nothing of its own but writes out_json.
 """
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +23,10 @@ def main():
                             batch_size=8, lr=0.05, num_workers=0, print_freq=5, consistency_check_every=1,
                             experiment_name="api")
     out = {}
+    # The caller's own signal handlers: train_dml must leave them as they were (the README's promise).
+    handlers = {s: (lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, h in handlers.items():
+        signal.signal(s, h)
     try:
         if mode == "loaders":
             train, val, test = prepare_dataloaders(data_dir, batch_size=8, augment=True, image_size=16)
@@ -55,6 +60,7 @@ def main():
             final = load_dml_models(res["checkpoints"]["final"])["models"]
             out["eval_returned_test"] = evaluate_dml_models(res["models"], test_loader)
             out["eval_final_test"] = evaluate_dml_models(final, test_loader)
+    out["handlers_restored"] = all(signal.getsignal(s) is h for s, h in handlers.items())
     # The spawn start method keeps one multiprocessing resource tracker for the caller's lifetime.
     out["children"] = [open(f"/proc/{p}/cmdline").read().replace("\0", " ") for p in descendants(os.getpid())
                        if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
