@@ -185,7 +185,8 @@ def train_dml(config: Optional[dict] = None, train_loader=None, val_loader=None,
     'training_history', 'test_results', 'config', 'experiment_name', ...}``.
 
     - From a plain process, a notebook, ``python -c``, stdin, a script without a main guard: starts
-      ``model_num`` (default 2) × ``replicas`` local peer processes (fresh interpreters, see
+      one local process per replica of every peer (``model_num``, default 2, × ``replicas``, or the sum
+      of a ``replicas`` list; fresh interpreters, see
       ``launcher``), streams rank 0's log lines, waits, and returns every trained peer loaded in this
       process. A failing peer raises ``DMLTrainingError`` with that peer's message.
     - Inside a torchrun process group: trains this rank's peer. ``models`` holds all peers on rank 0
@@ -197,6 +198,8 @@ def train_dml(config: Optional[dict] = None, train_loader=None, val_loader=None,
     cfg = validate_config({**DEFAULT_CONFIG, **(config or {})})
     data, batch_size = datasets_from_loaders(cfg, train_loader, val_loader, test_loader)
     cfg["batch_size"] = batch_size or cfg["batch_size"]
+    if (config or {}).get("model_num") is None and isinstance(cfg["replicas"], list):
+        cfg["model_num"] = len(cfg["replicas"])  # one count per peer
     if _in_torchrun():
         return _train_in_group(cfg, data)
     cfg["model_num"] = default_model_num({**cfg, "model_num": (config or {}).get("model_num")})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -105,10 +106,10 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
         if rank == 0:
             out = {}
             for m, rs in rounds.items():
-                ex, loss, rx = sorted(rs)[len(rs) // 2]
+                ex, loss, rx = (statistics.median(r[i] for r in rs) for i in range(3))  # each on its own
                 out[m] = {"exchange_ms": round(1000 * ex, 3), "loss_ms": round(1000 * loss, 3),
                           # every rank's traffic crossed lo once during the timed steps
-                          "rx_bytes_per_rank": round(statistics.median(r[2] for r in rs) / n / b["steps"]),
+                          "rx_bytes_per_rank": round(rx / n / b["steps"]),
                           "model_bytes_per_rank": model_bytes(m, n, b["batch"], b["classes"])}
             results.put(out)
     finally:
@@ -126,15 +127,23 @@ def run_cohort(n: int, b: dict) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, n, store.port, b, results)) for r in range(n)]
     for p in procs:
         p.start()
+    out, deadline = None, time.monotonic() + 600
     try:
-        out = results.get(timeout=600)
+        while out is None:  # rank 0's figures, unless a process fails first (the others would wait for it)
+            try:
+                out = results.get(timeout=0.5)
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise DMLError(f"a benchmark process failed with N={n} (exit codes {[p.exitcode for p in procs]})"
+                                   if failed else f"the benchmark with N={n} took over 600 s; lower peers= or steps=")
+        for p in procs:
+            p.join(timeout=30)
     finally:
         for p in procs:
-            p.join(timeout=60)
             if p.is_alive():
                 p.kill()
-    if any(p.exitcode for p in procs):
-        raise DMLError(f"a benchmark process failed with N={n} (exit codes {[p.exitcode for p in procs]})")
+                p.join()
     return out
 
 

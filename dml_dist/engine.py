@@ -13,6 +13,7 @@ import math
 import resource
 from dataclasses import fields
 import time
+from collections import Counter
 from contextlib import nullcontext
 from typing import Callable, NamedTuple, Optional
 
@@ -75,10 +76,17 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
 
     The batch is cut into L equal chunks of rows, L the least common multiple of the peers' replica
     counts, so every rank's share is whole chunks whatever its peer's number of replicas: every rank
-    fingerprints its chunks, and every chunk must look the same on every rank that holds it."""
+    fingerprints its chunks, and every chunk must look the same on every rank that holds it (the
+    fingerprint most of its holders share is taken as right)."""
     rank = ctx.rank if ctx is not None else 0
     stall.report_progress(epoch, step, "the batch fingerprint check")
-    faults.record_fingerprint(rank, epoch, step, batch_fingerprint(x, y, source))
+    # one copy to the host (sync point); the chunks are views of it
+    y = y.cpu()
+    if source is not None:
+        source = (source[0].cpu(), source[1].to(torch.device("cpu")))
+    else:
+        x = x.cpu()
+    faults.record_fingerprint(rank, epoch, step, lambda: batch_fingerprint(x, y, source))
     if ctx is None:
         return
     chunks = math.lcm(*ctx.layout)
@@ -90,18 +98,21 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
         table[ctx.replica * mine + c] = torch.cat([torch.ones(1, dtype=torch.int64),
                                                    batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)])
     fps = D.all_gather_tensor(table)  # [world, chunks, 3]
-    bad, ref_of_bad = [], set()
+    bad, right, what = set(), set(), set()
     for c in range(chunks):
         holders = [k for k in range(fps.shape[0]) if fps[k, c, 0]]
+        votes = Counter(tuple(fps[k, c].tolist()) for k in holders)
+        majority = votes.most_common(1)[0][0]
         for k in holders:
-            if not torch.equal(fps[k, c], fps[holders[0], c]) and k not in bad:
-                bad.append(k)
-                ref_of_bad.add(holders[0])
-                what = "labels" if fps[k, c, 1] != fps[holders[0], c, 1] else "augmented inputs"
+            if tuple(fps[k, c].tolist()) != majority:
+                bad.add(k)
+                what.add("labels" if fps[k, c, 1] != majority[1] else "augmented inputs")
+            else:
+                right.add(k)
     if bad:
-        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: rank(s) {sorted(bad)} drew different {what} "
-                       f"than rank(s) {sorted(ref_of_bad)}; every rank must use the same seed, data and "
-                       f"augmentation settings")
+        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: rank(s) {sorted(bad)} drew different "
+                       f"{' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}; every rank must use the "
+                       f"same seed, data and augmentation settings")
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -123,9 +134,11 @@ EXCHANGE_WAIT = {"all_gather": "the logits all-gather", "all_reduce": "the excha
 
 class PeerSums(NamedTuple):
     """What ``exchange: all_reduce`` hands the loss: the [B, C + 1] sum of every peer's
-    ``exchange_payload`` (softmax sums S and negative entropies H) and the number of peers."""
+    ``exchange_payload`` (softmax sums S and negative entropies H), the number of peers, and this rank's own
+    payload (subtracted from the sum)."""
     summed: torch.Tensor
     peers: int
+    own: Optional[torch.Tensor] = None
 
 
 # auto's crossover, measured with ``dml-bench --exchange`` (README "The exchange"): from 3 peers on, the
@@ -138,7 +151,9 @@ def resolve_exchange(cfg: dict) -> tuple[str, str]:
     """The exchange mode for ``cfg`` (model_num set) and why."""
     if cfg["exchange"] != "auto":
         return cfg["exchange"], "set in the config"
-    n = cfg["model_num"]
+    n, r = cfg["model_num"], cfg["replicas"]
+    if isinstance(r, list) and len(set(r)) > 1:
+        return "all_reduce", f"auto: replicas {r}: the all-gather by rows would pad every share to the largest"
     if n >= ALL_REDUCE_FROM_PEERS:
         return "all_reduce", f"auto: {n} peers >= {ALL_REDUCE_FROM_PEERS}, the sums' bytes do not grow with N"
     return "all_gather", f"auto: {n} peer(s) < {ALL_REDUCE_FROM_PEERS}, one all-gather of the same bytes"
@@ -149,18 +164,18 @@ def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
     logits [N, B, C]; ``all_reduce`` -> ``PeerSums`` (B x (C + 1) numbers whatever N; see loss.py)."""
     if ctx.uniform:
         if cfg["exchange"] == "all_reduce":
-            summed = D.all_reduce_sum(exchange_payload(logits, cfg["temperature"]), ctx.peer_group)
-            return PeerSums(summed, D.group_size(ctx.peer_group))
+            own = exchange_payload(logits, cfg["temperature"])
+            return PeerSums(D.all_reduce_sum(own, ctx.peer_group), D.group_size(ctx.peer_group), own)
         return D.all_gather_logits(logits, ctx.peer_group)
     # A layout that is not a rectangle (replicas: [1, 3]): peers split the batch B into different shares,
     # so the exchange runs over the world by batch rows; each rank keeps exactly its own rows.
     batch = logits.shape[0] * ctx.replicas  # training batches are full (the samplers drop the last)
     lo, hi = ctx.rows(batch)
     if cfg["exchange"] == "all_reduce":
-        payload = exchange_payload(logits, cfg["temperature"])
-        full = payload.new_zeros(batch, payload.shape[1])
-        full[lo:hi] = payload  # every peer's rows add up once: S and H for the whole batch
-        return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers)
+        own = exchange_payload(logits, cfg["temperature"])
+        full = own.new_zeros(batch, own.shape[1])
+        full[lo:hi] = own  # every peer's rows add up once: S and H for the whole batch
+        return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own)
     width = batch // min(ctx.layout)  # the largest share; gather needs equal shapes
     shares = D.all_gather_logits(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
     return torch.stack([torch.cat([shares[first + i, :batch // r] for i in range(r)])[lo:hi]
@@ -175,7 +190,8 @@ def peer_update(logits: torch.Tensor, all_logits, index: int, y: torch.Tensor, o
     host sync: stats = float64 ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was
     finite."""
     if isinstance(all_logits, PeerSums):
-        loss = loss_from_sums(logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual)
+        loss = loss_from_sums(logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual,
+                              own=all_logits.own)
     else:
         peers = torch.cat([all_logits[:index], all_logits[index + 1:]])
         loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual)

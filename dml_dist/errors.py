@@ -62,18 +62,28 @@ def stop_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def sigterm_deferred():
-    """Cleanup that a SIGTERM must not cut short (draining the checkpoint writer). A SIGTERM during the
-    block is remembered; afterwards the default action is restored and, if one came (now or before), the
-    process dies of it, so torchrun and SLURM see what they sent."""
+    """Cleanup that a signal must not cut short (draining the checkpoint writer). A SIGTERM during the
+    block is remembered; SIGCHLD is held too (torch's DataLoader raises in the main thread when one of its
+    workers dies, and torchrun's SIGTERM reaches the workers as well). Afterwards SIGTERM's default action is
+    restored and, if one came (now or before), the process dies of it, so torchrun and SLURM see what they
+    sent."""
     mine = _Sigterm.pid == os.getpid()
     _Sigterm.armed = False
+    chld = signal.getsignal(signal.SIGCHLD) if mine else None
+    if mine:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         yield
     finally:
         if mine:
+            signal.signal(signal.SIGCHLD, chld if chld is not None else signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if _Sigterm.received:
                 die_of_sigterm()
+
+
+def sigterm_received() -> bool:
+    return _Sigterm.received and _Sigterm.pid == os.getpid()
 
 
 def die_of_sigterm() -> None:
@@ -82,4 +92,6 @@ def die_of_sigterm() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(128 + signal.SIGTERM)  # not reached unless the signal could not be delivered

@@ -92,7 +92,9 @@ def before_rename(epoch: int) -> None:
 
 
 def record_fingerprint(rank: int, epoch: int, step: int, fingerprint) -> None:
+    """``fingerprint``: a function giving this rank's [labels hash, inputs hash], called only when recording."""
     folder = os.environ.get("DML_FINGERPRINT_DIR")
     if folder:
+        fingerprint = fingerprint()
         with open(os.path.join(folder, f"fingerprints_rank{rank}.txt"), "a") as f:
             f.write(f"{epoch} {step} {int(fingerprint[0])} {int(fingerprint[1])}\n")

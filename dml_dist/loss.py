@@ -1,7 +1,7 @@
 """The Deep Mutual Learning objective (Zhang et al., CVPR 2018, eq. 10) and its ensemble-teacher variant."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,9 +69,12 @@ def exchange_payload(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def loss_from_sums(logits: torch.Tensor, summed: torch.Tensor, peers: int, targets: torch.Tensor,
-                   temperature: float = 1.0, kl_weight: float = 1.0, mutual: str = "dml") -> DMLLoss:
+                   temperature: float = 1.0, kl_weight: float = 1.0, mutual: str = "dml",
+                   own: Optional[torch.Tensor] = None) -> DMLLoss:
     """``compute_dml_loss`` for a cohort of ``peers`` peers from the all-reduced ``exchange_payload``s
-    (``summed`` [B, C + 1]: S and H) instead of the other peers' logits. Same value and gradient."""
+    (``summed`` [B, C + 1]: S and H) instead of the other peers' logits: the same value and gradient up
+    to float rounding (not bit for bit). ``own``: this rank's payload as it went into the sum (computed
+    here when not given)."""
     if mutual not in MUTUAL:
         raise ValueError(f"mutual must be one of {MUTUAL}, got {mutual!r}")
     ce = F.cross_entropy(logits, targets)
@@ -79,7 +82,7 @@ def loss_from_sums(logits: torch.Tensor, summed: torch.Tensor, peers: int, targe
         return DMLLoss(ce, ce, torch.zeros((), dtype=logits.dtype, device=logits.device))
     t = float(temperature)
     log_p_i = F.log_softmax(logits.float() / t, dim=-1)             # [B, C], with gradient
-    own = exchange_payload(logits, t)
+    own = exchange_payload(logits, t) if own is None else own
     rest = (summed - own) / (peers - 1)                              # mean over the other peers: (q | h)
     q_rest = rest[:, :-1].clamp_min(0.0)                             # rounding can leave -1e-9 after the cancel
     if mutual == "ensemble":

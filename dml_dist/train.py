@@ -46,7 +46,7 @@ from .config import (build_config, default_model_num, finalize_config, parse_ove
                      world_size_for)
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
 from .engine import Meters, evaluate, gather_meters, resolve_exchange, train_one_epoch
-from .errors import DMLError, Stopped, die_of_sigterm, sigterm_deferred, stop_on_sigterm
+from .errors import DMLError, Stopped, die_of_sigterm, sigterm_deferred, sigterm_received, stop_on_sigterm
 from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
@@ -291,11 +291,11 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                     trainer.ckpt.writer.close()
             finally:
                 logger.close()
-                if created_group:
+                if created_group and not sigterm_received():  # stopping: no teardown with peers gone
                     D.destroy_distributed()
 
 
-REPORT_WAIT_S = 120  # how long a rank waits for rank 0 to print an error every rank hit (normally < 1 s)
+REPORT_WAIT_S = 30  # how long a rank waits for rank 0 to print an error every rank hit (normally < 1 s)
 
 
 def report_error(e: DMLError) -> None:
@@ -306,7 +306,9 @@ def report_error(e: DMLError) -> None:
     ``run``), rank 0 prints, then sets a key in the group's store; the others return when the key is there
     or the store is unreachable (it lives in rank 0's process, which is then gone, its line printed).
     Before any group was formed (a config error) there is no channel to rank 0: the others stay until the
-    launcher stops them, which it does once rank 0 has exited with its line."""
+    launcher stops them, which it does once rank 0 has exited with its line. A rank that waited
+    ``REPORT_WAIT_S`` in vain (rank 0 alive but stuck, e.g. in a collective this rank's error left
+    unanswered, or an error only some ranks hit) prints the line itself, naming its rank."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0 or not e.all_ranks:
@@ -316,19 +318,26 @@ def report_error(e: DMLError) -> None:
     if world == 1 or not e.all_ranks:
         return
     key = f"dml_error_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a shared store outlives restarts
+    unheard = False
     if e.store is None:
         if rank != 0:
-            threading.Event().wait(REPORT_WAIT_S)
-        return
-    try:
-        if rank == 0:
-            e.store.set(key, "1")
-        else:
-            e.store.wait([key], timedelta(seconds=REPORT_WAIT_S))
-    except Exception:  # noqa: BLE001  the store's host (rank 0) has exited: its line is out
-        pass
-    finally:
-        e.store = None
+            threading.Event().wait(REPORT_WAIT_S)  # normally ended by the launcher's SIGTERM
+            unheard = True
+    else:
+        try:
+            if rank == 0:
+                e.store.set(key, "1")
+            else:
+                e.store.wait([key], timedelta(seconds=REPORT_WAIT_S))
+        except Exception:  # noqa: BLE001  timed out, or the store's host (rank 0) has exited: its line is out
+            try:
+                unheard = not e.store.check([key])  # reachable and still no line from rank 0
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            e.store = None
+    if unheard:
+        print(f"{ERROR_PREFIX} (rank {rank}) {e}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):

@@ -11,8 +11,17 @@ import sys
 
 
 def main(argv=None) -> int:
+    from .errors import Stopped, die_of_sigterm
+    try:
+        return _main(argv)
+    except Stopped:  # SIGTERM outside run()'s own cleanup (e.g. while waiting in report_error)
+        die_of_sigterm()
+        return 143
+
+
+def _main(argv=None) -> int:
     from .distributed import is_peer_loss
-    from .errors import DMLError, Stopped, die_of_sigterm, stop_on_sigterm
+    from .errors import DMLError, stop_on_sigterm
     from .train import ERROR_PREFIX, report_error, run
 
     argv = sys.argv[1:] if argv is None else argv
@@ -39,8 +48,6 @@ def main(argv=None) -> int:
     try:
         stop_on_sigterm()
         run(job["cfg"], job["data"])
-    except Stopped:  # only before run()'s own cleanup took over
-        die_of_sigterm()
     except DMLError as e:
         note("error", str(e))
         report_error(e)
