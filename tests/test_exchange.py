@@ -46,9 +46,11 @@ def test_all_reduce_trains_like_all_gather_over_gloo():
 
 
 def test_auto_picks_all_reduce_from_three_peers_and_the_byte_model():
-    for n, mode in ((1, "all_gather"), (2, "all_gather"), (3, "all_reduce"), (16, "all_reduce")):
-        assert resolve_exchange({"exchange": "auto", "model_num": n})[0] == mode
-    assert resolve_exchange({"exchange": "all_gather", "model_num": 8}) == ("all_gather", "set in the config")
+    for n, r, mode in ((1, 1, "all_gather"), (2, 1, "all_gather"), (2, 4, "all_gather"), (2, [3, 3], "all_gather"),
+                       (3, 1, "all_reduce"), (16, 1, "all_reduce"), (2, [1, 7], "all_reduce")):
+        assert resolve_exchange({"exchange": "auto", "model_num": n, "replicas": r})[0] == mode, (n, r)
+    assert resolve_exchange({"exchange": "all_gather", "model_num": 8, "replicas": [1, 7]}) == \
+        ("all_gather", "set in the config")
     # all_gather's bytes grow with N; all_reduce's stay below 2 B (C + 1) 4 whatever N
     assert [model_bytes("all_gather", n, 256, 1000) for n in (2, 16)] == [1_024_000, 15_360_000]
     assert all(model_bytes("all_reduce", n, 256, 1000) < 2 * 256 * 1001 * 4 for n in (2, 4, 8, 16, 64))

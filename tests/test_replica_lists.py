@@ -47,7 +47,7 @@ def _assert_close(a, b, atol=1e-4):
 
 
 def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, folder, reference):
-    """[1, 2] (3 processes, all-gather by rows; started by launch/local.sh with REPLICAS=[1,2]) for one
+    """[1, 2] (3 processes, all-reduce by rows; started by launch/local.sh with REPLICAS=[1,2]) for one
     epoch, resumed as [1, 1]: the weights of [1, 1]."""
     ref, _ = reference
     w = tmp_path / "w"
@@ -57,7 +57,7 @@ def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, fol
     assert r.returncode == 0, r.stderr[-3000:]
     for rank, (peer, replica) in enumerate([(1, 0), (2, 0), (2, 1)]):
         assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
-    assert "exchange: all_gather" in r.stdout
+    assert "exchange: all_reduce (auto: replicas [1, 2]" in r.stdout  # uneven counts: the sums by rows
     # the log's per-peer compute / exchange-wait split (the idle share a layout is balanced by)
     assert "compute/exchange ms p1 " in r.stdout and " p2 " in r.stdout.split("compute/exchange ms", 1)[1]
     assert len(torch.load(w / "ckpt" / "t_latest.pth", weights_only=True)["peers"]) == 2
@@ -68,14 +68,15 @@ def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, fol
     _assert_close(ref, w)
 
 
-def test_one_each_resumes_as_two_and_one_with_the_all_reduce(tmp_path, folder, reference):
-    """The other way round: [1, 1]'s first epoch resumed as [2, 1] with exchange=all_reduce (the sums by rows)."""
+def test_one_each_resumes_as_two_and_one_with_the_all_gather(tmp_path, folder, reference):
+    """The other way round: [1, 1]'s first epoch resumed as [2, 1] with exchange=all_gather (the logits by
+    rows, shares padded to the largest)."""
     ref, first = reference
     w = tmp_path / "w"
     shutil.copytree(first, w / "ckpt")
-    r = torchrun(3, base_args(w, folder, **COMMON, resume="auto", replicas="[2,1]", exchange="all_reduce"))
+    r = torchrun(3, base_args(w, folder, **COMMON, resume="auto", replicas="[2,1]", exchange="all_gather"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "exchange: all_reduce (set in the config)" in r.stdout
+    assert "exchange: all_gather (set in the config)" in r.stdout
     assert read_summary(w)["config"]["replicas"] == [2, 1]
     _assert_close(ref, w)
 

@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -18,8 +19,8 @@ import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dml_dist
-from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, kill_tree, error_lines, make_image_folder,
-                      read_summary, run_cmd, torchrun)
+from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, descendants, error_lines, kill_tree,
+                      make_image_folder, read_summary, run_cmd, torchrun)
 
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
 
@@ -275,8 +276,27 @@ def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_p
     slow step; at the timeout it prints one line naming the stalled peer and rank, where it waited and the
     fix. torchrun then restarts the group, which resumes from the epoch-1 checkpoint and finishes."""
     args = base_args(tmp_path, image_folder, epochs=3, timeout=20)
-    r = torchrun(2, args, env={"DML_FAULT": "action=sigstop,rank=1,epoch=2,step=1"},
-                 torchrun_args=["--max-restarts=1"], timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "dml_dist.train", *args]
+    out_file = tmp_path / "stdout.txt"
+    with open(out_file, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=_env({"DML_FAULT": "action=sigstop,rank=1,epoch=2,step=1"}))
+        err = []
+        try:
+            for line in proc.stderr:
+                err.append(line)
+                if "stopped answering" in line:
+                    # torchrun's SIGTERM cannot end a stopped process: it would SIGKILL it after a fixed 30 s
+                    # grace before restarting; an operator's kill -9 (what the line asks for) skips the wait.
+                    for pid in descendants(proc.pid):
+                        with open(f"/proc/{pid}/stat") as f:
+                            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                                os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            kill_tree(proc.pid)
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out_file.read_text(), "".join(err))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = error_lines(r.stderr)
     assert len(lines) == 1, r.stderr[-3000:]
