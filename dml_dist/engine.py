@@ -142,8 +142,9 @@ class PeerSums(NamedTuple):
 
 
 # auto's crossover, measured with ``dml-bench --exchange`` (README "The exchange"): from 3 peers on, the
-# all-reduce moves fewer bytes (2 (N-1)/N x B(C+1) against (N-1) x BC per rank) and took less time; with 2
-# it moves the same bytes in two phases, and all_gather keeps the results of earlier releases bit for bit.
+# all-reduce moves fewer bytes (2 (N-1)/N x B(C+1) against (N-1) x BC per rank) and the exchange plus its loss
+# took less time; with 2 it moves the same bytes in two phases (slower), and all_gather keeps the results of
+# earlier releases bit for bit.
 ALL_REDUCE_FROM_PEERS = 3
 
 
