@@ -69,7 +69,7 @@ def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, cfg: dict, ctx) -> t
     got = exchange(logits, ctx, cfg)  # sync point, as in training
     t1 = time.perf_counter()
     if isinstance(got, PeerSums):
-        loss = loss_from_sums(logits, got.summed, got.peers, y, cfg["temperature"])
+        loss = loss_from_sums(logits, got.summed, got.peers, y, cfg["temperature"], own=got.own)
     else:
         r = ctx.rank
         loss = compute_dml_loss(logits, torch.cat([got[:r], got[r + 1:]]), y, cfg["temperature"])
@@ -139,6 +139,8 @@ def run_cohort(n: int, b: dict) -> dict:
                                    if failed else f"the benchmark with N={n} took over 600 s; lower peers= or steps=")
         for p in procs:
             p.join(timeout=30)
+        if any(p.exitcode for p in procs):
+            raise DMLError(f"a benchmark process failed with N={n} (exit codes {[p.exitcode for p in procs]})")
     finally:
         for p in procs:
             if p.is_alive():

@@ -151,11 +151,24 @@ def init_distributed(cfg: dict) -> DistContext:
         if store is not None:  # namespaced as init_process_group's own rendezvous does it
             kwargs.update(store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
         dist.init_process_group(process_group_backend(placement), timeout=_GROUPS["timeout"], **kwargs)
+    if under_launcher() and dist.is_initialized():
+        agree_restart_count()
     layout = _layout(cfg, world)
     if dist.is_initialized() and layout is not None and max(layout) > 1:
         peer_group, replica_group = layout_groups(layout, rank, process_group_backend(placement))
         return DistContext(rank, world, local_rank, local_world, placement, layout, peer_group, replica_group)
     return DistContext(rank, world, local_rank, local_world, placement, layout or (1,) * world)
+
+
+def agree_restart_count() -> int:
+    """Collective: the highest torchrun restart count of any rank, written back to this process's
+    ``TORCHELASTIC_RESTART_COUNT``. Hack: each node's agent counts its own restarts, and an agent restarted
+    because another node re-joined the rendezvous does not count it, so nodes can disagree; every rank must
+    take the same resume decision and use the same store keys."""
+    mine = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    agreed = int(all_gather_tensor(torch.tensor([mine])).max())
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = str(agreed)
+    return agreed
 
 
 def _layout(cfg: dict, world: int) -> Optional[tuple]:

@@ -98,21 +98,25 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
         table[ctx.replica * mine + c] = torch.cat([torch.ones(1, dtype=torch.int64),
                                                    batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)])
     fps = D.all_gather_tensor(table)  # [world, chunks, 3]
-    bad, right, what = set(), set(), set()
+    bad, right, tied, what = set(), set(), set(), set()
     for c in range(chunks):
         holders = [k for k in range(fps.shape[0]) if fps[k, c, 0]]
         votes = Counter(tuple(fps[k, c].tolist()) for k in holders)
-        majority = votes.most_common(1)[0][0]
+        if len(votes) == 1:
+            continue
+        (majority, count), = votes.most_common(1)
+        what.add("labels" if len({v[1] for v in votes}) > 1 else "augmented inputs")
+        if 2 * count <= len(holders):  # no majority (e.g. two peers): name both sides, blame neither
+            tied.update(holders)
+            continue
         for k in holders:
-            if tuple(fps[k, c].tolist()) != majority:
-                bad.add(k)
-                what.add("labels" if fps[k, c, 1] != majority[1] else "augmented inputs")
-            else:
-                right.add(k)
-    if bad:
-        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: rank(s) {sorted(bad)} drew different "
-                       f"{' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}; every rank must use the "
-                       f"same seed, data and augmentation settings")
+            (right if tuple(fps[k, c].tolist()) == majority else bad).add(k)
+    if bad or tied:
+        who = (f"rank(s) {sorted(bad)} drew different {' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}"
+               if bad else f"rank(s) {sorted(tied)} drew different {' and '.join(sorted(what))} (no majority "
+                           f"tells which is right)")
+        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: {who}; every rank must use the same seed, "
+                       f"data and augmentation settings")
 
 
 def autocast_context(device: torch.device, amp: str):

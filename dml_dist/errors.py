@@ -63,8 +63,8 @@ def stop_on_sigterm() -> None:
 @contextlib.contextmanager
 def sigterm_deferred():
     """Cleanup that a signal must not cut short (draining the checkpoint writer). A SIGTERM during the
-    block is remembered; SIGCHLD is held too (torch's DataLoader raises in the main thread when one of its
-    workers dies, and torchrun's SIGTERM reaches the workers as well). Afterwards SIGTERM's default action is
+    block is remembered; SIGCHLD is ignored meanwhile (torch's DataLoader raises in the main thread when one
+    of its workers dies, and torchrun's SIGTERM reaches the workers as well). Afterwards SIGTERM's default action is
     restored and, if one came (now or before), the process dies of it, so torchrun and SLURM see what they
     sent."""
     mine = _Sigterm.pid == os.getpid()
@@ -80,6 +80,12 @@ def sigterm_deferred():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if _Sigterm.received:
                 die_of_sigterm()
+
+
+def in_entry_process() -> bool:
+    """True in a process whose entry point installed ``stop_on_sigterm`` (dml-train under torchrun, the
+    launcher's peers): that entry point reports errors on stderr, so ``train.run`` may report early."""
+    return _Sigterm.pid == os.getpid()
 
 
 def sigterm_received() -> bool:

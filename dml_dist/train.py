@@ -46,7 +46,8 @@ from .config import (build_config, default_model_num, finalize_config, parse_ove
                      world_size_for)
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
 from .engine import Meters, evaluate, gather_meters, resolve_exchange, train_one_epoch
-from .errors import DMLError, Stopped, die_of_sigterm, sigterm_deferred, sigterm_received, stop_on_sigterm
+from .errors import (DMLError, Stopped, die_of_sigterm, in_entry_process, sigterm_deferred, sigterm_received,
+                     stop_on_sigterm)
 from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
@@ -65,12 +66,21 @@ def resolve_amp(cfg: dict, device: torch.device) -> str:
     return cfg["amp"]
 
 
-def compile_report(model) -> str:
-    """What torch.compile did in this process (dynamo's counters), logged after the first epoch: proof
-    that the peer really runs compiled, and how often dynamo fell back to eager."""
-    from torch._dynamo.utils import counters
-    graphs = counters["stats"]["unique_graphs"]
-    breaks = sum(counters["graph_break"].values())
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, from dynamo's private counters; (0, 0) when
+    they cannot be read (a log line must never stop training)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    except Exception:  # noqa: BLE001
+        return 0, 0
+
+
+def compile_report(model, before: tuple[int, int]) -> str:
+    """What torch.compile did in the first epoch (dynamo's counters since ``before``, so a caller's own
+    compiled graphs do not count), logged after it: proof that the peer really runs compiled, and how
+    often dynamo fell back to eager."""
+    graphs, breaks = (now - then for now, then in zip(_dynamo_counts(), before))
     return (f"compile: {type(model).__name__}, {graphs} graph(s) compiled, {breaks} graph break(s) "
             f"in the first epoch")
 
@@ -135,7 +145,7 @@ class Trainer:
         cfg, ctx, log, c = self.cfg, self.ctx, self.logger, self.ckpt
         if c.epoch >= cfg["epochs"]:
             log.info(f"nothing to train: the checkpoint already holds {c.epoch} epoch(s); raise epochs= to go on")
-        first_epoch = c.epoch + 1
+        first_epoch, compiled_before = c.epoch + 1, _dynamo_counts()
         for epoch in range(first_epoch, cfg["epochs"] + 1):
             t0 = time.time()
             self.train_loader.set_epoch(epoch - 1, c.step)
@@ -144,7 +154,7 @@ class Trainer:
                                      on_step=self._on_step(epoch), kl_weight=self.kl_weight(epoch), watch=self.watch)
             c.meters, c.step = None, 0
             if cfg["compile"] and epoch == first_epoch:
-                log.info(compile_report(self.train_model))
+                log.info(compile_report(self.train_model, compiled_before))
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
@@ -270,13 +280,22 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
                     f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}")
         return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
                 "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
+    # Our own entry points report an error here, before the cleanup below: rank 0 may spend long draining
+    # its checkpoint writes, and torchrun stops every rank once one has exited.
     except DMLError as e:
         if created_group and D.is_active():
             e.store = stall.default_store()  # outlives destroy_distributed below: report_error's channel
+            if in_entry_process():
+                report_error(e)
         raise
     except RuntimeError as e:
         if D.is_active() and stall.is_timeout(e):  # a rank stopped answering: name it while the store is up
-            raise DMLError(stall.describe_stall(ctx.peer_of, D.group_timeout(), e), all_ranks=False) from None
+            err = DMLError(stall.describe_stall(ctx.peer_of, D.group_timeout(), e), all_ranks=False)
+            if in_entry_process():
+                report_error(err)
+            raise err from None
+        if D.is_peer_loss(e) and in_entry_process():
+            report_lost_contact(e)
         raise
     except Stopped:
         if trainer is not None and any(not f.done() for f in trainer.ckpt.writer.pending):
@@ -300,15 +319,19 @@ REPORT_WAIT_S = 30  # how long a rank waits for rank 0 to print an error every r
 
 def report_error(e: DMLError) -> None:
     """One line on stderr: rank 0 speaks for errors every rank hits; a rank-specific one names its rank.
+    Reports ``e`` once (later calls return).
 
     An error every rank hits: the other ranks must not exit before rank 0 has printed it (a rank's exit
     makes the launcher stop the group, rank 0 included). With a process group (``e.store``, attached by
     ``run``), rank 0 prints, then sets a key in the group's store; the others return when the key is there
     or the store is unreachable (it lives in rank 0's process, which is then gone, its line printed).
     Before any group was formed (a config error) there is no channel to rank 0: the others stay until the
-    launcher stops them, which it does once rank 0 has exited with its line. A rank that waited
-    ``REPORT_WAIT_S`` in vain (rank 0 alive but stuck, e.g. in a collective this rank's error left
-    unanswered, or an error only some ranks hit) prints the line itself, naming its rank."""
+    launcher stops them, which it does once rank 0 has exited with its line. When the wait runs out
+    (``REPORT_WAIT_S``: rank 0 alive but stuck, e.g. in a collective this error left unanswered, or an
+    error only some ranks hit), one rank prints the line itself, naming its rank."""
+    if getattr(e, "reported", False):
+        return
+    e.reported = True
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0 or not e.all_ranks:
@@ -317,27 +340,45 @@ def report_error(e: DMLError) -> None:
         print(f"{ERROR_PREFIX}{where} {e}", file=sys.stderr, flush=True)
     if world == 1 or not e.all_ranks:
         return
-    key = f"dml_error_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a shared store outlives restarts
-    unheard = False
-    if e.store is None:
+    # one count on every rank: init_distributed agrees on it (a shared store outlives restarts)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"dml_error_reported/{attempt}"
+    store, e.store = e.store, None
+    if store is None:
         if rank != 0:
             threading.Event().wait(REPORT_WAIT_S)  # normally ended by the launcher's SIGTERM
-            unheard = True
-    else:
-        try:
-            if rank == 0:
-                e.store.set(key, "1")
-            else:
-                e.store.wait([key], timedelta(seconds=REPORT_WAIT_S))
-        except Exception:  # noqa: BLE001  timed out, or the store's host (rank 0) has exited: its line is out
-            try:
-                unheard = not e.store.check([key])  # reachable and still no line from rank 0
-            except Exception:  # noqa: BLE001
-                pass
-        finally:
-            e.store = None
-    if unheard:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node at most
+                print(f"{ERROR_PREFIX} (rank {rank}) {e}", file=sys.stderr, flush=True)
+        return
+    try:
+        if rank == 0:
+            store.set(key, "1")
+            return
+        store.wait([key], timedelta(seconds=REPORT_WAIT_S))
+        return
+    except Exception:  # noqa: BLE001  timed out, or the store's host (rank 0) has exited: its line is out
+        pass
+    try:
+        store.set_timeout(timedelta(seconds=5))
+        if store.check([key]):
+            return
+        # rank 0 is alive (its store answers) but has not printed: the first rank here speaks for it
+        first = store.compare_set(f"dml_error_fallback/{attempt}", "", str(rank))
+    except Exception:  # noqa: BLE001  rank 0's store is gone: its line is out
+        return
+    if first.decode() == str(rank):
         print(f"{ERROR_PREFIX} (rank {rank}) {e}", file=sys.stderr, flush=True)
+
+
+def report_lost_contact(e: BaseException) -> None:
+    """Another rank died mid-collective: one line from this rank (its own error, or torchrun's report,
+    says why). Reports ``e`` once."""
+    if getattr(e, "dml_reported", False):
+        return
+    e.dml_reported = True
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    print(f"{ERROR_PREFIX} (rank {os.environ.get('RANK', '0')}) lost contact with another rank ({first}); "
+          f"see that rank's error", file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):
@@ -381,10 +422,7 @@ def _main(args) -> int:
     except RuntimeError as e:
         if not D.is_peer_loss(e):
             raise
-        # Another rank died mid-collective: its own error (or torchrun's report) says why.
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        print(f"{ERROR_PREFIX} (rank {os.environ.get('RANK', '0')}) lost contact with another rank ({first}); "
-              f"see that rank's error", file=sys.stderr, flush=True)
+        report_lost_contact(e)  # another rank died mid-collective
         return 1
     return 0
 

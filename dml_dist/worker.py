@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     from .errors import Stopped, die_of_sigterm
     try:
         return _main(argv)
-    except Stopped:  # SIGTERM outside run()'s own cleanup (e.g. while waiting in report_error)
+    except Stopped:  # SIGTERM before run()'s own handling (e.g. in report_error after a pre-group error)
         die_of_sigterm()
         return 143
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     from .distributed import is_peer_loss
     from .errors import DMLError, stop_on_sigterm
-    from .train import ERROR_PREFIX, report_error, run
+    from .train import ERROR_PREFIX, report_error, report_lost_contact, run
 
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
@@ -58,8 +58,7 @@ def _main(argv=None) -> int:
         # A rank that only lost contact with a failed peer files its note apart: the caller reports the cause.
         if is_peer_loss(e):
             note("lost", f"lost contact with another rank ({str(e).strip().splitlines()[0][:200]})")
-            print(f"{ERROR_PREFIX} (rank {rank}) lost contact with another rank; see that rank's error",
-                  file=sys.stderr, flush=True)
+            report_lost_contact(e)
             return 1
         note("error", f"{type(e).__name__}: {str(e).strip()[:500]}")
         raise

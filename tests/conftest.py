@@ -57,9 +57,6 @@ def _env(extra_env=None) -> dict:
     # torchrun restarts reuse the rendezvous TCPStore by default, and restarted gloo workers can read the
     # dead workers' addresses from it (pytorch/pytorch#135712); launch/ scripts set the same.
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    # torchrun's grace between SIGTERM and SIGKILL when it stops a group (30 s by default): a stopped
-    # (SIGSTOPped) rank would hold every such test for the full grace; rank 0's checkpoint drain needs < 10 s.
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
     env.update(extra_env or {})
     return env
 
