@@ -16,10 +16,11 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, folder):
     """The module's launches, each run once on first use (2 peers, augmentation, 6 steps an epoch):
-    ``r1``: 1 replica, 2 epochs, the reference; ``r2``: 2 replicas with SyncBN, 1 epoch; ``r2_resumed``:
+    ``r1``: 1 replica, 2 epochs, the reference; ``r2``: 2 replicas with SyncBN and ``exchange: all_reduce``
+    (over each replica index's peer group; r1 all-gathers), 1 epoch; ``r2_resumed``:
     r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch."""
     root = tmp_path_factory.mktemp("replica_runs")
-    specs = {"r1": (2, {"epochs": 2}), "r2": (4, {"replicas": 2, "sync_bn": True}),
+    specs = {"r1": (2, {"epochs": 2}), "r2": (4, {"replicas": 2, "sync_bn": True, "exchange": "all_reduce"}),
              "r2_resumed": (2, {"epochs": 2, "sync_bn": True, "resume": "auto"}),
              "r2_nosync": (4, {"replicas": 2, "sync_bn": False})}
     done = {}
@@ -63,6 +64,7 @@ def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(runs):
     assert len(s["best_accuracies"]) == 2 and s["config"]["replicas"] == 2 and s["config"]["model_num"] == 2
     for rank, (peer, replica) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1)]):
         assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
+    assert "exchange: all_reduce (set in the config)" in r.stdout
     latest = torch.load(w / "ckpt" / "t_latest.pth", weights_only=True)
     assert len(latest["peers"]) == 2  # one state per peer, whatever the number of replicas
     # Resumed with 1 replica (2 processes); any other count goes the same way (4 replicas = 8 processes: too
