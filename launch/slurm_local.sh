@@ -130,7 +130,7 @@ for _ in $(seq 240); do
     [[ "$state" =~ ^(PENDING|RUNNING|REQUEUED|CONFIGURING|COMPLETING|RESIZING|REQUEUE_HOLD)?$ ]] || break
     sleep 0.5
 done
-[[ "${state:-}" == COMPLETED ]] || fail "job $job ended $state: $(tail -n 5 "$out" | tr '\n' ' ')"
+[[ "${state:-}" == COMPLETED ]] || fail "job $job ended $state: $(grep -m 6 -E 'dml-dist: error|Error|srun: error|resumed from|^epoch [0-9]/' "$out" | tr '\n' ' ') | slurmctld: $(grep -E "JobId=$job" "$tmp/log/slurmctld.log" | tail -n 6 | tr '\n' ' ')"
 grep -Eq "resumed from .*quickstart_latest.pth: [12] epoch\(s\)" "$out" || fail "the requeued run did not resume from its checkpoint (see $out)"
 grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (see $out)"
 runs=$(grep -c "placement: rank 0" "$out")
