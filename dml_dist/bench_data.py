@@ -33,7 +33,7 @@ import time
 import torch
 
 from .checkpoint import versions
-from .config import build_config, parse_overrides
+from .config import build_config, parse_tool_keys
 from .errors import DMLError
 from .logger import emit_json_line
 from .placement import host_cpus
@@ -128,10 +128,7 @@ def rss(b: dict, cache_dir: str) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        b = {**KEYS, **parse_overrides(argv)}
-        unknown = set(b) - set(KEYS)
-        if unknown:
-            raise DMLError(f"unknown key(s) {sorted(unknown)}; dml-bench --data takes {', '.join(KEYS)}")
+        b = parse_tool_keys(argv, KEYS, "dml-bench --data")
         if not b["data_dir"] or not os.path.isdir(os.path.join(str(b["data_dir"]), "train")):
             raise DMLError("dml-bench --data needs data_dir=<folder with train/>; make one with "
                            "python benchmarks/make_imagenet_folder.py DIR --train 20000")

@@ -27,13 +27,14 @@ import queue
 import statistics
 import sys
 import time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import versions
-from .config import parse_overrides
+from .config import parse_tool_keys
 from .errors import DMLError
 from .distributed import _ALL_GATHER
 from .logger import emit_json_line
@@ -79,7 +80,7 @@ def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, cfg: dict, ctx) -> t
 
 def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, n + 1, is_master=False, timeout=__import__("datetime").timedelta(seconds=300))
+    store = dist.TCPStore("127.0.0.1", port, n + 1, is_master=False, timeout=timedelta(seconds=300))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=n)
     try:
         g = torch.Generator().manual_seed(rank)
@@ -192,10 +193,7 @@ def plot(rows: list[dict], path: str) -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        b = {**KEYS, **parse_overrides(argv)}
-        unknown = set(b) - set(KEYS)
-        if unknown:
-            raise DMLError(f"unknown key(s) {sorted(unknown)}; dml-bench --exchange takes {', '.join(KEYS)}")
+        b = parse_tool_keys(argv, KEYS, "dml-bench --exchange")
         if not isinstance(b["peers"], list) or not all(isinstance(n, int) and n >= 2 for n in b["peers"]):
             raise DMLError(f"peers must be a list of cohort sizes >= 2, e.g. peers=[2,4,8], got {b['peers']!r}")
         rows = []

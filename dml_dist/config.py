@@ -211,6 +211,16 @@ def parse_overrides(items: Iterable[str]) -> dict:
     return out
 
 
+def parse_tool_keys(argv: Iterable[str], keys: dict, command: str) -> dict:
+    """``key=value`` arguments of a tool with keys of its own (``dml-bench --data``, ``--exchange``): its
+    defaults, overridden; a key it does not take is refused, naming those it does."""
+    b = {**keys, **parse_overrides(argv)}
+    unknown = set(b) - set(keys)
+    if unknown:
+        raise DMLError(f"unknown key(s) {sorted(unknown)}; {command} takes {', '.join(keys)}")
+    return b
+
+
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise DMLError(f"config file {path} not found; pass an existing file to --config")
