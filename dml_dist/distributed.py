@@ -18,9 +18,12 @@ The collective rule (one rule, every backend):
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -67,15 +70,14 @@ class DistContext:
 
     def peer_of(self, rank: int) -> int:
         """The peer that ``rank`` trains."""
-        for k, first in enumerate(self.first_ranks):
-            if rank < first + self.layout[k]:
-                return k
-        raise ValueError(f"rank {rank} is outside the layout {self.layout}")
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the layout {self.layout}")
+        return bisect.bisect_right(self.first_ranks, rank) - 1
 
-    @property
+    @cached_property
     def first_ranks(self) -> list[int]:
-        """Each peer's replica 0."""
-        return [sum(self.layout[:k]) for k in range(len(self.layout))]
+        """Each peer's replica 0 (derived once: the step reads ``peer`` every time)."""
+        return list(itertools.accumulate(self.layout[:-1], initial=0))
 
     @property
     def peers(self) -> int:
@@ -85,7 +87,7 @@ class DistContext:
     def uniform(self) -> bool:
         return len(set(self.layout)) == 1
 
-    @property
+    @cached_property
     def peer(self) -> int:
         return self.peer_of(self.rank)
 
