@@ -36,7 +36,8 @@ from . import distributed as D
 from .checkpoint import versions
 from .config import build_config, finalize_config, parse_overrides, peer_model_name
 from .data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
-from .engine import DeviceClock, exchange, forward, peer_update, resolve_exchange
+from .engine import DeviceClock, forward, peer_update
+from .exchange import exchange, resolve_exchange
 from .errors import DMLError
 from .logger import emit_json_line
 from .models import build_model

@@ -7,7 +7,7 @@ For each N it starts N processes on this machine (gloo over localhost, one threa
 data), gives each a fixed random [B, C] logit tensor and runs, for each mode in turn (``rounds``
 alternating rounds of ``steps`` steps; the median round counts), the trainer's own step tail:
 
-- ``exchange``: ``engine.exchange``, the call training makes: the logits all-gather, or this peer's
+- ``exchange``: ``exchange.exchange``, the call training makes: the logits all-gather, or this peer's
   softmax/entropy payload and its all-reduce;
 - ``loss``: the mutual term's forward and backward from what came back (the all-gather's consumer takes the
   softmax of N - 1 peers' logits, the all-reduce's of none).
@@ -63,7 +63,7 @@ def model_bytes(mode: str, n: int, b: int, c: int) -> int:
 
 def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, cfg: dict, ctx) -> tuple[float, float]:
     """One step's exchange and mutual-term forward+backward, timed: (exchange s, loss s)."""
-    from .engine import exchange, PeerSums
+    from .exchange import PeerSums, exchange
     from .loss import compute_dml_loss, loss_from_sums
     logits = z.clone().requires_grad_()
     t0 = time.perf_counter()

@@ -45,7 +45,8 @@ from .cohort import CohortCheckpoint, public_config
 from .config import (build_config, default_model_num, finalize_config, parse_overrides, peer_model_name,
                      world_size_for)
 from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
-from .engine import Meters, evaluate, gather_meters, resolve_exchange, train_one_epoch
+from .engine import Meters, evaluate, gather_meters, train_one_epoch
+from .exchange import resolve_exchange
 from .errors import (DMLError, Stopped, die_of_sigterm, in_entry_process, sigterm_deferred, sigterm_received,
                      stop_on_sigterm)
 from .launcher import DMLTrainingError, launch_local

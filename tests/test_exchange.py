@@ -7,7 +7,7 @@ import torch
 
 from conftest import REPO, run_cmd
 from dml_dist.bench_exchange import model_bytes
-from dml_dist.engine import resolve_exchange
+from dml_dist.exchange import resolve_exchange
 from dml_dist.loss import compute_dml_loss, exchange_payload, loss_from_sums
 
 

@@ -1,5 +1,5 @@
 """Run under `torchrun --nproc_per_node=4` by tests/test_train_distributed.py: ``exchange: all_reduce``
-against ``all_gather`` over gloo, through the trainer's own step (``engine.exchange`` + ``peer_update``).
+against ``all_gather`` over gloo, through the trainer's own step (``exchange.exchange`` + ``peer_update``).
 
 For cohorts of 3 (a subgroup) and 4 peers, ``mutual`` dml and ensemble, T = 3 and a warm-up ramp: every
 peer trains a ResNet-20 for a few SGD steps on the same batches, once per mode from the same initial
@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from dml_dist import distributed as D
-from dml_dist.engine import exchange, peer_update
+from dml_dist.engine import peer_update
+from dml_dist.exchange import exchange
 from dml_dist.loss import kl_ramp
 from dml_dist.models import build_model
 
