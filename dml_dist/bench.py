@@ -133,8 +133,8 @@ def _per_peer(per_rank: list[dict], cfg: dict, ctx) -> list[dict]:
     """Each peer's DML step, its time in the exchange (waiting for slower peers, on CPU also the transfer)
     and that idle share, averaged over its replicas: how to balance ``replicas: [..]`` in a mixed cohort."""
     out = []
-    for k, (first, r) in enumerate(zip(ctx.first_ranks, ctx.layout)):
-        mine = per_rank[first:first + r]
+    for k, r in enumerate(ctx.layout):
+        mine = [per_rank[q] for q in ctx.ranks_of(k)]
         step = sum(x["dml_ms"] for x in mine) / r
         wait = sum(x["exchange_ms"] for x in mine) / r
         out.append({"peer": k + 1, "model": peer_model_name(cfg, k), "replicas": r, "step_ms": round(step, 2),

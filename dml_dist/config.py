@@ -26,6 +26,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "replicas": 1,                # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas;
                                   # or a list, one count per peer (e.g. [1, 7]: the slow peer gets 7 GPUs), world = sum
     "sync_bn": False,             # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
+    "rank_order": "auto",         # replicas > 1: peer (a peer's replicas on consecutive ranks) | replica (the peers
+                                  # of one replica index together: each node decodes only its rows) | auto
     "pretrained": False,          # torchvision.<name> models only: start from torchvision's weights
     # data
     "dataset": "imagefolder",     # imagefolder | cifar10 | cifar100
@@ -43,6 +45,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "rrc_scale": [0.08, 1.0],     # augment rrc (RandomResizedCrop): area range, torchvision's default
     "rrc_ratio": [0.75, 1.3333333333333333],  # and aspect-ratio range
     "decode_device": "cpu",       # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
+    "bad_images": "stop",         # a file that cannot be read: stop (one line naming it) | skip (a grey stand-in,
+                                  # the file named once in the log and counted in the summary)
+    "allow_data_change": False,   # resume on a folder whose file list changed since the checkpoint
     "batch_size": 32,             # per peer (split between its replicas)
     "num_workers": 4,             # DataLoader workers: the stream path's decoders per rank, and custom datasets
     "download": True,             # cifar10/cifar100 only: fetch when missing
@@ -91,6 +96,8 @@ _CHOICES = {
     "exchange": ("auto", "all_gather", "all_reduce"),
     "loader": ("auto", "memory", "stream"),
     "decode_device": ("cpu", "cuda"),
+    "rank_order": ("auto", "peer", "replica"),
+    "bad_images": ("stop", "skip"),
 }
 _INT_MIN = {  # integer keys and their smallest allowed value
     "image_size": 8, "batch_size": 1, "num_workers": 0, "epochs": 1, "step_size": 1, "seed": 0,
@@ -102,7 +109,8 @@ _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
     "crop_fraction": (0.0, False),
 }
-_BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained")
+_BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained",
+         "allow_data_change")
 _STR_OR_NONE = ("experiment_name", "resume", "cache_dir")
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import DMLError
-from .placement import Placement, assign_gpus, exchange_gpu_identities, process_group_backend, resolve_placement
+from .placement import Placement, assign_gpus, exchange_identities, process_group_backend, resolve_placement
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -50,11 +50,13 @@ def collective_timeout(cfg: Optional[dict] = None) -> timedelta:
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this rank stands. Ranks are peer-major: peer k's replicas are the ``layout[k]`` ranks after
-    peer k-1's (``layout``: replicas per peer; ``(R,) * N`` for ``replicas: R``). ``replica_group``: this
-    peer's replicas (DDP, SyncBN). ``peer_group``: on a uniform layout, the ranks with this rank's replica
-    index, one per peer (the exchange runs there); None means the whole world (one replica per peer, or
-    a layout that is not a rectangle: the exchange then runs over the world, by batch rows)."""
+    """Where this rank stands. ``layout``: replicas per peer (``(R,) * N`` for ``replicas: R``). ``order``:
+    how ranks map to (peer, replica): ``peer``-major (peer k's replicas are the ``layout[k]`` ranks after
+    peer k-1's) or, on uniform layouts, ``replica``-major (rank = replica * N + peer: the peers of one
+    replica index sit together, so a node needs only its replicas' rows). ``replica_group``: this peer's
+    replicas (DDP, SyncBN). ``peer_group``: on a uniform layout, the ranks with this rank's replica index,
+    one per peer (the exchange runs there); None means the whole world (one replica per peer, or a layout
+    that is not a rectangle: the exchange then runs over the world, by batch rows)."""
     rank: int
     world_size: int
     local_rank: int
@@ -63,20 +65,37 @@ class DistContext:
     layout: tuple = (1,)
     peer_group: Any = None
     replica_group: Any = None
+    order: str = "peer"
+    order_why: str = "one replica per peer"
 
     def __post_init__(self):
         if sum(self.layout) != self.world_size:  # a world of one without torchrun, or before the config check
             object.__setattr__(self, "layout", (1,) * self.world_size)
+        if self.order == "replica" and not self.uniform:
+            raise ValueError(f"replica-major ranks need one replica count for every peer, not {self.layout}")
+
+    def ranks_of(self, peer: int) -> list[int]:
+        """The ranks of ``peer``'s replicas, replica 0 first."""
+        return ranks_of(self.layout, self.order, peer)
 
     def peer_of(self, rank: int) -> int:
         """The peer that ``rank`` trains."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the layout {self.layout}")
+        if self.order == "replica":
+            return rank % self.peers
         return bisect.bisect_right(self.first_ranks, rank) - 1
+
+    def replica_of(self, rank: int) -> int:
+        if self.order == "replica":
+            return rank // self.peers
+        return rank - self.first_ranks[self.peer_of(rank)]
 
     @cached_property
     def first_ranks(self) -> list[int]:
         """Each peer's replica 0 (derived once: the step reads ``peer`` every time)."""
+        if self.order == "replica":
+            return list(range(self.peers))
         return list(itertools.accumulate(self.layout[:-1], initial=0))
 
     @property
@@ -93,7 +112,7 @@ class DistContext:
 
     @property
     def replica(self) -> int:
-        return self.rank - self.first_ranks[self.peer]
+        return self.replica_of(self.rank)
 
     @property
     def replicas(self) -> int:
@@ -121,7 +140,7 @@ class DistContext:
         group = str(dist.get_backend()) if dist.is_initialized() else "none (single process)"
         return {"rank": self.rank, "peer": self.peer + 1, "replica": self.replica, "host": socket.gethostname(),
                 "device": self.placement.device, "backend": self.placement.backend, "group": group,
-                "threads": self.placement.threads}
+                "threads": self.placement.threads, "rank_order": self.order}
 
 
 def under_launcher() -> bool:
@@ -139,10 +158,12 @@ def init_distributed(cfg: dict) -> DistContext:
     num_gpus = torch.cuda.device_count() if cfg["device"] != "cpu" else 0
     _GROUPS["timeout"] = collective_timeout(cfg)
     store, assignment = None, None
-    if under_launcher() and not dist.is_initialized() and num_gpus > 0:
-        # GPUs: which physical GPU each rank gets decides the backend, so ask every rank before the group.
+    if under_launcher() and not dist.is_initialized():
+        # Which physical GPU each rank gets decides the backend, so ask every rank before the group (on CPU
+        # the same exchange checks the node numbering).
         store, rank, world = next(dist.rendezvous("env://", timeout=_GROUPS["timeout"]))
-        assignment = assign_gpus(exchange_gpu_identities(store, rank, world), rank)
+        identities = exchange_identities(store, rank, world)
+        assignment = assign_gpus(identities, rank) if num_gpus > 0 else None
     placement = resolve_placement(local_rank, local_world, num_gpus, cfg["device"], cfg["backend"],
                                   assignment=assignment)
     torch.set_num_threads(placement.threads)
@@ -157,8 +178,10 @@ def init_distributed(cfg: dict) -> DistContext:
         agree_restart_count()
     layout = _layout(cfg, world)
     if dist.is_initialized() and layout is not None and max(layout) > 1:
-        peer_group, replica_group = layout_groups(layout, rank, process_group_backend(placement))
-        return DistContext(rank, world, local_rank, local_world, placement, layout, peer_group, replica_group)
+        order, why = choose_rank_order(cfg, layout, local_world)
+        peer_group, replica_group = layout_groups(layout, order, rank, process_group_backend(placement))
+        return DistContext(rank, world, local_rank, local_world, placement, layout, peer_group, replica_group,
+                           order, why)
     return DistContext(rank, world, local_rank, local_world, placement, layout or (1,) * world)
 
 
@@ -182,22 +205,67 @@ def _layout(cfg: dict, world: int) -> Optional[tuple]:
     return (r,) * (world // r) if world % r == 0 else None
 
 
-def layout_groups(layout: tuple, rank: int, backend: str) -> tuple:
+def ranks_of(layout: tuple, order: str, peer: int) -> list[int]:
+    """The ranks of ``peer``'s replicas under rank ``order`` (``peer``- or ``replica``-major), replica 0 first."""
+    if order == "replica":
+        return [i * len(layout) + peer for i in range(layout[peer])]
+    first = sum(layout[:peer])
+    return list(range(first, first + layout[peer]))
+
+
+def decodes_per_sample(layout: tuple, order: str, local_world_size: int) -> float:
+    """How many times the job decodes each training sample on the stream path: a node decodes the rows of
+    every replica index it holds once (its ranks split them), so each replica's rows are decoded once per
+    node that holds that replica index. Uneven layouts: each node decodes the whole batch."""
+    nodes = max(1, sum(layout) // max(1, local_world_size))
+    if len(set(layout)) != 1:
+        return float(nodes)
+    per_replica = [len({r // local_world_size for r in (ranks_of(layout, order, k)[i] for k in range(len(layout)))})
+                   for i in range(layout[0])]
+    return sum(per_replica) / layout[0]
+
+
+def choose_rank_order(cfg: dict, layout: tuple, local_world_size: int) -> tuple[str, str]:
+    """``(peer|replica, why)``. ``auto``: replica-major where it decodes each sample fewer times than
+    peer-major (replicas that span nodes, on the stream path); otherwise peer-major, which keeps a peer's
+    gradient all-reduce within a node."""
+    asked = cfg.get("rank_order", "auto")
+    if max(layout) == 1:
+        return "peer", "one replica per peer"
+    if len(set(layout)) != 1:
+        if asked == "replica":
+            raise DMLError(f"rank_order=replica needs the same replica count for every peer, not {list(layout)}; "
+                           f"use rank_order=peer (or auto)")
+        return "peer", "uneven replica counts"
+    if asked != "auto":
+        return asked, f"rank_order={asked}"
+    peer, replica = (decodes_per_sample(layout, o, local_world_size) for o in ("peer", "replica"))
+    if cfg.get("loader") == "memory" or cfg.get("dataset", "imagefolder") != "imagefolder":
+        return "peer", "rank_order=auto, the memory path (every rank holds the whole set)"
+    if replica < peer:
+        return "replica", (f"rank_order=auto: replica-major decodes each sample {replica:g}x per job, peer-major "
+                           f"{peer:g}x (each peer's gradient all-reduce then crosses nodes)")
+    return "peer", (f"rank_order=auto: peer-major decodes each sample {peer:g}x per job, as replica-major "
+                    f"would, and keeps each peer's gradient all-reduce within its node")
+
+
+def layout_groups(layout: tuple, order: str, rank: int, backend: str) -> tuple:
     """This rank's peer group (uniform layouts: the ranks with its replica index, one per peer: the
     exchange runs there; None otherwise) and replica group (its peer's replicas: DDP, SyncBN), built with
     plain ``dist.new_group`` and the process group's backend string, which every supported torch accepts
     (a DeviceMesh over ``"cpu:gloo,cuda:nccl"`` needs a recent ``split_group``, and a layout such as
     [1, 3] is no mesh). Collective: every rank creates every group, in the same order."""
-    firsts = [sum(layout[:k]) for k in range(len(layout))]
+    peers = [ranks_of(layout, order, k) for k in range(len(layout))]
     mine = {"peer": None}
     if len(set(layout)) == 1:
         for i in range(layout[0]):
-            g = dist.new_group([f + i for f in firsts], timeout=group_timeout(), backend=backend)
-            if (rank - i) in firsts:
+            members = [ranks[i] for ranks in peers]
+            g = dist.new_group(members, timeout=group_timeout(), backend=backend)
+            if rank in members:
                 mine["peer"] = g
-    for k, first in enumerate(firsts):
-        g = dist.new_group(list(range(first, first + layout[k])), timeout=group_timeout(), backend=backend)
-        if first <= rank < first + layout[k]:
+    for members in peers:
+        g = dist.new_group(members, timeout=group_timeout(), backend=backend)
+        if rank in members:
             mine["replica"] = g
     return mine["peer"], mine["replica"]
 
@@ -275,6 +343,39 @@ def node_group(local_world_size: int):
             if first <= me < first + local_world_size:
                 _GROUPS["node"] = g
     return _GROUPS["node"]
+
+
+def decode_group(ctx: "DistContext"):
+    """The stream path's decode unit for this rank: ``(group, (g, G), rows)``. The ranks of one node that
+    train on the same rows of each batch (uniform layouts: the same replica index; ``rows=(r, R)``) split
+    those rows between them (``g`` of ``G``) and assemble them with one all-gather in ``group`` (None: the
+    whole world; a group of one needs no collective). Uneven layouts: the node's ranks decode the whole
+    batch (``rows=(0, 1)``) and each keeps its share. Created on first use: collective (every rank creates
+    every group, in the same order)."""
+    if "decode" in _GROUPS:
+        return _GROUPS["decode"]
+    local = max(1, ctx.local_world_size)
+    if ctx.world_size % local:
+        raise DMLError(f"{ctx.world_size} ranks do not split into nodes of {local}; start the same "
+                       f"--nproc_per_node on every node")
+
+    def key(rank: int):
+        node = rank // local
+        return (node, ctx.replica_of(rank)) if ctx.uniform else (node, 0)
+
+    units: dict = {}
+    for r in range(ctx.world_size):
+        units.setdefault(key(r), []).append(r)
+    mine = units[key(ctx.rank)]
+    group = None
+    if _active() and len(units) > 1:
+        for k in sorted(units):
+            g = dist.new_group(units[k], timeout=group_timeout()) if len(units[k]) > 1 else None
+            if k == key(ctx.rank):
+                group = g
+    rows = (ctx.replica, ctx.replicas) if ctx.uniform else (0, 1)
+    _GROUPS["decode"] = (group, (mine.index(ctx.rank), len(mine)), rows)
+    return _GROUPS["decode"]
 
 
 def _host_group(group=None):

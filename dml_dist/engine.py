@@ -333,8 +333,7 @@ def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
     all_labels = D.gather_to_main(labels)
     metrics = None
     if all_logits is not None:
-        peers = torch.stack([torch.cat([all_logits[first + i, :sizes[first + i]] for i in range(r)])
-                             for first, r in zip(ctx.first_ranks, ctx.layout)])
-        y = torch.cat([all_labels[i, :sizes[i]] for i in range(ctx.layout[0])])
+        peers = torch.stack([torch.cat([all_logits[q, :sizes[q]] for q in ctx.ranks_of(k)]) for k in range(ctx.peers)])
+        y = torch.cat([all_labels[q, :sizes[q]] for q in ctx.ranks_of(0)])
         metrics = score_logits(peers, y)
     return D.broadcast_object(metrics)

@@ -67,5 +67,5 @@ def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
         return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own)
     width = batch // min(ctx.layout)  # the largest share; gather needs equal shapes
     shares = D.all_gather_logits(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
-    return torch.stack([torch.cat([shares[first + i, :batch // r] for i in range(r)])[lo:hi]
-                        for first, r in zip(ctx.first_ranks, ctx.layout)])
+    return torch.stack([torch.cat([shares[q, :batch // r] for q in ctx.ranks_of(k)])[lo:hi]
+                        for k, r in enumerate(ctx.layout)])

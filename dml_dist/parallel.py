@@ -78,8 +78,7 @@ def convert_sync_batchnorm(model: nn.Module, group, device: torch.device) -> nn.
 def separate_replica_group(ctx: DistContext):
     """A second group over this peer's replicas (collective: every rank creates every group), so that
     SyncBN's all-reduces in backward never interleave with DDP's gradient buckets on one communicator."""
-    groups = [dist.new_group(list(range(first, first + r)), timeout=D.group_timeout())
-              for first, r in zip(ctx.first_ranks, ctx.layout)]
+    groups = [dist.new_group(ctx.ranks_of(k), timeout=D.group_timeout()) for k in range(ctx.peers)]
     return groups[ctx.peer]
 
 

@@ -54,12 +54,26 @@ def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
     return local % len(identities[rank][1]), len(set(picks.values())) < len(picks)
 
 
-def exchange_gpu_identities(store, rank: int, world: int) -> list:
-    """Every rank's ``(host, visible GPU UUIDs)``, through the rendezvous store (before the process
-    group exists: the backend depends on the answer)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restart never reads a dead attempt's
-    store.set(f"dml_gpus/{attempt}/{rank}", json.dumps([socket.gethostname(), gpu_uuids()]))
-    return [json.loads(store.get(f"dml_gpus/{attempt}/{r}")) for r in range(world)]
+def exchange_identities(store, rank: int, world: int) -> list:
+    """Every rank's ``(host, visible GPU UUIDs, node rank)`` through the rendezvous store, before the process
+    group exists (the backend depends on the GPUs' answer). Runs on CPU too (no UUIDs), so the CPU tests take
+    this path at every start and restart. Keyed by rank alone, never by ``TORCHELASTIC_RESTART_COUNT``: the
+    agents of a job disagree on that count after a membership change, and a rank would wait for keys nobody
+    writes. Each attempt has a store of its own with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (rank 0 hosts
+    it), which restarts need anyway and the launch scripts export."""
+    store.set(f"dml_ids/{rank}", json.dumps([socket.gethostname(), gpu_uuids(), int(os.environ.get("GROUP_RANK", 0))]))
+    identities = [json.loads(store.get(f"dml_ids/{r}")) for r in range(world)]
+    check_node_numbering(identities, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return identities
+
+
+def check_node_numbering(identities: list, local_world_size: int) -> None:
+    """The decode groups and the rank order take node ``rank // LOCAL_WORLD_SIZE``: torchrun's numbering.
+    A launcher that numbers otherwise is refused in one line rather than decoding the wrong rows."""
+    for r, ident in enumerate(identities):
+        if len(ident) > 2 and ident[2] != r // max(1, local_world_size):
+            raise DMLError(f"rank {r} runs on node {ident[2]}, but ranks must be numbered node by node with the "
+                           f"same --nproc_per_node={local_world_size} on every node; start every node alike")
 
 
 def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, device: str = "auto",

@@ -112,10 +112,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)
         shard = (ctx.replica, ctx.replicas)
-        # The stream path decodes each batch once per node: the node's ranks split it (collective: groups).
+        # The stream path decodes each sample once per job: the ranks of a node that train on the same rows
+        # split them (collective: the decode groups).
         node = (ctx.local_rank, ctx.local_world_size)
+        decode = D.decode_group(ctx) if data.path == "stream" and data.collate_fn is None else None
         self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device,
-                                              shard, collate_fn=data.collate_fn, node=node)
+                                              shard, collate_fn=data.collate_fn, node=node, decode=decode)
         self.val_loader, self.test_loader = (
             make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node)
             if ds is not None else None for ds in (data.val, data.test))
@@ -252,6 +254,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             logger.info("warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
                         "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun")
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        logger.info(f"rank order: {ctx.order} ({ctx.order_why})")
         for p in D.gather_objects(ctx.describe()) or []:
             logger.info("placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
                         "backend {backend} group {group} threads {threads}".format(**p))

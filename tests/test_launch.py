@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
 from dml_dist import DMLError
 from dml_dist.distributed import is_peer_loss
-from dml_dist.placement import (Placement, assign_gpus, exchange_gpu_identities, process_group_backend,
+from dml_dist.placement import (Placement, assign_gpus, exchange_identities, process_group_backend,
                                 resolve_placement)
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
@@ -75,7 +75,7 @@ def test_shared_gpus_are_decided_by_identity_not_count(identities, expected):
 def test_gpu_identities_travel_through_a_real_store():
     from datetime import timedelta
     store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10))  # port 0: the OS picks
-    assert exchange_gpu_identities(store, 0, 1) == [[socket.gethostname(), []]]  # no GPU here
+    assert exchange_identities(store, 0, 1) == [[socket.gethostname(), [], 0]]  # no GPU here
 
 
 def test_world_of_one_runs_the_real_collectives():

@@ -18,11 +18,13 @@ def runs(tmp_path_factory, folder):
     """The module's launches, each run once on first use (2 peers, augmentation, 6 steps an epoch):
     ``r1``: 1 replica, 2 epochs, the reference; ``r2``: 2 replicas with SyncBN and ``exchange: all_reduce``
     (over each replica index's peer group; r1 all-gathers), 1 epoch; ``r2_resumed``:
-    r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch."""
+    r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch;
+    ``r2_replica_major``: the same with the peers of one replica index on consecutive ranks."""
     root = tmp_path_factory.mktemp("replica_runs")
     specs = {"r1": (2, {"epochs": 2}), "r2": (4, {"replicas": 2, "sync_bn": True, "exchange": "all_reduce"}),
              "r2_resumed": (2, {"epochs": 2, "sync_bn": True, "resume": "auto"}),
-             "r2_nosync": (4, {"replicas": 2, "sync_bn": False})}
+             "r2_nosync": (4, {"replicas": 2, "sync_bn": False}),
+             "r2_replica_major": (4, {"replicas": 2, "sync_bn": False, "rank_order": "replica"})}
     done = {}
 
     def get(name):
@@ -93,6 +95,19 @@ def test_sync_bn_epoch_over_replicas_equals_full_batch_epoch(runs):
     apart = max((a[k].double() - b[k].double()).abs().max().item()
                 for a, b in zip(epoch1, _weights(nosync)) for k in a if a[k].is_floating_point())
     assert apart > 1e-3, apart
+
+
+def test_replica_major_ranks_train_exactly_as_peer_major(runs):
+    """rank_order=replica puts the peers of one replica index on consecutive ranks (what a node needs to
+    decode only its rows): the groups, the exchange, the checkpoint gather and the evaluation reassembly all
+    follow the mapping, so the weights and the history are those of the peer-major run, bit for bit."""
+    (peer_major, _), (replica_major, r) = runs("r2_nosync"), runs("r2_replica_major")
+    assert "rank order: replica (rank_order=replica)" in r.stdout
+    for rank, (peer, replica) in enumerate([(1, 0), (2, 0), (1, 1), (2, 1)]):
+        assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
+    for a, b in zip(_weights(peer_major), _weights(replica_major)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_summary(peer_major)["history"] == read_summary(replica_major)["history"]
 
 
 @pytest.mark.parametrize("nproc,extra,needle", [

@@ -1,5 +1,6 @@
 """The data paths at scale: the stream path (cooperative decoding), the on-disk cache, real-world files,
 the ImageNet transforms. In-process where the logic is local, real torchrun processes where ranks talk."""
+import collections
 import json
 import os
 import subprocess
@@ -210,20 +211,16 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
     assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]
 
 
-@pytest.mark.parametrize("loader", ["stream", "memory"])
-def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
-    """Two torchrun agents (c10d rendezvous on localhost), 2 ranks each: the same batches on all 4 ranks.
-    stream: each node decodes 1 x every batch. memory: each node's local rank 0 builds the (shared)
-    cache folder, the first to finish wins, and the other node uses it."""
+def two_node_probe(tmp_path, name, **kw):
+    """The data path alone on two torchrun agents (c10d rendezvous on localhost), 2 ranks each."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [f"{k}={v}" for k, v in {"data_dir": jpeg_dir, "cache_dir": tmp_path / "cache", "steps": 0, **STREAM,
-                                      "batch_size": 8, "loader": loader, "out": tmp_path / "probe.json",
-                                      "augment": "[rrc,flip]" if loader == "stream" else "[crop,flip]"}.items()]
+    out = tmp_path / f"{name}.json"
+    args = [f"{k}={v}" for k, v in {"steps": 0, **STREAM, "batch_size": 8, **kw, "out": out}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=stream", "-m", "dml_dist.data.probe", *args]
+           f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}", "-m", "dml_dist.data.probe", *args]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                               cwd=REPO, start_new_session=True) for _ in range(2)]
     try:
@@ -233,9 +230,19 @@ def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
             kill_tree(p.pid)
         pytest.fail("two-node probe timed out")
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    result = json.loads((tmp_path / "probe.json").read_text())
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 4 and sorted(r["node"] for r in result["ranks"]) == [0, 0, 1, 1]
+    return result
+
+
+@pytest.mark.parametrize("loader", ["stream", "memory"])
+def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
+    """Two nodes of 2 ranks, 4 peers (one replica each): the same batches on all 4 ranks. stream: each node
+    decodes 1 x every batch (each of its peers needs all of it). memory: each node's local rank 0 builds the
+    (shared) cache folder, the first to finish wins, and the other node uses it."""
+    result = two_node_probe(tmp_path, loader, data_dir=jpeg_dir, cache_dir=tmp_path / "cache", loader=loader,
+                            augment="[rrc,flip]" if loader == "stream" else "[crop,flip]")
     ranks = result["ranks"]
-    assert result["world_size"] == 4 and sorted(r["node"] for r in ranks) == [0, 0, 1, 1]
     assert result["path"] == loader
     for node in (0, 1):
         if loader == "stream":
@@ -244,6 +251,31 @@ def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
             logs = [r["log"] for r in ranks if r["node"] == node]
             assert sorted(map(len, logs)) == [0, 2], logs
     assert all(r["fingerprints"] == ranks[0]["fingerprints"] for r in ranks) and len(ranks[0]["fingerprints"]) == 4
+
+
+def test_two_nodes_with_replicas_decode_each_sample_once_per_job(jpeg_dir, tmp_path):
+    """2 nodes x 2 ranks, 2 peers x 2 replicas: rank_order=auto places the peers of one replica index on one
+    node, so each node decodes only its replica's rows, and every sample of every step is decoded exactly once
+    in the whole job (counted per dataset index where the decoding happens). Each (peer, replica) gets the
+    bytes it gets on one node (peer-major there), and a start in the middle of the epoch the same again."""
+    common = dict(data_dir=jpeg_dir, cache_dir=tmp_path / "cache", model_num=2, replicas=2, loader="stream",
+                  augment="[rrc,flip,jitter]", num_workers=1)
+    two = two_node_probe(tmp_path, "replicas", **common)
+    assert two["rank_order"] == "replica" and "replica-major decodes each sample 1x per job, peer-major 2x" in \
+        two["rank_order_why"]
+    assert [(r["peer"], r["replica"]) for r in two["ranks"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    counts = collections.Counter(i for r in two["ranks"] for i in r["decoded_indices"])
+    assert counts == {i: 1 for i in range(32)}  # 4 steps of 8 = the whole permutation of 32, each once
+    one = _probe(4, jpeg_dir, tmp_path, model_num=2, replicas=2, num_workers=1)
+    resumed = _probe(4, jpeg_dir, tmp_path, model_num=2, replicas=2, num_workers=0, start_step=2)
+    assert one["rank_order"] == "peer" and "1x per job" in one["rank_order_why"]
+    assert collections.Counter(i for r in one["ranks"] for i in r["decoded_indices"]) == {i: 1 for i in range(32)}
+    by_slot = {run: {(r["peer"], r["replica"]): r["fingerprints"] for r in res["ranks"]}
+               for run, res in (("two", two), ("one", one), ("resumed", resumed))}
+    assert by_slot["two"] == by_slot["one"] and len(by_slot["one"][(0, 0)]) == 4
+    assert by_slot["one"][(0, 0)] != by_slot["one"][(0, 1)]  # the replicas train on different rows
+    assert by_slot["one"][(0, 0)] == by_slot["one"][(1, 0)]  # the peers on the same ones
+    assert all(by_slot["resumed"][k] == v[2:] for k, v in by_slot["one"].items())
 
 
 def test_truncated_jpeg_mid_epoch_stops_every_rank_with_one_line(tmp_path):

@@ -252,16 +252,18 @@ def _cifar_datasets(cfg: dict) -> Datasets:
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",
-                      shard: tuple[int, int] = (0, 1), collate_fn=None, node=(0, 1)):
-    """The memory path for decoded sets, the stream path for file sets (``node=(l, L)``: this rank's index
-    in its node and the node's size; the node decodes each batch once), the per-sample path (DataLoader)
-    for any other dataset or when a custom ``collate_fn`` must see the samples. Collective for file sets
-    (the node's process group is created on first use)."""
+                      shard: tuple[int, int] = (0, 1), collate_fn=None, node=(0, 1), decode=None):
+    """The memory path for decoded sets, the stream path for file sets, the per-sample path (DataLoader)
+    for any other dataset or when a custom ``collate_fn`` must see the samples. Stream path: ``decode``,
+    this rank's decode unit ``(group, part, rows)`` (``distributed.decode_group``); without it the node
+    (``node=(l, L)``: this rank's index in its node and the node's size) decodes each whole batch.
+    Collective for file sets (the groups are created on first use)."""
     if isinstance(dataset, TensorImageDataset) and collate_fn is None:
         return DeviceTrainLoader(dataset, batch_size, seed, torch.device(device), shard)
     if isinstance(dataset, FileImageDataset) and collate_fn is None:
         _check_decode_device(dataset, device)
-        return StreamTrainLoader(dataset, batch_size, seed, device, node, D.node_group(node[1]), num_workers, shard)
+        group, part, rows = decode if decode is not None else (D.node_group(node[1]), node, (0, 1))
+        return StreamTrainLoader(dataset, batch_size, seed, device, part, group, num_workers, shard, rows)
     return SampleLoader(sample_dataloader(dataset, batch_size, seed, num_workers, shard, collate_fn,
                                           pin_memory=torch.device(device).type == "cuda"), device)
 

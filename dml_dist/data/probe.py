@@ -43,7 +43,8 @@ def probe(cfg: dict, opts: dict) -> dict | None:
         log: list = []
         data = build_datasets(cfg, ctx.device, log.append)
         loader = make_train_loader(data.train, cfg["batch_size"], cfg["seed"], cfg["num_workers"], ctx.device,
-                                   (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size))
+                                   (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size),
+                                   decode=D.decode_group(ctx) if data.path == "stream" else None)
         loader.set_epoch(opts["epoch"], opts["start_step"])
         last = len(loader) if not opts["steps"] else min(len(loader), opts["start_step"] + opts["steps"])
         fingerprints, first_batch_s, t0 = [], None, None
@@ -52,7 +53,8 @@ def probe(cfg: dict, opts: dict) -> dict | None:
                 first_batch_s, t0 = process_age(), time.perf_counter()
             fingerprints.append([step, *batch_fingerprint(x, y).tolist()])
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
-        mine = {"rank": ctx.rank, "node": ctx.rank // ctx.local_world_size,
+        mine = {"rank": ctx.rank, "node": ctx.rank // ctx.local_world_size, "peer": ctx.peer, "replica": ctx.replica,
+                "decoded_indices": getattr(loader, "decoded_indices", []),
                 "decoded": getattr(loader, "decoded", 0), "decode_cpu_s": round(getattr(loader, "decode_cpu_s", 0.0), 4),
                 "first_batch_s": round(first_batch_s or 0.0, 3),
                 "images_per_s": round((len(fingerprints) - 1) * cfg["batch_size"] / seconds, 1) if seconds else None,
@@ -64,6 +66,7 @@ def probe(cfg: dict, opts: dict) -> dict | None:
             return None
         return {"path": data.path, "why": data.why, "train_images": len(data.train), "batch_size": cfg["batch_size"],
                 "image_size": cfg["image_size"], "world_size": ctx.world_size, "num_workers": cfg["num_workers"],
+                "rank_order": ctx.order, "rank_order_why": ctx.order_why,
                 "ranks": ranks}
     finally:
         D.destroy_distributed()

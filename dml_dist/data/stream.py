@@ -1,19 +1,22 @@
-"""The stream path: each batch is read and decoded from the files, once per node.
+"""The stream path: each batch is read and decoded from the files, each sample once per job.
 
-Step ``s`` of epoch ``e``, on every rank of a node of L ranks:
+Step ``s`` of epoch ``e``, on every rank:
 
 1. ``BatchPlan`` says which files and which per-sample parameters the batch holds (the shared-seed
    permutation, ``step_generator(seed, e, s)``): the same on every rank without talking.
-2. Local rank ``l`` decodes its share, samples ``[l*k, (l+1)*k)`` with ``k = ceil(B / L)``, in DataLoader
-   workers that run a few steps ahead: TorchCodec decode (PIL where it refuses a file), then
-   RandomResizedCrop (``rrc``: crop first, then resize to S) or the evaluation transform -> uint8.
-3. One all-gather within the node group assembles the batch, uint8 ``[B, 3, S, S]``, on every rank of the
-   node (on the GPU over NCCL). Every node decodes each batch once, whatever the number of peers.
-4. Flip and the other augmentations run on the whole batch on the device (``augment_batch``), as on the
-   memory path. Without ``rrc`` the two paths give the same batches, byte for byte.
+2. The ranks of a node that train on the same rows of the batch form a decode unit
+   (``distributed.decode_group``: with replicas, the node's ranks of one replica index; one replica per
+   peer: the whole node). Member ``g`` of G decodes its part of those rows in DataLoader workers that run a
+   few steps ahead: TorchCodec decode (PIL where it refuses a file), then RandomResizedCrop (``rrc``: crop
+   first, then resize to S) or the evaluation transform -> uint8.
+3. One all-gather within the unit assembles its rows, uint8 ``[rows, 3, S, S]`` (on the GPU over NCCL).
+   With replica-major ranks (``rank_order``) no two nodes need the same rows, so the job decodes each
+   sample once, whatever the number of peers or nodes.
+4. Flip and the other augmentations run on the rows on the device (``augment_batch``), as on the memory
+   path. Without ``rrc`` the two paths give the same batches, byte for byte.
 
-What a batch holds is a function of (seed, epoch, step) alone: not of L, the worker count or a restart.
-A rank holds at most ``workers x 2`` prefetched shares, whatever the size of the folder.
+What a batch holds is a function of (seed, epoch, step) alone: not of the layout, the worker count or a
+restart. A rank holds at most ``workers x 2`` prefetched shares, whatever the size of the folder.
 """
 from __future__ import annotations
 
@@ -43,12 +46,16 @@ class FileImageDataset(Dataset):
         self.labels = torch.from_numpy(files.labels)
         self.augment = tuple(AUGMENTATIONS) if augment is True else tuple(augment or ())
         self.decode_device = decode_device  # "cuda": workers read the bytes, the rank decodes them with nvJPEG
+        self.bad_images = "stop"  # or "skip" (build_datasets sets the config's)
+        self.decoded: Optional[list] = None  # a list: every index load() decodes is appended (the decode count)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, i: int, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """uint8 [3, S, S]: RandomResizedCrop with uniforms ``rrc``, else the evaluation transform."""
+        if self.decoded is not None:
+            self.decoded.append(i)
         return load_image(self.files.path(i), lambda img: self.transform(img, rrc))
 
     def transform(self, img: torch.Tensor, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -68,17 +75,28 @@ class FileImageDataset(Dataset):
         return normalize(img), int(self.labels[index])
 
     def subset(self, indices, augment=None) -> "FileImageDataset":
-        return FileImageDataset(self.files.subset(indices), self.image_size, self.crop_fraction,
-                                self.augment if augment is None else augment, self.rrc_scale, self.rrc_ratio,
-                                self.decode_device)
+        ds = FileImageDataset(self.files.subset(indices), self.image_size, self.crop_fraction,
+                              self.augment if augment is None else augment, self.rrc_scale, self.rrc_ratio,
+                              self.decode_device)
+        ds.bad_images = self.bad_images
+        return ds
 
 
-def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: torch.device, k: int) -> torch.Tensor:
+STAND_IN = 128  # bad_images=skip: an unreadable file's sample becomes a uniform grey image (deterministic)
+
+
+def stand_in(size: int, device="cpu") -> torch.Tensor:
+    return torch.full((3, size, size), STAND_IN, dtype=torch.uint8, device=device)
+
+
+def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: torch.device, k: int,
+                 skipped: Optional[list] = None) -> torch.Tensor:
     """``decode_device: cuda``: a share's encoded files -> uint8 [k, 3, S, S] on ``device``: one batched
     TorchCodec ``decode_jpeg`` call (nvJPEG on CUDA), then each sample's transform on the device. Files
     that are not JPEGs (a PNG named .JPEG), or that the batched call refuses, are decoded one by one on
     the CPU (PIL as the last resort) and moved. On ``device=cpu`` this is the CPU twin of the CUDA path:
-    the tests hold it to the worker path byte for byte."""
+    the tests hold it to the worker path byte for byte. ``skipped`` (bad_images=skip): a file that cannot
+    be read becomes the grey stand-in and its line is appended there, instead of raising."""
     from torchcodec.decoders import decode_jpeg
     s = ds.image_size
     out = torch.zeros(k, 3, s, s, dtype=torch.uint8, device=device)
@@ -90,33 +108,48 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
     except Exception:  # noqa: BLE001 - one file the batch call refuses: decode file by file below
         imgs = [None] * len(raws)
     for j, ((name, data), img) in enumerate(zip(raws, imgs)):
-        if img is None:
-            try:
-                img = decode_jpeg(tensors[j], mode="RGB", device=device)
-            except Exception:  # noqa: BLE001
-                img = decode_bytes(data, name).to(device)
-        out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)
+        try:
+            if img is None:
+                try:
+                    img = decode_jpeg(tensors[j], mode="RGB", device=device)
+                except Exception:  # noqa: BLE001
+                    img = decode_bytes(data, name).to(device)
+            out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)
+        except DMLError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            out[j] = stand_in(s, device)
     return out
 
 
 class _Shares(Dataset):
-    """Item ``step``: this rank's share of the batch, decoded -> ``(uint8 [k, 3, S, S], cpu_seconds,
-    error)``. Runs in DataLoader workers (or in the rank itself with 0 workers)."""
+    """Item ``step``: this rank's share of the batch, decoded -> ``(uint8 [k, 3, S, S], cpu_seconds, error,
+    indices, skipped)``: ``indices``, the dataset indices this call decoded (``FileImageDataset.load``
+    counts them; the device path: the files it read); ``skipped``, the lines of files replaced by the stand-in (``bad_images: skip``). Runs in
+    DataLoader workers (or in the rank itself with 0 workers).
 
-    def __init__(self, ds: FileImageDataset, plan: Optional[BatchPlan], batch_size: int, part: tuple[int, int]):
+    ``rows=(r, R)``: the rows of each training batch that the rank's decode unit needs (part r of R);
+    ``part=(g, G)``: this rank's part of those rows. Evaluation (no plan): the whole batch, split by part."""
+
+    def __init__(self, ds: FileImageDataset, plan: Optional[BatchPlan], batch_size: int, part: tuple[int, int],
+                 rows: tuple[int, int] = (0, 1)):
         self.ds, self.plan, self.batch_size = ds, plan, batch_size
-        self.part = part  # (local rank, L)
-        self.k = math.ceil(batch_size / part[1])  # each rank's share of a batch (the last share may be shorter)
+        self.part, self.rows = part, rows
+        width = batch_size // rows[1] if plan is not None else batch_size
+        self.k = math.ceil(width / part[1])  # each rank's share of its rows (the last share may be shorter)
         self.epoch = 0
         self.rrc = plan is not None and "rrc" in ds.augment
+        self.skip = getattr(ds, "bad_images", "stop") == "skip"
 
     def share(self, step: int) -> range:
-        """Positions of this rank's share in the batch (k = ceil(B / L) each; the last may be shorter)."""
+        """Positions of this rank's share in the batch."""
         if self.plan is not None:
-            n = self.batch_size
+            width = self.batch_size // self.rows[1]
+            first, n = self.rows[0] * width, (self.rows[0] + 1) * width
         else:
-            n = min(self.batch_size, len(self.ds) - step * self.batch_size)
-        lo = self.part[0] * self.k
+            first, n = 0, min(self.batch_size, len(self.ds) - step * self.batch_size)
+        lo = first + self.part[0] * self.k
         return range(min(lo, n), min(lo + self.k, n))
 
     def __len__(self) -> int:
@@ -129,32 +162,50 @@ class _Shares(Dataset):
             u = self.plan.params(self.epoch, step, RRC_TRIES)[1] if self.rrc else None
         else:
             idx, u = torch.arange(step * self.batch_size, min(len(self.ds), (step + 1) * self.batch_size)), None
+        positions = self.share(step)
+        indices = [int(idx[p]) for p in positions]
         if self.ds.decode_device != "cpu":  # read only; the rank decodes on its GPU (decode_share)
             try:
-                paths = [self.ds.files.path(int(idx[p])) for p in self.share(step)]
-                raws = [(path, read_file(path)) for path in paths]
+                raws = [(path, read_file(path)) for path in map(self.ds.files.path, indices)]
             except DMLError as e:
-                return None, time.process_time() - t0, str(e)
-            rrc = [u[p] for p in self.share(step)] if u is not None else None
-            return (raws, rrc), time.process_time() - t0, None
+                if not self.skip:
+                    return None, time.process_time() - t0, str(e), indices, []
+                raws = [(path, _read_or_empty(path)) for path in map(self.ds.files.path, indices)]
+            rrc = [u[p] for p in positions] if u is not None else None
+            return (raws, rrc), time.process_time() - t0, None, indices, []
         s = self.ds.image_size
         out = torch.zeros(self.k, 3, s, s, dtype=torch.uint8)
-        for j, pos in enumerate(self.share(step)):
+        skipped, self.ds.decoded = [], []
+        for j, (pos, index) in enumerate(zip(positions, indices)):
             try:
-                out[j] = self.ds.load(int(idx[pos]), u[pos] if u is not None else None)
+                out[j] = self.ds.load(index, u[pos] if u is not None else None)
             except DMLError as e:
-                return out, time.process_time() - t0, str(e)
-        return out, time.process_time() - t0, None
+                if not self.skip:
+                    return out, time.process_time() - t0, str(e), self.ds.decoded, skipped
+                skipped.append(str(e))
+                out[j] = stand_in(s)
+        return out, time.process_time() - t0, None, self.ds.decoded, skipped
+
+
+def _read_or_empty(path: str) -> bytes:
+    """bad_images=skip on the device-decode path: an unreadable file's bytes are empty (decoding them
+    fails, and decode_share puts the stand-in there)."""
+    try:
+        return read_file(path)
+    except DMLError:
+        return b""
 
 
 class _CooperativeLoader:
-    """Shared machinery: iterate steps, decode this rank's share ahead in workers, assemble each batch
-    with one all-gather in the node group."""
+    """Shared machinery: iterate steps, decode this rank's share ahead in workers, assemble each batch's
+    rows with one all-gather in the decode group (``part=(g, G)``; G = 1: no collective)."""
 
-    def __init__(self, shares: _Shares, device: torch.device, node: tuple[int, int], group, num_workers: int):
+    def __init__(self, shares: _Shares, device: torch.device, part: tuple[int, int], group, num_workers: int):
         self.shares, self.device, self.group, self.num_workers = shares, torch.device(device), group, num_workers
-        self.node = node
+        self.part = part
         self.decoded, self.decode_cpu_s = 0, 0.0  # images this rank decoded, CPU seconds spent on it
+        self.decoded_indices: list[int] = []  # dataset indices, in the order decoded (the tests count them)
+        self.skipped: list[str] = []  # bad_images=skip: lines of the files replaced since the last read
 
     def _items(self, steps: range) -> Iterator:
         if self.num_workers == 0:
@@ -163,32 +214,42 @@ class _CooperativeLoader:
                                prefetch_factor=2))
 
     def _assemble(self, step: int, item) -> torch.Tensor:
-        """Collective: the whole batch (uint8, on the device) on every rank of the node. A rank whose share
-        hit an unreadable file makes every rank of the world stop with its line (world-wide flag)."""
-        share, cpu_s, error = item
+        """Collective: the unit's rows (uint8, on the device) on every rank of the decode unit. A rank whose
+        share hit an unreadable file makes every rank of the world stop with its line (world-wide flag)."""
+        share, cpu_s, error, indices, skipped = item
         if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
             try:
-                share = decode_share(*share, self.shares.ds, self.device, self.shares.k)
+                share = decode_share(*share, self.shares.ds, self.device, self.shares.k,
+                                     skipped if self.shares.skip else None)
             except DMLError as e:
                 error = str(e)
         flags = D.all_gather_tensor(torch.tensor([error is not None]))  # sync point (host, one byte per rank)
         if bool(flags.any()):
             first = next(e for e in D.all_gather_objects(error) if e)
             raise DMLError(first)
-        self.decoded += len(self.shares.share(step))
+        self.decoded += len(indices)
+        self.decoded_indices += indices
+        self.skipped += skipped
         self.decode_cpu_s += cpu_s
-        parts = D.all_gather_tensor(share.to(self.device), self.group)  # sync point: [L, k, 3, S, S]
+        share = share.to(self.device)
+        if self.part[1] == 1:
+            return share
+        parts = D.all_gather_tensor(share, self.group)  # sync point: [G, k, 3, S, S]
         return parts.flatten(0, 1)
 
 
 class StreamTrainLoader(_CooperativeLoader, TrainBatches):
-    """Training batches decoded from the files (see ``TrainBatches``). ``node=(l, L)``: this rank's index in
-    its node and the node's size; ``group``: the node's process group."""
+    """Training batches decoded from the files (see ``TrainBatches``). ``rows``: the rows of each batch that
+    this rank's decode unit decodes (the whole batch, or this rank's ``shard``); ``part=(g, G)``: this rank's
+    part of them; ``group``: the unit's process group (``distributed.decode_group``)."""
 
-    def __init__(self, dataset: FileImageDataset, batch_size: int, seed: int, device, node=(0, 1), group=None,
-                 num_workers: int = 0, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, dataset: FileImageDataset, batch_size: int, seed: int, device, part=(0, 1), group=None,
+                 num_workers: int = 0, shard: tuple[int, int] = (0, 1), rows: tuple[int, int] = (0, 1)):
         plan = BatchPlan(len(dataset), batch_size, seed)
-        super().__init__(_Shares(dataset, plan, batch_size, node), device, node, group, num_workers)
+        if rows != (0, 1) and rows != shard:
+            raise ValueError(f"a decode unit's rows {rows} must be the whole batch or this rank's shard {shard}")
+        self.rows = rows
+        super().__init__(_Shares(dataset, plan, batch_size, part, rows), device, part, group, num_workers)
         self.batch_size = batch_size
         ops = [o for o in dataset.augment if o != "rrc"]  # rrc is applied while decoding
         self._setup(plan, ops, dataset.labels, device, shard)
@@ -197,7 +258,8 @@ class StreamTrainLoader(_CooperativeLoader, TrainBatches):
         self.shares.epoch = self.epoch
         steps = range(self.start_step, len(self))
         for step, item in zip(steps, self._items(steps)):
-            x = shard_rows(self._assemble(step, item)[:self.batch_size], self.shard)
+            x = self._assemble(step, item)[:self.batch_size // self.rows[1]]
+            x = x if self.rows == self.shard else shard_rows(x, self.shard)
             yield self.finish(self.epoch, step, lambda idx: x)
 
 
