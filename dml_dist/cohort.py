@@ -24,6 +24,7 @@ from . import faults
 from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_checkpoint, cpu_copy, latest_path,
                          load_checkpoint, peer_path, prune_epoch_checkpoints, versions)
 from .engine import Meters, meter_table
+from .data.folders import files_changed
 from .errors import DMLError
 
 
@@ -76,8 +77,31 @@ class CohortCheckpoint:
             "rng": rng_state(self.ctx.device), "meters": meter_sums,
         })
 
+    def _file_record(self) -> Optional[dict]:
+        """The training file list as a resume compares it: its size and each file's path hash (computed once)."""
+        files = getattr(self.data, "train_files", None)
+        if files is None:
+            return None
+        if not hasattr(self, "_files"):
+            self._files = {"n": len(files), "hashes": torch.from_numpy(files.path_hashes())}
+        return self._files
+
+    def check_files(self, ckpt: dict, path: str) -> None:
+        """Rank 0: refuse a resume on a folder whose training file list changed since ``ckpt`` (every later
+        batch would differ), unless ``allow_data_change``; say how many files came and went either way."""
+        before, now = ckpt.get("files"), self._file_record()
+        if before is None or now is None or torch.equal(before["hashes"], now["hashes"]):
+            return
+        added, removed = files_changed(before["hashes"].numpy(), now["hashes"].numpy())
+        what = f"the training file list changed since {path}: {added} file(s) added, {removed} removed"
+        if not self.cfg.get("allow_data_change"):
+            raise DMLError(f"{what}; restore the folder, start a new experiment, or set allow_data_change=true "
+                           f"(the batches from here on then differ from the run's)")
+        self.logger.info(f"allow_data_change: {what}; the batches from here on differ from the run's")
+
     def _meta(self) -> dict:
         return {"format": FORMAT, "kind": "cohort", "epoch": self.epoch, "step": self.step,
+                "files": self._file_record(),
                 "config": public_config(self.cfg), "num_classes": self.data.num_classes,
                 "classes": list(self.data.classes), "history": copy.deepcopy(self.history),
                 "best_accuracies": list(self.best), "best_ensemble_accuracy": self.best_ensemble,
@@ -154,6 +178,7 @@ class CohortCheckpoint:
                 if path is not None:
                     ckpt = load_checkpoint(path)
                     check_cohort_checkpoint(ckpt, path, self.cfg, self.archs, self.data.num_classes)
+                    self.check_files(ckpt, path)
             except DMLError as e:
                 error = str(e)
         path, error = D.broadcast_object((path, error))
@@ -164,7 +189,7 @@ class CohortCheckpoint:
             return
         per_rank = [ckpt["peers"][self.ctx.peer_of(rank)] for rank in range(self.ctx.world_size)] if ckpt else None
         state = D.scatter_objects(per_rank)
-        meta = D.broadcast_object({k: v for k, v in ckpt.items() if k != "peers"} if ckpt else None)
+        meta = D.broadcast_object({k: v for k, v in ckpt.items() if k not in ("peers", "files")} if ckpt else None)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

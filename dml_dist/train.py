@@ -163,6 +163,7 @@ class Trainer:
             self.scheduler.step()
             stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
             val = evaluate(self.model, self.val_loader, ctx, cfg)
+            self._report_bad_images()  # collective
             c.epoch = epoch
             # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
             new_best = [k for k, a in enumerate(val["peer_acc"]) if c.best[k] is None or a > c.best[k]]
@@ -182,6 +183,20 @@ class Trainer:
             log.write_json(f"{cfg['experiment_name']}_summary.json", self.summary())
         c.writer.wait()
 
+    def _report_bad_images(self) -> None:
+        """Collective: the files that ``bad_images: skip`` replaced since the last call, from every rank (each
+        decodes a share), named once in the log and kept in the run facts (checkpoint, summary)."""
+        mine = []
+        for loader in (self.train_loader, self.val_loader, self.test_loader):
+            if getattr(loader, "skipped", None):
+                mine += loader.skipped
+                loader.skipped = []
+        seen = self.ckpt.run_info.setdefault("bad_images", [])  # the files' paths
+        found = {path: line for lines in D.gather_objects(mine) or [] for path, line in lines}
+        for path in sorted(set(found) - set(seen)):
+            self.logger.info(f"bad_images=skip: {found[path].split(';')[0]}; a grey stand-in takes its place")
+            seen.append(path)
+
     def _log_epoch(self, h: dict) -> None:
         scalars = {"lr": h["lr"], "ensemble/val_acc": h["ensemble_acc"], "ensemble/val_loss": h["ensemble_loss"]}
         for k in range(self.cfg["model_num"]):
@@ -198,6 +213,7 @@ class Trainer:
         if self.test_loader is None:
             return None
         res = evaluate(self.model, self.test_loader, self.ctx, self.cfg)
+        self._report_bad_images()  # collective
         self.logger.info("test acc " + " ".join(f"peer{k + 1} {a:.4f}" for k, a in enumerate(res["peer_acc"]))
                          + f" ensemble {res['ensemble_acc']:.4f}")
         return {"peer_acc": res["peer_acc"], "peer_loss": res["peer_loss"], "ensemble_acc": res["ensemble_acc"]}
@@ -215,6 +231,7 @@ class Trainer:
             "final_accuracies": last["val_acc"] if last else None,
             "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
             "test_results": test_results,
+            "bad_images_skipped": len(c.run_info.get("bad_images", [])),
             "history": c.history,
             "checkpoints": {
                 "latest": latest_path(cfg["save_dir"], cfg["experiment_name"]),

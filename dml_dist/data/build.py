@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed as D
 from ..errors import DMLError
 from .cache import cached_images, default_cache_dir
-from .folders import center_resize, decode_file, scan, scan_shared
+from .folders import FileList, center_resize, decode_file, scan, scan_shared
 from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset, shard_range
 from .sampler import SampleLoader, sample_dataloader
 from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
@@ -51,6 +51,7 @@ class Datasets:
     collate_fn: Optional[Callable] = None   # a custom train loader's, kept for the per-sample path
     path: str = "memory"                    # the training data path: memory | stream | custom
     why: str = ""                           # why that path (logged)
+    train_files: Optional[FileList] = None  # image folders: the training file list (a resume checks it)
 
     @property
     def num_classes(self) -> int:
@@ -172,7 +173,8 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
     d, size, seed = cfg["data_dir"], cfg["image_size"], cfg["seed"]
     if not os.path.isdir(d):
         raise DMLError(f"data_dir {d} does not exist; point data_dir at a folder with train/ (and val/)")
-    lists = {split: scan_shared(os.path.join(d, split)) for split in ("train", "val", "test")}
+    cache_dir = cfg.get("cache_dir") or default_cache_dir(d)
+    lists = {split: scan_shared(os.path.join(d, split), cache_dir, log) for split in ("train", "val", "test")}
     train = lists["train"]
     if train is None:
         raise DMLError(f"data folder {os.path.join(d, 'train')} does not exist; set data_dir to a folder with "
@@ -205,11 +207,13 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
         elif path == "stream":
             out[split] = FileImageDataset(files, size, cfg["crop_fraction"], augment, cfg["rrc_scale"],
                                           cfg["rrc_ratio"], cfg["decode_device"])
+            out[split].bad_images = cfg.get("bad_images", "stop")
         else:
-            images, labels = cached_images(files, cfg.get("cache_dir") or default_cache_dir(d), split, specs[split],
-                                           size, cfg["crop_fraction"], log)
+            images, labels = cached_images(files, cache_dir, split, specs[split],
+                                           size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"))
             out[split] = TensorImageDataset(images, labels, files.classes, augment)
-    return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why)
+    return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why,
+                    train_files=lists["train"])
 
 
 def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callable[[str], None] = lambda s: None) -> Datasets:

@@ -3,7 +3,7 @@
 An entry is a folder ``<cache_dir>/<split>_<S>px_<spec>/`` (``spec``: a hash of the folder, the split's
 definition, ``image_size`` and ``crop_fraction``) holding ``images.u8`` (raw uint8 ``[N, 3, S, S]``),
 ``labels.npy`` and ``index.json``. The index is written last (the commit point) and records the content
-key (every file's path, size and modification time: ``FileList.key``) and hashes of up to 256 evenly
+key (every file's path, size and modification time: ``FileList.key``, the only place that stats the files) and hashes of up to 256 evenly
 spaced 1 MiB blocks of ``images.u8`` (all of it up to 256 MiB). At start the entry is used only when the
 key matches (else it is *stale*) and the size and every recorded block hash match (else it is
 *damaged*); either way it is rebuilt, never used.
@@ -32,6 +32,8 @@ from .. import distributed as D
 from ..errors import DMLError
 from ..placement import host_cpus
 from .folders import FileList, center_resize, load_image
+
+STAND_IN = 128  # bad_images=skip: an unreadable file's image is uniform grey (the stream path's stand-in too)
 
 FORMAT = 1
 BLOCK = 1 << 20
@@ -103,10 +105,11 @@ def open_entry(entry: str, n: int, size: int) -> tuple[torch.Tensor, torch.Tenso
 
 class _DecodeInto(Dataset):
     """Work item c: decode images [c * CHUNK, ...) into the memory-mapped output (in a DataLoader worker).
-    Returns None, or the error message of the first unreadable file."""
+    Returns ``(error, skipped)``: the line of the first unreadable file (``skip=False``), else None and the
+    lines of the files replaced by the grey stand-in."""
 
-    def __init__(self, files: FileList, path: str, size: int, crop_fraction: float):
-        self.files, self.path, self.size, self.crop_fraction = files, path, size, crop_fraction
+    def __init__(self, files: FileList, path: str, size: int, crop_fraction: float, skip: bool = False):
+        self.files, self.path, self.size, self.crop_fraction, self.skip = files, path, size, crop_fraction, skip
         self.out = None
 
     def __len__(self) -> int:
@@ -115,13 +118,17 @@ class _DecodeInto(Dataset):
     def __getitem__(self, c: int):
         if self.out is None:  # opened once per worker process
             self.out = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(len(self.files), 3, self.size, self.size))
+        skipped = []
         for i in range(c * CHUNK, min((c + 1) * CHUNK, len(self.files))):
             try:
                 self.out[i] = load_image(self.files.path(i),
                                          lambda img: center_resize(img, self.size, self.crop_fraction)).numpy()
             except DMLError as e:
-                return str(e)
-        return None
+                if not self.skip:
+                    return str(e), skipped
+                skipped.append(str(e))
+                self.out[i] = STAND_IN
+        return None, skipped
 
 
 def _fsync(path: str) -> None:
@@ -151,7 +158,7 @@ def _alive(pid: int) -> bool:
 
 
 def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction: float,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], skip: bool = False) -> None:
     """Decode ``files`` with every core into a temporary folder, then rename it into place (atomic; a
     concurrent builder on another node that finished first wins, ours is discarded)."""
     n = len(files)
@@ -163,12 +170,16 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
         with open(images, "wb") as f:  # reserve the space now: a full disk fails here, not in a worker
             os.posix_fallocate(f.fileno(), 0, n * 3 * size * size)
         workers = host_cpus()
-        loader = DataLoader(_DecodeInto(files, images, size, crop_fraction), batch_size=None,
+        loader = DataLoader(_DecodeInto(files, images, size, crop_fraction, skip), batch_size=None,
                             num_workers=workers if workers > 1 else 0)
         t0 = last = time.time()
-        for c, error in enumerate(loader):
+        skipped = []
+        for c, (error, bad) in enumerate(loader):
             if error:
                 raise DMLError(error)
+            for line in bad:
+                log(f"bad_images=skip, a grey stand-in for: {line}")
+            skipped += bad
             if time.time() - last > 30:
                 last = time.time()
                 done = min((c + 1) * CHUNK, n)
@@ -178,6 +189,7 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
         index = {"format": FORMAT, "key": key, "n": n, "image_size": size, "crop_fraction": crop_fraction,
                  "root": os.path.abspath(files.root), "classes": files.classes, "offsets": offsets,
                  "hashes": _block_hashes(images, offsets), "built_by": f"{socket.gethostname()}:{os.getpid()}",
+                 "skipped": skipped,
                  "seconds": round(time.time() - t0, 3)}
         _fsync(images)  # the data is on disk before the index that commits it (and visible to other nodes)
         with open(os.path.join(tmp, "index.json"), "w") as f:
@@ -202,14 +214,14 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
 
 
 def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: int, crop_fraction: float,
-                  log: Callable[[str], None] = lambda s: None) -> tuple[torch.Tensor, torch.Tensor]:
+                  log: Callable[[str], None] = lambda s: None, bad_images: str = "stop") -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: the decoded split, built once per node by local rank 0 (the other local ranks wait),
     then mapped by every rank. An unreadable file stops every rank with the builder's line."""
     entry = entry_path(cache_dir, files, split, spec, size, crop_fraction)
-    key = files.key(size, crop_fraction)
     error = None
     if D.local_rank() == 0:
         try:
+            key = files.key(size, crop_fraction)  # stats every file of the split: the builder alone
             os.makedirs(cache_dir, exist_ok=True)
             why = check_entry(entry, key, len(files), size)
             if why is None:
@@ -217,7 +229,7 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
             else:
                 if why != "missing":
                     log(f"cache: {entry} is {why}; rebuilding it")
-                build_entry(entry, files, key, size, crop_fraction, log)
+                build_entry(entry, files, key, size, crop_fraction, log, bad_images == "skip")
         except DMLError as e:
             error = str(e)
         except OSError as e:  # read-only, disk full, quota

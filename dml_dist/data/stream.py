@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed as D
 from ..augment import AUGMENTATIONS, AugParams, augment_one
 from ..errors import DMLError
+from .cache import STAND_IN
 from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, load_image, read_file, resized_crop
 from .memory import EVAL_BATCH, BatchPlan, TrainBatches, normalize, shard_range, shard_rows
 
@@ -82,9 +83,6 @@ class FileImageDataset(Dataset):
         return ds
 
 
-STAND_IN = 128  # bad_images=skip: an unreadable file's sample becomes a uniform grey image (deterministic)
-
-
 def stand_in(size: int, device="cpu") -> torch.Tensor:
     return torch.full((3, size, size), STAND_IN, dtype=torch.uint8, device=device)
 
@@ -96,7 +94,7 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
     that are not JPEGs (a PNG named .JPEG), or that the batched call refuses, are decoded one by one on
     the CPU (PIL as the last resort) and moved. On ``device=cpu`` this is the CPU twin of the CUDA path:
     the tests hold it to the worker path byte for byte. ``skipped`` (bad_images=skip): a file that cannot
-    be read becomes the grey stand-in and its line is appended there, instead of raising."""
+    be read becomes the grey stand-in and ``(path, line)`` is appended there, instead of raising."""
     from torchcodec.decoders import decode_jpeg
     s = ds.image_size
     out = torch.zeros(k, 3, s, s, dtype=torch.uint8, device=device)
@@ -118,7 +116,7 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
         except DMLError as e:
             if skipped is None:
                 raise
-            skipped.append(str(e))
+            skipped.append((name, str(e)))
             out[j] = stand_in(s, device)
     return out
 
@@ -126,8 +124,8 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
 class _Shares(Dataset):
     """Item ``step``: this rank's share of the batch, decoded -> ``(uint8 [k, 3, S, S], cpu_seconds, error,
     indices, skipped)``: ``indices``, the dataset indices this call decoded (``FileImageDataset.load``
-    counts them; the device path: the files it read); ``skipped``, the lines of files replaced by the stand-in (``bad_images: skip``). Runs in
-    DataLoader workers (or in the rank itself with 0 workers).
+    counts them; the device path: the files it read); ``skipped``, ``(path, line)`` of the files replaced by
+    the stand-in (``bad_images: skip``). Runs in DataLoader workers (or in the rank itself with 0 workers).
 
     ``rows=(r, R)``: the rows of each training batch that the rank's decode unit needs (part r of R);
     ``part=(g, G)``: this rank's part of those rows. Evaluation (no plan): the whole batch, split by part."""
@@ -182,7 +180,7 @@ class _Shares(Dataset):
             except DMLError as e:
                 if not self.skip:
                     return out, time.process_time() - t0, str(e), self.ds.decoded, skipped
-                skipped.append(str(e))
+                skipped.append((self.ds.files.path(index), str(e)))
                 out[j] = stand_in(s)
         return out, time.process_time() - t0, None, self.ds.decoded, skipped
 
@@ -205,7 +203,7 @@ class _CooperativeLoader:
         self.part = part
         self.decoded, self.decode_cpu_s = 0, 0.0  # images this rank decoded, CPU seconds spent on it
         self.decoded_indices: list[int] = []  # dataset indices, in the order decoded (the tests count them)
-        self.skipped: list[str] = []  # bad_images=skip: lines of the files replaced since the last read
+        self.skipped: list = []  # bad_images=skip: (path, line) of the files replaced since the last read
 
     def _items(self, steps: range) -> Iterator:
         if self.num_workers == 0:

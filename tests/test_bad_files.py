@@ -1,0 +1,112 @@
+"""Issue 21: files that go bad, folders that change, and listing a folder once: ``bad_images: skip``, the
+file-list check at resume, the manifest of the file list."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dml_dist.data.folders import FileList, files_changed, manifest_path, scan
+from dml_dist.data.stream import FileImageDataset, _Shares
+from dml_dist.data import BatchPlan
+
+from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
+
+
+def _break(path):
+    path.write_bytes(path.read_bytes()[:40])  # a truncated PNG: neither TorchCodec nor PIL reads it
+
+
+def test_skip_replaces_a_bad_file_names_it_once_and_counts_it(tmp_path):
+    """Two ranks decode shares of every batch (stream path, 1 worker each), 2 epochs: the unreadable file is
+    met in both epochs, on whichever rank decodes it, and the run goes on; rank 0 names it once."""
+    data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)
+    _break(data / "train" / "dog" / "0003.png")
+    r = torchrun(2, base_args(tmp_path, data, loader="stream", bad_images="skip", num_workers=1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    named = [line for line in r.stdout.splitlines() if "bad_images=skip" in line]
+    assert len(named) == 1 and "dog/0003.png" in named[0] and "grey stand-in" in named[0], named
+    summary = read_summary(tmp_path)
+    assert summary["bad_images_skipped"] == 1 and len(summary["history"]) == 2
+
+
+def test_stop_names_the_file_and_the_skip_option(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)
+    _break(data / "train" / "dog" / "0003.png")
+    r = torchrun(2, base_args(tmp_path, data, loader="stream", epochs=1))
+    lines = error_lines(r.stderr)
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
+    assert "cannot read image" in lines[0] and "0003.png" in lines[0] and "bad_images=skip" in lines[0]
+    assert_no_worker_traceback(r.stderr)
+
+
+def test_skip_stand_in_is_deterministic_grey_on_both_decode_paths(tmp_path):
+    """The worker path and the device path's CPU twin put the same stand-in where the bad file was."""
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=4, n_val=0, splits=("train",))
+    _break(data / "train" / "b" / "0001.png")
+    files = scan(str(data / "train"))
+    ds = FileImageDataset(files, 16)
+    ds.bad_images = "skip"
+    plan = BatchPlan(len(ds), 8, seed=0)
+    share, _, error, indices, skipped = _Shares(ds, plan, 8, (0, 1))[0]
+    assert error is None and sorted(indices) == list(range(8)) and len(skipped) == 1 and skipped[0][0].endswith("b/0001.png")
+    bad = [j for j, i in enumerate(plan.indices(0, 0).tolist()) if files.relpath(i) == "b/0001.png"]
+    assert bad and bool((share[bad[0]] == 128).all())
+    ds.decode_device = "cuda"  # the workers only read; decode_share decodes (here on the CPU)
+    from dml_dist.data.stream import decode_share
+    raws, _, error, _, _ = _Shares(ds, plan, 8, (0, 1))[0]
+    again = []
+    assert torch.equal(decode_share(*raws, ds, torch.device("cpu"), 8, again), share) and len(again) == 1
+
+
+def test_resume_on_a_changed_folder_is_one_line_unless_allowed(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)
+    r = torchrun(2, base_args(tmp_path, data, epochs=1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    os.remove(data / "train" / "cat" / "0000.png")
+    for name in ("extra1.png", "extra2.png"):
+        (data / "train" / "frog" / name).write_bytes((data / "train" / "frog" / "0001.png").read_bytes())
+    r = torchrun(2, base_args(tmp_path, data, epochs=2, resume="auto"))
+    lines = error_lines(r.stderr)
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
+    assert "training file list changed" in lines[0] and "2 file(s) added, 1 removed" in lines[0] and \
+        "allow_data_change=true" in lines[0]
+    assert os.path.isfile(tmp_path / "ckpt" / "t_latest.pth")  # the checkpoint is kept
+    r = torchrun(2, base_args(tmp_path, data, epochs=2, resume="auto", allow_data_change=True))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "allow_data_change: the training file list changed" in r.stdout and "2 file(s) added, 1 removed" in r.stdout
+    assert [h["epoch"] for h in read_summary(tmp_path)["history"]] == [1, 2]
+
+
+def test_the_list_is_one_buffer_and_its_subsets_and_hashes_hold(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=3, n_val=0, splits=("train",))
+    long_name = "x" * 200 + ".png"
+    (data / "train" / "b" / long_name).write_bytes((data / "train" / "b" / "0000.png").read_bytes())
+    files = scan(str(data / "train"))
+    expected = ["a/0000.png", "a/0001.png", "a/0002.png", "b/0000.png", "b/0001.png", "b/0002.png", f"b/{long_name}"]
+    assert [files.relpath(i) for i in range(len(files))] == expected and files.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert files.blob.nbytes == sum(len(p) for p in expected)  # no padding to the longest path
+    assert files.sizes is None  # nothing was stat'ed
+    sub = files.subset([6, 1, 3])
+    assert [sub.relpath(i) for i in range(3)] == [expected[6], expected[1], expected[3]]
+    assert sub.labels.tolist() == [1, 0, 1]
+    assert files_changed(files.path_hashes(), sub.path_hashes()) == (0, 4)
+    key = files.key(16)
+    assert files.sizes is not None and files.key(16) == key
+
+
+def test_the_manifest_is_reused_until_a_class_folder_changes(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=3, n_val=0, splits=("train",))
+    root, cache, log = str(data / "train"), str(tmp_path / "cache"), []
+    first = scan(root, cache, log.append)
+    assert "listed 6" in log[-1] and os.path.isfile(manifest_path(cache, root))
+    again = scan(root, cache, log.append)
+    assert "from the manifest" in log[-1]
+    assert np.array_equal(first.blob, again.blob) and np.array_equal(first.offsets, again.offsets)
+    (data / "train" / "b" / "new.png").write_bytes((data / "train" / "b" / "0000.png").read_bytes())
+    os.utime(data / "train" / "b", ns=(1, 10 ** 18))  # a coarse-clock filesystem: make sure the time moves
+    third = scan(root, cache, log.append)
+    assert "listed 7" in log[-1] and len(third) == 7
+    with open(manifest_path(cache, root), "wb") as f:
+        f.write(b"garbled")
+    assert len(scan(root, cache, log.append)) == 7 and "listed 7" in log[-1]
