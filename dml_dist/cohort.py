@@ -211,3 +211,7 @@ class CohortCheckpoint:
         self.run_info = meta["run"]
         self.run_info["resumed_from"].append(f"{path}@epoch{self.epoch}+step{self.step}")
         self.logger.info(f"resumed from {path}: {self.epoch} epoch(s) and {self.step} step(s) done")
+        before = meta["config"].get("replicas")
+        if before is not None and before != self.cfg["replicas"]:
+            self.logger.info(f"replicas: the checkpoint was trained with {before} per peer, this run has "
+                             f"{self.cfg['replicas']} ({self.ctx.world_size} processes)")

@@ -24,6 +24,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "model": "ResNet32",          # one name for every peer (case-insensitive), or a list, one per peer
     "model_num": 2,               # peers; when a config leaves it unset: the world size under torchrun, else 2
     "replicas": 1,                # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas;
+                                  # auto: world / model_num (an elastic job that lost a node goes on with fewer);
                                   # or a list, one count per peer (e.g. [1, 7]: the slow peer gets 7 GPUs), world = sum
     "sync_bn": False,             # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
     "rank_order": "auto",         # replicas > 1: peer (a peer's replicas on consecutive ranks) | replica (the peers
@@ -256,11 +257,12 @@ def _replicas(v):
     """An integer >= 1 (every peer), or a non-empty list of them (one per peer)."""
     def ok(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-    if ok(v):
+    if ok(v) or v == "auto":
         return v
     if isinstance(v, (list, tuple)) and v and all(ok(x) for x in v):
         return list(v)
-    raise DMLError(f"replicas must be an integer >= 1 or a list of them, one per peer (e.g. [1, 3]), got {v!r}")
+    raise DMLError(f"replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers, "
+                   f"one per peer (e.g. [1, 3]), got {v!r}")
 
 
 def replica_layout(cfg: dict) -> tuple[int, ...]:
@@ -280,9 +282,10 @@ def default_model_num(cfg: dict) -> int:
 
 
 def world_size_for(cfg: dict) -> int:
-    """Processes a config needs: one per replica of every peer (``model_num`` set, or a replica list)."""
+    """Processes a config needs: one per replica of every peer (``model_num`` set, or a replica list);
+    ``replicas: auto`` outside torchrun is one replica per peer."""
     r = cfg["replicas"]
-    return sum(r) if isinstance(r, list) else cfg["model_num"] * r
+    return sum(r) if isinstance(r, list) else cfg["model_num"] * (1 if r == "auto" else r)
 
 
 def create_dml_config(**kwargs) -> dict:
@@ -296,6 +299,14 @@ def finalize_config(cfg: dict, world_size: int) -> dict:
     are the next ``replicas[k]`` ranks)."""
     c = dict(cfg)
     r = c["replicas"]
+    if r == "auto":  # as many replicas as the world holds: an elastic job that lost a node goes on with fewer
+        m = c["model_num"] or (len(c["model"]) if isinstance(c["model"], list) else None)
+        if m is None:
+            raise DMLError("replicas=auto needs the number of peers: set model_num (or list one model per peer)")
+        if world_size % m:
+            raise DMLError(f"replicas=auto: {world_size} processes do not split into {m} peers; start a multiple of "
+                           f"{m} processes (every node alike) or set model_num")
+        c["model_num"], c["replicas"] = m, r = m, world_size // m
     if isinstance(r, list):
         if c["model_num"] is None:
             c["model_num"] = len(r)

@@ -200,6 +200,9 @@ def _layout(cfg: dict, world: int) -> Optional[tuple]:
     """Replicas per peer, or None when the config does not fit the world (finalize_config then refuses it
     with a message naming both)."""
     r = cfg.get("replicas", 1)
+    if r == "auto":
+        peers = cfg.get("model_num") or (len(cfg["model"]) if isinstance(cfg.get("model"), list) else None)
+        return (world // peers,) * peers if peers and world % peers == 0 else None
     if isinstance(r, list):
         return tuple(r) if sum(r) == world else None
     return (r,) * (world // r) if world % r == 0 else None

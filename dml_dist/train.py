@@ -251,6 +251,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
     ctx = D.init_distributed(cfg)
     logger, trainer = NullLogger(), None
     try:
+        asked_replicas = cfg["replicas"]
         cfg = finalize_config(cfg, ctx.world_size)
         if cfg["resume"] is None and ctx.restart_count > 0:
             cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
@@ -271,6 +272,9 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             logger.info("warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
                         "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun")
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if asked_replicas == "auto":
+            logger.info(f"replicas: auto = {cfg['replicas']} per peer ({ctx.world_size} processes, "
+                        f"{cfg['model_num']} peers)")
         logger.info(f"rank order: {ctx.order} ({ctx.order_why})")
         for p in D.gather_objects(ctx.describe()) or []:
             logger.info("placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
