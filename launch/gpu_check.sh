@@ -137,6 +137,20 @@ else
     check stream2 2 gloo bf16 "$stream_keys num_workers=2" CUDA_VISIBLE_DEVICES="$first_gpu"
 fi
 
+# The stream path's hand-over (decode_device=cpu): every share reaches the GPU from pinned memory,
+# non-blocking (a count from the loader); every check above also ran the placement exchange through the store.
+line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
+    data_dir="$work/jpeg" loader=stream augment=rrc,flip image_size=128 batch_size=64 num_workers=2 steps=0 \
+    2>"$work/pinned.log" | tail -n 1)
+pinned=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1])["ranks"][0]; print(r["pinned_copies"], len(r["fingerprints"]))' "$line" 2>/dev/null)
+read -r copies steps <<<"${pinned:-0 -1}"
+if [[ "$copies" -gt 0 && "$copies" == "$steps" ]]; then
+    verdicts+=("pinned: ok ($copies of $steps shares copied from pinned memory)")
+else
+    verdicts+=("pinned: FAILED ($copies pinned copies for $steps steps; see $work/pinned.log)")
+    status=1
+fi
+
 bench=()
 for model in resnet20 resnet32 resnet56; do
     line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \

@@ -325,3 +325,22 @@ def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
     with pytest.raises(DMLError, match="decode_device=cuda decodes on the training GPU"):
         ds.decode_device = "cuda"
         make_train_loader(ds, 6, 0, device="cpu")
+
+
+def test_stream_workers_persist_across_epochs_and_follow_the_epoch(jpeg_dir, tmp_path):
+    """One set of decoding workers serves every epoch (no fork per epoch or evaluation), and since each
+    keeps its own copy of the dataset, the epoch travels with each request: epoch 1 from the persistent
+    workers is epoch 1 of a fresh loader, not epoch 0 again."""
+    ds = build_datasets(_cfg(jpeg_dir, tmp_path, augment=["rrc", "flip"])).train
+    loader = make_train_loader(ds, 8, seed=3, num_workers=1)
+    loader.set_epoch(0)
+    first = [x for x, _ in loader]
+    pids = [w.pid for w in loader._loader._iterator._workers]
+    loader.set_epoch(1, start_step=1)
+    second = [x for x, _ in loader]
+    assert [w.pid for w in loader._loader._iterator._workers] == pids and all(w.is_alive()
+                                                                                for w in loader._loader._iterator._workers)
+    fresh = make_train_loader(ds, 8, seed=3, num_workers=0)
+    fresh.set_epoch(1, start_step=1)
+    assert len(second) == 3 and all(torch.equal(a, b) for a, b in zip(second, [x for x, _ in fresh]))
+    assert not torch.equal(first[1], second[0])

@@ -55,6 +55,7 @@ def probe(cfg: dict, opts: dict) -> dict | None:
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
         mine = {"rank": ctx.rank, "node": ctx.rank // ctx.local_world_size, "peer": ctx.peer, "replica": ctx.replica,
                 "decoded_indices": getattr(loader, "decoded_indices", []),
+                "pinned_copies": getattr(loader, "pinned_copies", 0),
                 "decoded": getattr(loader, "decoded", 0), "decode_cpu_s": round(getattr(loader, "decode_cpu_s", 0.0), 4),
                 "first_batch_s": round(first_batch_s or 0.0, 3),
                 "images_per_s": round((len(fingerprints) - 1) * cfg["batch_size"] / seconds, 1) if seconds else None,

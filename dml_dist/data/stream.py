@@ -153,8 +153,14 @@ class _Shares(Dataset):
     def __len__(self) -> int:
         return len(self.plan) if self.plan is not None else math.ceil(len(self.ds) / self.batch_size)
 
-    def __getitem__(self, step: int):
+    def __getitem__(self, key):
+        """``key``: a step of the current ``epoch``, or ``(epoch, step)`` (persistent workers keep their
+        own copy of this object, so the epoch travels with the key)."""
         t0 = time.process_time()
+        if isinstance(key, tuple):
+            self.epoch, step = key
+        else:
+            step = key
         if self.plan is not None:
             idx = self.plan.indices(self.epoch, step)
             u = self.plan.params(self.epoch, step, RRC_TRIES)[1] if self.rrc else None
@@ -194,6 +200,19 @@ def _read_or_empty(path: str) -> bytes:
         return b""
 
 
+class _Keys(torch.utils.data.Sampler):
+    """The persistent DataLoader's sampler: the ``(epoch, step)`` keys of the next pass, set before each."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class _CooperativeLoader:
     """Shared machinery: iterate steps, decode this rank's share ahead in workers, assemble each batch's
     rows with one all-gather in the decode group (``part=(g, G)``; G = 1: no collective)."""
@@ -204,12 +223,27 @@ class _CooperativeLoader:
         self.decoded, self.decode_cpu_s = 0, 0.0  # images this rank decoded, CPU seconds spent on it
         self.decoded_indices: list[int] = []  # dataset indices, in the order decoded (the tests count them)
         self.skipped: list = []  # bad_images=skip: (path, line) of the files replaced since the last read
+        self._loader, self._keys = None, None  # the persistent DataLoader (num_workers > 0) and its sampler
+        self.pinned_copies = 0  # shares copied to the GPU from pinned memory (gpu_check asserts them)
 
     def _items(self, steps: range) -> Iterator:
+        """The decoded shares of ``steps`` of the current epoch, in order. Workers persist across epochs and
+        evaluations (one DataLoader whose sampler is refilled); on CUDA they hand over pinned memory."""
+        keys = [(self.shares.epoch, s) for s in steps]
         if self.num_workers == 0:
-            return (self.shares[s] for s in steps)
-        return iter(DataLoader(self.shares, batch_size=None, sampler=steps, num_workers=self.num_workers,
-                               prefetch_factor=2))
+            return (self._pin(self.shares[key]) for key in keys)
+        if self._loader is None:
+            self._keys = _Keys()
+            self._loader = DataLoader(self.shares, batch_size=None, sampler=self._keys, num_workers=self.num_workers,
+                                      prefetch_factor=2, persistent_workers=True,
+                                      pin_memory=self.device.type == "cuda")
+        self._keys.keys = keys
+        return iter(self._loader)
+
+    def _pin(self, item):
+        if self.device.type == "cuda" and isinstance(item[0], torch.Tensor):
+            return (item[0].pin_memory(), *item[1:])
+        return item
 
     def _assemble(self, step: int, item) -> torch.Tensor:
         """Collective: the unit's rows (uint8, on the device) on every rank of the decode unit. A rank whose
@@ -229,7 +263,8 @@ class _CooperativeLoader:
         self.decoded_indices += indices
         self.skipped += skipped
         self.decode_cpu_s += cpu_s
-        share = share.to(self.device)
+        self.pinned_copies += int(share.device.type == "cpu" and self.device.type == "cuda" and share.is_pinned())
+        share = share.to(self.device, non_blocking=True)  # from pinned memory on CUDA: no host wait
         if self.part[1] == 1:
             return share
         parts = D.all_gather_tensor(share, self.group)  # sync point: [G, k, 3, S, S]
