@@ -151,17 +151,20 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
     ptr = again.untyped_storage().data_ptr()
     maps = [l.split() for l in open("/proc/self/maps") if l.rstrip().endswith(os.path.join(entry, "images.u8"))]
     assert any(int(m[0].split("-")[0], 16) <= ptr < int(m[0].split("-")[1], 16) for m in maps)
-    # A file changes (new content, new mtime): the key no longer matches -> stale -> rebuilt.
+    # A file changes (new content, new mtime): a new content key -> a new entry, decoded; the old one is left
+    # as it is (another job may have it mapped).
     changed = jpeg_dir / "train" / "c0" / "000.JPEG"
     original = changed.read_bytes()
     try:
         Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(changed, "JPEG")
         rebuilt, _ = cached_images(scan(str(jpeg_dir / "train")), cache, "train", "train/", 16, 1.0, log.append)
-        assert "is stale" in log[-2] and "decoded 36" in log[-1] and rebuilt[0].sum() < first[0].sum()
+        assert "decoded 36" in log[-1] and entry not in log[-1] and rebuilt[0].sum() < first[0].sum()
+        assert torch.equal(first, again)  # the first entry's mapping still holds the old content
     finally:
         changed.write_bytes(original)
         files = scan(str(jpeg_dir / "train"))
     cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
+    entry = log[-1].split(" into ")[1].split(" in ")[0]  # the restored file's times: one more entry
     # Damage: flipped bytes, a truncated array, a garbled index -> detected, rebuilt, the same content again.
     for damage in ("flip", "truncate", "index"):
         images = os.path.join(entry, "images.u8")
@@ -255,8 +258,12 @@ def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
         if loader == "stream":
             assert sum(r["decoded"] for r in ranks if r["node"] == node) == 32  # 4 batches of 8, once per node
         else:  # the node's local rank 0 dealt with the cache (built it, or took the other node's); not the others
-            logs = [[l for l in r["log"] if l.startswith("cache:")] for r in ranks if r["node"] == node]
+            logs = [[l for l in r["log"] if l.startswith("cache:") and "waiting for" not in l]
+                    for r in ranks if r["node"] == node]
             assert sorted(map(len, logs)) == [0, 2], logs
+    if loader == "memory":  # both nodes started on the empty cache_dir together: each split was decoded once
+        built = [l for r in ranks for l in r["log"] if "images into" in l]
+        assert len(built) == 2 and sorted(l.split(" into ")[1].split("/")[-1][:5] for l in built) == ["train", "val_1"]
     assert all(r["fingerprints"] == ranks[0]["fingerprints"] for r in ranks) and len(ranks[0]["fingerprints"]) == 4
 
 
@@ -344,3 +351,35 @@ def test_stream_workers_persist_across_epochs_and_follow_the_epoch(jpeg_dir, tmp
     fresh.set_epoch(1, start_step=1)
     assert len(second) == 3 and all(torch.equal(a, b) for a, b in zip(second, [x for x, _ in fresh]))
     assert not torch.equal(first[1], second[0])
+
+
+def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, tmp_path, monkeypatch):
+    """The build lock of an entry (any host): a live one (fresh heartbeat) is waited for until its entry is
+    ready; one untouched for STALE_S belongs to a dead builder and is taken over."""
+    import threading
+    from dml_dist.data import cache as C
+    files, cache, log = scan(str(jpeg_dir / "train")), str(tmp_path / "cache"), []
+    entry = C.entry_path(cache, files, "train", "train/", 16, 1.0, files.key(16, 1.0))
+    os.makedirs(cache)
+    with open(f"{entry}.lock", "w") as f:
+        f.write("otherhost:1\n")
+    os.utime(f"{entry}.lock", (0, 0))  # untouched since 1970
+    images, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
+    assert any("took over" in l and "a dead builder" in l for l in log) and "decoded 36" in log[-1]
+    assert not os.path.exists(f"{entry}.lock")
+    # A live builder: its lock is fresh, so this process waits, and uses the entry once it is ready.
+    other = str(tmp_path / "other")
+    entry = C.entry_path(other, files, "train", "train/", 16, 1.0, files.key(16, 1.0))
+    os.makedirs(other)
+    lock = C.BuildLock(entry, lambda: False, lambda s: None)
+    assert lock.acquire()
+    log.clear()
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (cached_images(files, other, "train", "train/", 16, 1.0, log.append),
+                                              done.set()))
+    waiter.start()
+    assert not done.wait(2) and any("waiting for the builder" in l for l in log)
+    C.build_entry(entry, files, files.key(16, 1.0), 16, 1.0, lambda s: None)
+    lock.release()
+    waiter.join(30)
+    assert done.is_set() and "built by another process meanwhile" in log[-1], log

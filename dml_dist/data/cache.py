@@ -1,17 +1,19 @@
-"""The memory path's on-disk cache: a split is decoded once per node, then mapped read-only.
+"""The memory path's on-disk cache: a split is decoded once, then mapped read-only by every process.
 
-An entry is a folder ``<cache_dir>/<split>_<S>px_<spec>/`` (``spec``: a hash of the folder, the split's
-definition, ``image_size`` and ``crop_fraction``) holding ``images.u8`` (raw uint8 ``[N, 3, S, S]``),
-``labels.npy`` and ``index.json``. The index is written last (the commit point) and records the content
-key (every file's path, size and modification time: ``FileList.key``, the only place that stats the files) and hashes of up to 256 evenly
-spaced 1 MiB blocks of ``images.u8`` (all of it up to 256 MiB). At start the entry is used only when the
-key matches (else it is *stale*) and the size and every recorded block hash match (else it is
-*damaged*); either way it is rebuilt, never used.
+An entry is a folder ``<cache_dir>/<split>_<S>px_<spec>_<key>/`` (``spec``: a hash of the folder, the
+split's definition, ``image_size`` and ``crop_fraction``; ``key``: the content key, every file's path, size
+and modification time, ``FileList.key``) holding ``images.u8`` (raw uint8 ``[N, 3, S, S]``), ``labels.npy``
+and ``index.json``. The index is written last (the commit point) and records the key and hashes of up to 256
+evenly spaced 1 MiB blocks of ``images.u8`` (all of it up to 256 MiB). An entry is used only when the key,
+the size and every recorded block hash match; a damaged one is rebuilt, never used. A changed folder gets
+an entry of its own, so an entry that another job has mapped is never replaced under it.
 
-One process per node (local rank 0) checks and builds; the build decodes with every core of the node
-(DataLoader workers writing into the memory-mapped file). The node's other ranks wait in a collective,
-then map the finished file copy-on-write: the pages are shared through the page cache, so L ranks of a
-node hold one copy, and a second start or an elastic restart reads the cache instead of decoding.
+Several nodes and jobs can share ``cache_dir`` (a network filesystem): one builder per entry under a lock
+file with a heartbeat (``BuildLock``; a dead builder's lock is taken over, whatever its host), the others
+wait for it. On each node one process (local rank 0) checks and builds; the build decodes with every core
+of the node (DataLoader workers writing into the memory-mapped file). The node's other ranks wait in a
+collective, then map the finished file copy-on-write: the pages are shared through the page cache, so L
+ranks of a node hold one copy, and a second start or an elastic restart reads the cache instead of decoding.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 from typing import Callable, Optional
 
@@ -49,9 +52,76 @@ def default_cache_dir(data_dir: str) -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dml-dist")
 
 
-def entry_path(cache_dir: str, files: FileList, split: str, spec: str, size: int, crop_fraction: float) -> str:
+def entry_path(cache_dir: str, files: FileList, split: str, spec: str, size: int, crop_fraction: float,
+               key: str) -> str:
+    """The entry's folder: its name holds the content ``key``, so a changed folder gets a new entry and
+    an entry another job has mapped is never replaced under it."""
     h = hashlib.blake2b(repr((os.path.abspath(files.root), spec, size, crop_fraction)).encode(), digest_size=6)
-    return os.path.join(cache_dir, f"{split}_{size}px_{h.hexdigest()}")
+    return os.path.join(cache_dir, f"{split}_{size}px_{h.hexdigest()}_{key[:12]}")
+
+
+HEARTBEAT_S = 5   # a builder touches its lock this often
+STALE_S = 60      # a lock untouched this long belongs to a dead builder (any host): it is taken over
+
+
+class BuildLock:
+    """One builder per entry, across the processes, nodes and jobs that share ``cache_dir``: a lock file
+    created with O_EXCL, kept fresh by a heartbeat thread; one that stops beating (a killed or lost
+    builder, on any host) is taken over after ``STALE_S``. ``acquire`` returns False when the entry was
+    finished by another builder while this one waited."""
+
+    def __init__(self, entry: str, ready: Callable[[], bool], log: Callable[[str], None]):
+        self.path, self.ready, self.log = f"{entry}.lock", ready, log
+        self._stop = threading.Event()
+        self._beat: Optional[threading.Thread] = None
+
+    def acquire(self) -> bool:
+        waited = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self.ready():
+                    return False
+                try:
+                    age = time.time() - os.stat(self.path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > STALE_S:
+                    aside = f"{self.path}.dead-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+                    try:
+                        os.rename(self.path, aside)  # only one taker's rename finds the stale lock
+                        os.remove(aside)
+                        self.log(f"cache: took over {self.path}, untouched for {age:.0f}s (a dead builder)")
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if not waited:
+                    self.log(f"cache: waiting for the builder that holds {self.path}")
+                    waited = True
+                time.sleep(0.5)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()}:{os.getpid()}\n")
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self._beat.start()
+            return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
 
 
 def _block_offsets(nbytes: int) -> list[int]:
@@ -140,21 +210,12 @@ def _fsync(path: str) -> None:
 
 
 def _remove_dead_builds(entry: str) -> None:
-    """Temporary folders of this host's builders that died (killed, preempted): they can be tens of GB."""
-    folder, prefix = os.path.dirname(entry), f"{os.path.basename(entry)}.tmp-{socket.gethostname()}-"
+    """Temporary folders of builders of this entry that died (killed, preempted, a lost node): they can be
+    tens of GB. Called by the lock's holder, the only live builder, so every other one is dead."""
+    folder, prefix = os.path.dirname(entry), f"{os.path.basename(entry)}.tmp-"
     for name in os.listdir(folder):
-        if name.startswith(prefix) and name[len(prefix):].isdigit() and not _alive(int(name[len(prefix):])):
+        if name.startswith(prefix):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction: float,
@@ -197,10 +258,10 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(entry):
-            if check_entry(entry, key, n, size) is None:  # another node finished the same entry first
+            if check_entry(entry, key, n, size) is None:  # a builder that raced past the lock finished first
                 log(f"cache: {entry} was built by another process meanwhile; using it")
                 return
-            aside = f"{entry}.old-{socket.gethostname()}-{os.getpid()}"  # a stale or damaged entry
+            aside = f"{entry}.old-{socket.gethostname()}-{os.getpid()}"  # a damaged entry
             os.rename(entry, aside)
             shutil.rmtree(aside, ignore_errors=True)
         try:
@@ -217,11 +278,11 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
                   log: Callable[[str], None] = lambda s: None, bad_images: str = "stop") -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: the decoded split, built once per node by local rank 0 (the other local ranks wait),
     then mapped by every rank. An unreadable file stops every rank with the builder's line."""
-    entry = entry_path(cache_dir, files, split, spec, size, crop_fraction)
-    error = None
+    error, entry = None, None
     if D.local_rank() == 0:
         try:
             key = files.key(size, crop_fraction)  # stats every file of the split: the builder alone
+            entry = entry_path(cache_dir, files, split, spec, size, crop_fraction, key)
             os.makedirs(cache_dir, exist_ok=True)
             why = check_entry(entry, key, len(files), size)
             if why is None:
@@ -229,7 +290,17 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
             else:
                 if why != "missing":
                     log(f"cache: {entry} is {why}; rebuilding it")
-                build_entry(entry, files, key, size, crop_fraction, log, bad_images == "skip")
+                lock = BuildLock(entry, lambda: check_entry(entry, key, len(files), size) is None, log)
+                if not lock.acquire():
+                    log(f"cache: {entry} was built by another process meanwhile; using it")
+                else:
+                    try:
+                        if check_entry(entry, key, len(files), size) is None:
+                            log(f"cache: {entry} was built by another process meanwhile; using it")
+                        else:
+                            build_entry(entry, files, key, size, crop_fraction, log, bad_images == "skip")
+                    finally:
+                        lock.release()
         except DMLError as e:
             error = str(e)
         except OSError as e:  # read-only, disk full, quota
@@ -239,7 +310,8 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
             error = (f"building the decoded-image cache in {cache_dir} failed ({str(e).splitlines()[0][:120]}); "
                      f"free memory or disk, or use loader=stream")
     # Sync point: the node's other ranks wait here for the build (a group without the 10-minute timeout).
-    failed = [e for e in D.all_gather_objects(error, group=D.long_group()) if e]
+    answers = D.all_gather_objects((error, entry), group=D.long_group())
+    failed = [e for e, _ in answers if e]
     if failed:
         raise DMLError(failed[0])
-    return open_entry(entry, len(files), size)
+    return open_entry(answers[D.rank() - D.local_rank()][1], len(files), size)  # the node's builder's entry
