@@ -46,6 +46,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "rrc_scale": [0.08, 1.0],     # augment rrc (RandomResizedCrop): area range, torchvision's default
     "rrc_ratio": [0.75, 1.3333333333333333],  # and aspect-ratio range
     "decode_device": "cpu",       # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
+    "cache_eval": True,           # stream path: val/test (a fixed transform) decoded once into the cache when they
+                                  # fit memory_budget_gb, instead of at every evaluation
     "bad_images": "stop",         # a file that cannot be read: stop (one line naming it) | skip (a grey stand-in,
                                   # the file named once in the log and counted in the summary)
     "allow_data_change": False,   # resume on a folder whose file list changed since the checkpoint
@@ -111,7 +113,7 @@ _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "crop_fraction": (0.0, False),
 }
 _BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained",
-         "allow_data_change")
+         "allow_data_change", "cache_eval")
 _STR_OR_NONE = ("experiment_name", "resume", "cache_dir")
 
 

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from dml_dist import DMLError, create_dml_config
 from dml_dist.data import build_datasets, make_eval_loader, make_train_loader
 from dml_dist.data.cache import cached_images
+from dml_dist.data.stream import FileImageDataset
 from dml_dist.data.folders import RRC_TRIES, center_resize, decode_file, resized_crop, rrc_boxes, scan
 
 from conftest import REPO, _env, assert_no_worker_traceback, error_lines, kill_tree, torchrun
@@ -49,7 +50,7 @@ def test_stream_batches_equal_memory_batches_without_rrc(jpeg_dir, tmp_path):
     batch augmentations run on both alike, so the batches are byte-identical (training and evaluation)."""
     ops = ["crop", "flip", "jitter"]
     mem = build_datasets(_cfg(jpeg_dir, tmp_path, loader="memory", augment=ops))
-    stream = build_datasets(_cfg(jpeg_dir, tmp_path, augment=ops))
+    stream = build_datasets(_cfg(jpeg_dir, tmp_path, augment=ops, cache_eval=False))
     assert mem.path == "memory" and stream.path == "stream" and len(stream.train) == len(mem.train) == 32
     loaders = [make_train_loader(d.train, 12, seed=5, num_workers=w) for d, w in ((mem, 0), (stream, 2))]
     for loader in loaders:
@@ -59,6 +60,13 @@ def test_stream_batches_equal_memory_batches_without_rrc(jpeg_dir, tmp_path):
     assert torch.equal(batches[0][0][0], batches[1][0][0]) and torch.equal(batches[0][0][1], batches[1][0][1])
     evals = [list(make_eval_loader(d.val, 5, 0, device="cpu")) for d in (mem, stream)]
     assert torch.equal(torch.cat([x for x, _ in evals[0]]), torch.cat([x for x, _ in evals[1]]))
+    # cache_eval (the default): the stream path's val/test are decoded once into the cache, the same bytes
+    log = []
+    cached = build_datasets(_cfg(jpeg_dir, tmp_path, augment=ops), log=log.append)
+    assert cached.path == "stream" and "val/test from the cache" in cached.why
+    assert isinstance(cached.train, FileImageDataset) and not isinstance(cached.val, FileImageDataset)
+    assert torch.equal(torch.cat([x for x, _ in make_eval_loader(cached.val, 5, 0, device="cpu")]),
+                       torch.cat([x for x, _ in evals[1]]))
 
 
 def test_auto_chooses_the_path_and_says_why(jpeg_dir, tmp_path):

@@ -199,12 +199,17 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
     # Rank 0 decides for all (nodes may differ in memory); every rank computes it, so a config error
     # stops them all alike.
     path, why = D.broadcast_object(choose_path(cfg, n_all, device))  # sync point
+    eval_cached = path == "stream" and cfg.get("cache_eval", True) and D.broadcast_object(
+        sum(len(lists[k]) for k in ("val", "test") if lists[k] is not None) * 3 * size * size
+        <= memory_budget(cfg, device)[0])
+    if eval_cached:  # their transform is fixed: decoded once into the cache, not at every evaluation
+        why += "; val/test from the cache (cache_eval)"
     out = {}
     for split, files in lists.items():
         augment = cfg["augment"] if split == "train" else ()
         if files is None:
             out[split] = None
-        elif path == "stream":
+        elif path == "stream" and not (eval_cached and split != "train"):
             out[split] = FileImageDataset(files, size, cfg["crop_fraction"], augment, cfg["rrc_scale"],
                                           cfg["rrc_ratio"], cfg["decode_device"])
             out[split].bad_images = cfg.get("bad_images", "stop")
