@@ -243,8 +243,13 @@ def choose_rank_order(cfg: dict, layout: tuple, local_world_size: int) -> tuple[
     if asked != "auto":
         return asked, f"rank_order={asked}"
     peer, replica = (decodes_per_sample(layout, o, local_world_size) for o in ("peer", "replica"))
-    if cfg.get("loader") == "memory" or cfg.get("dataset", "imagefolder") != "imagefolder":
-        return "peer", "rank_order=auto, the memory path (every rank holds the whole set)"
+    augment = cfg.get("augment")
+    stream = cfg.get("dataset", "imagefolder") == "imagefolder" and (
+        cfg.get("loader") == "stream" or (cfg.get("loader", "auto") == "auto" and isinstance(augment, (list, tuple))
+                                          and "rrc" in augment))
+    if not stream:  # the memory path (or not known yet: loader=auto without rrc): every rank holds the set
+        return "peer", ("rank_order=auto: not the stream path for sure (loader=stream, or rrc with loader=auto), "
+                        "where every rank holds the whole set; rank_order=replica forces it")
     if replica < peer:
         return "replica", (f"rank_order=auto: replica-major decodes each sample {replica:g}x per job, peer-major "
                            f"{peer:g}x (each peer's gradient all-reduce then crosses nodes)")
@@ -377,8 +382,10 @@ def decode_group(ctx: "DistContext"):
             if k == key(ctx.rank):
                 group = g
     rows = (ctx.replica, ctx.replicas) if ctx.uniform else (0, 1)
-    _GROUPS["decode"] = (group, (mine.index(ctx.rank), len(mine)), rows)
-    return _GROUPS["decode"]
+    unit = (group, (mine.index(ctx.rank), len(mine)), rows)
+    if _active():  # destroy_distributed forgets it with the groups
+        _GROUPS["decode"] = unit
+    return unit
 
 
 def _host_group(group=None):

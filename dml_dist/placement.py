@@ -43,7 +43,7 @@ def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
     one GPU per rank (NCCL), where counts alone (2 ranks, 1 visible GPU) said shared. One answer for the
     whole job, so every rank picks the same backend."""
     by_host: dict = {}
-    for r, (host, uuids) in enumerate(identities):
+    for r, (host, *_) in enumerate(identities):  # (host, uuids[, node rank])
         by_host.setdefault(host, []).append(r)
     picks = {}
     for host, ranks in by_host.items():

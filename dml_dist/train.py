@@ -186,7 +186,7 @@ class Trainer:
     def _report_bad_images(self) -> None:
         """Collective: the files that ``bad_images: skip`` replaced since the last call, from every rank (each
         decodes a share), named once in the log and kept in the run facts (checkpoint, summary)."""
-        mine = []
+        mine, self.data.skipped = list(self.data.skipped), []  # the cache's, once
         for loader in (self.train_loader, self.val_loader, self.test_loader):
             if getattr(loader, "skipped", None):
                 mine += loader.skipped

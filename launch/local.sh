@@ -33,6 +33,8 @@ if [[ $replicas == \[* ]]; then  # one count per peer: as many processes as thei
     IFS=, read -r -a counts <<< "${replicas//[][ ]/}"
     nproc=0
     for c in "${counts[@]}"; do nproc=$((nproc + c)); done
+elif [[ $replicas == auto ]]; then  # one machine: one replica per peer (auto is for elastic multi-node jobs)
+    nproc=$peers
 else
     nproc=$((peers * replicas))
 fi

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,14 @@ def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=24, n_
                 img = np.clip(base + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}.png")
     return root
+
+
+def age_folders(root: Path, seconds: int = 3600) -> None:
+    """Set every folder's modification time ``seconds`` into the past: the file-list manifest is not trusted
+    for folders that changed within a clock tick of the listing, and a test's folders are seconds old."""
+    past = time.time() - seconds
+    for d in [root, *(p for p in Path(root).rglob("*") if p.is_dir())]:
+        os.utime(d, (past, past))
 
 
 @pytest.fixture

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dml_dist.data.folders import FileList, files_changed, manifest_path, scan
+from dml_dist import DMLError
+from dml_dist.data.folders import files_changed, manifest_path, scan
 from dml_dist.data.stream import FileImageDataset, _Shares
 from dml_dist.data import BatchPlan
 
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
+from conftest import age_folders, assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
 
 
 def _break(path):
@@ -44,19 +45,25 @@ def test_skip_stand_in_is_deterministic_grey_on_both_decode_paths(tmp_path):
     """The worker path and the device path's CPU twin put the same stand-in where the bad file was."""
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=4, n_val=0, splits=("train",))
     _break(data / "train" / "b" / "0001.png")
+    (data / "train" / "a" / "0002.png").write_bytes(b"")  # an empty file: no bytes for the batched decode
     files = scan(str(data / "train"))
     ds = FileImageDataset(files, 16)
     ds.bad_images = "skip"
     plan = BatchPlan(len(ds), 8, seed=0)
     share, _, error, indices, skipped = _Shares(ds, plan, 8, (0, 1))[0]
-    assert error is None and sorted(indices) == list(range(8)) and len(skipped) == 1 and skipped[0][0].endswith("b/0001.png")
-    bad = [j for j, i in enumerate(plan.indices(0, 0).tolist()) if files.relpath(i) == "b/0001.png"]
-    assert bad and bool((share[bad[0]] == 128).all())
+    assert error is None and sorted(indices) == list(range(8))
+    assert sorted(p.rsplit("/", 2)[1] + "/" + p.rsplit("/", 1)[1] for p, _ in skipped) == ["a/0002.png", "b/0001.png"]
+    bad = [j for j, i in enumerate(plan.indices(0, 0).tolist()) if files.relpath(i) in ("a/0002.png", "b/0001.png")]
+    assert len(bad) == 2 and all(bool((share[j] == 128).all()) for j in bad)
     ds.decode_device = "cuda"  # the workers only read; decode_share decodes (here on the CPU)
     from dml_dist.data.stream import decode_share
     raws, _, error, _, _ = _Shares(ds, plan, 8, (0, 1))[0]
     again = []
-    assert torch.equal(decode_share(*raws, ds, torch.device("cpu"), 8, again), share) and len(again) == 1
+    assert torch.equal(decode_share(*raws, ds, torch.device("cpu"), 8, again), share) and len(again) == 2
+    ds.bad_images = "stop"  # and without skip the empty file is one clear line, not a traceback
+    raws, _, error, _, _ = _Shares(ds, plan, 8, (0, 1))[0]
+    with pytest.raises(DMLError, match="cannot read image .*0002.png"):
+        decode_share(*raws, ds, torch.device("cpu"), 8)
 
 
 def test_resume_on_a_changed_folder_is_one_line_unless_allowed(tmp_path):
@@ -98,15 +105,37 @@ def test_the_list_is_one_buffer_and_its_subsets_and_hashes_hold(tmp_path):
 def test_the_manifest_is_reused_until_a_class_folder_changes(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=3, n_val=0, splits=("train",))
     root, cache, log = str(data / "train"), str(tmp_path / "cache"), []
+    age_folders(data)
     first = scan(root, cache, log.append)
     assert "listed 6" in log[-1] and os.path.isfile(manifest_path(cache, root))
     again = scan(root, cache, log.append)
     assert "from the manifest" in log[-1]
     assert np.array_equal(first.blob, again.blob) and np.array_equal(first.offsets, again.offsets)
     (data / "train" / "b" / "new.png").write_bytes((data / "train" / "b" / "0000.png").read_bytes())
-    os.utime(data / "train" / "b", ns=(1, 10 ** 18))  # a coarse-clock filesystem: make sure the time moves
+    age_folders(data, 1800)  # b's time moved (as adding the file moved it), and is not within a tick
     third = scan(root, cache, log.append)
     assert "listed 7" in log[-1] and len(third) == 7
+    scan(root, cache, log.append)
+    assert "from the manifest" in log[-1]  # the new listing's manifest, reused
+    (data / "train" / "a" / "late.png").write_bytes((data / "train" / "a" / "0000.png").read_bytes())
+    listed = scan(root, cache, log.append)  # a folder changed just now: within a clock tick, never trusted
+    assert "listed 8" in log[-1] and len(listed) == 8
     with open(manifest_path(cache, root), "wb") as f:
         f.write(b"garbled")
-    assert len(scan(root, cache, log.append)) == 7 and "listed 7" in log[-1]
+    assert len(scan(root, cache, log.append)) == 8 and "listed 8" in log[-1]
+
+
+def test_skip_on_the_memory_path_has_a_cache_entry_of_its_own_and_is_reported_each_start(tmp_path):
+    """The cache entry built with skip holds stand-ins: it is reported at every start that uses it (the
+    trainer counts ``Datasets.skipped``), and a later ``stop`` run never takes it for a clean one."""
+    from dml_dist import create_dml_config
+    from dml_dist.data import build_datasets
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2)
+    _break(data / "train" / "dog" / "0003.png")
+    cfg = dict(data_dir=str(data), cache_dir=str(tmp_path / "cache"), loader="memory", image_size=16)
+    for _ in range(2):  # built, then read back
+        built = build_datasets(create_dml_config(bad_images="skip", **cfg))
+        assert [p.rsplit("/", 2)[-2:] for p, _ in built.skipped] == [["dog", "0003.png"]]
+        assert bool((built.train.images == 128).all(dim=(1, 2, 3)).any())
+    with pytest.raises(DMLError, match="cannot read image .*0003.png"):
+        build_datasets(create_dml_config(**cfg))

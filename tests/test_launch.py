@@ -75,7 +75,10 @@ def test_shared_gpus_are_decided_by_identity_not_count(identities, expected):
 def test_gpu_identities_travel_through_a_real_store():
     from datetime import timedelta
     store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10))  # port 0: the OS picks
-    assert exchange_identities(store, 0, 1) == [[socket.gethostname(), [], 0]]  # no GPU here
+    identities = exchange_identities(store, 0, 1)
+    assert identities == [[socket.gethostname(), [], 0]]  # no GPU here
+    # what the exchange returns is what assign_gpus takes (a host with one GPU)
+    assert assign_gpus([[identities[0][0], ["GPU-A"], *identities[0][2:]]], 0) == (0, False)
 
 
 def test_world_of_one_runs_the_real_collectives():

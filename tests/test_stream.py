@@ -18,7 +18,7 @@ from dml_dist.data.cache import cached_images
 from dml_dist.data.stream import FileImageDataset
 from dml_dist.data.folders import RRC_TRIES, center_resize, decode_file, resized_crop, rrc_boxes, scan
 
-from conftest import REPO, _env, assert_no_worker_traceback, error_lines, kill_tree, torchrun
+from conftest import REPO, age_folders, _env, assert_no_worker_traceback, error_lines, kill_tree, torchrun
 
 STREAM = dict(loader="stream", image_size=16, crop_fraction=0.875, batch_size=12)
 
@@ -214,6 +214,7 @@ def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_re
 
 
 def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_dir, tmp_path):
+    age_folders(jpeg_dir)  # the manifest trusts folders unchanged for longer than a clock tick
     cold = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
     warm = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
     assert cold["path"] == "memory"
@@ -362,16 +363,18 @@ def test_stream_workers_persist_across_epochs_and_follow_the_epoch(jpeg_dir, tmp
 
 
 def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, tmp_path, monkeypatch):
-    """The build lock of an entry (any host): a live one (fresh heartbeat) is waited for until its entry is
-    ready; one untouched for STALE_S belongs to a dead builder and is taken over."""
+    """The build lock of an entry (any host): a live one (its heartbeat moves) is waited for until its entry
+    is ready; one whose time has not moved for STALE_S (of the waiter's clock) belongs to a dead builder and
+    is taken over."""
     import threading
     from dml_dist.data import cache as C
+    monkeypatch.setattr(C, "STALE_S", 1.5)
+    monkeypatch.setattr(C, "HEARTBEAT_S", 0.2)
     files, cache, log = scan(str(jpeg_dir / "train")), str(tmp_path / "cache"), []
     entry = C.entry_path(cache, files, "train", "train/", 16, 1.0, files.key(16, 1.0))
     os.makedirs(cache)
     with open(f"{entry}.lock", "w") as f:
         f.write("otherhost:1\n")
-    os.utime(f"{entry}.lock", (0, 0))  # untouched since 1970
     images, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
     assert any("took over" in l and "a dead builder" in l for l in log) and "decoded 36" in log[-1]
     assert not os.path.exists(f"{entry}.lock")
@@ -386,7 +389,8 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     waiter = threading.Thread(target=lambda: (cached_images(files, other, "train", "train/", 16, 1.0, log.append),
                                               done.set()))
     waiter.start()
-    assert not done.wait(2) and any("waiting for the builder" in l for l in log)
+    assert not done.wait(4) and any("waiting for the builder" in l for l in log)  # > STALE_S: not taken over
+    assert not any("took over" in l for l in log)
     C.build_entry(entry, files, files.key(16, 1.0), 16, 1.0, lambda s: None)
     lock.release()
     waiter.join(30)

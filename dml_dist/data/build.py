@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -51,7 +51,8 @@ class Datasets:
     collate_fn: Optional[Callable] = None   # a custom train loader's, kept for the per-sample path
     path: str = "memory"                    # the training data path: memory | stream | custom
     why: str = ""                           # why that path (logged)
-    train_files: Optional[FileList] = None  # image folders: the training file list (a resume checks it)
+    train_files: Optional[FileList] = None  # image folders: train/'s file list (a resume checks it)
+    skipped: list = field(default_factory=list)  # bad_images=skip: (path, line) replaced in the cache
 
     @property
     def num_classes(self) -> int:
@@ -204,7 +205,7 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
         <= memory_budget(cfg, device)[0])
     if eval_cached:  # their transform is fixed: decoded once into the cache, not at every evaluation
         why += "; val/test from the cache (cache_eval)"
-    out = {}
+    out, skipped = {}, []
     for split, files in lists.items():
         augment = cfg["augment"] if split == "train" else ()
         if files is None:
@@ -215,10 +216,10 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
             out[split].bad_images = cfg.get("bad_images", "stop")
         else:
             images, labels = cached_images(files, cache_dir, split, specs[split],
-                                           size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"))
+                                           size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"), skipped)
             out[split] = TensorImageDataset(images, labels, files.classes, augment)
     return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why,
-                    train_files=lists["train"])
+                    train_files=train, skipped=skipped)
 
 
 def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callable[[str], None] = lambda s: None) -> Datasets:

@@ -66,35 +66,38 @@ STALE_S = 60      # a lock untouched this long belongs to a dead builder (any ho
 
 class BuildLock:
     """One builder per entry, across the processes, nodes and jobs that share ``cache_dir``: a lock file
-    created with O_EXCL, kept fresh by a heartbeat thread; one that stops beating (a killed or lost
-    builder, on any host) is taken over after ``STALE_S``. ``acquire`` returns False when the entry was
-    finished by another builder while this one waited."""
+    created with O_EXCL holding a unique token, kept fresh by a heartbeat thread. A waiter takes it over
+    when its modification time has not moved for ``STALE_S`` of the waiter's own clock (hosts' clocks may
+    disagree): a killed or lost builder, on any host. ``acquire`` returns False when the entry was finished
+    by another builder while this one waited."""
 
     def __init__(self, entry: str, ready: Callable[[], bool], log: Callable[[str], None]):
         self.path, self.ready, self.log = f"{entry}.lock", ready, log
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
 
+    def _read(self, path: str) -> Optional[tuple]:
+        try:
+            with open(path) as f:
+                return f.read(), os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def acquire(self) -> bool:
-        waited = False
+        seen, since, waited = None, time.monotonic(), False
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 if self.ready():
                     return False
-                try:
-                    age = time.time() - os.stat(self.path).st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > STALE_S:
-                    aside = f"{self.path}.dead-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-                    try:
-                        os.rename(self.path, aside)  # only one taker's rename finds the stale lock
-                        os.remove(aside)
-                        self.log(f"cache: took over {self.path}, untouched for {age:.0f}s (a dead builder)")
-                    except FileNotFoundError:
-                        pass
+                now = self._read(self.path)
+                if now != seen:  # the holder's heartbeat moved (or a new holder): it is alive
+                    seen, since = now, time.monotonic()
+                elif now is not None and time.monotonic() - since > STALE_S:
+                    self._take_over(now[0])
+                    seen, since = None, time.monotonic()
                     continue
                 if not waited:
                     self.log(f"cache: waiting for the builder that holds {self.path}")
@@ -102,26 +105,42 @@ class BuildLock:
                 time.sleep(0.5)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()}:{os.getpid()}\n")
+                f.write(self.token)
             self._beat = threading.Thread(target=self._heartbeat, daemon=True)
             self._beat.start()
             return True
+
+    def _take_over(self, stale_token: str) -> None:
+        """Move the stale lock aside; if another waiter replaced it in between (the moved file is not the
+        one judged stale), put that live lock back, unless a third has meanwhile taken the place."""
+        aside = f"{self.path}.dead-{self.token}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = self._read(aside)
+        if moved is not None and moved[0] != stale_token:
+            try:
+                os.link(aside, self.path)  # fails if a lock is there again
+            except FileExistsError:
+                pass
+        else:
+            self.log(f"cache: took over {self.path} from a dead builder ({stale_token}), silent for {STALE_S}s")
+        os.remove(aside)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 os.utime(self.path)
-            except OSError:
-                return
+            except OSError as e:  # a passing network filesystem error: try again at the next beat
+                self.log(f"cache: heartbeat of {self.path} failed ({e}); retrying")
 
     def release(self) -> None:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-        try:
+        if (self._read(self.path) or ("",))[0] == self.token:  # never another builder's lock
             os.remove(self.path)
-        except FileNotFoundError:
-            pass
 
 
 def _block_offsets(nbytes: int) -> list[int]:
@@ -196,7 +215,7 @@ class _DecodeInto(Dataset):
             except DMLError as e:
                 if not self.skip:
                     return str(e), skipped
-                skipped.append(str(e))
+                skipped.append((self.files.path(i), str(e)))
                 self.out[i] = STAND_IN
         return None, skipped
 
@@ -238,8 +257,8 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
         for c, (error, bad) in enumerate(loader):
             if error:
                 raise DMLError(error)
-            for line in bad:
-                log(f"bad_images=skip, a grey stand-in for: {line}")
+            for _, line in bad:
+                log(f"cache: bad_images=skip, a grey stand-in for: {line}")
             skipped += bad
             if time.time() - last > 30:
                 last = time.time()
@@ -275,9 +294,14 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
 
 
 def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: int, crop_fraction: float,
-                  log: Callable[[str], None] = lambda s: None, bad_images: str = "stop") -> tuple[torch.Tensor, torch.Tensor]:
+                  log: Callable[[str], None] = lambda s: None, bad_images: str = "stop",
+                  skipped: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: the decoded split, built once per node by local rank 0 (the other local ranks wait),
-    then mapped by every rank. An unreadable file stops every rank with the builder's line."""
+    then mapped by every rank. An unreadable file stops every rank with the builder's line; with
+    ``bad_images: skip`` (an entry of its own: its images hold stand-ins) each node's local rank 0 appends
+    the entry's replaced files, ``(path, line)``, to ``skipped``, built now or earlier."""
+    if bad_images == "skip":
+        spec += " bad_images=skip"
     error, entry = None, None
     if D.local_rank() == 0:
         try:
@@ -310,6 +334,12 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
             error = (f"building the decoded-image cache in {cache_dir} failed ({str(e).splitlines()[0][:120]}); "
                      f"free memory or disk, or use loader=stream")
     # Sync point: the node's other ranks wait here for the build (a group without the 10-minute timeout).
+    if error is None and entry is not None and skipped is not None:
+        try:
+            with open(os.path.join(entry, "index.json")) as f:
+                skipped += [tuple(item) for item in json.load(f).get("skipped", [])]
+        except (OSError, ValueError) as e:
+            error = f"cannot read {entry}/index.json ({e}); delete the entry"
     answers = D.all_gather_objects((error, entry), group=D.long_group())
     failed = [e for e, _ in answers if e]
     if failed:

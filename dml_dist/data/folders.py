@@ -20,6 +20,7 @@ import json
 import math
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -103,6 +104,7 @@ def files_changed(before: np.ndarray, after: np.ndarray) -> tuple[int, int]:
 
 
 LIST_THREADS = 16  # class folders listed at once (a network filesystem answers many requests in parallel)
+TIME_SLACK_NS = 2_000_000_000  # a folder time this close to the listing may hide a change (coarse clocks)
 MANIFEST = 1       # the manifest format
 
 
@@ -126,18 +128,21 @@ def _read_manifest(path: str, root: str, classes: list, times: list) -> Optional
     try:
         with np.load(path) as m:
             meta = json.loads(bytes(m["meta"]).decode())
+            written = meta.pop("written_ns", 0)
             if meta != {"format": MANIFEST, "root": os.path.abspath(root), "classes": classes, "times": times}:
+                return None
+            if max(times) > written - TIME_SLACK_NS:  # a folder changed within a clock tick of the listing
                 return None
             return FileList(root, classes, m["blob"], m["offsets"], m["labels"])
     except (OSError, ValueError, KeyError):  # missing, damaged, another format: list again
         return None
 
 
-def _write_manifest(path: str, files: FileList, times: list) -> None:
+def _write_manifest(path: str, files: FileList, times: list, written_ns: int) -> None:
     """Atomically (temp file, then rename): several nodes may list the same folder at once."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     meta = json.dumps({"format": MANIFEST, "root": os.path.abspath(files.root), "classes": files.classes,
-                       "times": times}).encode()
+                       "times": times, "written_ns": written_ns}).encode()
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}.npz"
     np.savez(tmp, meta=np.frombuffer(meta, dtype=np.uint8), blob=files.blob, offsets=files.offsets,
              labels=files.labels)
@@ -154,6 +159,7 @@ def scan(root: str, cache_dir: Optional[str] = None, log: Callable[[str], None] 
     if not classes:
         raise DMLError(f"data folder {root} has no class sub-folders; expected {root}/<class>/<image files>")
     times = _folder_times(root, classes) if cache_dir else None
+    listed_ns = time.time_ns()  # before listing: a file added during the listing makes its folder newer
     if cache_dir:
         found = _read_manifest(manifest_path(cache_dir, root), root, classes, times)
         if found is not None:
@@ -172,7 +178,7 @@ def scan(root: str, cache_dir: Optional[str] = None, log: Callable[[str], None] 
                      np.repeat(np.arange(len(classes), dtype=np.int64), [len(n) for n in names]))
     if cache_dir:
         try:
-            _write_manifest(manifest_path(cache_dir, root), files, times)
+            _write_manifest(manifest_path(cache_dir, root), files, times, listed_ns)
             log(f"files: listed {len(files)} in {root}; manifest {manifest_path(cache_dir, root)}")
         except OSError as e:  # a read-only cache_dir: list again next time
             log(f"files: listed {len(files)} in {root}; no manifest ({e.strerror or e})")

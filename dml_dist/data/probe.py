@@ -46,6 +46,7 @@ def probe(cfg: dict, opts: dict) -> dict | None:
                                    (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size),
                                    decode=D.decode_group(ctx) if data.path == "stream" else None)
         loader.set_epoch(opts["epoch"], opts["start_step"])
+        loader.record_decodes = True
         last = len(loader) if not opts["steps"] else min(len(loader), opts["start_step"] + opts["steps"])
         fingerprints, first_batch_s, t0 = [], None, None
         for step, (x, y) in zip(range(opts["start_step"], last), loader):

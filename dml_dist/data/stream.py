@@ -100,8 +100,10 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
     out = torch.zeros(k, 3, s, s, dtype=torch.uint8, device=device)
     if not raws:
         return out
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in raws]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None for _, data in raws]
     try:
+        if any(t is None for t in tensors):  # an empty (or, with skip, unreadable) file: file by file below
+            raise ValueError("empty file")
         imgs = decode_jpeg(tensors, mode="RGB", device=device)
     except Exception:  # noqa: BLE001 - one file the batch call refuses: decode file by file below
         imgs = [None] * len(raws)
@@ -110,7 +112,7 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
             if img is None:
                 try:
                     img = decode_jpeg(tensors[j], mode="RGB", device=device)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - also an empty file: decode_bytes names it
                     img = decode_bytes(data, name).to(device)
             out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)
         except DMLError as e:
@@ -221,7 +223,8 @@ class _CooperativeLoader:
         self.shares, self.device, self.group, self.num_workers = shares, torch.device(device), group, num_workers
         self.part = part
         self.decoded, self.decode_cpu_s = 0, 0.0  # images this rank decoded, CPU seconds spent on it
-        self.decoded_indices: list[int] = []  # dataset indices, in the order decoded (the tests count them)
+        self.record_decodes = False  # the probe sets it: keep every decoded dataset index (tests count them)
+        self.decoded_indices: list[int] = []
         self.skipped: list = []  # bad_images=skip: (path, line) of the files replaced since the last read
         self._loader, self._keys = None, None  # the persistent DataLoader (num_workers > 0) and its sampler
         self.pinned_copies = 0  # shares copied to the GPU from pinned memory (gpu_check asserts them)
@@ -260,7 +263,8 @@ class _CooperativeLoader:
             first = next(e for e in D.all_gather_objects(error) if e)
             raise DMLError(first)
         self.decoded += len(indices)
-        self.decoded_indices += indices
+        if self.record_decodes:
+            self.decoded_indices += indices
         self.skipped += skipped
         self.decode_cpu_s += cpu_s
         self.pinned_copies += int(share.device.type == "cpu" and self.device.type == "cuda" and share.is_pinned())
