@@ -90,8 +90,20 @@ def test_a_replica_list_that_does_not_fit_is_one_line(tmp_path, folder):
     assert_no_worker_traceback(r.stderr)
 
 
+def test_replicas_auto_follows_the_world_and_refuses_what_does_not_fit():
+    from dml_dist.config import build_config, finalize_config
+    from dml_dist.errors import DMLError
+    cfg = build_config(overrides={"replicas": "auto", "model_num": 2, "batch_size": 8})
+    assert [finalize_config(cfg, w)["replicas"] for w in (2, 4, 8)] == [1, 2, 4]
+    for overrides, world, needle in (({"model_num": None}, 4, "replicas=auto needs the number of peers"),
+                                     ({"model_num": 2}, 3, "replicas=auto: 3 processes do not split into 2 peers"),
+                                     ({"model_num": 2, "batch_size": 6}, 8, "batch_size=6 does not divide by replicas=4")):
+        with pytest.raises(DMLError, match=re.escape(needle)):
+            finalize_config(build_config(overrides={"replicas": "auto", "batch_size": 8, **overrides}), world)
+
+
 @pytest.mark.parametrize("replicas,model_num,batch,needle", [
-    ([1, 0], None, 8, "replicas must be an integer >= 1 or a list of them, one per peer"),
+    ([1, 0], None, 8, "replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers"),
     ([1, 2, 1], 2, 8, "replicas lists 3 counts for 2 peers"),
     ([1, 3], None, 8, "batch_size=8 does not divide by replicas=3"),
 ])
