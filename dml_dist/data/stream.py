@@ -171,12 +171,11 @@ class _Shares(Dataset):
         positions = self.share(step)
         indices = [int(idx[p]) for p in positions]
         if self.ds.decode_device != "cpu":  # read only; the rank decodes on its GPU (decode_share)
+            read = _read_or_empty if self.skip else read_file
             try:
-                raws = [(path, read_file(path)) for path in map(self.ds.files.path, indices)]
+                raws = [(path, read(path)) for path in map(self.ds.files.path, indices)]
             except DMLError as e:
-                if not self.skip:
-                    return None, time.process_time() - t0, str(e), indices, []
-                raws = [(path, _read_or_empty(path)) for path in map(self.ds.files.path, indices)]
+                return None, time.process_time() - t0, str(e), indices, []
             rrc = [u[p] for p in positions] if u is not None else None
             return (raws, rrc), time.process_time() - t0, None, indices, []
         s = self.ds.image_size
