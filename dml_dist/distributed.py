@@ -25,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -428,6 +428,27 @@ def all_gather_logits(logits: torch.Tensor, group=None) -> torch.Tensor:
     out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=dev)
     _ALL_GATHER(out, src.to(dev), group=group)
     return out.view(world, *src.shape).to(logits.device)
+
+
+def all_gather_start(t: torch.Tensor, group=None) -> Callable[[], torch.Tensor]:
+    """Start gathering ``t`` ([B, ...], equal shapes) over ``group`` without waiting: returns a function
+    that waits and gives [world, B, ...] on ``t.device``. On NCCL the wait only orders the current stream
+    after the gather (the host goes on); on gloo the gather runs in the group's thread meanwhile. Every
+    rank of ``group`` must start its gathers in the same order."""
+    if not _active():
+        return lambda: t.unsqueeze(0)
+    src = t.contiguous()
+    dev = _comm_device(src)
+    if dev.type == "cpu":
+        group = _host_group(group)
+    world = dist.get_world_size(group)
+    out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=dev)
+    work = _ALL_GATHER(out, src.to(dev), group=group, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return out.view(world, *src.shape).to(t.device)
+    return wait
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -42,6 +42,7 @@ class Meters:
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.unchecked_from: Optional[int] = None  # first step not yet checked for a finite loss
         self.data_time = self.step_time = self.exchange_time = 0.0  # this rank's seconds (host, not saved)
+        self.data_error: Optional[str] = None  # the loader's first unreadable file (stream path), checked here
 
     def add(self, stats: torch.Tensor, finite: torch.Tensor) -> None:
         self.sums += stats
@@ -175,11 +176,15 @@ def sum_by_peer(per_rank: torch.Tensor, ctx: D.DistContext) -> torch.Tensor:
 
 def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> torch.Tensor:
     """Collective over the world (sync point): [peers, 8] float64, each peer's sums over its replicas
-    (``[loss * n, ce * n, kl * n, correct, n, non-finite, step s, exchange s]``; never mixed across peers). Raises on every rank,
-    naming the peer(s) and the steps, when any loss went non-finite since the last check."""
+    (``[loss * n, ce * n, kl * n, correct, n, non-finite, step s, exchange s, data error]``; never mixed across
+    peers). Raises on every rank, naming the peer(s) and the steps, when any loss went non-finite since the
+    last check, or with the loader's line when a rank's loader met an unreadable file (``Meters.data_error``)."""
     mine = torch.cat([meters.sums.cpu(), meters.bad.cpu().double().view(1),
-                      torch.tensor([meters.step_time, meters.exchange_time], dtype=torch.float64)])
+                      torch.tensor([meters.step_time, meters.exchange_time, meters.data_error is not None],
+                                   dtype=torch.float64)])
     table = sum_by_peer(D.all_gather_tensor(mine), ctx)
+    if bool(table[:, 8].any()):  # a rank's loader met an unreadable file since the last check
+        raise DMLError(next(e for e in D.all_gather_objects(meters.data_error) if e))
     first = meters.unchecked_from if meters.unchecked_from is not None else step
     meters.unchecked_from = step + 1
     bad = [k + 1 for k, r in enumerate(table.tolist()) if r[5]]
@@ -257,6 +262,7 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
         stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
                                     cfg["mutual"], scaler)
         meters.add(stats, finite)
+        meters.data_error = meters.data_error or getattr(loader, "error", None)
         meters.data_time += data_time
         t_now = time.time()
         meters.step_time += t_now - t_last
@@ -320,20 +326,27 @@ def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
-    """Collective: each rank scores its loader (replica r of a peer: contiguous share r of the set, in
-    order); rank 0 gathers every rank's logits and labels, reassembles each peer's logits in dataset order,
-    scores every peer and the ensemble, and broadcasts the metrics so every rank holds them."""
+    """Collective: each rank scores its loader (replica r of a peer: its part r of the set, the indices
+    ``loader.positions``); rank 0 gathers every rank's logits, labels and positions, puts each peer's logits
+    back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank."""
     logits, labels = predict(model, loader, ctx.device, cfg["amp"], cfg["channels_last"])
+    positions = torch.as_tensor(loader.positions, device=labels.device)
+    if len(positions) != len(labels):
+        raise RuntimeError(f"the evaluation loader yielded {len(labels)} samples for {len(positions)} positions")
     sizes = [int(v) for v in D.all_gather_tensor(torch.tensor([len(labels)])).flatten()]
-    width = max(sizes)  # gather needs equal shapes: pad every share to the largest
-    pad = width - len(labels)
-    logits = F.pad(logits, (0, 0, 0, pad))
-    labels = F.pad(labels, (0, pad))
-    all_logits = D.gather_to_main(logits)  # sync point
-    all_labels = D.gather_to_main(labels)
+    pad = max(sizes) - len(labels)  # gather needs equal shapes: pad every share to the largest
+    all_logits = D.gather_to_main(F.pad(logits, (0, 0, 0, pad)))  # sync point
+    all_labels = D.gather_to_main(F.pad(labels, (0, pad)))
+    all_positions = D.gather_to_main(F.pad(positions, (0, pad)))
     metrics = None
     if all_logits is not None:
-        peers = torch.stack([torch.cat([all_logits[q, :sizes[q]] for q in ctx.ranks_of(k)]) for k in range(ctx.peers)])
-        y = torch.cat([all_labels[q, :sizes[q]] for q in ctx.ranks_of(0)])
-        metrics = score_logits(peers, y)
+        n = sum(sizes[q] for q in ctx.ranks_of(0))
+
+        def in_order(rows: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+            out = rows.new_zeros(n, *rows.shape[2:])
+            for q in ranks:
+                out[all_positions[q, :sizes[q]]] = rows[q, :sizes[q]]
+            return out
+        peers = torch.stack([in_order(all_logits, ctx.ranks_of(k)) for k in range(ctx.peers)])
+        metrics = score_logits(peers, in_order(all_labels, ctx.ranks_of(0)))
     return D.broadcast_object(metrics)

@@ -119,7 +119,7 @@ class Trainer:
         self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device,
                                               shard, collate_fn=data.collate_fn, node=node, decode=decode)
         self.val_loader, self.test_loader = (
-            make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node)
+            make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node, decode)
             if ds is not None else None for ds in (data.val, data.test))
         self.steps_per_epoch = len(self.train_loader)
 

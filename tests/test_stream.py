@@ -280,10 +280,17 @@ def test_two_nodes_with_replicas_decode_each_sample_once_per_job(jpeg_dir, tmp_p
     """2 nodes x 2 ranks, 2 peers x 2 replicas: rank_order=auto places the peers of one replica index on one
     node, so each node decodes only its replica's rows, and every sample of every step is decoded exactly once
     in the whole job (counted per dataset index where the decoding happens). Each (peer, replica) gets the
-    bytes it gets on one node (peer-major there), and a start in the middle of the epoch the same again."""
+    bytes it gets on one node (peer-major there), and a start in the middle of the epoch the same again.
+    Evaluation (stream, not cached) follows the same rule: each replica scores its rows of the batch, its
+    node decodes only those, and every validation sample is decoded once in the job and scored once per peer."""
     common = dict(data_dir=jpeg_dir, cache_dir=tmp_path / "cache", model_num=2, replicas=2, loader="stream",
                   augment="[rrc,flip,jitter]", num_workers=1)
-    two = two_node_probe(tmp_path, "replicas", **common)
+    two = two_node_probe(tmp_path, "replicas", **common, cache_eval=False, eval=True)
+    assert collections.Counter(i for r in two["ranks"] for i in r["eval_decoded_indices"]) == {i: 1 for i in range(4)}
+    for peer in (0, 1):
+        mine = [r for r in two["ranks"] if r["peer"] == peer]
+        assert sorted(i for r in mine for i in r["eval_positions"]) == list(range(4))
+        assert all(r["eval_batches"] == [2] for r in mine)  # each replica works on the one batch, 2 rows each
     assert two["rank_order"] == "replica" and "replica-major decodes each sample 1x per job, peer-major 2x" in \
         two["rank_order_why"]
     assert [(r["peer"], r["replica"]) for r in two["ranks"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]

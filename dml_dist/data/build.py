@@ -279,16 +279,20 @@ def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers:
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device=None,
-                     shard: tuple[int, int] = (0, 1), node=(0, 1)):
+                     shard: tuple[int, int] = (0, 1), node=(0, 1), decode=None):
     """Sequential order: every rank scores the same samples in the same order. With ``device``, decoded
-    sets are scored from device-resident tensors and file sets decoded by the node together;
-    ``shard=(r, R)`` scores contiguous part r of R."""
+    sets are scored from device-resident tensors (``shard=(r, R)``: contiguous part r of R) and file sets
+    decoded by the decode unit (``decode``, as for ``make_train_loader``; each batch split by rows between
+    the replicas). ``loader.positions``: the set's indices the loader yields, in order."""
     if device is not None and isinstance(dataset, TensorImageDataset):
         return DeviceEvalLoader(dataset, device, max(EVAL_BATCH, batch_size), shard)
     if device is not None and isinstance(dataset, FileImageDataset):
         _check_decode_device(dataset, device)
-        return StreamEvalLoader(dataset, device, node, D.node_group(node[1]), num_workers,
-                                max(EVAL_BATCH, batch_size), shard)
+        group, part, rows = decode if decode is not None else (D.node_group(node[1]), node, (0, 1))
+        return StreamEvalLoader(dataset, device, part, group, num_workers, max(EVAL_BATCH, batch_size), shard, rows)
+    lo, hi = shard_range(len(dataset), shard)
     if shard[1] > 1:
-        dataset = torch.utils.data.Subset(dataset, range(*shard_range(len(dataset), shard)))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        dataset = torch.utils.data.Subset(dataset, range(lo, hi))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader.positions = torch.arange(lo, hi)
+    return loader

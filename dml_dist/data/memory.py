@@ -233,6 +233,7 @@ class DeviceEvalLoader:
                  shard: tuple[int, int] = (0, 1)):
         lo, hi = shard_range(len(dataset), shard)
         self.device, self.batch_size = torch.device(device), batch_size
+        self.positions = torch.arange(lo, hi)  # the set's indices this loader yields, in order
         self.images = dataset.images[lo:hi].to(self.device)
         self.labels = dataset.labels[lo:hi].to(self.device)
 

@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 -m dml_dist.data.probe data_dir=DIR loader=stream steps=20
 
 Takes the trainer's config keys plus ``epoch`` (0-based, default 0), ``start_step`` (0), ``steps`` (10;
-0 = to the end of the epoch) and ``out`` (append rank 0's JSON line there too). Every rank builds the datasets
+0 = to the end of the epoch), ``eval`` (also one pass over the validation loader, as the trainer builds it:
+the indices each rank decoded and scored) and ``out`` (append rank 0's JSON line there too). Every rank builds the datasets
 and the training loader exactly as the trainer does, draws the steps, and rank 0 prints one JSON line:
 the data path and why, and per rank its node, the images it decoded, the CPU seconds its decoding took,
 the fingerprint of every batch, the seconds from process start to its first batch, its peak RSS (and
@@ -22,9 +23,9 @@ from ..config import build_config, finalize_config, parse_overrides
 from ..engine import batch_fingerprint
 from ..errors import DMLError
 from ..logger import emit_json_line
-from .build import build_datasets, make_train_loader
+from .build import build_datasets, make_eval_loader, make_train_loader
 
-PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "out": None}
+PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "eval": False, "out": None}
 
 
 def process_age() -> float:
@@ -42,9 +43,10 @@ def probe(cfg: dict, opts: dict) -> dict | None:
         cfg = finalize_config(cfg, ctx.world_size)
         log: list = []
         data = build_datasets(cfg, ctx.device, log.append)
+        shard, node = (ctx.replica, ctx.replicas), (ctx.local_rank, ctx.local_world_size)
+        decode = D.decode_group(ctx) if data.path == "stream" else None
         loader = make_train_loader(data.train, cfg["batch_size"], cfg["seed"], cfg["num_workers"], ctx.device,
-                                   (ctx.replica, ctx.replicas), node=(ctx.local_rank, ctx.local_world_size),
-                                   decode=D.decode_group(ctx) if data.path == "stream" else None)
+                                   shard, node=node, decode=decode)
         loader.set_epoch(opts["epoch"], opts["start_step"])
         loader.record_decodes = True
         last = len(loader) if not opts["steps"] else min(len(loader), opts["start_step"] + opts["steps"])
@@ -54,6 +56,13 @@ def probe(cfg: dict, opts: dict) -> dict | None:
                 first_batch_s, t0 = process_age(), time.perf_counter()
             fingerprints.append([step, *batch_fingerprint(x, y).tolist()])
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        evaluation = {}
+        if opts["eval"]:  # the trainer's validation loader (Trainer.__init__), one pass
+            val = make_eval_loader(data.val, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node, decode)
+            val.record_decodes = True
+            batches = [len(y) for _, y in val]
+            evaluation = {"eval_batches": batches, "eval_positions": val.positions.tolist(),
+                          "eval_decoded_indices": getattr(val, "decoded_indices", [])}
         mine = {"rank": ctx.rank, "node": ctx.rank // ctx.local_world_size, "peer": ctx.peer, "replica": ctx.replica,
                 "decoded_indices": getattr(loader, "decoded_indices", []),
                 "pinned_copies": getattr(loader, "pinned_copies", 0),
@@ -62,7 +71,7 @@ def probe(cfg: dict, opts: dict) -> dict | None:
                 "images_per_s": round((len(fingerprints) - 1) * cfg["batch_size"] / seconds, 1) if seconds else None,
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-                "log": log, "fingerprints": fingerprints}
+                "log": log, "fingerprints": fingerprints, **evaluation}
         ranks = D.gather_objects(mine)
         if not ctx.is_main:
             return None

@@ -136,21 +136,26 @@ class _Shares(Dataset):
                  rows: tuple[int, int] = (0, 1)):
         self.ds, self.plan, self.batch_size = ds, plan, batch_size
         self.part, self.rows = part, rows
-        width = batch_size // rows[1] if plan is not None else batch_size
+        width = batch_size // rows[1] if plan is not None else -(-batch_size // rows[1])
         self.k = math.ceil(width / part[1])  # each rank's share of its rows (the last share may be shorter)
         self.epoch = 0
         self.rrc = plan is not None and "rrc" in ds.augment
         self.skip = getattr(ds, "bad_images", "stop") == "skip"
 
+    def unit_rows(self, step: int) -> tuple[int, int]:
+        """``[first, end)``: the positions in batch ``step`` that the decode unit needs (training: part r of
+        R of equal width; evaluation: part r of R of the batch's rows, the last batch may be shorter)."""
+        r, parts = self.rows
+        if self.plan is not None:
+            width = self.batch_size // parts
+            return r * width, (r + 1) * width
+        return shard_range(min(self.batch_size, len(self.ds) - step * self.batch_size), self.rows)
+
     def share(self, step: int) -> range:
         """Positions of this rank's share in the batch."""
-        if self.plan is not None:
-            width = self.batch_size // self.rows[1]
-            first, n = self.rows[0] * width, (self.rows[0] + 1) * width
-        else:
-            first, n = 0, min(self.batch_size, len(self.ds) - step * self.batch_size)
+        first, end = self.unit_rows(step)
         lo = first + self.part[0] * self.k
-        return range(min(lo, n), min(lo + self.k, n))
+        return range(min(lo, end), min(lo + self.k, end))
 
     def __len__(self) -> int:
         return len(self.plan) if self.plan is not None else math.ceil(len(self.ds) / self.batch_size)
@@ -216,7 +221,13 @@ class _Keys(torch.utils.data.Sampler):
 
 class _CooperativeLoader:
     """Shared machinery: iterate steps, decode this rank's share ahead in workers, assemble each batch's
-    rows with one all-gather in the decode group (``part=(g, G)``; G = 1: no collective)."""
+    rows with one all-gather in the decode group (``part=(g, G)``; G = 1: no collective). The gather of
+    step s + 1 is started before step s is handed out, so it travels while step s trains.
+
+    A file that cannot be read (``bad_images: stop``) does not cost a world-wide check per step: the rank
+    keeps the first line (``error``) and zeros in place of its share, and the job stops at the next check
+    (``raise_pending``, or the trainer's meter gather at ``print_freq``, before a checkpoint and at the end
+    of the epoch), with the line, on every rank. Alone (world of one) it raises at once."""
 
     def __init__(self, shares: _Shares, device: torch.device, part: tuple[int, int], group, num_workers: int):
         self.shares, self.device, self.group, self.num_workers = shares, torch.device(device), group, num_workers
@@ -225,6 +236,7 @@ class _CooperativeLoader:
         self.record_decodes = False  # the probe sets it: keep every decoded dataset index (tests count them)
         self.decoded_indices: list[int] = []
         self.skipped: list = []  # bad_images=skip: (path, line) of the files replaced since the last read
+        self.error: Optional[str] = None  # bad_images=stop: the first unreadable file's line, not yet raised
         self._loader, self._keys = None, None  # the persistent DataLoader (num_workers > 0) and its sampler
         self.pinned_copies = 0  # shares copied to the GPU from pinned memory (gpu_check asserts them)
 
@@ -247,9 +259,8 @@ class _CooperativeLoader:
             return (item[0].pin_memory(), *item[1:])
         return item
 
-    def _assemble(self, step: int, item) -> torch.Tensor:
-        """Collective: the unit's rows (uint8, on the device) on every rank of the decode unit. A rank whose
-        share hit an unreadable file makes every rank of the world stop with its line (world-wide flag)."""
+    def _start(self, item):
+        """Start assembling one step's rows: a function that waits for them (uint8, on the device)."""
         share, cpu_s, error, indices, skipped = item
         if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
             try:
@@ -257,10 +268,12 @@ class _CooperativeLoader:
                                      skipped if self.shares.skip else None)
             except DMLError as e:
                 error = str(e)
-        flags = D.all_gather_tensor(torch.tensor([error is not None]))  # sync point (host, one byte per rank)
-        if bool(flags.any()):
-            first = next(e for e in D.all_gather_objects(error) if e)
-            raise DMLError(first)
+        if error is not None:
+            if D.group_size() == 1:
+                raise DMLError(error)
+            self.error = self.error or error
+            s = self.shares.ds.image_size
+            share = torch.zeros(self.shares.k, 3, s, s, dtype=torch.uint8)
         self.decoded += len(indices)
         if self.record_decodes:
             self.decoded_indices += indices
@@ -269,9 +282,29 @@ class _CooperativeLoader:
         self.pinned_copies += int(share.device.type == "cpu" and self.device.type == "cuda" and share.is_pinned())
         share = share.to(self.device, non_blocking=True)  # from pinned memory on CUDA: no host wait
         if self.part[1] == 1:
-            return share
-        parts = D.all_gather_tensor(share, self.group)  # sync point: [G, k, 3, S, S]
-        return parts.flatten(0, 1)
+            return lambda: share
+        wait = D.all_gather_start(share, self.group)  # the unit's one collective, in flight from here
+        return lambda: wait().flatten(0, 1)
+
+    def _assembled(self, steps: range) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(step, the unit's rows)`` for ``steps``; step s + 1's gather is under way while s is used."""
+        pending = None
+        for step, item in zip(steps, self._items(steps)):
+            started = (step, self._start(item))
+            if pending is not None:
+                yield pending[0], pending[1]()
+            pending = started
+        if pending is not None:
+            yield pending[0], pending[1]()
+
+    def raise_pending(self) -> None:
+        """Collective over the world: stop every rank with the first line if any rank met an unreadable
+        file since the last check."""
+        flags = D.all_gather_tensor(torch.tensor([self.error is not None]))
+        if bool(flags.any()):
+            first = next(e for e in D.all_gather_objects(self.error) if e)
+            self.error = None
+            raise DMLError(first)
 
 
 class StreamTrainLoader(_CooperativeLoader, TrainBatches):
@@ -292,32 +325,38 @@ class StreamTrainLoader(_CooperativeLoader, TrainBatches):
 
     def __iter__(self):
         self.shares.epoch = self.epoch
-        steps = range(self.start_step, len(self))
-        for step, item in zip(steps, self._items(steps)):
-            x = self._assemble(step, item)[:self.batch_size // self.rows[1]]
+        for step, x in self._assembled(range(self.start_step, len(self))):
+            x = x[:self.batch_size // self.rows[1]]
             x = x if self.rows == self.shard else shard_rows(x, self.shard)
             yield self.finish(self.epoch, step, lambda idx: x)
 
 
 class StreamEvalLoader(_CooperativeLoader):
-    """Evaluation batches in dataset order, decoded cooperatively by the node (evaluation transform).
-    ``shard=(r, R)``: this rank keeps only rows of contiguous part r of R of the set (its replica's
-    share), while still decoding its part of every batch for the others."""
+    """Evaluation batches in dataset order, decoded cooperatively (evaluation transform). Every batch is
+    split between the replicas by rows: ``shard=(r, R)`` keeps part r of R of each batch's rows, so every
+    replica works on every batch. The decode unit (``part=(g, G)`` in ``group``) decodes ``rows`` of each
+    batch: the rank's own part (uniform layouts) or the whole batch. ``positions``: the set's indices this
+    rank scores, in order (``engine.evaluate`` reassembles the set from them)."""
 
-    def __init__(self, dataset: FileImageDataset, device, node=(0, 1), group=None, num_workers: int = 0,
-                 batch_size: int = EVAL_BATCH, shard: tuple[int, int] = (0, 1)):
-        super().__init__(_Shares(dataset, None, batch_size, node), device, node, group, num_workers)
-        self.lo, self.hi = shard_range(len(dataset), shard)
-        self.batch_size, self.labels = batch_size, dataset.labels
+    def __init__(self, dataset: FileImageDataset, device, part=(0, 1), group=None, num_workers: int = 0,
+                 batch_size: int = EVAL_BATCH, shard: tuple[int, int] = (0, 1), rows: tuple[int, int] = (0, 1)):
+        if rows != (0, 1) and rows != shard:
+            raise ValueError(f"a decode unit's rows {rows} must be the whole batch or this rank's shard {shard}")
+        super().__init__(_Shares(dataset, None, batch_size, part, rows), device, part, group, num_workers)
+        self.batch_size, self.labels, self.shard, self.rows = batch_size, dataset.labels, shard, rows
+        n = len(dataset)
+        self.slices = [shard_range(min(batch_size, n - s * batch_size), shard) for s in range(len(self.shares))]
+        self.positions = torch.cat([torch.arange(s * batch_size + lo, s * batch_size + hi)
+                                    for s, (lo, hi) in enumerate(self.slices)] or [torch.zeros(0, dtype=torch.long)])
 
     def __len__(self) -> int:
         return len(self.shares)
 
     def __iter__(self):
-        steps = range(len(self.shares))
-        for step, item in zip(steps, self._items(steps)):
-            first = step * self.batch_size
-            x = self._assemble(step, item)
-            lo, hi = max(self.lo, first), min(self.hi, first + self.batch_size)
-            if lo < hi:
-                yield normalize(x[lo - first:hi - first]), self.labels[lo:hi].to(self.device)
+        for step, x in self._assembled(range(len(self.shares))):
+            lo, hi = self.slices[step]
+            x = x[:hi - lo] if self.rows == self.shard else x[lo:hi]
+            if hi > lo:
+                first = step * self.batch_size
+                yield normalize(x), self.labels[first + lo:first + hi].to(self.device)
+        self.raise_pending()
