@@ -48,6 +48,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "decode_device": "cpu",       # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
     "cache_eval": True,           # stream path: val/test (a fixed transform) decoded once into the cache when they
                                   # fit memory_budget_gb, instead of at every evaluation
+    "cache_keep_days": 14,        # entries superseded by a changed folder and unused this long are removed; 0 = keep
     "bad_images": "stop",         # a file that cannot be read: stop (one line naming it) | skip (a grey stand-in,
                                   # the file named once in the log and counted in the summary)
     "allow_data_change": False,   # resume on a folder whose file list changed since the checkpoint
@@ -110,7 +111,7 @@ _INT_MIN = {  # integer keys and their smallest allowed value
 _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "lr": (0.0, True), "momentum": (0.0, True), "weight_decay": (0.0, True), "gamma": (0.0, False),
     "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
-    "crop_fraction": (0.0, False),
+    "crop_fraction": (0.0, False), "cache_keep_days": (0.0, True),
 }
 _BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained",
          "allow_data_change", "cache_eval")

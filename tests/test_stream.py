@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -188,6 +189,22 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
         again, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
         assert "is damaged" in log[-2] and "decoded 36" in log[-1], (damage, log[-2:])
         assert torch.equal(again, first)
+    # Age cleanup: the two superseded 16 px entries, unused for 20 days, go (at a start, by age alone); the
+    # entry in use and an aged entry of another size stay.
+    cached_images(files, cache, "train", "train/", 8, 1.0, log.append)
+    names = sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n)
+    assert len(names) == 4, names
+    month_ago = time.time() - 20 * 86400
+    for name in names:
+        if not os.path.join(cache, name) == entry:
+            os.utime(os.path.join(cache, name, "last_used"), (month_ago, month_ago))
+    cached_images(files, cache, "train", "train/", 16, 1.0, log.append, keep_days=0)  # 0: keep every entry
+    assert sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n) == names
+    cached_images(files, cache, "train", "train/", 16, 1.0, log.append, keep_days=14)
+    removed = [l for l in log if "superseded and unused for 20 days" in l]
+    left = sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n)
+    assert len(removed) == 2 and len(left) == 2 and os.path.basename(entry) in left, (removed, left)
+    assert any(n.startswith("train_8px_") for n in left)
 
 
 def _probe(nproc, data_dir, tmp_path, torchrun_args=(), **kw):

@@ -216,7 +216,8 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
             out[split].bad_images = cfg.get("bad_images", "stop")
         else:
             images, labels = cached_images(files, cache_dir, split, specs[split],
-                                           size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"), skipped)
+                                           size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"), skipped,
+                                           cfg.get("cache_keep_days", 0))
             out[split] = TensorImageDataset(images, labels, files.classes, augment)
     return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why,
                     train_files=train, skipped=skipped)

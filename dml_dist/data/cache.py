@@ -237,6 +237,45 @@ def _remove_dead_builds(entry: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
+USED = "last_used"  # an entry's stamp, touched by every start that uses it (the age cleanup reads it)
+
+
+def mark_used(entry: str) -> None:
+    path = os.path.join(entry, USED)
+    with open(path, "a"):
+        pass
+    os.utime(path)
+
+
+def remove_old_entries(entry: str, keep_days: float, log: Callable[[str], None]) -> list[str]:
+    """The entries that ``entry`` supersedes (the same split, size, spec and folder, another content key:
+    the folder changed since) and that no start has used for ``keep_days`` (0: keep them all): removed,
+    renamed aside first (atomic; a node cleaning at the same time skips it). Judged by the stamp's time on
+    the shared filesystem, never by PIDs or hosts. Returns the removed paths."""
+    if not keep_days:
+        return []
+    folder, name = os.path.split(entry)
+    prefix, cutoff, removed = name[:name.rindex("_") + 1], time.time() - keep_days * 86400, []
+    for other in sorted(os.listdir(folder)):
+        path = os.path.join(folder, other)
+        if not other.startswith(prefix) or other == name or "." in other or not os.path.isdir(path):
+            continue  # a lock, a build in progress or another split
+        try:
+            stamp = os.path.join(path, USED)
+            used = os.stat(stamp if os.path.exists(stamp) else path).st_mtime
+            if used >= cutoff:
+                continue
+            aside = f"{path}.old-{socket.gethostname()}-{os.getpid()}"
+            os.rename(path, aside)
+        except OSError:  # gone meanwhile: another node cleaned it
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        log(f"cache: removed {path}, superseded and unused for {(time.time() - used) / 86400:.0f} days "
+            f"(cache_keep_days={keep_days:g})")
+        removed.append(path)
+    return removed
+
+
 def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction: float,
                 log: Callable[[str], None], skip: bool = False) -> None:
     """Decode ``files`` with every core into a temporary folder, then rename it into place (atomic; a
@@ -295,11 +334,12 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
 
 def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: int, crop_fraction: float,
                   log: Callable[[str], None] = lambda s: None, bad_images: str = "stop",
-                  skipped: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  skipped: Optional[list] = None, keep_days: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: the decoded split, built once per node by local rank 0 (the other local ranks wait),
     then mapped by every rank. An unreadable file stops every rank with the builder's line; with
     ``bad_images: skip`` (an entry of its own: its images hold stand-ins) each node's local rank 0 appends
-    the entry's replaced files, ``(path, line)``, to ``skipped``, built now or earlier."""
+    the entry's replaced files, ``(path, line)``, to ``skipped``, built now or earlier. Local rank 0 stamps
+    the entry as used and removes the entries it supersedes that are unused for ``keep_days``."""
     if bad_images == "skip":
         spec += " bad_images=skip"
     error, entry = None, None
@@ -325,6 +365,8 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
                             build_entry(entry, files, key, size, crop_fraction, log, bad_images == "skip")
                     finally:
                         lock.release()
+            mark_used(entry)
+            remove_old_entries(entry, keep_days, log)
         except DMLError as e:
             error = str(e)
         except OSError as e:  # read-only, disk full, quota
