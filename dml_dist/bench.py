@@ -150,8 +150,10 @@ def run(cfg: dict, bench: dict) -> dict | None:
         cfg["exchange"] = resolve_exchange(cfg)[0]
         if ctx.device.type != "cuda":
             cfg["amp"], cfg["channels_last"] = "off", False
-        elif cfg["amp"] == "auto":
-            cfg["amp"] = "bf16" if torch.cuda.is_bf16_supported() else "off"
+        else:
+            torch.backends.cudnn.benchmark = True  # as the trainer: the fastest algorithms for the fixed shapes
+            if cfg["amp"] == "auto":
+                cfg["amp"] = "bf16" if torch.cuda.is_bf16_supported() else "off"
         ds, source = _dataset(cfg)
         torch.manual_seed(cfg["seed"] + ctx.peer)
         model = build_model(peer_model_name(cfg, ctx.peer), len(ds.classes), image_size=cfg["image_size"])

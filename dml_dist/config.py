@@ -6,6 +6,7 @@ impossible values raise a DMLError that names the key and the fix.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from typing import Any, Iterable, Optional
 
@@ -150,6 +151,8 @@ def validate_config(cfg: dict) -> dict:
         if isinstance(c[k], bool) or not isinstance(c[k], (int, float)):
             raise DMLError(f"{k} must be a number, got {c[k]!r}")
         c[k] = float(c[k])
+        if not math.isfinite(c[k]):
+            raise DMLError(f"{k} must be a finite number, got {c[k]}")
         if c[k] < lo or (c[k] == lo and not inclusive):
             raise DMLError(f"{k} must be {'>=' if inclusive else '>'} {lo}, got {c[k]}")
     if c["val_fraction"] >= 1:

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import DMLError
-from .placement import Placement, assign_gpus, exchange_identities, process_group_backend, resolve_placement
+from .placement import (Placement, assign_gpus, exchange_identities, gpu_sharers, process_group_backend,
+                        resolve_placement)
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -143,6 +144,15 @@ class DistContext:
                 "threads": self.placement.threads, "rank_order": self.order}
 
 
+_SHARERS: dict = {}  # "gpu": ranks of the job on this rank's physical GPU (from the identity exchange)
+
+
+def ranks_on_my_gpu() -> Optional[int]:
+    """Ranks of the job that use this rank's physical GPU, as the identity exchange found (None: unknown,
+    no launcher or no GPU)."""
+    return _SHARERS.get("gpu")
+
+
 def under_launcher() -> bool:
     """True in a process started by torchrun / the elastic launcher (a rendezvous to join)."""
     return "MASTER_ADDR" in os.environ and "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -164,6 +174,7 @@ def init_distributed(cfg: dict) -> DistContext:
         store, rank, world = next(dist.rendezvous("env://", timeout=_GROUPS["timeout"]))
         identities = exchange_identities(store, rank, world)
         assignment = assign_gpus(identities, rank) if num_gpus > 0 else None
+        _SHARERS["gpu"] = gpu_sharers(identities, rank) if num_gpus > 0 else None
     placement = resolve_placement(local_rank, local_world, num_gpus, cfg["device"], cfg["backend"],
                                   assignment=assignment)
     torch.set_num_threads(placement.threads)

@@ -73,8 +73,11 @@ def batch_fingerprint(x: torch.Tensor, y: torch.Tensor, source: Optional[tuple] 
 
 
 def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
-                            ctx: Optional[D.DistContext] = None, source: Optional[tuple] = None) -> None:
-    """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch.
+                            ctx: Optional[D.DistContext] = None, source: Optional[tuple] = None,
+                            data_error: Optional[str] = None) -> None:
+    """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch. A rank whose
+    loader met an unreadable file (``data_error``: its rows are zeros) makes every rank raise that line
+    first, not a mismatch.
 
     The batch is cut into L equal chunks of rows, L the least common multiple of the peers' replica
     counts, so every rank's share is whole chunks whatever its peer's number of replicas: every rank
@@ -93,13 +96,17 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
         return
     chunks = math.lcm(*ctx.layout)
     mine = chunks // ctx.replicas
-    table = torch.zeros(chunks, 3, dtype=torch.int64)  # per chunk: [held, labels hash, inputs hash]
+    table = torch.zeros(chunks, 4, dtype=torch.int64)  # per chunk: [held, labels hash, inputs hash, data error]
+    table[:, 3] = int(data_error is not None)
     for c in range(mine):
         part = (c, mine)
         src = tuple(shard_rows(t, part) for t in source) if source is not None else None
         table[ctx.replica * mine + c] = torch.cat([torch.ones(1, dtype=torch.int64),
                                                    batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)])
-    fps = D.all_gather_tensor(table)  # [world, chunks, 3]
+    fps = D.all_gather_tensor(table)  # [world, chunks, 4]
+    if bool(fps[:, :, 3].any()):
+        raise DMLError(next(e for e in D.all_gather_objects(data_error) if e))
+    fps = fps[:, :, :3]
     bad, right, tied, what = set(), set(), set(), set()
     for c in range(chunks):
         holders = [k for k in range(fps.shape[0]) if fps[k, c, 0]]
@@ -175,7 +182,7 @@ def sum_by_peer(per_rank: torch.Tensor, ctx: D.DistContext) -> torch.Tensor:
 
 
 def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> torch.Tensor:
-    """Collective over the world (sync point): [peers, 8] float64, each peer's sums over its replicas
+    """Collective over the world (sync point): [peers, 9] float64, each peer's sums over its replicas
     (``[loss * n, ce * n, kl * n, correct, n, non-finite, step s, exchange s, data error]``; never mixed across
     peers). Raises on every rank, naming the peer(s) and the steps, when any loss went non-finite since the
     last check, or with the loader's line when a rank's loader met an unreadable file (``Meters.data_error``)."""
@@ -252,7 +259,8 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
         faults.at_step(ctx.rank, epoch, step)
         if check_every and (step == start_step or step % check_every == 0):
             # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
-            check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None))
+            check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None),
+                                    meters.data_error or getattr(loader, "error", None))
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
         stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
         c0 = clock.mark()
@@ -330,23 +338,29 @@ def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
     ``loader.positions``); rank 0 gathers every rank's logits, labels and positions, puts each peer's logits
     back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank."""
     logits, labels = predict(model, loader, ctx.device, cfg["amp"], cfg["channels_last"])
-    positions = torch.as_tensor(loader.positions, device=labels.device)
-    if len(positions) != len(labels):
-        raise RuntimeError(f"the evaluation loader yielded {len(labels)} samples for {len(positions)} positions")
+    positions = torch.as_tensor(loader.positions, device=labels.device)[:len(labels)]
     sizes = [int(v) for v in D.all_gather_tensor(torch.tensor([len(labels)])).flatten()]
     pad = max(sizes) - len(labels)  # gather needs equal shapes: pad every share to the largest
     all_logits = D.gather_to_main(F.pad(logits, (0, 0, 0, pad)))  # sync point
     all_labels = D.gather_to_main(F.pad(labels, (0, pad)))
     all_positions = D.gather_to_main(F.pad(positions, (0, pad)))
-    metrics = None
+    metrics, error = None, None
     if all_logits is not None:
         n = sum(sizes[q] for q in ctx.ranks_of(0))
+        for k in range(ctx.peers):  # each peer's ranks scored every sample once
+            seen = torch.cat([all_positions[q, :sizes[q]] for q in ctx.ranks_of(k)]).sort().values
+            if not torch.equal(seen.cpu(), torch.arange(n)):
+                error = f"evaluation: peer {k + 1}'s ranks scored {len(seen)} samples, not each of {n} once"
 
         def in_order(rows: torch.Tensor, ranks: list[int]) -> torch.Tensor:
             out = rows.new_zeros(n, *rows.shape[2:])
             for q in ranks:
                 out[all_positions[q, :sizes[q]]] = rows[q, :sizes[q]]
             return out
-        peers = torch.stack([in_order(all_logits, ctx.ranks_of(k)) for k in range(ctx.peers)])
-        metrics = score_logits(peers, in_order(all_labels, ctx.ranks_of(0)))
-    return D.broadcast_object(metrics)
+        if error is None:
+            peers = torch.stack([in_order(all_logits, ctx.ranks_of(k)) for k in range(ctx.peers)])
+            metrics = score_logits(peers, in_order(all_labels, ctx.ranks_of(0)))
+    metrics, error = D.broadcast_object((metrics, error))
+    if error is not None:
+        raise DMLError(error)
+    return metrics

@@ -95,3 +95,15 @@ def wrap_replicas(model: nn.Module, ctx: DistContext, sync_bn: bool) -> tuple[nn
         model = convert_sync_batchnorm(model, group, ctx.device)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return model, DDP(model, device_ids=device_ids, process_group=ctx.replica_group)
+
+
+def take_first_replica_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Collective within each peer's replica group: every replica takes replica 0's buffers (BatchNorm's
+    running statistics, which each replica updates from its own shard without SyncBN), so that what is
+    evaluated is what is saved (checkpoints hold replica 0's state). Training is unchanged: DDP broadcasts
+    replica 0's buffers before each forward anyway."""
+    if ctx.replicas == 1:
+        return
+    src = ctx.ranks_of(ctx.peer)[0]
+    for buf in model.buffers():
+        dist.broadcast(buf, src, group=ctx.replica_group)

@@ -54,6 +54,17 @@ def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
     return local % len(identities[rank][1]), len(set(picks.values())) < len(picks)
 
 
+def gpu_sharers(identities: list, rank: int) -> int:
+    """How many ranks of the job use ``rank``'s physical GPU (the same pick rule as ``assign_gpus``): the
+    memory budget splits that GPU's memory between them, whatever each process sees of the node."""
+    by_host: dict = {}
+    for r, (host, *_) in enumerate(identities):
+        by_host.setdefault(host, []).append(r)
+    picks = {r: (host, identities[r][1][local % len(identities[r][1])])
+             for host, ranks in by_host.items() for local, r in enumerate(ranks) if identities[r][1]}
+    return max(1, sum(p == picks.get(rank) for p in picks.values()))
+
+
 def exchange_identities(store, rank: int, world: int) -> list:
     """Every rank's ``(host, visible GPU UUIDs, node rank)`` through the rendezvous store, before the process
     group exists (the backend depends on the GPUs' answer). Runs on CPU too (no UUIDs), so the CPU tests take

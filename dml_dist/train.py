@@ -53,7 +53,7 @@ from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
 from .models import build_model
-from .parallel import wrap_replicas
+from .parallel import take_first_replica_buffers, wrap_replicas
 
 ERROR_PREFIX = "dml-dist: error:"
 
@@ -162,6 +162,7 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
+            take_first_replica_buffers(self.model, ctx)  # collective: evaluate what the checkpoint holds
             val = evaluate(self.model, self.val_loader, ctx, cfg)
             self._report_bad_images()  # collective
             c.epoch = epoch
@@ -212,6 +213,7 @@ class Trainer:
         """Collective: final peers and their ensemble on the test split (None when there is none)."""
         if self.test_loader is None:
             return None
+        take_first_replica_buffers(self.model, self.ctx)
         res = evaluate(self.model, self.test_loader, self.ctx, self.cfg)
         self._report_bad_images()  # collective
         self.logger.info("test acc " + " ".join(f"peer{k + 1} {a:.4f}" for k, a in enumerate(res["peer_acc"]))

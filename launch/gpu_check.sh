@@ -6,7 +6,7 @@
 #   nccl2      2 peers, one GPU each (only with 2+ GPUs), fp16 with a GradScaler, the all-reduce exchange
 #   shared     2 peers sharing GPU 0 over gloo (the exchange's all-reduce staged through host memory), bf16
 #   compile    compile=true (torch.compile each peer)
-#   replicas   1 peer x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 2+ GPUs)
+#   replicas   2 peers x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 4+ GPUs)
 #   layout     replicas=[1,2] (3+ GPUs): DDP for one peer only, the exchange over the world by batch rows
 # (multi-rank all-gathers over NCCL: stream2 and replicas)
 #   stream     the stream path with decode_device=cuda: batched nvJPEG on the GPU, RandomResizedCrop there,
@@ -95,14 +95,21 @@ from pathlib import Path
 w, name, want_backend, want_amp = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 s = json.loads((w / "logs" / f"{name}_summary.json").read_text())
 fps = sorted((w / "fp").glob("fingerprints_rank*.txt"))
-r = s["config"]["replicas"]  # the same share (replica i of i's peers with as many replicas) on every such rank
+r = s["config"]["replicas"]
 texts = {int(f.stem.split("rank")[1]): f.read_text() for f in fps}
+log = (w / "logs" / f"{name}.log").read_text().splitlines()
+# "placement: rank R (peer P, replica Q) ...": the ranks that hold the same rows are those of one replica index
+slot = {int(l.split("rank ")[1].split(" ")[0]): int(l.split("replica ")[1].split(")")[0]) for l in log if "placement:" in l}
 if isinstance(r, list):  # shares of different sizes: the trainer compared every chunk of rows at every step
     same = "checked-by-trainer" if len(texts) == sum(r) and texts[0].count("\n") >= 8 else False
 else:
-    same = all(t == texts[k % r] for k, t in texts.items()) and texts[0].count("\n") >= 8
-group = [l.split(" group ")[1].split(" ")[0] for l in (w / "logs" / f"{name}.log").read_text().splitlines()
-         if "placement:" in l][0]
+    by_replica = {}
+    for k, t in texts.items():
+        by_replica.setdefault(slot[k], []).append(t)
+    # with 2+ ranks, at least one replica index held by 2+ ranks (2+ peers), else nothing was compared
+    same = (all(len(set(ts)) == 1 for ts in by_replica.values()) and texts[0].count("\n") >= 8
+            and (len(texts) == 1 or max(map(len, by_replica.values())) >= 2))
+group = [l.split(" group ")[1].split(" ")[0] for l in log if "placement:" in l][0]
 applied = ("nccl" in group) == (want_backend == "nccl") and s["config"]["amp"] == want_amp
 print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['config']['amp']} compile={s['config']['compile']} "
       f"ranks={len(fps)} batches-identical={same} acc={['%.2f' % a for a in s['best_accuracies']]}")
@@ -122,7 +129,9 @@ PY
 check nccl1 1 nccl bf16 "amp=bf16 exchange=all_reduce"
 if [[ "$gpus" -ge 2 ]]; then
     check nccl2 2 nccl fp16 "amp=fp16 exchange=all_reduce"
-    check replicas 2 nccl bf16 "model_num=1 replicas=2 sync_bn=true amp=bf16"
+fi
+if [[ "$gpus" -ge 4 ]]; then  # 2 peers x 2 replicas: the peers of each replica index must draw the same rows
+    check replicas 4 nccl bf16 "model_num=2 replicas=2 sync_bn=true amp=bf16"
 fi
 check shared 2 gloo bf16 "amp=bf16 exchange=all_reduce" CUDA_VISIBLE_DEVICES="$first_gpu"
 if [[ "$gpus" -ge 3 ]]; then

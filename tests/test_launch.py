@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
 from dml_dist import DMLError
 from dml_dist.distributed import is_peer_loss
-from dml_dist.placement import (Placement, assign_gpus, exchange_identities, process_group_backend,
+from dml_dist.placement import (Placement, assign_gpus, exchange_identities, gpu_sharers, process_group_backend,
                                 resolve_placement)
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
@@ -52,21 +52,23 @@ def test_process_group_backend_has_a_cpu_backend_for_every_placement(args, backe
     assert process_group_backend(placement) == backend
 
 
-@pytest.mark.parametrize("identities,expected", [
+@pytest.mark.parametrize("identities,expected,sharers", [
     # each process sees only its own GPU (SLURM --gpus-per-task=1, Kubernetes): one GPU each, NCCL
-    ([("n0", ["A"]), ("n0", ["B"]), ("n0", ["C"]), ("n0", ["D"])], [(0, False)] * 4),
+    ([("n0", ["A"]), ("n0", ["B"]), ("n0", ["C"]), ("n0", ["D"])], [(0, False)] * 4, [1] * 4),
     # the same one GPU shown to two processes: shared (gloo)
-    ([("n0", ["A"]), ("n0", ["A"])], [(0, True)] * 2),
+    ([("n0", ["A"]), ("n0", ["A"])], [(0, True)] * 2, [2, 2]),
     # a node's 8 GPUs shown to every process: GPU l for local rank l
-    ([("n0", list("ABCDEFGH"))] * 2, [(0, False), (1, False)]),
+    ([("n0", list("ABCDEFGH"))] * 2, [(0, False), (1, False)], [1, 1]),
     # 3 processes, 2 GPUs: round-robin, shared
-    ([("n0", ["A", "B"])] * 3, [(0, True), (1, True), (0, True)]),
+    ([("n0", ["A", "B"])] * 3, [(0, True), (1, True), (0, True)], [2, 1, 2]),
     # two nodes with the same GPU names: counted per host; one shared node makes the whole job gloo
-    ([("n0", ["A"]), ("n0", ["B"]), ("n1", ["A"]), ("n1", ["A"])], [(0, True), (0, True), (0, True), (0, True)]),
+    ([("n0", ["A"]), ("n0", ["B"]), ("n1", ["A"]), ("n1", ["A"])], [(0, True), (0, True), (0, True), (0, True)], [1, 1, 2, 2]),
 ])
-def test_shared_gpus_are_decided_by_identity_not_count(identities, expected):
+def test_shared_gpus_are_decided_by_identity_not_count(identities, expected, sharers):
     """Issue 16: "shared" was local ranks > visible GPUs, so one GPU per process looked shared by all."""
     assert [assign_gpus(identities, r) for r in range(len(identities))] == expected
+    # the memory budget's split follows the same picks: the ranks on each rank's physical GPU
+    assert [gpu_sharers(identities, r) for r in range(len(identities))] == sharers
     # and the placement that follows: 4 ranks, 1 visible GPU each, distinct -> cuda:0 with NCCL (counts said gloo)
     assert resolve_placement(3, 4, 1, cpu_count=8, assignment=(0, False)) == Placement("cuda:0", "nccl", 2, False)
     assert resolve_placement(3, 4, 1, cpu_count=8) == Placement("cuda:0", "gloo", 2, True)

@@ -110,6 +110,23 @@ def test_replica_major_ranks_train_exactly_as_peer_major(runs):
     assert read_summary(peer_major)["history"] == read_summary(replica_major)["history"]
 
 
+def test_replicas_without_sync_bn_report_what_the_checkpoint_holds(runs, folder):
+    """Without SyncBN each replica updates BatchNorm's running statistics from its own shard; before each
+    evaluation the replicas take replica 0's (the saved state), so the summary's final validation figures
+    are those of the final checkpoints, scored again here the way dml-eval scores them."""
+    from dml_dist.data import build_datasets, make_eval_loader
+    from dml_dist.evaluate import evaluate_dml_models, load_dml_models
+    path, _ = runs("r2_nosync")
+    last = read_summary(path)["history"][-1]
+    ckpts = [str(path / "ckpt" / f"t_model{k}_final.pth") for k in (1, 2)]
+    loaded = load_dml_models(ckpts, "cpu")
+    cfg = {**loaded["configs"][0], "data_dir": str(folder), "augment": False, "download": False}
+    rows = evaluate_dml_models(loaded["models"], make_eval_loader(build_datasets(cfg).val, 64), "cpu")
+    assert [r["loss"] for r in rows[:2]] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert [r["accuracy"] for r in rows[:2]] == last["val_acc"]
+    assert rows[2]["loss"] == pytest.approx(last["ensemble_loss"], abs=1e-6)
+
+
 @pytest.mark.parametrize("nproc,extra,needle", [
     (3, {"replicas": 2}, "model_num=1 x replicas=2 needs 2 processes but 3 were started"),
     (4, {"replicas": 2, "batch_size": 9}, "batch_size=9 does not divide by replicas=2"),

@@ -189,21 +189,29 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
         again, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
         assert "is damaged" in log[-2] and "decoded 36" in log[-1], (damage, log[-2:])
         assert torch.equal(again, first)
-    # Age cleanup: the two superseded 16 px entries, unused for 20 days, go (at a start, by age alone); the
-    # entry in use and an aged entry of another size stay.
+    # Age cleanup, at a start, by the stamp's age alone: of the two superseded 16 px entries, unused for 20
+    # days, the stamped one goes and the unstamped one (built before stamps) is stamped and kept; the entry in
+    # use, an aged entry of another size, and a build folder of the same prefix stay.
     cached_images(files, cache, "train", "train/", 8, 1.0, log.append)
     names = sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n)
     assert len(names) == 4, names
     month_ago = time.time() - 20 * 86400
+    superseded = [n for n in names if os.path.join(cache, n) != entry and n.startswith("train_16px_")]
     for name in names:
-        if not os.path.join(cache, name) == entry:
+        if os.path.join(cache, name) != entry:
             os.utime(os.path.join(cache, name, "last_used"), (month_ago, month_ago))
+    os.remove(os.path.join(cache, superseded[1], "last_used"))
+    building = os.path.join(cache, superseded[0] + ".tmp-otherhost-1")
+    os.makedirs(building)
+    os.utime(building, (month_ago, month_ago))
     cached_images(files, cache, "train", "train/", 16, 1.0, log.append, keep_days=0)  # 0: keep every entry
     assert sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n) == names
     cached_images(files, cache, "train", "train/", 16, 1.0, log.append, keep_days=14)
     removed = [l for l in log if "superseded and unused for 20 days" in l]
     left = sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n)
-    assert len(removed) == 2 and len(left) == 2 and os.path.basename(entry) in left, (removed, left)
+    assert len(removed) == 1 and superseded[0] in removed[0] and superseded[0] not in left, (removed, left)
+    assert len(left) == 3 and os.path.basename(entry) in left and superseded[1] in left and os.path.isdir(building)
+    assert os.stat(os.path.join(cache, superseded[1], "last_used")).st_mtime > time.time() - 60
     assert any(n.startswith("train_8px_") for n in left)
 
 
@@ -359,7 +367,7 @@ def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
             raw = _Shares(ds, plan, 6, (l, 2))[step]
             ds.decode_device = "cpu"
             assert cpu[2] is None and raw[2] is None and isinstance(raw[0][0][0][1], bytes)
-            assert torch.equal(decode_share(*raw[0], ds, torch.device("cpu"), 3), cpu[0])
+            assert torch.equal(decode_share(*raw[0][:2], ds, torch.device("cpu"), 3), cpu[0])
             names += [name for name, _ in raw[0][0]]
     assert any(n.endswith("zz.JPEG") for n in names)  # the PNG went through the batched call's fallback
     with pytest.raises(DMLError, match="decode_device=cuda decodes on the training GPU"):

@@ -143,8 +143,10 @@ def memory_budget(cfg: dict, device: Optional[torch.device]) -> tuple[float, str
     if cfg.get("memory_budget_gb") is not None:
         return cfg["memory_budget_gb"] * 1e9, "memory_budget_gb"
     if device is not None and device.type == "cuda":
-        # Peers sharing one GPU each hold a copy: the quarter is split between them.
-        sharing = max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // max(1, torch.cuda.device_count())))
+        # Peers sharing one GPU each hold a copy: the quarter is split between them. Who shares it comes from
+        # the GPUs' identities (per-task isolation shows each process one GPU); without them, from the counts.
+        sharing = D.ranks_on_my_gpu() or max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                                                  // max(1, torch.cuda.device_count())))
         return (torch.cuda.get_device_properties(device).total_memory / 4 / sharing,
                 "a quarter of the GPU's memory" + (f", split between the {sharing} ranks that share it" if sharing > 1 else ""))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4, "a quarter of the host's memory"
@@ -217,7 +219,7 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
         else:
             images, labels = cached_images(files, cache_dir, split, specs[split],
                                            size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"), skipped,
-                                           cfg.get("cache_keep_days", 0))
+                                           cfg.get("cache_keep_days", 14))
             out[split] = TensorImageDataset(images, labels, files.classes, augment)
     return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why,
                     train_files=train, skipped=skipped)

@@ -241,10 +241,35 @@ USED = "last_used"  # an entry's stamp, touched by every start that uses it (the
 
 
 def mark_used(entry: str) -> None:
-    path = os.path.join(entry, USED)
-    with open(path, "a"):
+    """Stamp ``entry`` as in use now (best effort: a read-only prebuilt cache stays usable)."""
+    try:
+        path = os.path.join(entry, USED)
+        with open(path, "a"):
+            pass
+        os.utime(path)
+    except OSError:
         pass
-    os.utime(path)
+
+
+class UseStamp:
+    """Keeps the stamps of the entries this process maps fresh while it runs (a daemon thread, hourly), so
+    a job longer than ``cache_keep_days`` never has its entry removed under it."""
+    entries: set = set()
+    thread: Optional[threading.Thread] = None
+
+    @classmethod
+    def keep(cls, entry: str) -> None:
+        mark_used(entry)
+        cls.entries.add(entry)
+        if cls.thread is None:
+            cls.thread = threading.Thread(target=cls._run, name="dml-cache-stamp", daemon=True)
+            cls.thread.start()
+
+    @classmethod
+    def _run(cls) -> None:
+        while not threading.Event().wait(3600):
+            for entry in list(cls.entries):
+                mark_used(entry)
 
 
 def remove_old_entries(entry: str, keep_days: float, log: Callable[[str], None]) -> list[str]:
@@ -262,11 +287,17 @@ def remove_old_entries(entry: str, keep_days: float, log: Callable[[str], None])
             continue  # a lock, a build in progress or another split
         try:
             stamp = os.path.join(path, USED)
-            used = os.stat(stamp if os.path.exists(stamp) else path).st_mtime
+            if not os.path.exists(stamp):  # an entry from before the stamps: its age starts now
+                mark_used(path)
+                continue
+            used = os.stat(stamp).st_mtime
             if used >= cutoff:
                 continue
             aside = f"{path}.old-{socket.gethostname()}-{os.getpid()}"
             os.rename(path, aside)
+            if os.stat(os.path.join(aside, USED)).st_mtime >= cutoff:  # stamped meanwhile: in use again
+                os.rename(aside, path)
+                continue
         except OSError:  # gone meanwhile: another node cleaned it
             continue
         shutil.rmtree(aside, ignore_errors=True)
@@ -348,6 +379,8 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
             key = files.key(size, crop_fraction)  # stats every file of the split: the builder alone
             entry = entry_path(cache_dir, files, split, spec, size, crop_fraction, key)
             os.makedirs(cache_dir, exist_ok=True)
+            if os.path.isdir(entry):
+                mark_used(entry)  # first: a node cleaning up meanwhile sees it fresh
             why = check_entry(entry, key, len(files), size)
             if why is None:
                 log(f"cache: {split} read from {entry}")
@@ -365,7 +398,7 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
                             build_entry(entry, files, key, size, crop_fraction, log, bad_images == "skip")
                     finally:
                         lock.release()
-            mark_used(entry)
+            UseStamp.keep(entry)
             remove_old_entries(entry, keep_days, log)
         except DMLError as e:
             error = str(e)

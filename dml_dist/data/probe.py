@@ -55,6 +55,8 @@ def probe(cfg: dict, opts: dict) -> dict | None:
             if first_batch_s is None:
                 first_batch_s, t0 = process_age(), time.perf_counter()
             fingerprints.append([step, *batch_fingerprint(x, y).tolist()])
+        if hasattr(loader, "raise_pending"):
+            loader.raise_pending()  # collective: an unreadable file stops every rank with its line
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
         evaluation = {}
         if opts["eval"]:  # the trainer's validation loader (Trainer.__init__), one pass

@@ -130,14 +130,15 @@ class _Shares(Dataset):
     the stand-in (``bad_images: skip``). Runs in DataLoader workers (or in the rank itself with 0 workers).
 
     ``rows=(r, R)``: the rows of each training batch that the rank's decode unit needs (part r of R);
-    ``part=(g, G)``: this rank's part of those rows. Evaluation (no plan): the whole batch, split by part."""
+    ``part=(g, G)``: this rank's part of those rows. Evaluation (no plan): ``rows`` of each batch's rows
+    (part r of R of a batch that may be shorter), split by part."""
 
     def __init__(self, ds: FileImageDataset, plan: Optional[BatchPlan], batch_size: int, part: tuple[int, int],
                  rows: tuple[int, int] = (0, 1)):
         self.ds, self.plan, self.batch_size = ds, plan, batch_size
         self.part, self.rows = part, rows
         width = batch_size // rows[1] if plan is not None else -(-batch_size // rows[1])
-        self.k = math.ceil(width / part[1])  # each rank's share of its rows (the last share may be shorter)
+        self.k = math.ceil(width / part[1])  # each rank's share of its rows at most (the last may be shorter)
         self.epoch = 0
         self.rrc = plan is not None and "rrc" in ds.augment
         self.skip = getattr(ds, "bad_images", "stop") == "skip"
@@ -151,11 +152,21 @@ class _Shares(Dataset):
             return r * width, (r + 1) * width
         return shard_range(min(self.batch_size, len(self.ds) - step * self.batch_size), self.rows)
 
+    def share_size(self, step: int) -> int:
+        """Rows of each rank's share of step ``step`` (the same on every rank of the decode unit: the
+        all-gather's shape). Training: ``k``; evaluation: from this batch's rows, so a small set or the last
+        batch is split evenly and nothing gathers padding."""
+        if self.plan is not None:
+            return self.k
+        first, end = self.unit_rows(step)
+        return math.ceil((end - first) / self.part[1])
+
     def share(self, step: int) -> range:
         """Positions of this rank's share in the batch."""
         first, end = self.unit_rows(step)
-        lo = first + self.part[0] * self.k
-        return range(min(lo, end), min(lo + self.k, end))
+        k = self.share_size(step)
+        lo = first + self.part[0] * k
+        return range(min(lo, end), min(lo + k, end))
 
     def __len__(self) -> int:
         return len(self.plan) if self.plan is not None else math.ceil(len(self.ds) / self.batch_size)
@@ -180,18 +191,18 @@ class _Shares(Dataset):
             try:
                 raws = [(path, read(path)) for path in map(self.ds.files.path, indices)]
             except DMLError as e:
-                return None, time.process_time() - t0, str(e), indices, []
+                return self.share_size(step), time.process_time() - t0, str(e), indices, []
             rrc = [u[p] for p in positions] if u is not None else None
-            return (raws, rrc), time.process_time() - t0, None, indices, []
+            return (raws, rrc, self.share_size(step)), time.process_time() - t0, None, indices, []
         s = self.ds.image_size
-        out = torch.zeros(self.k, 3, s, s, dtype=torch.uint8)
+        out = torch.zeros(self.share_size(step), 3, s, s, dtype=torch.uint8)
         skipped, self.ds.decoded = [], []
         for j, (pos, index) in enumerate(zip(positions, indices)):
             try:
                 out[j] = self.ds.load(index, u[pos] if u is not None else None)
             except DMLError as e:
                 if not self.skip:
-                    return out, time.process_time() - t0, str(e), self.ds.decoded, skipped
+                    return len(out), time.process_time() - t0, str(e), self.ds.decoded, skipped
                 skipped.append((self.ds.files.path(index), str(e)))
                 out[j] = stand_in(s)
         return out, time.process_time() - t0, None, self.ds.decoded, skipped
@@ -260,31 +271,34 @@ class _CooperativeLoader:
         return item
 
     def _start(self, item):
-        """Start assembling one step's rows: a function that waits for them (uint8, on the device)."""
+        """Start assembling one step's rows: a function that waits for them (uint8, on the device) and
+        then counts the step's decoding (so a step never handed out is not counted)."""
         share, cpu_s, error, indices, skipped = item
         if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
+            raws, rrc, k = share
             try:
-                share = decode_share(*share, self.shares.ds, self.device, self.shares.k,
-                                     skipped if self.shares.skip else None)
+                share = decode_share(raws, rrc, self.shares.ds, self.device, k, skipped if self.shares.skip else None)
             except DMLError as e:
-                error = str(e)
-        if error is not None:
+                error, share = str(e), k
+        if error is not None:  # ``share``: the share's row count
             if D.group_size() == 1:
                 raise DMLError(error)
-            self.error = self.error or error
             s = self.shares.ds.image_size
-            share = torch.zeros(self.shares.k, 3, s, s, dtype=torch.uint8)
-        self.decoded += len(indices)
-        if self.record_decodes:
-            self.decoded_indices += indices
-        self.skipped += skipped
-        self.decode_cpu_s += cpu_s
-        self.pinned_copies += int(share.device.type == "cpu" and self.device.type == "cuda" and share.is_pinned())
+            share = torch.zeros(share, 3, s, s, dtype=torch.uint8)
+        pinned = share.device.type == "cpu" and self.device.type == "cuda" and share.is_pinned()
         share = share.to(self.device, non_blocking=True)  # from pinned memory on CUDA: no host wait
-        if self.part[1] == 1:
-            return lambda: share
-        wait = D.all_gather_start(share, self.group)  # the unit's one collective, in flight from here
-        return lambda: wait().flatten(0, 1)
+        wait = D.all_gather_start(share, self.group) if self.part[1] > 1 else None  # in flight from here
+
+        def finish() -> torch.Tensor:
+            self.error = self.error or error
+            self.decoded += len(indices)
+            if self.record_decodes:
+                self.decoded_indices += indices
+            self.skipped += skipped
+            self.decode_cpu_s += cpu_s
+            self.pinned_copies += int(pinned)
+            return share if wait is None else wait().flatten(0, 1)
+        return finish
 
     def _assembled(self, steps: range) -> Iterator[tuple[int, torch.Tensor]]:
         """``(step, the unit's rows)`` for ``steps``; step s + 1's gather is under way while s is used."""
