@@ -28,6 +28,15 @@ from .data.folders import files_changed
 from .errors import DMLError
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, keeping this run's implementation choice (``fused``, ``foreach``): a
+    state saved on a GPU (fused SGD) resumes on a CPU and the other way round."""
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, impl):
+        group.update(keep)
+
+
 def public_config(cfg: dict) -> dict:
     """The config as trained: ``resume`` says how a process started, not what was trained, so it is left
     out (a resumed run and an uninterrupted one then report the same config)."""
@@ -192,7 +201,7 @@ class CohortCheckpoint:
         meta = D.broadcast_object({k: v for k, v in ckpt.items() if k not in ("peers", "files")} if ckpt else None)
         try:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])

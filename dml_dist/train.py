@@ -107,7 +107,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"],
-                                         nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
+                                         nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+                                         fused=ctx.device.type == "cuda")  # CUDA: one kernel, no GradScaler sync
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["step_size"], cfg["gamma"])
         self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)

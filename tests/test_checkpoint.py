@@ -243,3 +243,20 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from save/t_latest.pth: {done} epoch(s) and 0 step(s) done" in r.stdout
     _assert_same_run(reference, w)
+
+
+def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
+    """The trainer uses fused SGD on CUDA only; a checkpoint's param groups carry ``fused``, which a plain
+    ``load_state_dict`` would copy over this run's choice (fused on a CPU-only resume fails)."""
+    from dml_dist.cohort import load_optimizer_state
+    w = [torch.nn.Parameter(torch.randn(4))]
+    fused = torch.optim.SGD(w, lr=0.1, momentum=0.9, fused=True)
+    w[0].grad = torch.ones(4)
+    fused.step()
+    plain = torch.optim.SGD([torch.nn.Parameter(w[0].detach().clone())], lr=0.1, momentum=0.9)
+    load_optimizer_state(plain, fused.state_dict())
+    assert plain.param_groups[0]["fused"] is None and plain.param_groups[0]["lr"] == 0.1
+    assert torch.equal(next(iter(plain.state.values()))["momentum_buffer"], next(iter(fused.state.values()))["momentum_buffer"])
+    again = torch.optim.SGD(w, lr=0.1, momentum=0.9, fused=True)
+    load_optimizer_state(again, plain.state_dict())
+    assert again.param_groups[0]["fused"] is True
