@@ -22,7 +22,10 @@ Every rank runs, in lock-step (no evaluation, no checkpoints):
 3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
    path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.
 Rank 0 prints one JSON line: images/s per peer, the DML tax (dml step time / alone step time), the
-exchange's share of the step, per peer its compute and exchange time and idle share (``per_peer``), the loaders' images/s and their ratio, placement, versions and commit.
+exchange's share of the step, per peer its compute and exchange time and idle share (``per_peer``), the
+ATen operations of one step (``ops_per_step``: the step, the model's forward and backward alone, and the
+difference: what the step launches around the model), the loaders' images/s and their ratio, placement,
+versions and commit.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import distributed as D
 from .checkpoint import versions
@@ -40,7 +44,7 @@ from .engine import DeviceClock, forward, peer_update
 from .exchange import exchange, resolve_exchange
 from .errors import DMLError
 from .logger import emit_json_line
-from .models import build_model
+from .models import build_model, channels_last_choice
 from .parallel import wrap_replicas
 
 BENCH_KEYS = {"steps": 10, "rounds": 3, "warmup": 5, "loader_images": 2048, "out": None}
@@ -91,6 +95,40 @@ def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scale
                     scaler)
     elapsed = clock.seconds(start, clock.mark())
     return elapsed / n, sum(clock.seconds(a, b) for a, b in gathers) / n
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while it is active (each one a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.collectives = 0, []  # collectives: the c10d operations, by name, in order
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if str(func).startswith("c10d."):
+            self.collectives.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(model, optimizer, batches, ctx, cfg, scaler=None) -> dict:
+    """ATen operations of one steady-state DML step (batch, augmentation and upload, forward, exchange,
+    loss, backward, optimizer, meters), and of the model's forward and backward alone on the same kind of
+    batch (``logits.sum().backward()``): the difference is what the step adds around the model, the part
+    that fusing and compiling the rest of the step can remove. ``collectives``: the c10d operations the step
+    ran (which exchange ran, seen where it happens)."""
+    with _OpCounter() as step:
+        x, y = next(batches)
+        logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+        all_logits = exchange(logits, ctx, cfg)
+        peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"],
+                    scaler)
+    x, _ = next(batches)
+    with _OpCounter() as alone:
+        forward(model, x, cfg["amp"], cfg["channels_last"]).float().sum().backward()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step.ops, "model_forward_backward": alone.ops, "outside_model": step.ops - alone.ops,
+            "collectives": sorted(set(step.collectives))}
 
 
 def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_images: int) -> dict:
@@ -157,11 +195,12 @@ def run(cfg: dict, bench: dict) -> dict | None:
         ds, source = _dataset(cfg)
         torch.manual_seed(cfg["seed"] + ctx.peer)
         model = build_model(peer_model_name(cfg, ctx.peer), len(ds.classes), image_size=cfg["image_size"])
+        cfg["channels_last"] = channels_last_choice(cfg["channels_last"], model, ctx.device, cfg["amp"])[0]
         model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
         model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
         if cfg["compile"]:
             train_model = torch.compile(train_model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=ctx.device.type == "cuda")
         scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None  # as the trainer does
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
         batches = _batches(loader)
@@ -172,6 +211,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
         for _ in range(bench["rounds"]):
             alone.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, False, scaler))
             dml.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, True, scaler))
+        ops = _ops_per_step(train_model, optimizer, batches, ctx, cfg, scaler)  # collective (the exchange)
         alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
         dml_s, gather_s = sorted(dml)[len(dml) // 2]
         per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),
@@ -190,7 +230,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
             "dml_step_ms": slowest["dml_ms"], "alone_step_ms": alone,
             "dml_tax": round(slowest["dml_ms"] / alone, 3),
             "exchange": cfg["exchange"], "exchange_share": round(slowest["exchange_ms"] / slowest["dml_ms"], 3),
-            "per_peer": _per_peer(per_rank, cfg, ctx),
+            "per_peer": _per_peer(per_rank, cfg, ctx), "ops_per_step": ops,
             "loader": loaders, "threads_per_rank": ctx.placement.threads, "ranks": per_rank, "versions": versions(),
         }
         return result

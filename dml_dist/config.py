@@ -77,7 +77,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "backend": "auto",            # auto | nccl | gloo
     "timeout": None,              # seconds a collective waits for the slowest rank; None = $DML_DIST_TIMEOUT or 600
     "amp": "auto",                # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
-    "channels_last": False,
+    "channels_last": "auto",
     "compile": False,             # torch.compile each peer's model
     "consistency_check_every": 100,  # steps between batch fingerprint checks (and the first step); 0 = off
     # logging and checkpoints
@@ -114,7 +114,7 @@ _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
     "crop_fraction": (0.0, False), "cache_keep_days": (0.0, True),
 }
-_BOOL = ("nesterov", "channels_last", "progress_bar", "download", "compile", "sync_bn", "pretrained",
+_BOOL = ("nesterov", "progress_bar", "download", "compile", "sync_bn", "pretrained",
          "allow_data_change", "cache_eval")
 _STR_OR_NONE = ("experiment_name", "resume", "cache_dir")
 
@@ -159,6 +159,9 @@ def validate_config(cfg: dict) -> dict:
         raise DMLError(f"val_fraction must be < 1, got {c['val_fraction']}")
     if c["crop_fraction"] > 1:
         raise DMLError(f"crop_fraction must be in (0, 1] (ImageNet's is 0.875), got {c['crop_fraction']}")
+    if c["channels_last"] not in (True, False, "auto"):
+        raise DMLError(f"channels_last must be true, false or auto (on for convolutional peers under AMP on "
+                       f"CUDA), got {c['channels_last']!r}")
     t = c["timeout"]
     if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 5):
         raise DMLError(f"timeout must be a whole number of seconds >= 5 (or null for $DML_DIST_TIMEOUT / 600), got {t!r}")

@@ -166,7 +166,8 @@ def init_distributed(cfg: dict) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     num_gpus = torch.cuda.device_count() if cfg["device"] != "cpu" else 0
-    _GROUPS["timeout"] = collective_timeout(cfg)
+    _GROUPS["detect"] = collective_timeout(cfg)
+    _GROUPS["timeout"] = _GROUPS["detect"] + stall_margin(_GROUPS["detect"])
     store, assignment = None, None
     if under_launcher() and not dist.is_initialized():
         # Which physical GPU each rank gets decides the backend, so ask every rank before the group (on CPU
@@ -331,9 +332,21 @@ def local_rank() -> int:
 _GROUPS: dict = {}
 
 
+def stall_margin(detect: timedelta) -> timedelta:
+    """How much longer than the stall detection (``timeout``) a collective may wait: the line that names
+    the stalled rank comes from the heartbeats at ``timeout`` (``stall.StepWatch``), before any backend ends
+    the wait (NCCL's watchdog aborts the process then, without a word)."""
+    return timedelta(seconds=max(10.0, 0.1 * detect.total_seconds()))
+
+
 def group_timeout() -> timedelta:
-    """The timeout the process group was created with (``collective_timeout``), for the subgroups."""
-    return _GROUPS.get("timeout") or collective_timeout()
+    """The timeout the process groups are created with: ``collective_timeout`` plus ``stall_margin``."""
+    return _GROUPS.get("timeout") or collective_timeout() + stall_margin(collective_timeout())
+
+
+def stall_timeout() -> timedelta:
+    """How long a step may wait in a collective before rank 0 names the rank that stopped answering."""
+    return _GROUPS.get("detect") or collective_timeout()
 
 
 def long_group():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import resource
 from dataclasses import fields
 import time
@@ -252,9 +253,18 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
     bar = logger.progress(loader, total=steps - start_step, desc=f"epoch {epoch}")
     t_epoch = t_last = time.time()
     clock, spans = DeviceClock(ctx.device), []  # the exchange's wait, read at the print boundaries
+    sync_check, checked = os.environ.get("DML_SYNC_CHECK") == "1" and ctx.device.type == "cuda", 0
+    every_save = cfg["save_every_steps"]
+
+    def steady(s: int) -> bool:
+        """Step ``s`` has no planned host sync: not the first two, no meter read, check or save after it."""
+        return (s > start_step + 1 and (s + 1) % cfg["print_freq"] != 0 and s + 1 < steps
+                and not (check_every and s % check_every == 0)
+                and not (every_save and ((epoch - 1) * steps + s + 1) % every_save == 0))
     if watch is not None:
         watch.start(epoch, start_step)
     for step, (x, y) in enumerate(bar, start=start_step):
+        checked += int(sync_check and steady(step))
         data_time = time.time() - t_last
         faults.at_step(ctx.rank, epoch, step)
         if check_every and (step == start_step or step % check_every == 0):
@@ -293,6 +303,12 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
             on_step(step, meters)
         if watch is not None and step + 1 < steps:
             watch.start(epoch, step + 1)
+        if sync_check:  # DML_SYNC_CHECK=1 (gpu_check): any host sync in a steady-state step raises
+            torch.cuda.set_sync_debug_mode("error" if steady(step + 1) else "default")
+    if sync_check:
+        torch.cuda.set_sync_debug_mode("default")
+        logger.info(f"sync check: {checked} steady-state steps of epoch {epoch} ran under "
+                    f"torch.cuda.set_sync_debug_mode('error')")
     if watch is not None:
         watch.pause()
     bar.close()

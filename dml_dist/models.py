@@ -233,3 +233,20 @@ def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: b
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def channels_last_choice(setting, model: nn.Module, device: torch.device, amp: str) -> tuple[bool, str]:
+    """``channels_last`` as it runs, and why. Never on CPU (its conv kernels would change the results).
+    ``auto``: on for a convolutional model (most of its weights in 2-D convolutions: not a ViT, whose patch
+    embedding is its only one) under AMP on CUDA, where tensor-core convolutions take NHWC."""
+    if device.type != "cuda":
+        return False, "off on CPU"
+    if setting != "auto":
+        return bool(setting), f"channels_last={str(setting).lower()}"
+    total = sum(p.numel() for p in model.parameters())
+    conv = sum(p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False))
+    if amp == "off":
+        return False, "auto: off without AMP"
+    if 2 * conv <= total:
+        return False, "auto: off, not a convolutional model"
+    return True, f"auto: on, a convolutional model under {amp} on CUDA"

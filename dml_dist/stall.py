@@ -5,6 +5,7 @@ out (README, "Troubleshooting").
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -46,9 +47,17 @@ def is_timeout(e: BaseException) -> bool:
     return isinstance(e, (RuntimeError, dist.DistError)) and any(m in str(e) for m in _TIMEOUT_MESSAGES)
 
 
-def describe_stall(peer_of, timeout: timedelta, error: BaseException) -> str:
-    """One line after a collective timed out: the rank(s) behind this one by their last heartbeat (or
-    that no rank is behind), where this rank waited, the fix, and the backend's own first line."""
+_REPORTED = threading.Event()  # this process printed the stall line: later lost-contact lines stay quiet
+
+
+def reported() -> bool:
+    return _REPORTED.is_set()
+
+
+def describe_stall(peer_of, timeout: timedelta, error: Optional[BaseException] = None, behind_only: bool = False):
+    """One line: the rank(s) behind this one by their last heartbeat (or that no rank is behind), where this
+    rank waited, the fix, and the backend's own first line (``error``: the collective that timed out; None:
+    rank 0's watch, before any timeout). ``behind_only``: None unless some rank is behind."""
     store, me, world, now = default_store(), dist.get_rank(), dist.get_world_size(), time.time()
     mine, reports, unreachable = list(_PROGRESS), {}, False
     if store is not None:
@@ -71,19 +80,28 @@ def describe_stall(peer_of, timeout: timedelta, error: BaseException) -> str:
         what = (", ".join(f"rank {r} (peer {peer_of(r) + 1})" for r in culprit) + " stopped answering")
         where += f"; its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
     else:
+        if behind_only:
+            return None
         what = "a rank stopped answering inside the collective (no rank is behind this one by its reports)"
+    line = (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
+            f"if its steps legitimately take longer, raise timeout= (seconds)")
+    if error is None:
+        return line
     first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-    return (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
-            f"if its steps legitimately take longer, raise timeout= (seconds) [{first_line}]")
+    return f"{line} [{first_line}]"
 
 
 class StepWatch:
     """Rank 0's watch over the step in flight (a daemon thread): a step that has taken far longer than
-    usual (``factor`` x the median of recent steps, and at least ``floor_s``) is logged while it still
-    waits, before the collective timeout ends the run."""
+    usual (``factor`` x the median of recent steps, or half of ``timeout_s`` if that comes first, and at
+    least ``floor_s``) is logged while it still waits. At ``timeout_s`` (the stall detection: the collectives' own timeout is a margin later, see
+    ``distributed.stall_margin``) it reads the heartbeats and, when a rank is behind, prints the one line
+    naming it: on every backend, since NCCL's watchdog would abort the process without one. The job then
+    ends when the collective times out (the process groups' timeout)."""
 
-    def __init__(self, logger, timeout_s: float, factor: float = 10.0, floor_s: float = 5.0):
+    def __init__(self, logger, timeout_s: float, peer_of=lambda r: r, factor: float = 10.0, floor_s: float = 5.0):
         self.logger, self.timeout_s, self.factor, self.floor_s = logger, timeout_s, factor, floor_s
+        self.peer_of = peer_of
         self.durations: deque = deque(maxlen=200)
         self.current: Optional[tuple] = None   # (epoch, step, started)
         self.warned: Optional[tuple] = None
@@ -107,14 +125,28 @@ class StepWatch:
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             cur, done = self.current, sorted(self.durations)
-            if cur is None or len(done) < 3 or self.warned == cur[:2]:
+            if cur is None or len(done) < 3:
                 continue
             median, waited = done[len(done) // 2], time.monotonic() - cur[2]
-            if waited > max(self.factor * median, self.floor_s):
+            if waited > self.timeout_s and not reported() and _active():
+                self._name_the_stalled_rank()
+            if self.warned == cur[:2]:
+                continue
+            # at the latest at half the detection time, however slow the usual step (a loaded machine)
+            if waited > max(min(self.factor * median, self.timeout_s / 2), self.floor_s):
                 self.warned = cur[:2]
                 self.logger.info(f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
                                  f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
                                  f"be stalled: the run stops after timeout={self.timeout_s:.0f} s")
+
+    def _name_the_stalled_rank(self) -> None:
+        try:
+            line = describe_stall(self.peer_of, timedelta(seconds=self.timeout_s), behind_only=True)
+        except Exception:  # noqa: BLE001 - the store went away: the collective's timeout reports it
+            return
+        if line is not None:
+            _REPORTED.set()
+            print(f"dml-dist: error: (rank {dist.get_rank()}) {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._stop.set()

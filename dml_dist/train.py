@@ -52,7 +52,7 @@ from .errors import (DMLError, Stopped, die_of_sigterm, in_entry_process, sigter
 from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
-from .models import build_model
+from .models import build_model, channels_last_choice
 from .parallel import take_first_replica_buffers, wrap_replicas
 
 ERROR_PREFIX = "dml-dist: error:"
@@ -99,6 +99,8 @@ class Trainer:
                                 pretrained=cfg["pretrained"])
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
+        cfg["channels_last"], self.channels_last_why = channels_last_choice(cfg["channels_last"], model, ctx.device,
+                                                                           cfg["amp"])
         model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
         # self.model: the peer itself (its state dict is what checkpoints hold); self.train_model: what the
         # step calls (DDP over the peer's replicas and/or torch.compile).
@@ -127,7 +129,7 @@ class Trainer:
         # The cohort's state, identical on every rank, and its checkpoints (cohort.py).
         self.ckpt = CohortCheckpoint(cfg, ctx, logger, data, (self.arch, self.model, self.optimizer, self.scheduler,
                                                               self.scaler), self.archs)
-        self.watch = stall.StepWatch(logger, D.group_timeout().total_seconds()) if ctx.is_main else None  # created last
+        self.watch = stall.StepWatch(logger, D.stall_timeout().total_seconds(), ctx.peer_of) if ctx.is_main else None
 
     def kl_weight(self, epoch: int):
         """The mutual term's weight per step of ``epoch`` (``loss.kl_ramp``: warm-up, then kl_weight)."""
@@ -265,8 +267,6 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
             # Fixed-shape training: let cuDNN pick the fastest convolution algorithms once per shape (only in
             # processes this package started: a user's own process keeps its global setting).
             torch.backends.cudnn.benchmark = True
-        # channels_last only pays off on GPUs; on CPU it would change conv kernels and thus results.
-        cfg["channels_last"] = cfg["channels_last"] and ctx.device.type == "cuda"
         logger = make_logger(ctx.is_main, cfg, stream)
         if ctx.restart_count > 0:
             logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume']}")
@@ -295,6 +295,9 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
         logger.info(f"data path: {data.path} ({data.why})")
         logger.info(f"exchange: {cfg['exchange']} ({exchange_why})")
         trainer = Trainer(cfg, ctx, logger, data)
+        layouts = D.gather_objects((ctx.peer, trainer.channels_last_why))  # each peer decides for its model
+        for peer, why in sorted(set(layouts or [])):
+            logger.info(f"channels_last: peer {peer + 1}: {why}")
         trainer.ckpt.resume(cfg["resume"])
         t0 = time.time()
         trainer.fit()
@@ -319,6 +322,7 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
     except RuntimeError as e:
         if D.is_active() and stall.is_timeout(e):  # a rank stopped answering: name it while the store is up
             err = DMLError(stall.describe_stall(ctx.peer_of, D.group_timeout(), e), all_ranks=False)
+            err.reported = stall.reported()  # rank 0's watch named the rank from the heartbeats already
             if in_entry_process():
                 report_error(err)
             raise err from None
@@ -401,7 +405,7 @@ def report_error(e: DMLError) -> None:
 def report_lost_contact(e: BaseException) -> None:
     """Another rank died mid-collective: one line from this rank (its own error, or torchrun's report,
     says why). Reports ``e`` once."""
-    if getattr(e, "dml_reported", False):
+    if getattr(e, "dml_reported", False) or stall.reported():  # the stall line said why already
         return
     e.dml_reported = True
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

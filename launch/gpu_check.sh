@@ -146,6 +146,24 @@ else
     check stream2 2 gloo bf16 "$stream_keys num_workers=2" CUDA_VISIBLE_DEVICES="$first_gpu"
 fi
 
+# No host sync in a steady-state step (issue 22): DML_SYNC_CHECK=1 runs the steps between print_freq
+# boundaries under torch.cuda.set_sync_debug_mode("error"): a hidden .item() or blocking copy raises there.
+for keys in "amp=bf16" "amp=fp16" "amp=bf16 loader=stream data_dir=$work/jpeg augment=rrc,flip image_size=64 num_workers=2"; do
+    name="syncfree_${keys%% *}"; name=${name//=/}
+    [[ "$keys" == *stream* ]] && name=syncfree_stream
+    # shellcheck disable=SC2086  # keys is a list of key=value words on purpose
+    if run_within env DML_SYNC_CHECK=1 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.train \
+        data_dir="$work/data" model=resnet20 epochs=1 batch_size=64 augment=true consistency_check_every=0 \
+        print_freq=1000 progress_bar=false save_dir="$work/$name/ckpt" log_dir="$work/$name/logs" \
+        experiment_name="$name" $keys >"$work/$name.log" 2>&1 \
+        && grep -Eq "sync check: [1-9][0-9]* steady-state steps" "$work/$name.log"; then
+        verdicts+=("$name: ok ($(grep -oE "sync check: [0-9]+ steady-state steps" "$work/$name.log" | head -n 1))")
+    else
+        verdicts+=("$name: FAILED a host sync in a steady-state step, or no step checked ($(grep -m1 -E 'synchroniz|dml-dist: error|Error' "$work/$name.log" || echo "see $work/$name.log"))")
+        status=1
+    fi
+done
+
 # The stream path's hand-over (decode_device=cpu): every share reaches the GPU from pinned memory,
 # non-blocking (a count from the loader); every check above also ran the placement exchange through the store.
 line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
@@ -176,10 +194,16 @@ done
 
 line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
     data_dir="$work/jpeg" loader=stream decode_device=cuda augment=rrc,flip image_size=224 batch_size=256 \
-    num_workers=4 steps=0 2>"$work/probe.log" | tail -n 1)
-ips=$("$py" -c 'import json, sys; print(json.loads(sys.argv[1])["ranks"][0]["images_per_s"])' "$line" 2>/dev/null)
-if [[ -n "$ips" ]]; then
-    bench+=("| stream nvJPEG 224px ${ips} img/s")
+    num_workers=4 steps=0 hash=false 2>"$work/probe.log" | tail -n 1)
+# nvJPEG must have decoded every image (a count from the loader: the batched call's, not the absence of errors)
+ips=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1])["ranks"][0]; d = r["device_decodes"]
+print(r["images_per_s"], d.get("batched", 0), r["decoded"])' "$line" 2>/dev/null)
+read -r ips batched decoded <<<"${ips:-}"
+if [[ -n "$ips" && "$batched" -gt 0 && "$batched" == "$decoded" ]]; then
+    bench+=("| stream nvJPEG 224px ${ips} img/s (batched nvJPEG decodes ${batched}/${decoded})")
+elif [[ -n "$ips" ]]; then
+    bench+=("| stream nvJPEG: FAILED only ${batched} of ${decoded} images went through the batched decode (see $work/probe.log)")
+    status=1
 else
     bench+=("| stream nvJPEG FAILED (see $work/probe.log)")
     status=1

@@ -15,6 +15,25 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-small"
+CI = os.environ.get("CI") == "true"
+
+
+def requires(available: bool, reason: str):
+    """Decorator for a test that needs a real component (SLURM, the shared subset): skipped where it is
+    missing, but under ``CI=true`` it fails instead, so a CI run never passes without running it."""
+    if available:
+        return lambda test: test
+    if not CI:
+        return pytest.mark.skip(reason=reason)
+
+    def fail(test):
+        import functools
+
+        @functools.wraps(test)
+        def missing(*args, **kwargs):
+            pytest.fail(f"CI=true and {reason}: install it (see .ci/run), or the run proves nothing of it")
+        return missing
+    return fail
 TIMEOUT = 240  # seconds; every launch is bounded so a hang fails the test instead of the suite
 
 

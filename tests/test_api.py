@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import REPO, SHARED_DATA, make_image_folder, run_cmd, torchrun
+from conftest import REPO, SHARED_DATA, make_image_folder, requires, run_cmd, torchrun
 from dml_dist import DMLError, train_dml, create_dml_config
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -161,7 +161,7 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
     assert r.returncode == 1 and r.stderr.startswith("dml-dist: error: data_dir") and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/cifar10-small")
+@requires(SHARED_DATA.is_dir(), "../shared/data/cifar10-small is missing")
 def test_example_notebook_runs_headless(tmp_path):
     import nbformat
     from nbclient import NotebookClient

@@ -55,15 +55,19 @@ def test_skip_stand_in_is_deterministic_grey_on_both_decode_paths(tmp_path):
     assert sorted(p.rsplit("/", 2)[1] + "/" + p.rsplit("/", 1)[1] for p, _ in skipped) == ["a/0002.png", "b/0001.png"]
     bad = [j for j, i in enumerate(plan.indices(0, 0).tolist()) if files.relpath(i) in ("a/0002.png", "b/0001.png")]
     assert len(bad) == 2 and all(bool((share[j] == 128).all()) for j in bad)
-    ds.decode_device = "cuda"  # the workers only read; decode_share decodes (here on the CPU)
+    ds.decode_device = "cuda"  # the workers read (and decode what is not a JPEG); decode_share decodes the rest
     from dml_dist.data.stream import decode_share
-    raws, _, error, _, _ = _Shares(ds, plan, 8, (0, 1))[0]
+    raws, _, error, _, in_worker = _Shares(ds, plan, 8, (0, 1))[0]
     again = []
-    assert torch.equal(decode_share(*raws[:2], ds, torch.device("cpu"), 8, again), share) and len(again) == 2
-    ds.bad_images = "stop"  # and without skip the empty file is one clear line, not a traceback
-    raws, _, error, _, _ = _Shares(ds, plan, 8, (0, 1))[0]
+    assert torch.equal(decode_share(*raws[:2], ds, torch.device("cpu"), 8, again), share)
+    assert [p.rsplit("/", 1)[1] for p, _ in in_worker] == ["0001.png"] and len(again) == 1  # the PNG; the empty file
+    ds.bad_images = "stop"  # and without skip each is one clear line, not a traceback
+    item = _Shares(ds, plan, 8, (0, 1))[0]
+    assert "cannot read image" in item[2] and "0001.png" in item[2]  # the worker met the PNG
+    ((path, _),) = [(p, d) for p, d in in_worker]
+    kept = [(p, d) for p, d in raws[0] if p != path]  # without it, the rank meets the empty file
     with pytest.raises(DMLError, match="cannot read image .*0002.png"):
-        decode_share(*raws[:2], ds, torch.device("cpu"), 8)
+        decode_share(kept, None, ds, torch.device("cpu"), 8)
 
 
 def test_resume_on_a_changed_folder_is_one_line_unless_allowed(tmp_path):

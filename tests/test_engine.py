@@ -28,8 +28,9 @@ def test_compile_applies_under_torchrun_and_trains_close_to_eager(tmp_path, tiny
     (_, eager), (_, compiled) = out["eager"], out["compiled"]
     assert compiled["config"]["compile"] is True and eager["config"]["compile"] is False
     a, b = eager["history"][0], compiled["history"][0]
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)  # close ...
-    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=5e-2)
+    # close (on CPU they agree to about 1e-5; a wrong graph is off by far more) ...
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     # ... and the checkpoints hold the plain modules' weights (no torch.compile prefix)
     w = torch.load(tmp_path / "compiled" / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
     assert w and not any(k.startswith("_orig_mod") for k in w)
@@ -63,3 +64,46 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny):
         ck = torch.load(tmp_path / "ckpt" / f, weights_only=True)
         for state in ([p["model"] for p in ck["peers"]] if "peers" in ck else [ck["model"]]):
             assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), f
+
+
+def test_the_ensemble_is_the_mean_of_the_peers_softmaxes():
+    """Issue 25: computed by hand. Peer 1 [5, 4, -100], peer 2 [0, 1.2, 0]: the mean of their softmaxes picks
+    class 0, the softmax of their mean logits would pick class 1 (and give another loss)."""
+    import math
+    from dml_dist.engine import score_logits
+    logits = torch.tensor([[[5.0, 4.0, -100.0]], [[0.0, 1.2, 0.0]]])
+    p1 = [math.exp(5) / (math.exp(5) + math.exp(4)), math.exp(4) / (math.exp(5) + math.exp(4)), 0.0]
+    z2 = 2 + math.exp(1.2)
+    p2 = [1 / z2, math.exp(1.2) / z2, 1 / z2]
+    mean = [(a + b) / 2 for a, b in zip(p1, p2)]
+    assert max(range(3), key=mean.__getitem__) == 0 and int(logits.mean(0).argmax()) == 1
+    s = score_logits(logits, torch.tensor([0]))
+    assert s["ensemble_correct"] == 1 and s["ensemble_acc"] == 1.0
+    assert s["ensemble_loss"] == pytest.approx(-math.log(mean[0]), rel=1e-6)
+    assert s["peer_correct"] == [1, 0]
+
+
+def test_the_batch_fingerprint_sees_the_images_the_labels_and_the_parameters_apart():
+    """Issue 25: a fingerprint that hashed the labels twice (or ignored the images) passed the suite. Each
+    of the three must change its own hash and leave the other alone."""
+    from dml_dist.augment import AugParams
+    from dml_dist.engine import batch_fingerprint
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y, params = torch.tensor([0, 1, 2, 3]), AugParams.draw(4, torch.Generator().manual_seed(1))
+    x = u8.float()
+    base = batch_fingerprint(x, y, (u8, params)).tolist()
+    pixel = u8.clone()
+    pixel[2, 1, 3, 4] ^= 1
+    one_bit = batch_fingerprint(x, y, (pixel, params)).tolist()
+    assert one_bit[0] == base[0] and one_bit[1] != base[1]  # one bit of one image: the inputs' hash only
+    labels = y.clone()
+    labels[0] = 9
+    changed = batch_fingerprint(x, labels, (u8, params)).tolist()
+    assert changed[0] != base[0] and changed[1] == base[1]  # the labels' hash only
+    flipped = AugParams(**{**params.__dict__, "flip": ~params.flip})
+    assert batch_fingerprint(x, y, (u8, flipped))[1] != base[1]  # the augmentation parameters count too
+    x2 = x.clone()
+    x2[0, 0, 0, 0] += 1  # the per-sample path: the float inputs themselves
+    assert batch_fingerprint(x2, y)[1] != batch_fingerprint(x, y)[1]
+    assert batch_fingerprint(x2, y)[0] == batch_fingerprint(x, y)[0]

@@ -196,3 +196,17 @@ def test_kl_warmup_ramp_against_hand_values():
     assert kl_ramp(0.5, 2, 10, epoch=2, step=5) == pytest.approx(0.5 * 15 / 20)
     assert kl_ramp(0.5, 2, 10, epoch=3, step=0) == 0.5 and kl_ramp(0.5, 2, 10, epoch=7, step=3) == 0.5
     assert kl_ramp(0.5, 0, 10, epoch=1, step=0) == 0.5  # no warm-up
+
+
+def test_channels_last_auto_is_on_for_convolutional_peers_under_amp_on_cuda_only():
+    """The rule is decided on the model and the device objects, so it is checked here without a GPU."""
+    import torch.nn as nn
+    from dml_dist.models import build_model, channels_last_choice
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    resnet = build_model("resnet20", 10, image_size=32)
+    vit_like = nn.Sequential(nn.Conv2d(3, 64, 16, 16), nn.Flatten(), nn.Linear(256, 4096), nn.Linear(4096, 10))
+    assert channels_last_choice("auto", resnet, cuda, "bf16")[0] is True
+    assert channels_last_choice("auto", resnet, cuda, "off") == (False, "auto: off without AMP")
+    assert channels_last_choice("auto", vit_like, cuda, "bf16") == (False, "auto: off, not a convolutional model")
+    assert channels_last_choice(True, vit_like, cuda, "off")[0] is True  # asked for: as asked
+    assert channels_last_choice(True, resnet, cpu, "bf16") == (False, "off on CPU")  # CPU results never change

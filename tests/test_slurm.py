@@ -7,14 +7,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, run_cmd
+from conftest import REPO, SHARED_DATA, requires, run_cmd
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")) or os.geteuid() != 0
-    or not SHARED_DATA.is_dir(),
-    reason="needs root, SLURM (apt-get install slurmctld slurmd slurm-client munge) and ../shared/data/cifar10-small")
+SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")) and os.geteuid() == 0
 
 
+@requires(SLURM and SHARED_DATA.is_dir(),
+          "SLURM (apt-get install slurmctld slurmd slurm-client munge, as root) or ../shared/data/cifar10-small is missing")
 @pytest.mark.parametrize("nodes", [2])
 def test_sbatch_trains_is_requeued_and_resumes(nodes):
     """2 peers, 3 short epochs; `scontrol requeue` after epoch 1; the requeued run resumes from its

@@ -123,6 +123,12 @@ def test_transforms_agree_with_torchvision(jpeg_dir):
     more = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(1500)]
     scales = np.concatenate([scales, [h * w / (300 * 500) for _, _, h, w in more]])
     assert abs(scales.mean() - tv_scales.mean()) < 0.025 and abs(np.median(scales) - np.median(tv_scales)) < 0.04
+    # The aspect ratio is log-uniform, as torchvision draws it: on a wide range (1/4..4) with boxes that always
+    # fit, its log's quartiles are about -0.69, 0, 0.69 (a uniform ratio would put the median near log 2.1).
+    wide = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 1000, 1000, (0.01, 0.05), (0.25, 4.0)) for _ in range(2000)]
+    tv_wide = [RandomResizedCrop.get_params(torch.empty(3, 1000, 1000), [0.01, 0.05], [0.25, 4.0]) for _ in range(2000)]
+    q = [np.quantile([np.log(w / h) for _, _, h, w in b], [0.25, 0.5, 0.75]) for b in (wide, tv_wide)]
+    assert np.abs(q[0] - q[1]).max() < 0.12 and np.abs(q[0] - [-0.69, 0.0, 0.69]).max() < 0.12, q
     # All tries rejected -> torchvision's fallback: the whole image clamped to the ratio range, centred.
     assert rrc_boxes(torch.ones(RRC_TRIES, 4), 100, 400, (0.9, 1.0), (1.0, 1.0)) == (0, 150, 100, 100)
     u = torch.rand(RRC_TRIES, 4, generator=g)
@@ -256,11 +262,12 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
 
 
 def two_node_probe(tmp_path, name, **kw):
-    """The data path alone on two torchrun agents (c10d rendezvous on localhost), 2 ranks each."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """The data path alone on two torchrun agents (c10d rendezvous on localhost), 2 ranks each. The
+    rendezvous store is held here on a port the OS picks (no bind-then-close race); both agents join it."""
+    from datetime import timedelta
+    rdzv = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
+                                      timeout=timedelta(seconds=240))
+    port = rdzv.port
     out = tmp_path / f"{name}.json"
     args = [f"{k}={v}" for k, v in {"steps": 0, **STREAM, "batch_size": 8, **kw, "out": out}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
@@ -350,13 +357,18 @@ def test_truncated_jpeg_mid_epoch_stops_every_rank_with_one_line(tmp_path):
 
 def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
     """decode_device=cuda reads the bytes in workers and decodes the share with one batched decode_jpeg
-    call on the rank's device; on the CPU the same function must give the worker path's bytes (a PNG
-    named .JPEG included: it falls back file by file)."""
+    call on the rank's device; on the CPU the same function must give the worker path's bytes. The worker
+    decides per file from its header: a PNG named .JPEG and a CMYK JPEG are decoded in the worker, and the
+    other files of their shares stay on the batched call (counted)."""
+    from dml_dist.data.folders import jpeg_batchable
     from dml_dist.data.stream import _Shares, decode_share
     data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=6)
     Image.fromarray(np.full((30, 20, 3), 99, np.uint8)).save(data / "train" / "c1" / "zz.JPEG", "PNG")
-    ds = build_datasets(create_dml_config(data_dir=str(data), **{**STREAM, "augment": ["rrc", "flip"],
-                                                                "val_fraction": 0.1})).train
+    Image.new("CMYK", (26, 22), (10, 200, 30, 5)).save(data / "train" / "c0" / "zz.JPEG", "JPEG")
+    Image.fromarray(np.full((24, 28), 77, np.uint8)).save(data / "train" / "c0" / "zy.JPEG", "JPEG", progressive=True)
+    assert [jpeg_batchable((data / "train" / c / n).read_bytes()) for c, n in
+            (("c1", "zz.JPEG"), ("c0", "zz.JPEG"), ("c0", "zy.JPEG"), ("c0", "000.JPEG"))] == [False, False, True, True]
+    ds = FileImageDataset(scan(str(data / "train")), STREAM["image_size"], STREAM["crop_fraction"], ["rrc", "flip"])
     from dml_dist.data import BatchPlan
     plan = BatchPlan(len(ds), 6, seed=3)
     names = []
@@ -366,10 +378,14 @@ def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
             ds.decode_device = "cuda"  # what the workers do then: read the files only
             raw = _Shares(ds, plan, 6, (l, 2))[step]
             ds.decode_device = "cpu"
-            assert cpu[2] is None and raw[2] is None and isinstance(raw[0][0][0][1], bytes)
-            assert torch.equal(decode_share(*raw[0][:2], ds, torch.device("cpu"), 3), cpu[0])
-            names += [name for name, _ in raw[0][0]]
-    assert any(n.endswith("zz.JPEG") for n in names)  # the PNG went through the batched call's fallback
+            assert cpu[2] is None and raw[2] is None
+            counts = {}
+            assert torch.equal(decode_share(*raw[0][:2], ds, torch.device("cpu"), 3, counts=counts), cpu[0])
+            in_worker = [name for name, d in raw[0][0] if isinstance(d, torch.Tensor)]
+            assert all(n.endswith("zz.JPEG") for n in in_worker)
+            assert counts == {"batched": len(raw[0][0]) - len(in_worker), "worker": len(in_worker)}
+            names += in_worker
+    assert sorted(n.rsplit("/", 2)[1] for n in names) == ["c0", "c1"]  # both odd files met, each in the worker
     with pytest.raises(DMLError, match="decode_device=cuda decodes on the training GPU"):
         ds.decode_device = "cuda"
         make_train_loader(ds, 6, 0, device="cpu")

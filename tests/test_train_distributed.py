@@ -278,8 +278,8 @@ def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
 
 def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_path, image_folder):
     """Issue 16: rank 1 stops (SIGSTOP) at epoch 2 step 1. Before the 20 s timeout, rank 0's log shows the
-    slow step; at the timeout it prints one line naming the stalled peer and rank, where it waited and the
-    fix. torchrun then restarts the group, which resumes from the epoch-1 checkpoint and finishes."""
+    slow step; at the timeout it prints one line from the heartbeats naming the stalled peer and rank, where
+    it waited and the fix (issue 22: before the collectives' own timeout, a margin later). torchrun then restarts the group, which resumes from the epoch-1 checkpoint and finishes."""
     args = base_args(tmp_path, image_folder, epochs=3, timeout=20)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "-m", "dml_dist.train", *args]
@@ -313,6 +313,9 @@ def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_p
     assert len(lines) == 1, r.stderr[-3000:]
     assert ("(rank 0) rank 1 (peer 2) stopped answering: rank 0 waited 20 s in the logits all-gather at epoch 2 "
             "step 1; its last report: epoch 2 step 0") in lines[0] and "raise timeout=" in lines[0], lines[0]
+    # from the heartbeats at the 20 s detection, not from a collective's timeout (30 s: no backend line in [...]);
+    # on NCCL the watchdog would abort the process then, without a word
+    assert lines[0].endswith("raise timeout= (seconds)"), lines[0]
     slow = re.search(r"slow step: epoch 2 step 1 has taken (\d+\.\d) s", r.stdout)
     assert slow and 5 <= float(slow.group(1)) < 20, r.stdout[-3000:]
     assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout

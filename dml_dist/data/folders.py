@@ -245,6 +245,34 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
                        f"delete or replace the file, or set bad_images=skip") from None
 
 
+_NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames
+
+
+def jpeg_batchable(data: bytes) -> bool:
+    """Whether a file can join the batched GPU decode (``decode_device: cuda``), read from its header
+    alone: a JPEG whose frame is 8-bit baseline, extended or progressive Huffman with 1 (grey) or 3 (YCbCr)
+    components. CMYK, 12-bit, arithmetic or lossless JPEGs and other formats under a .JPEG name are not."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # the frame header
+            return marker in _NVJPEG_FRAMES and i + 9 < n and data[i + 4] == 8 and data[i + 9] in (1, 3)
+        if marker == 0xDA:  # a scan before any frame header
+            return False
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
 def read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:

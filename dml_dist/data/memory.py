@@ -106,8 +106,8 @@ class StepUpload:
                 self._slots = [[torch.empty_like(host).pin_memory(), None] for _ in range(2)]
             slot = self._slots[self._turn]
             self._turn ^= 1
-            if slot[1] is not None:
-                slot[1].synchronize()  # this buffer's previous copy (two steps ago) has finished
+            if slot[1] is not None and not slot[1].query():  # query: no host sync when (as normally) done
+                slot[1].synchronize()  # this buffer's previous copy (two steps ago) has not finished yet
             slot[0].copy_(host)
             dev = slot[0].to(self.device, non_blocking=True)
             slot[1] = torch.cuda.Event()

@@ -5,7 +5,8 @@
 
 Takes the trainer's config keys plus ``epoch`` (0-based, default 0), ``start_step`` (0), ``steps`` (10;
 0 = to the end of the epoch), ``eval`` (also one pass over the validation loader, as the trainer builds it:
-the indices each rank decoded and scored) and ``out`` (append rank 0's JSON line there too). Every rank builds the datasets
+the indices each rank decoded and scored), ``hash`` (false: no batch fingerprints, so ``images_per_s``
+times the loader alone, not a copy to the host) and ``out`` (append rank 0's JSON line there too). Every rank builds the datasets
 and the training loader exactly as the trainer does, draws the steps, and rank 0 prints one JSON line:
 the data path and why, and per rank its node, the images it decoded, the CPU seconds its decoding took,
 the fingerprint of every batch, the seconds from process start to its first batch, its peak RSS (and
@@ -25,7 +26,7 @@ from ..errors import DMLError
 from ..logger import emit_json_line
 from .build import build_datasets, make_eval_loader, make_train_loader
 
-PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "eval": False, "out": None}
+PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "eval": False, "hash": True, "out": None}
 
 
 def process_age() -> float:
@@ -54,7 +55,8 @@ def probe(cfg: dict, opts: dict) -> dict | None:
         for step, (x, y) in zip(range(opts["start_step"], last), loader):
             if first_batch_s is None:
                 first_batch_s, t0 = process_age(), time.perf_counter()
-            fingerprints.append([step, *batch_fingerprint(x, y).tolist()])
+            # hash=false: only the step (timing the loader: no copy of the batch to the host)
+            fingerprints.append([step, *batch_fingerprint(x, y).tolist()] if opts["hash"] else [step])
         if hasattr(loader, "raise_pending"):
             loader.raise_pending()  # collective: an unreadable file stops every rank with its line
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
@@ -68,6 +70,7 @@ def probe(cfg: dict, opts: dict) -> dict | None:
         mine = {"rank": ctx.rank, "node": ctx.rank // ctx.local_world_size, "peer": ctx.peer, "replica": ctx.replica,
                 "decoded_indices": getattr(loader, "decoded_indices", []),
                 "pinned_copies": getattr(loader, "pinned_copies", 0),
+                "device_decodes": getattr(loader, "device_decodes", {}),
                 "decoded": getattr(loader, "decoded", 0), "decode_cpu_s": round(getattr(loader, "decode_cpu_s", 0.0), 4),
                 "first_batch_s": round(first_batch_s or 0.0, 3),
                 "images_per_s": round((len(fingerprints) - 1) * cfg["batch_size"] / seconds, 1) if seconds else None,

@@ -31,7 +31,8 @@ from .. import distributed as D
 from ..augment import AUGMENTATIONS, AugParams, augment_one
 from ..errors import DMLError
 from .cache import STAND_IN
-from .folders import RRC_TRIES, FileList, center_resize, decode_bytes, load_image, read_file, resized_crop
+from .folders import (RRC_TRIES, FileList, center_resize, decode_bytes, jpeg_batchable, load_image, read_file,
+                      resized_crop)
 from .memory import EVAL_BATCH, BatchPlan, TrainBatches, normalize, shard_range, shard_rows
 
 
@@ -88,30 +89,41 @@ def stand_in(size: int, device="cpu") -> torch.Tensor:
 
 
 def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: torch.device, k: int,
-                 skipped: Optional[list] = None) -> torch.Tensor:
-    """``decode_device: cuda``: a share's encoded files -> uint8 [k, 3, S, S] on ``device``: one batched
-    TorchCodec ``decode_jpeg`` call (nvJPEG on CUDA), then each sample's transform on the device. Files
-    that are not JPEGs (a PNG named .JPEG), or that the batched call refuses, are decoded one by one on
-    the CPU (PIL as the last resort) and moved. On ``device=cpu`` this is the CPU twin of the CUDA path:
-    the tests hold it to the worker path byte for byte. ``skipped`` (bad_images=skip): a file that cannot
-    be read becomes the grey stand-in and ``(path, line)`` is appended there, instead of raising."""
+                 skipped: Optional[list] = None, counts: Optional[dict] = None) -> torch.Tensor:
+    """``decode_device: cuda``: a share's files -> uint8 [k, 3, S, S] on ``device``. ``raws``: ``(path,
+    bytes)`` of the files the batched call can take (``jpeg_batchable``, decided in the worker from each
+    header) and ``(path, uint8 [3, S, S])`` of those the worker decoded itself (CMYK, a PNG named .JPEG), so
+    one odd file leaves the others on the batched path: one TorchCodec ``decode_jpeg`` call (nvJPEG on
+    CUDA), then each sample's transform on the device. Files the batched call still refuses are decoded one
+    by one (the CPU, PIL as the last resort). On ``device=cpu`` this is the CPU twin of the CUDA path: the
+    tests hold it to the worker path byte for byte. ``skipped`` (bad_images=skip): a file that cannot be
+    read becomes the grey stand-in and ``(path, line)`` is appended there, instead of raising.
+    ``counts``: ``batched`` (images the batched call decoded) and ``worker`` (decoded in the worker) grow."""
     from torchcodec.decoders import decode_jpeg
     s = ds.image_size
     out = torch.zeros(k, 3, s, s, dtype=torch.uint8, device=device)
     if not raws:
         return out
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None for _, data in raws]
+    batch = [j for j, (_, data) in enumerate(raws) if isinstance(data, bytes) and data]  # empty: file by file
+    tensors = {j: torch.frombuffer(bytearray(raws[j][1]), dtype=torch.uint8) for j in batch}
+    imgs: dict = {}
     try:
-        if any(t is None for t in tensors):  # an empty (or, with skip, unreadable) file: file by file below
-            raise ValueError("empty file")
-        imgs = decode_jpeg(tensors, mode="RGB", device=device)
-    except Exception:  # noqa: BLE001 - one file the batch call refuses: decode file by file below
-        imgs = [None] * len(raws)
-    for j, ((name, data), img) in enumerate(zip(raws, imgs)):
+        if batch:
+            imgs = dict(zip(batch, decode_jpeg([tensors[j] for j in batch], mode="RGB", device=device)))
+    except Exception:  # noqa: BLE001 - a file the batch call refuses: decode file by file below
+        imgs = {}
+    if counts is not None:
+        counts["batched"] = counts.get("batched", 0) + len(imgs)
+        counts["worker"] = counts.get("worker", 0) + sum(isinstance(d, torch.Tensor) for _, d in raws)
+    for j, (name, data) in enumerate(raws):
+        if isinstance(data, torch.Tensor):  # decoded and transformed in the worker
+            out[j] = data.to(device, non_blocking=True)
+            continue
+        img = imgs.get(j)
         try:
             if img is None:
                 try:
-                    img = decode_jpeg(tensors[j], mode="RGB", device=device)
+                    img = decode_jpeg(tensors[j], mode="RGB", device=device)  # KeyError: an empty file
                 except Exception:  # noqa: BLE001 - also an empty file: decode_bytes names it
                     img = decode_bytes(data, name).to(device)
             out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)
@@ -186,14 +198,23 @@ class _Shares(Dataset):
             idx, u = torch.arange(step * self.batch_size, min(len(self.ds), (step + 1) * self.batch_size)), None
         positions = self.share(step)
         indices = [int(idx[p]) for p in positions]
-        if self.ds.decode_device != "cpu":  # read only; the rank decodes on its GPU (decode_share)
+        if self.ds.decode_device != "cpu":  # read; the rank decodes on its GPU (decode_share)
             read = _read_or_empty if self.skip else read_file
-            try:
-                raws = [(path, read(path)) for path in map(self.ds.files.path, indices)]
-            except DMLError as e:
-                return self.share_size(step), time.process_time() - t0, str(e), indices, []
+            raws, skipped = [], []
+            for pos, path in zip(positions, map(self.ds.files.path, indices)):
+                try:
+                    data = read(path)
+                    if data and not jpeg_batchable(data):  # not for the batched call: decoded here
+                        box = u[pos] if u is not None else None
+                        data = load_image(path, lambda img: self.ds.transform(img, box), decode_bytes(data, path))
+                except DMLError as e:
+                    if not self.skip:
+                        return self.share_size(step), time.process_time() - t0, str(e), indices, []
+                    skipped.append((path, str(e)))
+                    data = stand_in(self.ds.image_size)
+                raws.append((path, data))
             rrc = [u[p] for p in positions] if u is not None else None
-            return (raws, rrc, self.share_size(step)), time.process_time() - t0, None, indices, []
+            return (raws, rrc, self.share_size(step)), time.process_time() - t0, None, indices, skipped
         s = self.ds.image_size
         out = torch.zeros(self.share_size(step), 3, s, s, dtype=torch.uint8)
         skipped, self.ds.decoded = [], []
@@ -250,6 +271,8 @@ class _CooperativeLoader:
         self.error: Optional[str] = None  # bad_images=stop: the first unreadable file's line, not yet raised
         self._loader, self._keys = None, None  # the persistent DataLoader (num_workers > 0) and its sampler
         self.pinned_copies = 0  # shares copied to the GPU from pinned memory (gpu_check asserts them)
+        self.device_decodes: dict = {}  # decode_device=cuda: images the batched call / the workers decoded
+        self._stream = None  # decode_device=cuda: the stream nvJPEG decodes on (not the training stream)
 
     def _items(self, steps: range) -> Iterator:
         """The decoded shares of ``steps`` of the current epoch, in order. Workers persist across epochs and
@@ -276,8 +299,17 @@ class _CooperativeLoader:
         share, cpu_s, error, indices, skipped = item
         if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
             raws, rrc, k = share
+            if self.device.type == "cuda" and self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
             try:
-                share = decode_share(raws, rrc, self.shares.ds, self.device, k, skipped if self.shares.skip else None)
+                # On the loader's own stream, a step ahead: TorchCodec synchronises the current stream around
+                # its decode, which is then this one, not the training stream with the step in flight.
+                with torch.cuda.stream(self._stream):
+                    share = decode_share(raws, rrc, self.shares.ds, self.device, k,
+                                         skipped if self.shares.skip else None, self.device_decodes)
+                if self._stream is not None:  # the training stream uses the rows once they are decoded
+                    torch.cuda.current_stream(self.device).wait_stream(self._stream)
+                    share.record_stream(torch.cuda.current_stream(self.device))
             except DMLError as e:
                 error, share = str(e), k
         if error is not None:  # ``share``: the share's row count
