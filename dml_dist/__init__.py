@@ -1,5 +1,5 @@
 """dml-dist: distributed Deep Mutual Learning, one process per peer."""
-__version__ = "0.2.0"
+__version__ = "0.4.0"
 
 from .config import DEFAULT_CONFIG, create_dml_config  # noqa: E402
 from .errors import DMLError  # noqa: E402
