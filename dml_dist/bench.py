@@ -111,11 +111,11 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_per_step(model, optimizer, batches, ctx, cfg, scaler=None) -> dict:
+def _ops_per_step(model, plain, optimizer, batches, ctx, cfg, scaler=None) -> dict:
     """ATen operations of one steady-state DML step (batch, augmentation and upload, forward, exchange,
-    loss, backward, optimizer, meters), and of the model's forward and backward alone on the same kind of
-    batch (``logits.sum().backward()``): the difference is what the step adds around the model, the part
-    that fusing and compiling the rest of the step can remove. ``collectives``: the c10d operations the step
+    loss, backward, optimizer, meters, DDP's gradient buckets), and of the peer's own module (``plain``: no
+    DDP, not compiled) forward and backward on the same kind of batch (``logits.sum().backward()``): the
+    difference is what the step adds around the model, the part that fusing and compiling can remove. ``collectives``: the c10d operations the step
     ran (which exchange ran, seen where it happens)."""
     with _OpCounter() as step:
         x, y = next(batches)
@@ -125,10 +125,11 @@ def _ops_per_step(model, optimizer, batches, ctx, cfg, scaler=None) -> dict:
                     scaler)
     x, _ = next(batches)
     with _OpCounter() as alone:
-        forward(model, x, cfg["amp"], cfg["channels_last"]).float().sum().backward()
+        forward(plain, x, cfg["amp"], cfg["channels_last"]).float().sum().backward()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step.ops, "model_forward_backward": alone.ops, "outside_model": step.ops - alone.ops,
-            "collectives": sorted(set(step.collectives))}
+            "collectives": sorted(set(step.collectives)),
+            "counted": "eager" if cfg["compile"] else "as run"}  # dynamo runs no compiled code under a dispatch mode
 
 
 def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_images: int) -> dict:
@@ -211,7 +212,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
         for _ in range(bench["rounds"]):
             alone.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, False, scaler))
             dml.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, True, scaler))
-        ops = _ops_per_step(train_model, optimizer, batches, ctx, cfg, scaler)  # collective (the exchange)
+        ops = _ops_per_step(train_model, model, optimizer, batches, ctx, cfg, scaler)  # collective (the exchange)
         alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
         dml_s, gather_s = sorted(dml)[len(dml) // 2]
         per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),

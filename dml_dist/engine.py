@@ -263,50 +263,53 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
                 and not (every_save and ((epoch - 1) * steps + s + 1) % every_save == 0))
     if watch is not None:
         watch.start(epoch, start_step)
-    for step, (x, y) in enumerate(bar, start=start_step):
-        checked += int(sync_check and steady(step))
-        data_time = time.time() - t_last
-        faults.at_step(ctx.rank, epoch, step)
-        if check_every and (step == start_step or step % check_every == 0):
-            # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
-            check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None),
-                                    meters.data_error or getattr(loader, "error", None))
-        logits = forward(model, x, cfg["amp"], cfg["channels_last"])
-        stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
-        c0 = clock.mark()
-        all_logits = exchange(logits, ctx, cfg)  # sync point: the step's one collective
-        spans.append((c0, clock.mark()))
-        w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
-        stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
-                                    cfg["mutual"], scaler)
-        meters.add(stats, finite)
-        meters.data_error = meters.data_error or getattr(loader, "error", None)
-        meters.data_time += data_time
-        t_now = time.time()
-        meters.step_time += t_now - t_last
-        t_last = t_now
-        if (step + 1) % cfg["print_freq"] == 0 or step + 1 == steps:
-            meters.exchange_time += sum(clock.seconds(a, b) for a, b in spans)
-            spans.clear()
-            # Collective on every rank (sync point): show all peers, not just rank 0's.
-            rows = gather_meters(meters, ctx, epoch, step)
-            done = step + 1 - start_step
-            eta = (t_now - t_epoch) / done * (steps - step - 1)
-            peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
-            bar.set_postfix_str(peers_txt)
-            step_s = meters.step_time / max(done, 1)
-            logger.info(f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
-                        f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
-                        f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
-                        f"compute/exchange ms " + " ".join(_idle(k, a[5] / done, a[6] / done) for k, a in enumerate(rows)))
-        if on_step is not None:
-            on_step(step, meters)
-        if watch is not None and step + 1 < steps:
-            watch.start(epoch, step + 1)
-        if sync_check:  # DML_SYNC_CHECK=1 (gpu_check): any host sync in a steady-state step raises
-            torch.cuda.set_sync_debug_mode("error" if steady(step + 1) else "default")
+    try:
+        for step, (x, y) in enumerate(bar, start=start_step):
+            checked += int(sync_check and steady(step))
+            data_time = time.time() - t_last
+            faults.at_step(ctx.rank, epoch, step)
+            if check_every and (step == start_step or step % check_every == 0):
+                # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
+                check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None),
+                                        meters.data_error or getattr(loader, "error", None))
+            logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+            stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
+            c0 = clock.mark()
+            all_logits = exchange(logits, ctx, cfg)  # sync point: the step's one collective
+            spans.append((c0, clock.mark()))
+            w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
+            stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
+                                        cfg["mutual"], scaler)
+            meters.add(stats, finite)
+            meters.data_error = meters.data_error or getattr(loader, "error", None)
+            meters.data_time += data_time
+            t_now = time.time()
+            meters.step_time += t_now - t_last
+            t_last = t_now
+            if (step + 1) % cfg["print_freq"] == 0 or step + 1 == steps:
+                meters.exchange_time += sum(clock.seconds(a, b) for a, b in spans)
+                spans.clear()
+                # Collective on every rank (sync point): show all peers, not just rank 0's.
+                rows = gather_meters(meters, ctx, epoch, step)
+                done = step + 1 - start_step
+                eta = (t_now - t_epoch) / done * (steps - step - 1)
+                peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
+                bar.set_postfix_str(peers_txt)
+                step_s = meters.step_time / max(done, 1)
+                logger.info(f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
+                            f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
+                            f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
+                            f"compute/exchange ms " + " ".join(_idle(k, a[5] / done, a[6] / done) for k, a in enumerate(rows)))
+            if on_step is not None:
+                on_step(step, meters)
+            if watch is not None and step + 1 < steps:
+                watch.start(epoch, step + 1)
+            if sync_check:  # DML_SYNC_CHECK=1 (gpu_check): any host sync in a steady-state step raises
+                torch.cuda.set_sync_debug_mode("error" if steady(step + 1) else "default")
+    finally:
+        if sync_check:  # an exception must not leave the mode on for what runs after it
+            torch.cuda.set_sync_debug_mode("default")
     if sync_check:
-        torch.cuda.set_sync_debug_mode("default")
         logger.info(f"sync check: {checked} steady-state steps of epoch {epoch} ran under "
                     f"torch.cuda.set_sync_debug_mode('error')")
     if watch is not None:

@@ -15,7 +15,7 @@ from .checkpoint import load_checkpoint
 from .data import build_datasets, make_eval_loader
 from .engine import predict_many, score_logits
 from .errors import DMLError
-from .models import build_model
+from .models import build_model, channels_last_choice
 
 
 def resolve_device(device="auto") -> torch.device:
@@ -62,8 +62,10 @@ def evaluate_dml_models(models, data_loader, device="auto", config: Optional[dic
     dev = resolve_device(device)
     cfg = config or {}
     amp = cfg.get("amp", "off") if dev.type == "cuda" and cfg.get("amp") not in (None, "auto") else "off"
-    logits, labels = predict_many([m.to(dev) for m in models], data_loader, dev, amp,
-                                  bool(cfg.get("channels_last")) and dev.type == "cuda")
+    models = [m.to(dev) for m in models]
+    # the trainer's rule (auto: NHWC for convolutional models under AMP on CUDA), decided on the first model
+    channels_last = channels_last_choice(cfg.get("channels_last", False), models[0], dev, amp)[0]
+    logits, labels = predict_many(models, data_loader, dev, amp, channels_last)
     s = score_logits(logits, labels)
     rows = [{"model_idx": k + 1, "accuracy": s["peer_acc"][k], "loss": s["peer_loss"][k],
              "correct": s["peer_correct"][k], "total": s["total"]} for k in range(len(models))]

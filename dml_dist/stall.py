@@ -47,7 +47,7 @@ def is_timeout(e: BaseException) -> bool:
     return isinstance(e, (RuntimeError, dist.DistError)) and any(m in str(e) for m in _TIMEOUT_MESSAGES)
 
 
-_REPORTED = threading.Event()  # this process printed the stall line: later lost-contact lines stay quiet
+_REPORTED = threading.Event()  # the stall line is out for the step in flight: lost-contact lines stay quiet
 
 
 def reported() -> bool:
@@ -61,14 +61,21 @@ def describe_stall(peer_of, timeout: timedelta, error: Optional[BaseException] =
     store, me, world, now = default_store(), dist.get_rank(), dist.get_world_size(), time.time()
     mine, reports, unreachable = list(_PROGRESS), {}, False
     if store is not None:
+        before = store.timeout
         store.set_timeout(timedelta(seconds=5))  # the store lives in rank 0's process, which may be the stalled one
-        for r in range(world):
+        try:
+            for r in range(world):
+                try:
+                    if r != me and store.check([f"dml_progress/{r}"]):
+                        reports[r] = json.loads(store.get(f"dml_progress/{r}"))
+                except Exception:  # noqa: BLE001
+                    unreachable = True
+                    break
+        finally:
             try:
-                if r != me and store.check([f"dml_progress/{r}"]):
-                    reports[r] = json.loads(store.get(f"dml_progress/{r}"))
-            except Exception:  # noqa: BLE001
-                unreachable = True
-                break
+                store.set_timeout(before)
+            except Exception:  # noqa: BLE001 - the store is gone
+                pass
     where = f"rank {me} waited {timeout.total_seconds():.0f} s in {mine[2]} at epoch {mine[0]} step {mine[1]}"
     behind = [r for r, v in reports.items() if (v[0], v[1]) < (mine[0], mine[1])]
     if unreachable:
@@ -102,6 +109,8 @@ class StepWatch:
     def __init__(self, logger, timeout_s: float, peer_of=lambda r: r, factor: float = 10.0, floor_s: float = 5.0):
         self.logger, self.timeout_s, self.factor, self.floor_s = logger, timeout_s, factor, floor_s
         self.peer_of = peer_of
+        self.named: Optional[tuple] = None  # (epoch, step) whose stall line is out
+        self._asked = 0.0  # when the heartbeats were last read (at most every few seconds)
         self.durations: deque = deque(maxlen=200)
         self.current: Optional[tuple] = None   # (epoch, step, started)
         self.warned: Optional[tuple] = None
@@ -111,6 +120,7 @@ class StepWatch:
 
     def start(self, epoch: int, step: int) -> None:
         """Step ``step`` of ``epoch`` begins now (the previous one, if any, ended)."""
+        self._recovered()
         now = time.monotonic()
         if self.current is not None:
             self.durations.append(now - self.current[2])
@@ -118,6 +128,7 @@ class StepWatch:
 
     def pause(self) -> None:
         """Between epochs (evaluation and checkpoints are not steps): the step in flight ends, no new one."""
+        self._recovered()
         if self.current is not None:
             self.durations.append(time.monotonic() - self.current[2])
         self.current = None
@@ -128,8 +139,9 @@ class StepWatch:
             if cur is None or len(done) < 3:
                 continue
             median, waited = done[len(done) // 2], time.monotonic() - cur[2]
-            if waited > self.timeout_s and not reported() and _active():
-                self._name_the_stalled_rank()
+            if waited > self.timeout_s and not reported() and _active() and time.monotonic() - self._asked > 5:
+                self._asked = time.monotonic()
+                self._name_the_stalled_rank(cur[:2])
             if self.warned == cur[:2]:
                 continue
             # at the latest at half the detection time, however slow the usual step (a loaded machine)
@@ -139,14 +151,24 @@ class StepWatch:
                                  f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
                                  f"be stalled: the run stops after timeout={self.timeout_s:.0f} s")
 
-    def _name_the_stalled_rank(self) -> None:
+    def _name_the_stalled_rank(self, step: tuple) -> None:
         try:
             line = describe_stall(self.peer_of, timedelta(seconds=self.timeout_s), behind_only=True)
         except Exception:  # noqa: BLE001 - the store went away: the collective's timeout reports it
             return
         if line is not None:
+            self.named = step
             _REPORTED.set()
             print(f"dml-dist: error: (rank {dist.get_rank()}) {line}", file=sys.stderr, flush=True)
+
+    def _recovered(self) -> None:
+        """The step whose stall line is out has finished after all (the rank answered within the margin):
+        say so, and let later failures report again."""
+        if self.named is not None:
+            self.logger.info(f"the rank named stalled at epoch {self.named[0]} step {self.named[1]} answered "
+                             f"within the collectives' margin; the run goes on")
+            self.named = None
+            _REPORTED.clear()
 
     def close(self) -> None:
         self._stop.set()

@@ -295,9 +295,11 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
         logger.info(f"data path: {data.path} ({data.why})")
         logger.info(f"exchange: {cfg['exchange']} ({exchange_why})")
         trainer = Trainer(cfg, ctx, logger, data)
-        layouts = D.gather_objects((ctx.peer, trainer.channels_last_why))  # each peer decides for its model
-        for peer, why in sorted(set(layouts or [])):
+        layouts = D.gather_objects((ctx.peer, cfg["channels_last"], trainer.channels_last_why))  # per peer's model
+        for peer, _, why in sorted(set(layouts or [])):
             logger.info(f"channels_last: peer {peer + 1}: {why}")
+        # the config records rank 0's peer's; each peer's own choice is kept in the run facts
+        trainer.ckpt.run_info["channels_last"] = [on for _, on, _ in sorted(set(layouts or []))]
         trainer.ckpt.resume(cfg["resume"])
         t0 = time.time()
         trainer.fit()

@@ -138,6 +138,16 @@ if [[ "$gpus" -ge 3 ]]; then
     check layout 3 nccl bf16 "model=[resnet20,resnet32] replicas=[1,2] amp=bf16"
 fi
 check compile 1 nccl bf16 "compile=true amp=bf16"
+# and the compile report proves it: at least one graph, and no graph break in ResNet-20's step
+report=$(grep -oE "compile: [A-Za-z]+, [0-9]+ graph\(s\) compiled, [0-9]+ graph break\(s\)" "$work/compile/logs/compile.log" \
+    2>/dev/null | head -n 1)
+if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ graph ]] \
+    && [[ "${BASH_REMATCH[1]}" -ge 1 && "${BASH_REMATCH[2]}" -eq 0 ]]; then
+    verdicts+=("compile report: ok ($report)")
+else
+    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks: got '${report:-none}'")
+    status=1
+fi
 stream_keys="data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 amp=bf16"
 check stream 1 nccl bf16 "$stream_keys num_workers=4"
 if [[ "$gpus" -ge 2 ]]; then

@@ -156,6 +156,12 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
     assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)
     assert rows["model2"] == pytest.approx(summary["best_accuracies"][1], abs=1e-4)
     assert "ensemble" in rows
+    # --split test (the default) and train: the trainer's own splits, counted (README promise)
+    n_train, n_test = len(list((hard_folder / "train").rglob("*.png"))), len(list((hard_folder / "test").rglob("*.png")))
+    for split, n in (("test", n_test), ("train", n_train)):
+        r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *ckpts, "--data-dir",
+                     str(hard_folder), "--split", split])
+        assert r.returncode == 0 and r.stdout.startswith(f"{split}: {n} images"), (split, r.stdout, r.stderr[-1000:])
     r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", ckpts[0], "--data-dir",
                  str(tmp_path / "nope")])
     assert r.returncode == 1 and r.stderr.startswith("dml-dist: error: data_dir") and "Traceback" not in r.stderr

@@ -62,3 +62,56 @@ def test_shipped_configs_validate():
     from pathlib import Path
     for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         build_config(str(f))
+
+
+def test_timeout_comes_from_the_config_then_the_environment_then_600(monkeypatch):
+    """README promise (issue 25): ``timeout: null`` -> ``$DML_DIST_TIMEOUT`` -> 600 s; a bad value is one
+    line; the process groups wait a margin longer than the stall detection."""
+    from datetime import timedelta
+    from dml_dist.distributed import collective_timeout, stall_margin
+    monkeypatch.delenv("DML_DIST_TIMEOUT", raising=False)
+    assert collective_timeout({"timeout": None}) == timedelta(seconds=600)
+    monkeypatch.setenv("DML_DIST_TIMEOUT", "45")
+    assert collective_timeout({"timeout": None}) == timedelta(seconds=45)
+    assert collective_timeout({"timeout": 20}) == timedelta(seconds=20)  # the config wins
+    for bad in ("4", "ten", "-5"):
+        monkeypatch.setenv("DML_DIST_TIMEOUT", bad)
+        with pytest.raises(DMLError, match="DML_DIST_TIMEOUT=.* is not a whole number of seconds >= 5"):
+            collective_timeout({"timeout": None})
+    assert stall_margin(timedelta(seconds=20)) == timedelta(seconds=10)
+    assert stall_margin(timedelta(seconds=600)) == timedelta(seconds=60)
+    with pytest.raises(DMLError, match="timeout must be a whole number of seconds >= 5"):
+        create_dml_config(timeout=3)
+
+
+def test_the_cache_falls_back_to_the_user_cache_for_a_read_only_data_dir(tmp_path, monkeypatch):
+    """README promise: <data_dir>/.dml-cache when writable, else $XDG_CACHE_HOME/dml-dist (a folder without
+    write bits counts as read-only for root too)."""
+    from dml_dist.data.cache import default_cache_dir
+    data = tmp_path / "data"
+    data.mkdir()
+    assert default_cache_dir(str(data)) == str(data / ".dml-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data.chmod(0o555)
+    try:
+        assert default_cache_dir(str(data)) == str(tmp_path / "xdg" / "dml-dist")
+    finally:
+        data.chmod(0o755)
+
+
+def test_make_imagenet_folder_writes_the_shape_it_promises(tmp_path):
+    """benchmarks/make_imagenet_folder.py (README): train/ and val/ class folders of 400-600 x 300-450
+    JPEGs, the same files for the same arguments."""
+    import subprocess
+    import sys
+    from PIL import Image
+    from conftest import REPO
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_imagenet_folder.py"), str(tmp_path / out),
+                        "--train", "6", "--val", "2", "--classes", "2"], check=True, capture_output=True)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.JPEG"))
+    assert len(files) == 8 and {p.parts[0] for p in files} == {"train", "val"} and len({p.parts[1] for p in files}) == 2
+    for p in files:
+        with Image.open(tmp_path / "a" / p) as im:
+            assert im.format == "JPEG" and 400 <= im.width <= 600 and 300 <= im.height <= 450
+        assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()

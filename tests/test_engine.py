@@ -29,8 +29,8 @@ def test_compile_applies_under_torchrun_and_trains_close_to_eager(tmp_path, tiny
     assert compiled["config"]["compile"] is True and eager["config"]["compile"] is False
     a, b = eager["history"][0], compiled["history"][0]
     # close (on CPU they agree to about 1e-5; a wrong graph is off by far more) ...
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
     # ... and the checkpoints hold the plain modules' weights (no torch.compile prefix)
     w = torch.load(tmp_path / "compiled" / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
     assert w and not any(k.startswith("_orig_mod") for k in w)

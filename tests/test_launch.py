@@ -274,8 +274,8 @@ def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
     assert ops["model_forward_backward"] == pytest.approx(here.ops, rel=0.1), (ops, here.ops)
     assert ops["step"] == ops["model_forward_backward"] + ops["outside_model"] and ops["outside_model"] > 50
     # the configured exchange is the one that ran (issue 25): seen in the step's dispatched collectives
-    assert result["exchange"] == "all_reduce" and "c10d.allreduce_.default" in ops["collectives"], ops
-    assert not any("allgather" in c for c in ops["collectives"]), ops
+    # (DDP's gradient all-reduce is there too, so the all-gather's absence is what tells)
+    assert result["exchange"] == "all_reduce" and not any("allgather" in c for c in ops["collectives"]), ops
     # benchmarks/throughput.py is the same program
     r = run_cmd([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--help-is-not-a-key=1"])
     assert r.returncode == 1 and "unknown config key" in r.stderr

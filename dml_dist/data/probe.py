@@ -19,6 +19,8 @@ import resource
 import sys
 import time
 
+import torch
+
 from .. import distributed as D
 from ..config import build_config, finalize_config, parse_overrides
 from ..engine import batch_fingerprint
@@ -59,6 +61,8 @@ def probe(cfg: dict, opts: dict) -> dict | None:
             fingerprints.append([step, *batch_fingerprint(x, y).tolist()] if opts["hash"] else [step])
         if hasattr(loader, "raise_pending"):
             loader.raise_pending()  # collective: an unreadable file stops every rank with its line
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)  # hash=false: the last batches' transforms may still be queued
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
         evaluation = {}
         if opts["eval"]:  # the trainer's validation loader (Trainer.__init__), one pass

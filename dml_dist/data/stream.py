@@ -295,21 +295,23 @@ class _CooperativeLoader:
 
     def _start(self, item):
         """Start assembling one step's rows: a function that waits for them (uint8, on the device) and
-        then counts the step's decoding (so a step never handed out is not counted)."""
+        then counts the step's decoding (so a step never handed out is not counted). ``decode_device: cuda``:
+        the decode and the gather run on the loader's own stream, a step ahead; the training stream waits
+        for them only when the step is handed out."""
         share, cpu_s, error, indices, skipped = item
+        stream, counts = None, {}
         if error is None and not isinstance(share, torch.Tensor):  # decode_device: cuda
             raws, rrc, k = share
-            if self.device.type == "cuda" and self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
+            if self.device.type == "cuda":
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(self.device)
+                stream = self._stream
             try:
-                # On the loader's own stream, a step ahead: TorchCodec synchronises the current stream around
-                # its decode, which is then this one, not the training stream with the step in flight.
-                with torch.cuda.stream(self._stream):
+                # TorchCodec synchronises the current stream around its decode: then this one, not the
+                # training stream with a step in flight
+                with torch.cuda.stream(stream):
                     share = decode_share(raws, rrc, self.shares.ds, self.device, k,
-                                         skipped if self.shares.skip else None, self.device_decodes)
-                if self._stream is not None:  # the training stream uses the rows once they are decoded
-                    torch.cuda.current_stream(self.device).wait_stream(self._stream)
-                    share.record_stream(torch.cuda.current_stream(self.device))
+                                         skipped if self.shares.skip else None, counts)
             except DMLError as e:
                 error, share = str(e), k
         if error is not None:  # ``share``: the share's row count
@@ -318,8 +320,13 @@ class _CooperativeLoader:
             s = self.shares.ds.image_size
             share = torch.zeros(share, 3, s, s, dtype=torch.uint8)
         pinned = share.device.type == "cpu" and self.device.type == "cuda" and share.is_pinned()
-        share = share.to(self.device, non_blocking=True)  # from pinned memory on CUDA: no host wait
-        wait = D.all_gather_start(share, self.group) if self.part[1] > 1 else None  # in flight from here
+        ready = None
+        with torch.cuda.stream(stream):  # NCCL orders the gather after the decode on this stream
+            share = share.to(self.device, non_blocking=True)  # from pinned memory on CUDA: no host wait
+            wait = D.all_gather_start(share, self.group) if self.part[1] > 1 else None  # in flight from here
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
 
         def finish() -> torch.Tensor:
             self.error = self.error or error
@@ -329,7 +336,14 @@ class _CooperativeLoader:
             self.skipped += skipped
             self.decode_cpu_s += cpu_s
             self.pinned_copies += int(pinned)
-            return share if wait is None else wait().flatten(0, 1)
+            for key, n in counts.items():
+                self.device_decodes[key] = self.device_decodes.get(key, 0) + n
+            rows = share if wait is None else wait().flatten(0, 1)
+            if ready is not None:  # the training stream takes the rows once decoded and gathered
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(ready)
+                rows.record_stream(current)
+            return rows
         return finish
 
     def _assembled(self, steps: range) -> Iterator[tuple[int, torch.Tensor]]:
