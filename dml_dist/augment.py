@@ -90,8 +90,10 @@ def _crop(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     return windows[torch.arange(b, device=x.device), :, i, j]
 
 
+@functools.lru_cache(maxsize=16)
 def _base_grid(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel centres in normalised coordinates (``align_corners=False``), as ``affine_grid`` lays them."""
+    """Pixel centres in normalised coordinates (``align_corners=False``), as ``affine_grid`` lays them.
+    Built once per (size, device) and only read afterwards: six fewer launches per step."""
     xs = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
     ys = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1
     return xs.view(1, 1, w), ys.view(1, h, 1)
