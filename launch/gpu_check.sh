@@ -75,6 +75,20 @@ for split, n in (("train", 256), ("val", 64)):
 PY
 "$py" "$(dirname "$0")/../benchmarks/make_imagenet_folder.py" "$work/jpeg" --train 1024 --val 128 --classes 4 \
     >/dev/null || { echo "gpu_check: FAIL could not write the JPEG folder"; exit 1; }
+# Three files of train/ made odd (the count stays 1024, whole batches, so every epoch meets them): a CMYK JPEG
+# and a PNG named .JPEG (the workers decode them: 2 per epoch), and a progressive JPEG (the header rule sends
+# it to the batched nvJPEG call, which must take it).
+"$py" - "$work/jpeg/train" <<'PY'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+cmyk, png, progressive = sorted(sorted(Path(sys.argv[1]).iterdir())[0].iterdir())[:3]
+Image.new("CMYK", (480, 360), (10, 200, 30, 5)).save(cmyk, "JPEG")
+Image.fromarray(np.full((360, 480, 3), 99, np.uint8)).save(png, "PNG")
+rng = np.random.default_rng(0)
+Image.fromarray(rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)).save(progressive, "JPEG", progressive=True)
+PY
 
 verdicts=()
 status=0
@@ -205,14 +219,15 @@ done
 line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
     data_dir="$work/jpeg" loader=stream decode_device=cuda augment=rrc,flip image_size=224 batch_size=256 \
     num_workers=4 steps=0 hash=false 2>"$work/probe.log" | tail -n 1)
-# nvJPEG must have decoded every image (a count from the loader: the batched call's, not the absence of errors)
+# nvJPEG must have decoded every image but the two odd files the workers decode (counts from the loader: the
+# batched call's, not the absence of errors; the progressive JPEG among the batched ones)
 ips=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1])["ranks"][0]; d = r["device_decodes"]
-print(r["images_per_s"], d.get("batched", 0), r["decoded"])' "$line" 2>/dev/null)
-read -r ips batched decoded <<<"${ips:-}"
-if [[ -n "$ips" && "$batched" -gt 0 && "$batched" == "$decoded" ]]; then
-    bench+=("| stream nvJPEG 224px ${ips} img/s (batched nvJPEG decodes ${batched}/${decoded})")
+print(r["images_per_s"], d.get("batched", 0), d.get("worker", 0), r["decoded"])' "$line" 2>/dev/null)
+read -r ips batched in_worker decoded <<<"${ips:-}"
+if [[ -n "$ips" && "$in_worker" == 2 && $((batched + in_worker)) == "$decoded" ]]; then
+    bench+=("| stream nvJPEG 224px ${ips} img/s (batched nvJPEG ${batched}/${decoded}, workers ${in_worker})")
 elif [[ -n "$ips" ]]; then
-    bench+=("| stream nvJPEG: FAILED only ${batched} of ${decoded} images went through the batched decode (see $work/probe.log)")
+    bench+=("| stream nvJPEG: FAILED ${batched} batched + ${in_worker} in workers of ${decoded} decoded, want all with 2 in workers (see $work/probe.log)")
     status=1
 else
     bench+=("| stream nvJPEG FAILED (see $work/probe.log)")
