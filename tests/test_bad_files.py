@@ -143,3 +143,20 @@ def test_skip_on_the_memory_path_has_a_cache_entry_of_its_own_and_is_reported_ea
         assert bool((built.train.images == 128).all(dim=(1, 2, 3)).any())
     with pytest.raises(DMLError, match="cannot read image .*0003.png"):
         build_datasets(create_dml_config(**cfg))
+
+
+def test_no_checkpoint_holds_a_step_trained_on_the_stand_in_zeros(tmp_path):
+    """bad_images=stop on the stream path: the rank that meets the file trains on zeros until the next check
+    (the meter gather before a save, at print_freq, at the end of the epoch). With a save after every step,
+    the job stops at the first save after the file's step, and the latest checkpoint is the one before it."""
+    data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)  # 24 train images: 6 steps of 4
+    files = scan(str(data / "train"))
+    bad = files.path(int(BatchPlan(len(files), 4, seed=42).indices(0, 3)[0]))  # a file of step 3, epoch 1
+    with open(bad, "r+b") as f:
+        f.truncate(40)
+    r = torchrun(2, base_args(tmp_path, data, loader="stream", batch_size=4, epochs=1, print_freq=100,
+                              save_every_steps=1, save_freq=0))
+    lines = error_lines(r.stderr)
+    assert r.returncode != 0 and len(lines) == 1 and os.path.basename(bad) in lines[0], r.stderr[-3000:]
+    latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
+    assert latest["epoch"] == 0 and latest["step"] == 3, (latest["epoch"], latest["step"])  # steps 0-2, not 3
