@@ -441,17 +441,7 @@ def all_gather_logits(logits: torch.Tensor, group=None) -> torch.Tensor:
     No gradient flows through the result (peers' predictions are targets); the caller keeps its own
     ``logits`` for the backward pass. Sync point: one all-gather per training step.
     """
-    if not _active():
-        return logits.detach().unsqueeze(0)
-    src = logits.detach().contiguous()
-    dev = _comm_device(src)
-    if dev.type == "cpu":
-        group = _host_group(group)
-    world = dist.get_world_size(group)
-    # Concatenated layout [world * B, ...]: the one every backend accepts; viewed as [world, B, ...].
-    out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=dev)
-    _ALL_GATHER(out, src.to(dev), group=group)
-    return out.view(world, *src.shape).to(logits.device)
+    return all_gather_start(logits.detach(), group)()
 
 
 def all_gather_start(t: torch.Tensor, group=None) -> Callable[[], torch.Tensor]:

@@ -35,6 +35,18 @@ def gpu_uuids() -> list[str]:
     return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 
 
+def _gpu_picks(identities: list) -> tuple[dict, dict]:
+    """``(host -> its ranks, rank -> (host, UUID of the GPU it takes))`` from every rank's ``(host, visible
+    GPU UUIDs[, node rank])``: local rank l of a host takes its visible GPU ``l mod count`` (torchrun numbers
+    a node's ranks contiguously). Ranks that see no GPU take none."""
+    by_host: dict = {}
+    for r, (host, *_) in enumerate(identities):
+        by_host.setdefault(host, []).append(r)
+    picks = {r: (host, identities[r][1][local % len(identities[r][1])])
+             for host, ranks in by_host.items() for local, r in enumerate(ranks) if identities[r][1]}
+    return by_host, picks
+
+
 def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
     """``(visible GPU index for rank, whether any rank of the job shares its GPU)`` from every rank's
     ``(host, visible GPU UUIDs)``. Local rank l of a host takes its visible GPU ``l mod count``, as the
@@ -42,26 +54,15 @@ def assign_gpus(identities: list, rank: int) -> tuple[int, bool]:
     launcher that shows each process only its own GPU (SLURM ``--gpus-per-task=1``, Kubernetes) is then
     one GPU per rank (NCCL), where counts alone (2 ranks, 1 visible GPU) said shared. One answer for the
     whole job, so every rank picks the same backend."""
-    by_host: dict = {}
-    for r, (host, *_) in enumerate(identities):  # (host, uuids[, node rank])
-        by_host.setdefault(host, []).append(r)
-    picks = {}
-    for host, ranks in by_host.items():
-        for local, r in enumerate(ranks):  # torchrun numbers a node's ranks contiguously
-            uuids = identities[r][1]
-            picks[r] = (host, uuids[local % len(uuids)])
+    by_host, picks = _gpu_picks(identities)
     local = by_host[identities[rank][0]].index(rank)
     return local % len(identities[rank][1]), len(set(picks.values())) < len(picks)
 
 
 def gpu_sharers(identities: list, rank: int) -> int:
-    """How many ranks of the job use ``rank``'s physical GPU (the same pick rule as ``assign_gpus``): the
+    """How many ranks of the job use ``rank``'s physical GPU (the same picks as ``assign_gpus``): the
     memory budget splits that GPU's memory between them, whatever each process sees of the node."""
-    by_host: dict = {}
-    for r, (host, *_) in enumerate(identities):
-        by_host.setdefault(host, []).append(r)
-    picks = {r: (host, identities[r][1][local % len(identities[r][1])])
-             for host, ranks in by_host.items() for local, r in enumerate(ranks) if identities[r][1]}
+    picks = _gpu_picks(identities)[1]
     return max(1, sum(p == picks.get(rank) for p in picks.values()))
 
 
