@@ -7,6 +7,7 @@ Content: a smooth random colour field per image (a 1/16-size random image upscal
 JPEG sizes and decode costs are those of photographs, not of flat images. The same arguments give the
 same files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def main(argv=None) -> None:
             jobs.append((os.path.join(folder, f"{split}_{i:08d}.JPEG"), (args.seed, 0 if split == "train" else 1, i)))
     with Pool() as pool:
         sizes = pool.map(_write, jobs, chunksize=64)
-    print(f"{args.out}: {args.train} train + {args.val} val JPEGs in {args.classes} classes, "
-          f"{sum(sizes) / max(1, len(sizes)) / 1024:.0f} KB on average")
+    print(
+        f"{args.out}: {args.train} train + {args.val} val JPEGs in {args.classes} classes, "
+        f"{sum(sizes) / max(1, len(sizes)) / 1024:.0f} KB on average"
+    )
 
 
 if __name__ == "__main__":

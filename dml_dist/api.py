@@ -4,18 +4,27 @@ trained peers in the caller's process; the original single-process module's call
     from dml_dist import create_dml_config, train_dml
     results = train_dml(create_dml_config(model="resnet20", data_dir="data", epochs=5, model_num=2))
 """
+
 from __future__ import annotations
 
 import pickle
 import sys
-from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from .config import DEFAULT_CONFIG, build_config, default_model_num, finalize_config, validate_config, world_size_for
-from .data import (Datasets, FileImageDataset, SeededDataset, TensorImageDataset, build_datasets, make_eval_loader,
-                   sample_dataloader, split_indices, split_train_val)
+from .data import (
+    Datasets,
+    FileImageDataset,
+    SeededDataset,
+    TensorImageDataset,
+    build_datasets,
+    make_eval_loader,
+    sample_dataloader,
+    split_indices,
+    split_train_val,
+)
 from .distributed import under_launcher
 from .engine import forward, peer_update
 from .errors import DMLError
@@ -25,17 +34,32 @@ from .launcher import DMLTrainingError, launch_local
 __all__ = ["DMLTrainingError", "prepare_dataloaders", "train_dml", "train_epoch_dml"]
 
 
-def prepare_dataloaders(data_dir: str = "data", batch_size: int = DEFAULT_CONFIG["batch_size"],
-                        augment=DEFAULT_CONFIG["augment"], num_workers: int = DEFAULT_CONFIG["num_workers"],
-                        image_size: int = DEFAULT_CONFIG["image_size"], val_fraction: float = DEFAULT_CONFIG["val_fraction"],
-                        seed: int = DEFAULT_CONFIG["seed"], dataset: str = DEFAULT_CONFIG["dataset"]):
+def prepare_dataloaders(
+    data_dir: str = "data",
+    batch_size: int = DEFAULT_CONFIG["batch_size"],
+    augment=DEFAULT_CONFIG["augment"],
+    num_workers: int = DEFAULT_CONFIG["num_workers"],
+    image_size: int = DEFAULT_CONFIG["image_size"],
+    val_fraction: float = DEFAULT_CONFIG["val_fraction"],
+    seed: int = DEFAULT_CONFIG["seed"],
+    dataset: str = DEFAULT_CONFIG["dataset"],
+):
     """``(train_loader, val_loader, test_loader)`` over the trainer's own datasets (test_loader is None
     without a ``test/`` split); defaults are ``DEFAULT_CONFIG``'s. The train loader uses the shared-seed
     sampler (the same batches in every process); ``train_epoch_dml`` advances its epoch, or call
     ``loader.batch_sampler.set_epoch(e)`` when iterating it yourself."""
-    cfg = build_config(overrides=dict(data_dir=data_dir, batch_size=batch_size, augment=augment,
-                                      num_workers=num_workers, image_size=image_size, val_fraction=val_fraction,
-                                      seed=seed, dataset=dataset))
+    cfg = build_config(
+        overrides=dict(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            augment=augment,
+            num_workers=num_workers,
+            image_size=image_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            dataset=dataset,
+        )
+    )
     data = build_datasets(cfg)
     train = sample_dataloader(data.train, batch_size, seed, num_workers)
     val = make_eval_loader(data.val, batch_size, num_workers)
@@ -57,8 +81,18 @@ def _read_opts(config, temperature, kl_weight, print_freq) -> dict:
     return base
 
 
-def train_epoch_dml(models, optimizers, train_loader=None, device="auto", config=None, kl_weight=None, *,
-                    temperature=None, print_freq=None, data_loader=None) -> list[dict]:
+def train_epoch_dml(
+    models,
+    optimizers,
+    train_loader=None,
+    device="auto",
+    config=None,
+    kl_weight=None,
+    *,
+    temperature=None,
+    print_freq=None,
+    data_loader=None,
+) -> list[dict]:
     """One epoch of DML for all ``models`` in this process (the original single-process loop):
     every batch goes through every model, then each model takes its step against the others' detached
     predictions, with the same step function as the distributed engine.
@@ -87,15 +121,22 @@ def train_epoch_dml(models, optimizers, train_loader=None, device="auto", config
             sums[i] += stats
             finite &= ok
         if opts["print_freq"] and (step + 1) % opts["print_freq"] == 0:
-            print(f"[{step + 1}/{len(loader)}] " + " ".join(
-                f"model{i + 1} loss {float(s[0] / s[4]):.4f} acc {float(s[3] / s[4]):.4f}" for i, s in enumerate(sums)),
-                flush=True)
+            print(
+                f"[{step + 1}/{len(loader)}] "
+                + " ".join(
+                    f"model{i + 1} loss {float(s[0] / s[4]):.4f} acc {float(s[3] / s[4]):.4f}"
+                    for i, s in enumerate(sums)
+                ),
+                flush=True,
+            )
     if hasattr(sampler, "set_epoch") and hasattr(sampler, "epoch"):
         sampler.set_epoch(sampler.epoch + 1)
     if not bool(finite):
         raise DMLError("loss is not finite (nan/inf) in this epoch; lower lr and check the data")
-    return [{"loss": float(s[0] / s[4]), "ce": float(s[1] / s[4]), "kl": float(s[2] / s[4]),
-             "accuracy": float(s[3] / s[4])} for s in (t.cpu() for t in sums)]
+    return [
+        {"loss": float(s[0] / s[4]), "ce": float(s[1] / s[4]), "kl": float(s[2] / s[4]), "accuracy": float(s[3] / s[4])}
+        for s in (t.cpu() for t in sums)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -118,13 +159,17 @@ def _check_transferable(name: str, obj) -> None:
     try:
         blob = pickle.dumps(obj)
     except Exception as e:  # pickle raises many types (PicklingError, AttributeError, TypeError)
-        raise DMLError(f"{name} cannot be pickled ({type(e).__name__}: {str(e)[:120]}); train_dml sends a copy "
-                       f"to each peer process, so define the dataset and its transforms in an importable module "
-                       f"(not a lambda or a notebook cell)") from None
+        raise DMLError(
+            f"{name} cannot be pickled ({type(e).__name__}: {str(e)[:120]}); train_dml sends a copy "
+            f"to each peer process, so define the dataset and its transforms in an importable module "
+            f"(not a lambda or a notebook cell)"
+        ) from None
     if b"__main__" in blob:
-        raise DMLError(f"{name} uses a class or function defined in __main__ (a notebook cell or the calling "
-                       f"script); the peer processes are fresh interpreters that cannot import it, so define it "
-                       f"in an importable module")
+        raise DMLError(
+            f"{name} uses a class or function defined in __main__ (a notebook cell or the calling "
+            f"script); the peer processes are fresh interpreters that cannot import it, so define it "
+            f"in an importable module"
+        )
 
 
 def _check_loader(name: str, loader) -> None:
@@ -132,7 +177,7 @@ def _check_loader(name: str, loader) -> None:
         raise DMLError(f"{name} must be a torch.utils.data.DataLoader, got {type(loader).__name__}")
 
 
-def datasets_from_loaders(cfg: dict, train_loader, val_loader, test_loader) -> tuple[Optional[Datasets], Optional[int]]:
+def datasets_from_loaders(cfg: dict, train_loader, val_loader, test_loader) -> tuple[Datasets | None, int | None]:
     """The loaders' datasets for the trainer. Their samplers are replaced: training uses the shared-seed
     sampler (same batches on every peer), evaluation a sequential order (same order on every peer).
 
@@ -163,12 +208,23 @@ def datasets_from_loaders(cfg: dict, train_loader, val_loader, test_loader) -> t
     if not isinstance(train_ds, (TensorImageDataset, SeededDataset)):
         train_ds = SeededDataset(train_ds)
     from torch.utils.data.dataloader import default_collate
+
     collate = train_loader.collate_fn if train_loader.collate_fn is not default_collate else None
-    data = Datasets(train_ds, val_ds, test_loader.dataset if test_loader is not None else None, classes, collate,
-                    path="stream" if isinstance(train_ds, FileImageDataset) else "custom",
-                    why="the datasets of the loaders passed to train_dml")
-    for name, obj in (("train_loader.dataset", data.train), ("val_loader.dataset", data.val),
-                      ("test_loader.dataset", data.test), ("train_loader.collate_fn", collate)):
+    data = Datasets(
+        train_ds,
+        val_ds,
+        test_loader.dataset if test_loader is not None else None,
+        classes,
+        collate,
+        path="stream" if isinstance(train_ds, FileImageDataset) else "custom",
+        why="the datasets of the loaders passed to train_dml",
+    )
+    for name, obj in (
+        ("train_loader.dataset", data.train),
+        ("val_loader.dataset", data.val),
+        ("test_loader.dataset", data.test),
+        ("train_loader.collate_fn", collate),
+    ):
         if obj is not None:
             _check_transferable(name, obj)
     batch_size = train_loader.batch_size or getattr(train_loader.batch_sampler, "batch_size", None)
@@ -180,7 +236,7 @@ def _in_torchrun() -> bool:
     return torch.distributed.is_initialized() or under_launcher()
 
 
-def train_dml(config: Optional[dict] = None, train_loader=None, val_loader=None, test_loader=None) -> dict:
+def train_dml(config: dict | None = None, train_loader=None, val_loader=None, test_loader=None) -> dict:
     """Train a DML cohort and return ``{'models', 'best_accuracies', 'avg_best_accuracy',
     'training_history', 'test_results', 'config', 'experiment_name', ...}``.
 
@@ -211,16 +267,23 @@ def train_dml(config: Optional[dict] = None, train_loader=None, val_loader=None,
 
 
 def _results(summary: dict, models: list) -> dict:
-    return {"models": models, "best_accuracies": summary["best_accuracies"],
-            "avg_best_accuracy": summary["avg_best_accuracy"],
-            "best_ensemble_accuracy": summary["best_ensemble_accuracy"],
-            "training_history": summary["history"], "test_results": summary["test_results"],
-            "config": summary["config"], "experiment_name": summary["experiment_name"],
-            "checkpoints": summary["checkpoints"], "summary": summary}
+    return {
+        "models": models,
+        "best_accuracies": summary["best_accuracies"],
+        "avg_best_accuracy": summary["avg_best_accuracy"],
+        "best_ensemble_accuracy": summary["best_ensemble_accuracy"],
+        "training_history": summary["history"],
+        "test_results": summary["test_results"],
+        "config": summary["config"],
+        "experiment_name": summary["experiment_name"],
+        "checkpoints": summary["checkpoints"],
+        "summary": summary,
+    }
 
 
-def _train_in_group(cfg: dict, data: Optional[Datasets]) -> dict:
+def _train_in_group(cfg: dict, data: Datasets | None) -> dict:
     from .train import run
+
     try:
         res = run(cfg, data)
     except DMLError as e:

@@ -5,22 +5,23 @@ rotation angle and three colour-jitter factors. They are drawn on the CPU from a
 ``(seed, epoch, step)`` (``step_generator``), so every rank draws the same numbers without talking to
 the others, and any step of any epoch can be re-drawn on its own (exact mid-epoch resume).
 
-``augment_batch`` applies them to a uint8 batch that already lives on the device (airbench style: the
-decoded training set sits on the GPU, a step is a few batched kernels): crop with 4-pixel zero padding by
-batched indexing, flip by ``torch.where`` (or, with rotation, flip + rotation as one bilinear
-``grid_sample`` over a grid built by broadcasting); colour jitter by per-sample blend factors (``lerp``). ``augment_one`` does the same to one image with torchvision's
+``augment_batch`` applies them to a uint8 batch that already lives on the device (airbench style: the decoded training
+set sits on the GPU, a step is a few batched kernels): crop with 4-pixel zero padding by batched indexing, flip by
+``torch.where`` (or, with rotation, flip + rotation as one bilinear ``grid_sample`` over a grid built by broadcasting);
+colour jitter by per-sample blend factors (``lerp``). ``augment_one`` does the same to one image with torchvision's
 functional ops; the tests hold the two to each other.
 
 Augmentation names (config key ``augment``): ``crop``, ``flip``, ``rotate`` (within +-10 degrees),
 ``jitter`` (brightness, contrast, saturation within +-20%).
 """
+
 from __future__ import annotations
 
 import functools
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 AUGMENTATIONS = ("crop", "flip", "rotate", "jitter")
-PAD = 4                   # crop: zero padding on each side, offsets in [0, 2 * PAD]
+PAD = 4  # crop: zero padding on each side, offsets in [0, 2 * PAD]
 ROTATION_DEGREES = 10.0
-JITTER = 0.2              # brightness / contrast / saturation factors in [1 - JITTER, 1 + JITTER]
+JITTER = 0.2  # brightness / contrast / saturation factors in [1 - JITTER, 1 + JITTER]
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
@@ -43,16 +44,17 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 @dataclass
 class AugParams:
     """Per-sample parameters of one batch (all tensors of length B, on one device)."""
-    crop_i: torch.Tensor       # int64, row offset in [0, 2 * PAD]
-    crop_j: torch.Tensor       # int64, column offset
-    flip: torch.Tensor         # bool
-    angle: torch.Tensor        # float32, degrees (counter-clockwise, torchvision's convention)
-    brightness: torch.Tensor   # float32 factors
+
+    crop_i: torch.Tensor  # int64, row offset in [0, 2 * PAD]
+    crop_j: torch.Tensor  # int64, column offset
+    flip: torch.Tensor  # bool
+    angle: torch.Tensor  # float32, degrees (counter-clockwise, torchvision's convention)
+    brightness: torch.Tensor  # float32 factors
     contrast: torch.Tensor
     saturation: torch.Tensor
 
     @staticmethod
-    def draw(n: int, g: torch.Generator) -> "AugParams":
+    def draw(n: int, g: torch.Generator) -> AugParams:
         """Every parameter is drawn whatever the enabled augmentations, so turning one off leaves the
         others' values unchanged."""
         u = torch.rand(n, 7, generator=g)
@@ -66,18 +68,20 @@ class AugParams:
             saturation=1 + (2 * u[:, 6] - 1) * JITTER,
         )
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "AugParams":
+    def to(self, device: torch.device, non_blocking: bool = False) -> AugParams:
         """Host -> device; pinned first on CUDA so the copy can overlap with queued work."""
+
         def move(t: torch.Tensor) -> torch.Tensor:
             if device.type == "cuda":
                 t = t.pin_memory()
             return t.to(device, non_blocking=non_blocking)
+
         return AugParams(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def __len__(self) -> int:
         return len(self.flip)
 
-    def __getitem__(self, k) -> "AugParams":
+    def __getitem__(self, k) -> AugParams:
         return AugParams(**{f.name: getattr(self, f.name)[k] for f in fields(self)})
 
 
@@ -113,7 +117,7 @@ def _flip_rotate(x: torch.Tensor, p: AugParams, flip: bool) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gray_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """torchvision's greyscale weights on ``device``, copied there once (not twice per step)."""
     return torch.tensor(_GRAY, device=device, dtype=dtype).view(1, 3, 1, 1)
@@ -153,7 +157,7 @@ def augment_one(img: torch.Tensor, p: AugParams, ops: Sequence[str]) -> torch.Te
     _, h, w = img.shape
     if "crop" in ops:
         i, j = int(p.crop_i), int(p.crop_j)
-        img = F.pad(img, (PAD, PAD, PAD, PAD))[:, i:i + h, j:j + w]
+        img = F.pad(img, (PAD, PAD, PAD, PAD))[:, i : i + h, j : j + w]
     if "flip" in ops and bool(p.flip):
         img = TF.horizontal_flip(img)
     img = img.float().div(255)

@@ -11,6 +11,7 @@ Peers are not replicas, so "save on rank 0" would keep one peer only: every rank
 rank 0 (``gather_objects``), and same-named tensors of different peers live under ``peers[k]``.
 Everything is plain tensors and Python values, loadable with ``torch.load(..., weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ import os
 import pickle
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,21 +29,28 @@ from .errors import DMLError
 FORMAT = "dml-dist/1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _versions() -> tuple:
     import platform
 
     import torchvision
 
     from . import __version__
+
     try:
         import torchcodec
+
         codec = str(torchcodec.__version__)
     except Exception:  # noqa: BLE001 - missing, or its native library does not load: PIL decodes
         codec = None
-    return (("dml_dist", __version__), ("torch", str(torch.__version__)),
-            ("torchvision", str(torchvision.__version__)), ("torchcodec", codec), ("python", platform.python_version()),
-            ("git", _git_commit()))
+    return (
+        ("dml_dist", __version__),
+        ("torch", str(torch.__version__)),
+        ("torchvision", str(torchvision.__version__)),
+        ("torchcodec", codec),
+        ("python", platform.python_version()),
+        ("git", _git_commit()),
+    )
 
 
 def versions() -> dict:
@@ -50,14 +58,16 @@ def versions() -> dict:
     return dict(_versions())
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     """The code version saved with results: HEAD of the checkout this package runs from (an editable
     install), None for an installed copy."""
     import subprocess
+
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "-C", repo, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.split()
@@ -128,8 +138,10 @@ def load_checkpoint(path: str) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
-            raise DMLError(f"checkpoint {path} holds pickled objects other than tensors and plain values; "
-                           f"refused (weights_only=True), it was not executed") from None
+            raise DMLError(
+                f"checkpoint {path} holds pickled objects other than tensors and plain values; "
+                f"refused (weights_only=True), it was not executed"
+            ) from None
         raise DMLError(f"checkpoint {path} is truncated or corrupt ({first}); use another checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -142,19 +154,26 @@ def load_checkpoint(path: str) -> dict:
 def check_cohort_checkpoint(ckpt: dict, path: str, cfg: dict, archs: list[str], num_classes: int) -> None:
     """Refuse a cohort checkpoint that does not fit this run, naming what differs."""
     if ckpt.get("kind") != "cohort":
-        raise DMLError(f"checkpoint {path} holds a single peer, not a cohort; resume from "
-                       f"<experiment>_latest.pth (or resume=auto)")
+        raise DMLError(
+            f"checkpoint {path} holds a single peer, not a cohort; resume from <experiment>_latest.pth (or resume=auto)"
+        )
     peers = ckpt["peers"]
     if len(peers) != cfg["model_num"]:
-        raise DMLError(f"checkpoint {path} holds {len(peers)} peers but this run has model_num={cfg['model_num']}; "
-                       f"launch {len(peers)} processes or start a new experiment")
+        raise DMLError(
+            f"checkpoint {path} holds {len(peers)} peers but this run has model_num={cfg['model_num']}; "
+            f"launch {len(peers)} processes or start a new experiment"
+        )
     for k, (p, arch) in enumerate(zip(peers, archs), start=1):
         if p["arch"] != arch:
-            raise DMLError(f"checkpoint {path}: peer {k} is {p['arch']} but this run builds {arch}; "
-                           f"set model={p['arch']} or start a new experiment")
+            raise DMLError(
+                f"checkpoint {path}: peer {k} is {p['arch']} but this run builds {arch}; "
+                f"set model={p['arch']} or start a new experiment"
+            )
     if ckpt["num_classes"] != num_classes:
-        raise DMLError(f"checkpoint {path} has {ckpt['num_classes']} classes but the data has {num_classes}; "
-                       f"use the data it was trained on")
+        raise DMLError(
+            f"checkpoint {path} has {ckpt['num_classes']} classes but the data has {num_classes}; "
+            f"use the data it was trained on"
+        )
 
 
 def latest_path(save_dir: str, experiment: str) -> str:
@@ -169,8 +188,9 @@ def peer_path(save_dir: str, experiment: str, peer: int, tag: str) -> str:
 def prune_epoch_checkpoints(save_dir: str, experiment: str, peer: int, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    found = sorted((int(m.group(1)), p) for m, p in
-                   _own_files(save_dir, rf"{re.escape(experiment)}_model{peer}_epoch_(\d+)\.pth"))
+    found = sorted(
+        (int(m.group(1)), p) for m, p in _own_files(save_dir, rf"{re.escape(experiment)}_model{peer}_epoch_(\d+)\.pth")
+    )
     for _, p in found[:-keep_last]:
         os.remove(p)
 

@@ -10,21 +10,31 @@ in the current one, history, best accuracies, run facts) and does the two collec
 
 The file formats and atomic writing live in ``checkpoint.py``; the Trainer (``train.py``) is the loop.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import random
-from typing import Optional
 
 import torch
 
 from . import distributed as D
 from . import faults
-from .checkpoint import (FORMAT, CheckpointWriter, atomic_save, check_cohort_checkpoint, cpu_copy, latest_path,
-                         load_checkpoint, peer_path, prune_epoch_checkpoints, versions)
-from .engine import Meters, meter_table
+from .checkpoint import (
+    FORMAT,
+    CheckpointWriter,
+    atomic_save,
+    check_cohort_checkpoint,
+    cpu_copy,
+    latest_path,
+    load_checkpoint,
+    peer_path,
+    prune_epoch_checkpoints,
+    versions,
+)
 from .data.folders import files_changed
+from .engine import Meters, meter_table
 from .errors import DMLError
 
 
@@ -65,28 +75,33 @@ class CohortCheckpoint:
     def __init__(self, cfg: dict, ctx: D.DistContext, logger, data, peer: tuple, archs: list[str]):
         self.cfg, self.ctx, self.logger, self.data, self.archs = cfg, ctx, logger, data, archs
         self.arch, self.model, self.optimizer, self.scheduler, self.scaler = peer
-        self.epoch, self.step = 0, 0                     # completed epochs; steps done in the current epoch
+        self.epoch, self.step = 0, 0  # completed epochs; steps done in the current epoch
         self.history: list[dict] = []
-        self.best: list[Optional[float]] = [None] * cfg["model_num"]
+        self.best: list[float | None] = [None] * cfg["model_num"]
         self.best_ensemble = 0.0
-        self.meters: Optional[Meters] = None              # a resumed partial epoch's meters
+        self.meters: Meters | None = None  # a resumed partial epoch's meters
         self.run_info = {"resumed_from": [], "epoch_seconds": []}
         self.writer = CheckpointWriter(enabled=ctx.is_main)
 
     # ------------------------------------------------------------------------------------------ save
-    def _peer_state(self, meter_sums: Optional[dict]) -> Optional[dict]:
+    def _peer_state(self, meter_sums: dict | None) -> dict | None:
         """This peer's state from its replica 0; other replicas hand in nothing (a cohort checkpoint does
         not depend on the number of replicas)."""
         if self.ctx.replica != 0:
             return None
-        return cpu_copy({
-            "arch": self.arch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(self.ctx.device), "meters": meter_sums,
-        })
+        return cpu_copy(
+            {
+                "arch": self.arch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng_state(self.ctx.device),
+                "meters": meter_sums,
+            }
+        )
 
-    def _file_record(self) -> Optional[dict]:
+    def _file_record(self) -> dict | None:
         """The training file list as a resume compares it: its size and each file's path hash (computed once)."""
         files = getattr(self.data, "train_files", None)
         if files is None:
@@ -104,27 +119,51 @@ class CohortCheckpoint:
         added, removed = files_changed(before["hashes"].numpy(), now["hashes"].numpy())
         what = f"the training file list changed since {path}: {added} file(s) added, {removed} removed"
         if not self.cfg.get("allow_data_change"):
-            raise DMLError(f"{what}; restore the folder, start a new experiment, or set allow_data_change=true "
-                           f"(the batches from here on then differ from the run's)")
+            raise DMLError(
+                f"{what}; restore the folder, start a new experiment, or set allow_data_change=true "
+                f"(the batches from here on then differ from the run's)"
+            )
         self.logger.info(f"allow_data_change: {what}; the batches from here on differ from the run's")
 
     def _meta(self) -> dict:
-        return {"format": FORMAT, "kind": "cohort", "epoch": self.epoch, "step": self.step,
-                "files": self._file_record(),
-                "config": public_config(self.cfg), "num_classes": self.data.num_classes,
-                "classes": list(self.data.classes), "history": copy.deepcopy(self.history),
-                "best_accuracies": list(self.best), "best_ensemble_accuracy": self.best_ensemble,
-                "run": copy.deepcopy(self.run_info), "versions": versions()}
+        return {
+            "format": FORMAT,
+            "kind": "cohort",
+            "epoch": self.epoch,
+            "step": self.step,
+            "files": self._file_record(),
+            "config": public_config(self.cfg),
+            "num_classes": self.data.num_classes,
+            "classes": list(self.data.classes),
+            "history": copy.deepcopy(self.history),
+            "best_accuracies": list(self.best),
+            "best_ensemble_accuracy": self.best_ensemble,
+            "run": copy.deepcopy(self.run_info),
+            "versions": versions(),
+        }
 
-    def _peer_file(self, k: int, state: dict, tag: str, accuracy: Optional[float], meta: dict) -> None:
-        atomic_save({"format": FORMAT, "kind": "peer", "peer": k + 1, "arch": state["arch"],
-                     "num_classes": meta["num_classes"], "classes": meta["classes"],
-                     "image_size": self.cfg["image_size"], "model": state["model"], "epoch": meta["epoch"],
-                     "accuracy": accuracy, "best_accuracy": meta["best_accuracies"][k], "config": meta["config"],
-                     "versions": meta["versions"]},
-                    peer_path(self.cfg["save_dir"], self.cfg["experiment_name"], k + 1, tag), meta["epoch"])
+    def _peer_file(self, k: int, state: dict, tag: str, accuracy: float | None, meta: dict) -> None:
+        atomic_save(
+            {
+                "format": FORMAT,
+                "kind": "peer",
+                "peer": k + 1,
+                "arch": state["arch"],
+                "num_classes": meta["num_classes"],
+                "classes": meta["classes"],
+                "image_size": self.cfg["image_size"],
+                "model": state["model"],
+                "epoch": meta["epoch"],
+                "accuracy": accuracy,
+                "best_accuracy": meta["best_accuracies"][k],
+                "config": meta["config"],
+                "versions": meta["versions"],
+            },
+            peer_path(self.cfg["save_dir"], self.cfg["experiment_name"], k + 1, tag),
+            meta["epoch"],
+        )
 
-    def save(self, meters: Optional[Meters] = None, new_best=(), final: bool = False, epoch_done: int = 0) -> None:
+    def save(self, meters: Meters | None = None, new_best=(), final: bool = False, epoch_done: int = 0) -> None:
         """Collective (see the module docstring). Mid-epoch (``meters``), the meters are checked for a
         non-finite loss first. Everything the writer thread writes is snapshotted here, when the write is
         queued, so a slow disk cannot label a file with a later epoch."""
@@ -134,8 +173,10 @@ class CohortCheckpoint:
         flags = D.all_gather_tensor(torch.tensor([float(finite)])).view(-1)[self.ctx.first_ranks]  # sync point
         if not bool(flags.all()):
             bad = [k + 1 for k, f in enumerate(flags.tolist()) if not f]
-            raise DMLError(f"peer(s) {bad}: weights are not finite (nan/inf) at epoch {max(epoch_done, self.epoch)}"
-                           f"{f', step {self.step}' if self.step else ''}; lower lr (or use amp=off) and check the data")
+            raise DMLError(
+                f"peer(s) {bad}: weights are not finite (nan/inf) at epoch {max(epoch_done, self.epoch)}"
+                f"{f', step {self.step}' if self.step else ''}; lower lr (or use amp=off) and check the data"
+            )
         sums = None
         if meters is not None:
             # This peer's partial-epoch sums over all its replicas (sync point; raises on nan/inf).
@@ -164,19 +205,23 @@ class CohortCheckpoint:
         self.writer.submit(write)
 
     # ---------------------------------------------------------------------------------------- resume
-    def _resume_path(self, resume: str) -> Optional[str]:
+    def _resume_path(self, resume: str) -> str | None:
         """Rank 0: the file to resume from. After a torchrun restart, this experiment's own ``_latest.pth``
         wins over an explicit ``resume=PATH`` when it is newer: it holds the progress made since PATH."""
         latest = latest_path(self.cfg["save_dir"], self.cfg["experiment_name"])
         if resume == "auto":
             return latest if os.path.isfile(latest) else None
-        if self.ctx.restart_count > 0 and os.path.isfile(latest) and os.path.isfile(resume) and \
-                os.path.realpath(latest) != os.path.realpath(resume) and \
-                os.path.getmtime(latest) > os.path.getmtime(resume):
+        if (
+            self.ctx.restart_count > 0
+            and os.path.isfile(latest)
+            and os.path.isfile(resume)
+            and os.path.realpath(latest) != os.path.realpath(resume)
+            and os.path.getmtime(latest) > os.path.getmtime(resume)
+        ):
             return latest
         return resume
 
-    def resume(self, resume: Optional[str]) -> None:
+    def resume(self, resume: str | None) -> None:
         """Collective: rank 0 reads and checks the cohort checkpoint, then hands each rank its peer's state."""
         if not resume:
             return
@@ -206,8 +251,11 @@ class CohortCheckpoint:
             if self.scaler is not None and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise DMLError(f"checkpoint {path}: peer {self.ctx.peer + 1} state does not fit this model "
-                           f"({str(e).splitlines()[0][:160]}); start a new experiment", all_ranks=False) from None
+            raise DMLError(
+                f"checkpoint {path}: peer {self.ctx.peer + 1} state does not fit this model "
+                f"({str(e).splitlines()[0][:160]}); start a new experiment",
+                all_ranks=False,
+            ) from None
         set_rng_state(state["rng"], self.ctx.device)
         # A peer's partial-epoch sums go to its replica 0 (any number of replicas sums to the same).
         if state["meters"] and self.ctx.replica == 0:
@@ -222,5 +270,7 @@ class CohortCheckpoint:
         self.logger.info(f"resumed from {path}: {self.epoch} epoch(s) and {self.step} step(s) done")
         before = meta["config"].get("replicas")
         if before is not None and before != self.cfg["replicas"]:
-            self.logger.info(f"replicas: the checkpoint was trained with {before} per peer, this run has "
-                             f"{self.cfg['replicas']} ({self.ctx.world_size} processes)")
+            self.logger.info(
+                f"replicas: the checkpoint was trained with {before} per peer, this run has "
+                f"{self.cfg['replicas']} ({self.ctx.world_size} processes)"
+            )

@@ -3,12 +3,14 @@
 Every key is listed in ``DEFAULT_CONFIG`` (the README has the table). Unknown keys, wrong types and
 impossible values raise a DMLError that names the key and the fix.
 """
+
 from __future__ import annotations
 
 import difflib
 import math
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import yaml
 
@@ -22,40 +24,40 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # The original single-process module's keys keep its values (batch 32, no augmentation, ...); the DML
     # paper's schedule (batch 64, Nesterov, crop+flip) lives in configs/ and the README's examples.
     # model / cohort
-    "model": "ResNet32",          # one name for every peer (case-insensitive), or a list, one per peer
-    "model_num": 2,               # peers; when a config leaves it unset: the world size under torchrun, else 2
-    "replicas": 1,                # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas;
-                                  # auto: world / model_num (an elastic job that lost a node goes on with fewer);
-                                  # or a list, one count per peer (e.g. [1, 7]: the slow peer gets 7 GPUs), world = sum
-    "sync_bn": False,             # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
-    "rank_order": "auto",         # replicas > 1: peer (a peer's replicas on consecutive ranks) | replica (the peers
-                                  # of one replica index together: each node decodes only its rows) | auto
-    "pretrained": False,          # torchvision.<name> models only: start from torchvision's weights
+    "model": "ResNet32",  # one name for every peer (case-insensitive), or a list, one per peer
+    "model_num": 2,  # peers; when a config leaves it unset: the world size under torchrun, else 2
+    "replicas": 1,  # data-parallel replicas per peer (DDP within a peer): world = model_num * replicas;
+    # auto: world / model_num (an elastic job that lost a node goes on with fewer);
+    # or a list, one count per peer (e.g. [1, 7]: the slow peer gets 7 GPUs), world = sum
+    "sync_bn": False,  # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
+    "rank_order": "auto",  # replicas > 1: peer (a peer's replicas on consecutive ranks) | replica (the peers
+    # of one replica index together: each node decodes only its rows) | auto
+    "pretrained": False,  # torchvision.<name> models only: start from torchvision's weights
     # data
-    "dataset": "imagefolder",     # imagefolder | cifar10 | cifar100
+    "dataset": "imagefolder",  # imagefolder | cifar10 | cifar100
     "data_dir": "data",
     "image_size": 32,
-    "val_fraction": 0.1,          # held out of train/ when there is no val/ folder (and for CIFAR)
-    "train_subset": 0,            # > 0: train on a deterministic subset of this many training images (by seed)
-    "augment": False,             # true (crop, flip, rotate, jitter) | false | a list of those and rrc
-    "loader": "auto",             # image folders: memory (decoded set on the device) | stream (decode each batch) | auto
-    "memory_budget_gb": None,     # auto's limit for the decoded set; None = a quarter of the GPU's (or host's) memory
-    "cache_dir": None,            # the memory path's decoded-image cache; None = <data_dir>/.dml-cache, or
-                                  # ~/.cache/dml-dist when data_dir is read-only
-    "crop_fraction": 1.0,         # evaluation (and cached) images: shorter side to image_size / crop_fraction,
-                                  # centre crop (ImageNet: 0.875); 1.0 on square files is a plain resize
-    "rrc_scale": [0.08, 1.0],     # augment rrc (RandomResizedCrop): area range, torchvision's default
+    "val_fraction": 0.1,  # held out of train/ when there is no val/ folder (and for CIFAR)
+    "train_subset": 0,  # > 0: train on a deterministic subset of this many training images (by seed)
+    "augment": False,  # true (crop, flip, rotate, jitter) | false | a list of those and rrc
+    "loader": "auto",  # image folders: memory (decoded set on the device) | stream (decode each batch) | auto
+    "memory_budget_gb": None,  # auto's limit for the decoded set; None = a quarter of the GPU's (or host's) memory
+    "cache_dir": None,  # the memory path's decoded-image cache; None = <data_dir>/.dml-cache, or
+    # ~/.cache/dml-dist when data_dir is read-only
+    "crop_fraction": 1.0,  # evaluation (and cached) images: shorter side to image_size / crop_fraction,
+    # centre crop (ImageNet: 0.875); 1.0 on square files is a plain resize
+    "rrc_scale": [0.08, 1.0],  # augment rrc (RandomResizedCrop): area range, torchvision's default
     "rrc_ratio": [0.75, 1.3333333333333333],  # and aspect-ratio range
-    "decode_device": "cpu",       # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
-    "cache_eval": True,           # stream path: val/test (a fixed transform) decoded once into the cache when they
-                                  # fit memory_budget_gb, instead of at every evaluation
-    "cache_keep_days": 14,        # entries superseded by a changed folder and unused this long are removed; 0 = keep
-    "bad_images": "stop",         # a file that cannot be read: stop (one line naming it) | skip (a grey stand-in,
-                                  # the file named once in the log and counted in the summary)
-    "allow_data_change": False,   # resume on a folder whose file list changed since the checkpoint
-    "batch_size": 32,             # per peer (split between its replicas)
-    "num_workers": 4,             # DataLoader workers: the stream path's decoders per rank, and custom datasets
-    "download": True,             # cifar10/cifar100 only: fetch when missing
+    "decode_device": "cpu",  # stream path: cpu (TorchCodec in DataLoader workers) | cuda (batched nvJPEG)
+    "cache_eval": True,  # stream path: val/test (a fixed transform) decoded once into the cache when they
+    # fit memory_budget_gb, instead of at every evaluation
+    "cache_keep_days": 14,  # entries superseded by a changed folder and unused this long are removed; 0 = keep
+    "bad_images": "stop",  # a file that cannot be read: stop (one line naming it) | skip (a grey stand-in,
+    # the file named once in the log and counted in the summary)
+    "allow_data_change": False,  # resume on a folder whose file list changed since the checkpoint
+    "batch_size": 32,  # per peer (split between its replicas)
+    "num_workers": 4,  # DataLoader workers: the stream path's decoders per rank, and custom datasets
+    "download": True,  # cifar10/cifar100 only: fetch when missing
     # optimisation (per peer: SGD + StepLR)
     "epochs": 200,
     "lr": 0.1,
@@ -65,31 +67,31 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "step_size": 60,
     "gamma": 0.1,
     # mutual learning
-    "mutual": "dml",              # dml: mean KL to each other peer | ensemble: KL to the others' mean prediction
+    "mutual": "dml",  # dml: mean KL to each other peer | ensemble: KL to the others' mean prediction
     "temperature": 1.0,
-    "kl_weight": 1.0,             # 0 trains the peers independently (the baseline)
-    "kl_warmup_epochs": 0,        # ramp the mutual term's weight from 0 to kl_weight over this many epochs
-    "exchange": "auto",           # all_gather (every peer's logits) | all_reduce (their softmax sums: bytes
-                                  # constant in N) | auto (all_reduce from 3 peers on; README "The exchange")
+    "kl_weight": 1.0,  # 0 trains the peers independently (the baseline)
+    "kl_warmup_epochs": 0,  # ramp the mutual term's weight from 0 to kl_weight over this many epochs
+    "exchange": "auto",  # all_gather (every peer's logits) | all_reduce (their softmax sums: bytes
+    # constant in N) | auto (all_reduce from 3 peers on; README "The exchange")
     # runtime
     "seed": 42,
-    "device": "auto",             # auto | cpu | cuda
-    "backend": "auto",            # auto | nccl | gloo
-    "timeout": None,              # seconds a collective waits for the slowest rank; None = $DML_DIST_TIMEOUT or 600
-    "amp": "auto",                # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
+    "device": "auto",  # auto | cpu | cuda
+    "backend": "auto",  # auto | nccl | gloo
+    "timeout": None,  # seconds a collective waits for the slowest rank; None = $DML_DIST_TIMEOUT or 600
+    "amp": "auto",  # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
     "channels_last": "auto",
-    "compile": False,             # torch.compile each peer's model
+    "compile": False,  # torch.compile each peer's model
     "consistency_check_every": 100,  # steps between batch fingerprint checks (and the first step); 0 = off
     # logging and checkpoints
     "print_freq": 10,
     "progress_bar": True,
-    "save_freq": 10,              # per-peer epoch_<e> checkpoints every save_freq epochs; 0 = none
-    "save_every_steps": 0,        # also write <exp>_latest.pth every N steps (exact mid-epoch resume)
-    "keep_last": 0,               # keep only the newest K epoch_<e> checkpoints per peer; 0 = keep all
+    "save_freq": 10,  # per-peer epoch_<e> checkpoints every save_freq epochs; 0 = none
+    "save_every_steps": 0,  # also write <exp>_latest.pth every N steps (exact mid-epoch resume)
+    "keep_last": 0,  # keep only the newest K epoch_<e> checkpoints per peer; 0 = keep all
     "save_dir": "checkpoints",
     "log_dir": "logs",
-    "experiment_name": None,      # None = dml_<model>_<N>peers
-    "resume": None,               # path | auto | None
+    "experiment_name": None,  # None = dml_<model>_<N>peers
+    "resume": None,  # path | auto | None
 }
 
 _CHOICES = {
@@ -105,25 +107,53 @@ _CHOICES = {
     "bad_images": ("stop", "skip"),
 }
 _INT_MIN = {  # integer keys and their smallest allowed value
-    "image_size": 8, "batch_size": 1, "num_workers": 0, "epochs": 1, "step_size": 1, "seed": 0,
-    "consistency_check_every": 0, "print_freq": 1, "save_freq": 0, "save_every_steps": 0, "keep_last": 0,
-    "train_subset": 0, "kl_warmup_epochs": 0,
+    "image_size": 8,
+    "batch_size": 1,
+    "num_workers": 0,
+    "epochs": 1,
+    "step_size": 1,
+    "seed": 0,
+    "consistency_check_every": 0,
+    "print_freq": 1,
+    "save_freq": 0,
+    "save_every_steps": 0,
+    "keep_last": 0,
+    "train_subset": 0,
+    "kl_warmup_epochs": 0,
 }
 _FLOAT_MIN = {  # float keys: (min, inclusive?)
-    "lr": (0.0, True), "momentum": (0.0, True), "weight_decay": (0.0, True), "gamma": (0.0, False),
-    "temperature": (0.0, False), "kl_weight": (0.0, True), "val_fraction": (0.0, False),
-    "crop_fraction": (0.0, False), "cache_keep_days": (0.0, True),
+    "lr": (0.0, True),
+    "momentum": (0.0, True),
+    "weight_decay": (0.0, True),
+    "gamma": (0.0, False),
+    "temperature": (0.0, False),
+    "kl_weight": (0.0, True),
+    "val_fraction": (0.0, False),
+    "crop_fraction": (0.0, False),
+    "cache_keep_days": (0.0, True),
 }
-_BOOL = ("nesterov", "progress_bar", "download", "compile", "sync_bn", "pretrained",
-         "allow_data_change", "cache_eval")
+_BOOL = ("nesterov", "progress_bar", "download", "compile", "sync_bn", "pretrained", "allow_data_change", "cache_eval")
 _STR_OR_NONE = ("experiment_name", "resume", "cache_dir")
 
 
 # Names other trainers use for our keys, so the error can point at the right one.
-_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "arch": "model",
-            "architecture": "model", "num_models": "model_num", "n_peers": "model_num", "peers": "model_num",
-            "workers": "num_workers", "lr_step": "step_size", "milestones": "step_size", "T": "temperature",
-            "checkpoint_dir": "save_dir", "output_dir": "save_dir", "name": "experiment_name"}
+_ALIASES = {
+    "learning_rate": "lr",
+    "wd": "weight_decay",
+    "num_epochs": "epochs",
+    "arch": "model",
+    "architecture": "model",
+    "num_models": "model_num",
+    "n_peers": "model_num",
+    "peers": "model_num",
+    "workers": "num_workers",
+    "lr_step": "step_size",
+    "milestones": "step_size",
+    "T": "temperature",
+    "checkpoint_dir": "save_dir",
+    "output_dir": "save_dir",
+    "name": "experiment_name",
+}
 
 
 def _suggest(key: str) -> str:
@@ -160,19 +190,27 @@ def validate_config(cfg: dict) -> dict:
     if c["crop_fraction"] > 1:
         raise DMLError(f"crop_fraction must be in (0, 1] (ImageNet's is 0.875), got {c['crop_fraction']}")
     if c["channels_last"] not in (True, False, "auto"):
-        raise DMLError(f"channels_last must be true, false or auto (on for convolutional peers under AMP on "
-                       f"CUDA), got {c['channels_last']!r}")
+        raise DMLError(
+            f"channels_last must be true, false or auto (on for convolutional peers under AMP on "
+            f"CUDA), got {c['channels_last']!r}"
+        )
     t = c["timeout"]
     if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 5):
-        raise DMLError(f"timeout must be a whole number of seconds >= 5 (or null for $DML_DIST_TIMEOUT / 600), got {t!r}")
+        raise DMLError(
+            f"timeout must be a whole number of seconds >= 5 (or null for $DML_DIST_TIMEOUT / 600), got {t!r}"
+        )
     mb = c["memory_budget_gb"]
     if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb <= 0):
         raise DMLError(f"memory_budget_gb must be a number of GB > 0 (or null for automatic), got {mb!r}")
     for k, hi in (("rrc_scale", 1.0), ("rrc_ratio", None)):
         v = c[k]
-        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and
-                                                                     not isinstance(x, bool) for x in v)
-                and 0 < v[0] <= v[1] and (hi is None or v[1] <= hi)):
+        if not (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            and 0 < v[0] <= v[1]
+            and (hi is None or v[1] <= hi)
+        ):
             raise DMLError(f"{k} must be [low, high] with 0 < low <= high{' <= 1' if hi else ''}, got {v!r}")
         c[k] = [float(x) for x in v]
     for k, choices in _CHOICES.items():
@@ -181,16 +219,18 @@ def validate_config(cfg: dict) -> dict:
     for k in _STR_OR_NONE + ("data_dir", "save_dir", "log_dir"):
         if c[k] is not None and not isinstance(c[k], str):
             raise DMLError(f"{k} must be a string, got {c[k]!r}")
-    if c["model_num"] is not None and (isinstance(c["model_num"], bool) or not isinstance(c["model_num"], int)
-                                       or c["model_num"] < 1):
+    if c["model_num"] is not None and (
+        isinstance(c["model_num"], bool) or not isinstance(c["model_num"], int) or c["model_num"] < 1
+    ):
         raise DMLError(f"model_num must be a positive integer (or null for the world size), got {c['model_num']!r}")
     if isinstance(c["model"], (list, tuple)):
         if not c["model"]:
             raise DMLError("model is an empty list; give one model name, or one per peer")
         c["model"] = [canonical_model_name(m) for m in c["model"]]
         if c["model_num"] is not None and len(c["model"]) != c["model_num"]:
-            raise DMLError(f"model lists {len(c['model'])} architectures but model_num={c['model_num']}; "
-                           f"give one per peer")
+            raise DMLError(
+                f"model lists {len(c['model'])} architectures but model_num={c['model_num']}; give one per peer"
+            )
     elif isinstance(c["model"], str):
         names = [m.strip() for m in c["model"].split(",")]
         c["model"] = canonical_model_name(names[0]) if len(names) == 1 else [canonical_model_name(m) for m in names]
@@ -210,8 +250,10 @@ def _augmentations(value) -> list[str]:
     known = ("rrc",) + AUGMENTATIONS
     unknown = [n for n in names if n.lower() not in known]
     if unknown:
-        raise DMLError(f"augment: unknown augmentation(s) {unknown}; choose from {', '.join(known)} "
-                       f"(or true for crop, flip, rotate and jitter, false for none)")
+        raise DMLError(
+            f"augment: unknown augmentation(s) {unknown}; choose from {', '.join(known)} "
+            f"(or true for crop, flip, rotate and jitter, false for none)"
+        )
     return [a for a in known if a in {n.lower() for n in names}]
 
 
@@ -252,7 +294,7 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = None, **kwargs) -> dict:
+def build_config(config_file: str | None = None, overrides: dict | None = None, **kwargs) -> dict:
     """defaults < YAML file < overrides < kwargs, then validated. ``model_num`` stays None ("unset") when
     no layer sets it: ``finalize_config`` then takes the world size under torchrun (2 when this process
     starts the peers itself)."""
@@ -264,14 +306,18 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[dict] = 
 
 def _replicas(v):
     """An integer >= 1 (every peer), or a non-empty list of them (one per peer)."""
+
     def ok(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
     if ok(v) or v == "auto":
         return v
     if isinstance(v, (list, tuple)) and v and all(ok(x) for x in v):
         return list(v)
-    raise DMLError(f"replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers, "
-                   f"one per peer (e.g. [1, 3]), got {v!r}")
+    raise DMLError(
+        f"replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers, "
+        f"one per peer (e.g. [1, 3]), got {v!r}"
+    )
 
 
 def replica_layout(cfg: dict) -> tuple[int, ...]:
@@ -313,18 +359,23 @@ def finalize_config(cfg: dict, world_size: int) -> dict:
         if m is None:
             raise DMLError("replicas=auto needs the number of peers: set model_num (or list one model per peer)")
         if world_size % m:
-            raise DMLError(f"replicas=auto: {world_size} processes do not split into {m} peers; start a multiple of "
-                           f"{m} processes (every node alike) or set model_num")
+            raise DMLError(
+                f"replicas=auto: {world_size} processes do not split into {m} peers; start a multiple of "
+                f"{m} processes (every node alike) or set model_num"
+            )
         c["model_num"], c["replicas"] = m, r = m, world_size // m
     if isinstance(r, list):
         if c["model_num"] is None:
             c["model_num"] = len(r)
         if len(r) != c["model_num"]:
-            raise DMLError(f"replicas lists {len(r)} counts for {c['model_num']} peers; give one per peer "
-                           f"(or one integer for all)")
+            raise DMLError(
+                f"replicas lists {len(r)} counts for {c['model_num']} peers; give one per peer (or one integer for all)"
+            )
         if sum(r) != world_size:
-            raise DMLError(f"replicas={r} needs {sum(r)} processes (their sum) but {world_size} were started; "
-                           f"launch torchrun --nproc_per_node={sum(r)} or change replicas")
+            raise DMLError(
+                f"replicas={r} needs {sum(r)} processes (their sum) but {world_size} were started; "
+                f"launch torchrun --nproc_per_node={sum(r)} or change replicas"
+            )
     elif c["model_num"] is None:
         if isinstance(c["model"], list) and world_size == 1:
             c["model_num"] = len(c["model"])
@@ -333,14 +384,20 @@ def finalize_config(cfg: dict, world_size: int) -> dict:
     m = c["model_num"]
     if not isinstance(r, list) and m * r != world_size:
         if r == 1:
-            raise DMLError(f"model_num={m} but {world_size} process(es) were started; launch with "
-                           f"torchrun --nproc_per_node={m} (one process per peer) or set model_num={world_size}")
-        raise DMLError(f"model_num={m} x replicas={r} needs {m * r} processes but {world_size} were started; "
-                       f"launch {m * r} processes (torchrun --nproc_per_node={m * r}) or change model_num/replicas")
+            raise DMLError(
+                f"model_num={m} but {world_size} process(es) were started; launch with "
+                f"torchrun --nproc_per_node={m} (one process per peer) or set model_num={world_size}"
+            )
+        raise DMLError(
+            f"model_num={m} x replicas={r} needs {m * r} processes but {world_size} were started; "
+            f"launch {m * r} processes (torchrun --nproc_per_node={m * r}) or change model_num/replicas"
+        )
     for k in sorted(set(replica_layout(c))):
         if c["batch_size"] % k:
-            raise DMLError(f"batch_size={c['batch_size']} does not divide by replicas={k}; each replica takes an "
-                           f"equal share of its peer's batch: use a multiple of {k}")
+            raise DMLError(
+                f"batch_size={c['batch_size']} does not divide by replicas={k}; each replica takes an "
+                f"equal share of its peer's batch: use a multiple of {k}"
+            )
     if isinstance(c["model"], list) and len(c["model"]) != m:
         raise DMLError(f"model lists {len(c['model'])} architectures for {m} peers; give one per peer")
     if not c["experiment_name"]:

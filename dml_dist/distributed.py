@@ -1,8 +1,8 @@
 """Process-group setup, device placement and the few collectives DML needs.
 
-Peers are not replicas: there is no DDP wrapper and no SyncBN. Ranks talk only to exchange logits
-(one all-gather, or one all-reduce of their softmax sums, per step), batch fingerprints, meters, validation logits and checkpoint state. Every
-function here is a collective: call it on every rank.
+Peers are not replicas: peers never share a DDP wrapper (a peer's own replicas do, ``parallel.py``). Ranks talk to
+exchange logits (one all-gather, or one all-reduce of their softmax sums, per step), batch fingerprints, meters,
+validation logits and checkpoint state. Every function here is a collective: call it on every rank.
 
 The collective rule (one rule, every backend):
 
@@ -16,28 +16,36 @@ The collective rule (one rule, every backend):
   ``--nproc_per_node=1``): a one-GPU machine then exercises the same code paths as a node. Only a plain
   process without torchrun (no group) short-circuits.
 """
+
 from __future__ import annotations
 
 import bisect
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from functools import cached_property
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .errors import DMLError
-from .placement import (Placement, assign_gpus, exchange_identities, gpu_sharers, process_group_backend,
-                        resolve_placement)
+from .placement import (
+    Placement,
+    assign_gpus,
+    exchange_identities,
+    gpu_sharers,
+    process_group_backend,
+    resolve_placement,
+)
 
 DEFAULT_TIMEOUT_S = 600
 
 
-def collective_timeout(cfg: Optional[dict] = None) -> timedelta:
+def collective_timeout(cfg: dict | None = None) -> timedelta:
     """How long a collective may wait for the slowest rank: config ``timeout``, else the environment's
     ``DML_DIST_TIMEOUT``, else 600 s. Every group this package creates gets it (subgroups do not inherit
     the default group's)."""
@@ -58,6 +66,7 @@ class DistContext:
     replicas (DDP, SyncBN). ``peer_group``: on a uniform layout, the ranks with this rank's replica index,
     one per peer (the exchange runs there); None means the whole world (one replica per peer, or a layout
     that is not a rectangle: the exchange then runs over the world, by batch rows)."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -139,15 +148,23 @@ class DistContext:
 
     def describe(self) -> dict:
         group = str(dist.get_backend()) if dist.is_initialized() else "none (single process)"
-        return {"rank": self.rank, "peer": self.peer + 1, "replica": self.replica, "host": socket.gethostname(),
-                "device": self.placement.device, "backend": self.placement.backend, "group": group,
-                "threads": self.placement.threads, "rank_order": self.order}
+        return {
+            "rank": self.rank,
+            "peer": self.peer + 1,
+            "replica": self.replica,
+            "host": socket.gethostname(),
+            "device": self.placement.device,
+            "backend": self.placement.backend,
+            "group": group,
+            "threads": self.placement.threads,
+            "rank_order": self.order,
+        }
 
 
 _SHARERS: dict = {}  # "gpu": ranks of the job on this rank's physical GPU (from the identity exchange)
 
 
-def ranks_on_my_gpu() -> Optional[int]:
+def ranks_on_my_gpu() -> int | None:
     """Ranks of the job that use this rank's physical GPU, as the identity exchange found (None: unknown,
     no launcher or no GPU)."""
     return _SHARERS.get("gpu")
@@ -176,8 +193,9 @@ def init_distributed(cfg: dict) -> DistContext:
         identities = exchange_identities(store, rank, world)
         assignment = assign_gpus(identities, rank) if num_gpus > 0 else None
         _SHARERS["gpu"] = gpu_sharers(identities, rank) if num_gpus > 0 else None
-    placement = resolve_placement(local_rank, local_world, num_gpus, cfg["device"], cfg["backend"],
-                                  assignment=assignment)
+    placement = resolve_placement(
+        local_rank, local_world, num_gpus, cfg["device"], cfg["backend"], assignment=assignment
+    )
     torch.set_num_threads(placement.threads)
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
@@ -192,8 +210,9 @@ def init_distributed(cfg: dict) -> DistContext:
     if dist.is_initialized() and layout is not None and max(layout) > 1:
         order, why = choose_rank_order(cfg, layout, local_world)
         peer_group, replica_group = layout_groups(layout, order, rank, process_group_backend(placement))
-        return DistContext(rank, world, local_rank, local_world, placement, layout, peer_group, replica_group,
-                           order, why)
+        return DistContext(
+            rank, world, local_rank, local_world, placement, layout, peer_group, replica_group, order, why
+        )
     return DistContext(rank, world, local_rank, local_world, placement, layout or (1,) * world)
 
 
@@ -208,7 +227,7 @@ def agree_restart_count() -> int:
     return agreed
 
 
-def _layout(cfg: dict, world: int) -> Optional[tuple]:
+def _layout(cfg: dict, world: int) -> tuple | None:
     """Replicas per peer, or None when the config does not fit the world (finalize_config then refuses it
     with a message naming both)."""
     r = cfg.get("replicas", 1)
@@ -235,8 +254,10 @@ def decodes_per_sample(layout: tuple, order: str, local_world_size: int) -> floa
     nodes = max(1, sum(layout) // max(1, local_world_size))
     if len(set(layout)) != 1:
         return float(nodes)
-    per_replica = [len({r // local_world_size for r in (ranks_of(layout, order, k)[i] for k in range(len(layout)))})
-                   for i in range(layout[0])]
+    per_replica = [
+        len({r // local_world_size for r in (ranks_of(layout, order, k)[i] for k in range(len(layout)))})
+        for i in range(layout[0])
+    ]
     return sum(per_replica) / layout[0]
 
 
@@ -249,24 +270,33 @@ def choose_rank_order(cfg: dict, layout: tuple, local_world_size: int) -> tuple[
         return "peer", "one replica per peer"
     if len(set(layout)) != 1:
         if asked == "replica":
-            raise DMLError(f"rank_order=replica needs the same replica count for every peer, not {list(layout)}; "
-                           f"use rank_order=peer (or auto)")
+            raise DMLError(
+                f"rank_order=replica needs the same replica count for every peer, not {list(layout)}; "
+                f"use rank_order=peer (or auto)"
+            )
         return "peer", "uneven replica counts"
     if asked != "auto":
         return asked, f"rank_order={asked}"
     peer, replica = (decodes_per_sample(layout, o, local_world_size) for o in ("peer", "replica"))
     augment = cfg.get("augment")
     stream = cfg.get("dataset", "imagefolder") == "imagefolder" and (
-        cfg.get("loader") == "stream" or (cfg.get("loader", "auto") == "auto" and isinstance(augment, (list, tuple))
-                                          and "rrc" in augment))
+        cfg.get("loader") == "stream"
+        or (cfg.get("loader", "auto") == "auto" and isinstance(augment, (list, tuple)) and "rrc" in augment)
+    )
     if not stream:  # the memory path (or not known yet: loader=auto without rrc): every rank holds the set
-        return "peer", ("rank_order=auto: not the stream path for sure (loader=stream, or rrc with loader=auto), "
-                        "where every rank holds the whole set; rank_order=replica forces it")
+        return "peer", (
+            "rank_order=auto: not the stream path for sure (loader=stream, or rrc with loader=auto), "
+            "where every rank holds the whole set; rank_order=replica forces it"
+        )
     if replica < peer:
-        return "replica", (f"rank_order=auto: replica-major decodes each sample {replica:g}x per job, peer-major "
-                           f"{peer:g}x (each peer's gradient all-reduce then crosses nodes)")
-    return "peer", (f"rank_order=auto: peer-major decodes each sample {peer:g}x per job, as replica-major "
-                    f"would, and keeps each peer's gradient all-reduce within its node")
+        return "replica", (
+            f"rank_order=auto: replica-major decodes each sample {replica:g}x per job, peer-major "
+            f"{peer:g}x (each peer's gradient all-reduce then crosses nodes)"
+        )
+    return "peer", (
+        f"rank_order=auto: peer-major decodes each sample {peer:g}x per job, as replica-major "
+        f"would, and keeps each peer's gradient all-reduce within its node"
+    )
 
 
 def layout_groups(layout: tuple, order: str, rank: int, backend: str) -> tuple:
@@ -291,8 +321,14 @@ def layout_groups(layout: tuple, order: str, rank: int, backend: str) -> tuple:
 
 
 # What a rank sees when another rank died mid-collective (gloo's TCP pairs, the c10d store).
-_CONNECTION_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-                    "connection closed", "Socket Timeout")
+_CONNECTION_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+    "connection closed",
+    "Socket Timeout",
+)
 
 
 def is_peer_loss(e: BaseException) -> bool:
@@ -368,8 +404,10 @@ def node_group(local_world_size: int):
     if "node" not in _GROUPS:
         world, me = dist.get_world_size(), dist.get_rank()
         if world % local_world_size:
-            raise DMLError(f"{world} ranks do not split into nodes of {local_world_size}; start the same "
-                           f"--nproc_per_node on every node")
+            raise DMLError(
+                f"{world} ranks do not split into nodes of {local_world_size}; start the same "
+                f"--nproc_per_node on every node"
+            )
         for first in range(0, world, local_world_size):
             g = dist.new_group(list(range(first, first + local_world_size)), timeout=group_timeout())
             if first <= me < first + local_world_size:
@@ -377,7 +415,7 @@ def node_group(local_world_size: int):
     return _GROUPS["node"]
 
 
-def decode_group(ctx: "DistContext"):
+def decode_group(ctx: DistContext):
     """The stream path's decode unit for this rank: ``(group, (g, G), rows)``. The ranks of one node that
     train on the same rows of each batch (uniform layouts: the same replica index; ``rows=(r, R)``) split
     those rows between them (``g`` of ``G``) and assemble them with one all-gather in ``group`` (None: the
@@ -388,8 +426,9 @@ def decode_group(ctx: "DistContext"):
         return _GROUPS["decode"]
     local = max(1, ctx.local_world_size)
     if ctx.world_size % local:
-        raise DMLError(f"{ctx.world_size} ranks do not split into nodes of {local}; start the same "
-                       f"--nproc_per_node on every node")
+        raise DMLError(
+            f"{ctx.world_size} ranks do not split into nodes of {local}; start the same --nproc_per_node on every node"
+        )
 
     def key(rank: int):
         node = rank // local
@@ -414,8 +453,9 @@ def decode_group(ctx: "DistContext"):
 
 def _host_group(group=None):
     """The group for host-side (CPU) collectives: a given ``group`` as it is (this package creates its
-    subgroups with the default group's backend string); for a default group without a CPU backend (a user's own NCCL-only group around ``train_dml``), a gloo group over the same
-    ranks, created once (collective on first use: every rank reaches it through the same call)."""
+    subgroups with the default group's backend string); for a default group without a CPU backend (a user's own
+    NCCL-only group around ``train_dml``), a gloo group over the same ranks, created once (collective on first use:
+    every rank reaches it through the same call)."""
     if group is not None or "cpu:" in dist.get_backend_config():
         return group
     if "host" not in _GROUPS:
@@ -462,6 +502,7 @@ def all_gather_start(t: torch.Tensor, group=None) -> Callable[[], torch.Tensor]:
     def wait() -> torch.Tensor:
         work.wait()
         return out.view(world, *src.shape).to(t.device)
+
     return wait
 
 
@@ -484,7 +525,7 @@ def all_gather_tensor(t: torch.Tensor, group=None) -> torch.Tensor:
     return all_gather_logits(t, group)
 
 
-def gather_to_main(t: torch.Tensor, group=None) -> Optional[torch.Tensor]:
+def gather_to_main(t: torch.Tensor, group=None) -> torch.Tensor | None:
     """Equal-shaped tensors -> [world, ...] (CPU) on the group's first rank, None elsewhere. No gradients."""
     if not _active():
         return t.detach().cpu().unsqueeze(0)
@@ -498,7 +539,7 @@ def gather_to_main(t: torch.Tensor, group=None) -> Optional[torch.Tensor]:
     return torch.stack(parts).cpu() if parts is not None else None
 
 
-def gather_objects(obj: Any, group=None) -> Optional[list]:
+def gather_objects(obj: Any, group=None) -> list | None:
     """Picklable object from every rank -> list on the group's first rank, None elsewhere. Object
     collectives travel over the group's CPU backend."""
     if not _active():
@@ -530,7 +571,7 @@ def broadcast_object(obj: Any = None, src: int = 0, group=None) -> Any:
     return box[0]
 
 
-def scatter_objects(objs: Optional[list], group=None) -> Any:
+def scatter_objects(objs: list | None, group=None) -> Any:
     """The first rank's list -> element ``i`` on the group's i-th rank (restoring peers from rank 0)."""
     if not _active():
         return objs[0]

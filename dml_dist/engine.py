@@ -1,32 +1,33 @@
 """The training loop: ``train_one_epoch`` and ``evaluate`` (torchvision references style).
 
-Per step, every rank: fingerprint check (some steps) -> forward -> the exchange (sync point: all-gather
-of the logits, or all-reduce of the softmax sums, ``exchange``) -> DML loss against the detached peers -> backward -> SGD step (``peer_update``, shared with the
-single-process API). Nothing in a step reads a value back to the host: meters and the finiteness flag
-accumulate on the device and are read at ``print_freq`` boundaries. Meters stay per peer; they are
+Per step, every rank: fingerprint check (some steps) -> forward -> the exchange (sync point: all-gather of the logits,
+or all-reduce of the softmax sums, ``exchange``) -> DML loss against the detached peers -> backward -> SGD step
+(``peer_update``, shared with the single-process API). Nothing in a step reads a value back to the host: meters and the
+finiteness flag accumulate on the device and are read at ``print_freq`` boundaries. Meters stay per peer; they are
 gathered, never summed, since each rank is a different peer.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import os
 import resource
-from dataclasses import fields
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Optional
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed as D
 from . import faults, stall
-from .errors import DMLError
 from .data.memory import shard_rows
-from .logger import NullLogger, format_eta
+from .errors import DMLError
 from .exchange import EXCHANGE_WAIT, PeerSums, exchange
+from .logger import NullLogger, format_eta
 from .loss import compute_dml_loss, loss_from_sums
 
 
@@ -36,14 +37,14 @@ class Meters:
     last check. Read (a host sync) only at ``print_freq`` boundaries, before a checkpoint and at the end
     of the epoch."""
 
-    def __init__(self, device="cpu", sums: Optional[dict] = None):
+    def __init__(self, device="cpu", sums: dict | None = None):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         if sums:
             self.sums.copy_(torch.tensor([sums[k] for k in ("loss", "ce", "kl", "correct", "n")], dtype=torch.float64))
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.unchecked_from: Optional[int] = None  # first step not yet checked for a finite loss
+        self.unchecked_from: int | None = None  # first step not yet checked for a finite loss
         self.data_time = self.step_time = self.exchange_time = 0.0  # this rank's seconds (host, not saved)
-        self.data_error: Optional[str] = None  # the loader's first unreadable file (stream path), checked here
+        self.data_error: str | None = None  # the loader's first unreadable file (stream path), checked here
 
     def add(self, stats: torch.Tensor, finite: torch.Tensor) -> None:
         self.sums += stats
@@ -58,24 +59,32 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def batch_fingerprint(x: torch.Tensor, y: torch.Tensor, source: Optional[tuple] = None) -> torch.Tensor:
+def batch_fingerprint(x: torch.Tensor, y: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
     """[2] int64: hashes of the labels and of what defines the inputs. ``source``: the loader's
     ``(uint8 batch before augmentation, AugParams)`` (memory and stream paths): a quarter of the float
     batch's bytes cross to the host, plus the parameters; without it, the float inputs themselves."""
+
     def h(*ts: torch.Tensor) -> int:
         digest = hashlib.blake2b(digest_size=8)
         for t in ts:
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         return int.from_bytes(digest.digest(), "little", signed=True)
+
     if source is not None:
         u8, params = source
         return torch.tensor([h(y), h(u8, *(getattr(params, f.name) for f in fields(params)))], dtype=torch.int64)
     return torch.tensor([h(y), h(x)], dtype=torch.int64)
 
 
-def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: int,
-                            ctx: Optional[D.DistContext] = None, source: Optional[tuple] = None,
-                            data_error: Optional[str] = None) -> None:
+def check_batch_consistency(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epoch: int,
+    step: int,
+    ctx: D.DistContext | None = None,
+    source: tuple | None = None,
+    data_error: str | None = None,
+) -> None:
     """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch. A rank whose
     loader met an unreadable file (``data_error``: its rows are zeros) makes every rank raise that line
     first, not a mismatch.
@@ -102,8 +111,9 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
     for c in range(mine):
         part = (c, mine)
         src = tuple(shard_rows(t, part) for t in source) if source is not None else None
-        table[ctx.replica * mine + c, :3] = torch.cat([torch.ones(1, dtype=torch.int64),
-                                                   batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)])
+        table[ctx.replica * mine + c, :3] = torch.cat(
+            [torch.ones(1, dtype=torch.int64), batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)]
+        )
     fps = D.all_gather_tensor(table)  # [world, chunks, 4]
     if bool(fps[:, :, 3].any()):
         raise DMLError(next(e for e in D.all_gather_objects(data_error) if e))
@@ -114,7 +124,7 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
         votes = Counter(tuple(fps[k, c].tolist()) for k in holders)
         if len(votes) == 1:
             continue
-        (majority, count), = votes.most_common(1)
+        ((majority, count),) = votes.most_common(1)
         what.add("labels" if len({v[1] for v in votes}) > 1 else "augmented inputs")
         if 2 * count <= len(holders):  # no majority (e.g. two peers): name both sides, blame neither
             tied.update(holders)
@@ -122,11 +132,16 @@ def check_batch_consistency(x: torch.Tensor, y: torch.Tensor, epoch: int, step: 
         for k in holders:
             (right if tuple(fps[k, c].tolist()) == majority else bad).add(k)
     if bad or tied:
-        who = (f"rank(s) {sorted(bad)} drew different {' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}"
-               if bad else f"rank(s) {sorted(tied)} drew different {' and '.join(sorted(what))} (no majority "
-                           f"tells which is right)")
-        raise DMLError(f"batch mismatch at epoch {epoch} step {step}: {who}; every rank must use the same seed, "
-                       f"data and augmentation settings")
+        who = (
+            f"rank(s) {sorted(bad)} drew different {' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}"
+            if bad
+            else f"rank(s) {sorted(tied)} drew different {' and '.join(sorted(what))} (no majority "
+            f"tells which is right)"
+        )
+        raise DMLError(
+            f"batch mismatch at epoch {epoch} step {step}: {who}; every rank must use the same seed, "
+            f"data and augmentation settings"
+        )
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -143,18 +158,28 @@ def forward(model, x: torch.Tensor, amp: str = "off", channels_last: bool = Fals
         return model(x).float()
 
 
-def peer_update(logits: torch.Tensor, all_logits, index: int, y: torch.Tensor, optimizer,
-                temperature: float, kl_weight: float, mutual: str = "dml", scaler=None):
+def peer_update(
+    logits: torch.Tensor,
+    all_logits,
+    index: int,
+    y: torch.Tensor,
+    optimizer,
+    temperature: float,
+    kl_weight: float,
+    mutual: str = "dml",
+    scaler=None,
+):
     """The training step shared by the distributed engine and the single-process ``train_epoch_dml``:
     peer ``index``'s loss against the other rows of ``all_logits`` (detached peers), or against the
     all-reduced ``PeerSums``, backward, optimizer step. Returns ``(stats, finite)`` on the device without a
     host sync: stats = float64 ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was
     finite."""
     if isinstance(all_logits, PeerSums):
-        loss = loss_from_sums(logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual,
-                              own=all_logits.own)
+        loss = loss_from_sums(
+            logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual, own=all_logits.own
+        )
     else:
-        peers = torch.cat([all_logits[:index], all_logits[index + 1:]])
+        peers = torch.cat([all_logits[:index], all_logits[index + 1 :]])
         loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -187,9 +212,13 @@ def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> to
     (``[loss * n, ce * n, kl * n, correct, n, non-finite, step s, exchange s, data error]``; never mixed across
     peers). Raises on every rank, naming the peer(s) and the steps, when any loss went non-finite since the
     last check, or with the loader's line when a rank's loader met an unreadable file (``Meters.data_error``)."""
-    mine = torch.cat([meters.sums.cpu(), meters.bad.cpu().double().view(1),
-                      torch.tensor([meters.step_time, meters.exchange_time, meters.data_error is not None],
-                                   dtype=torch.float64)])
+    mine = torch.cat(
+        [
+            meters.sums.cpu(),
+            meters.bad.cpu().double().view(1),
+            torch.tensor([meters.step_time, meters.exchange_time, meters.data_error is not None], dtype=torch.float64),
+        ]
+    )
     table = sum_by_peer(D.all_gather_tensor(mine), ctx)
     if bool(table[:, 8].any()):  # a rank's loader met an unreadable file since the last check
         raise DMLError(next(e for e in D.all_gather_objects(meters.data_error) if e))
@@ -198,8 +227,10 @@ def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> to
     bad = [k + 1 for k, r in enumerate(table.tolist()) if r[5]]
     if bad:
         where = f"step {step}" if first == step else f"steps {first}-{step}"
-        raise DMLError(f"peer(s) {bad}: loss is not finite (nan/inf) at epoch {epoch}, {where}; "
-                       f"lower lr (or use amp=off) and check the data")
+        raise DMLError(
+            f"peer(s) {bad}: loss is not finite (nan/inf) at epoch {epoch}, {where}; "
+            f"lower lr (or use amp=off) and check the data"
+        )
     return table
 
 
@@ -235,10 +266,21 @@ class DeviceClock:
         return a.elapsed_time(b) / 1000
 
 
-def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epoch: int,
-                    logger: NullLogger = NullLogger(), start_step: int = 0, meters: Optional[Meters] = None,
-                    scaler=None, on_step: Optional[Callable[[int, Meters], None]] = None,
-                    kl_weight: Optional[Callable[[int], float]] = None, watch: Optional[stall.StepWatch] = None) -> Meters:
+def train_one_epoch(
+    model,
+    optimizer,
+    loader,
+    ctx: D.DistContext,
+    cfg: dict,
+    epoch: int,
+    logger: NullLogger | None = None,
+    start_step: int = 0,
+    meters: Meters | None = None,
+    scaler=None,
+    on_step: Callable[[int, Meters], None] | None = None,
+    kl_weight: Callable[[int], float] | None = None,
+    watch: stall.StepWatch | None = None,
+) -> Meters:
     """One epoch for this rank's peer. ``epoch`` counts from 1; ``start_step`` skips already-done batches
     (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). ``kl_weight(step)``
     gives the mutual term's weight per step (warm-up); default: ``cfg['kl_weight']``.
@@ -246,6 +288,7 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
     No host sync inside a step: the meters live on the device and are read at ``print_freq`` boundaries.
     """
     model.train()
+    logger = logger or NullLogger()
     meters = meters or Meters(ctx.device)
     meters.unchecked_from = start_step
     steps = len(loader)
@@ -258,9 +301,14 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
 
     def steady(s: int) -> bool:
         """Step ``s`` has no planned host sync: not the first two, no meter read, check or save after it."""
-        return (s > start_step + 1 and (s + 1) % cfg["print_freq"] != 0 and s + 1 < steps
-                and not (check_every and s % check_every == 0)
-                and not (every_save and ((epoch - 1) * steps + s + 1) % every_save == 0))
+        return (
+            s > start_step + 1
+            and (s + 1) % cfg["print_freq"] != 0
+            and s + 1 < steps
+            and not (check_every and s % check_every == 0)
+            and not (every_save and ((epoch - 1) * steps + s + 1) % every_save == 0)
+        )
+
     if watch is not None:
         watch.start(epoch, start_step)
     try:
@@ -270,16 +318,24 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
             faults.at_step(ctx.rank, epoch, step)
             if check_every and (step == start_step or step % check_every == 0):
                 # sync point: the uint8 batch (or, on the per-sample path, the inputs) crosses to the host
-                check_batch_consistency(x, y, epoch, step, ctx, getattr(loader, "last_source", None),
-                                        meters.data_error or getattr(loader, "error", None))
+                check_batch_consistency(
+                    x,
+                    y,
+                    epoch,
+                    step,
+                    ctx,
+                    getattr(loader, "last_source", None),
+                    meters.data_error or getattr(loader, "error", None),
+                )
             logits = forward(model, x, cfg["amp"], cfg["channels_last"])
             stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
             c0 = clock.mark()
             all_logits = exchange(logits, ctx, cfg)  # sync point: the step's one collective
             spans.append((c0, clock.mark()))
             w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
-            stats, finite = peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w,
-                                        cfg["mutual"], scaler)
+            stats, finite = peer_update(
+                logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w, cfg["mutual"], scaler
+            )
             meters.add(stats, finite)
             meters.data_error = meters.data_error or getattr(loader, "error", None)
             meters.data_time += data_time
@@ -296,10 +352,12 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
                 peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
                 bar.set_postfix_str(peers_txt)
                 step_s = meters.step_time / max(done, 1)
-                logger.info(f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
-                            f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
-                            f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
-                            f"compute/exchange ms " + " ".join(_idle(k, a[5] / done, a[6] / done) for k, a in enumerate(rows)))
+                logger.info(
+                    f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
+                    f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
+                    f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
+                    f"compute/exchange ms " + " ".join(_idle(k, a[5] / done, a[6] / done) for k, a in enumerate(rows))
+                )
             if on_step is not None:
                 on_step(step, meters)
             if watch is not None and step + 1 < steps:
@@ -310,8 +368,10 @@ def train_one_epoch(model, optimizer, loader, ctx: D.DistContext, cfg: dict, epo
         if sync_check:  # an exception must not leave the mode on for what runs after it
             torch.cuda.set_sync_debug_mode("default")
     if sync_check:
-        logger.info(f"sync check: {checked} steady-state steps of epoch {epoch} ran under "
-                    f"torch.cuda.set_sync_debug_mode('error')")
+        logger.info(
+            f"sync check: {checked} steady-state steps of epoch {epoch} ran under "
+            f"torch.cuda.set_sync_debug_mode('error')"
+        )
     if watch is not None:
         watch.pause()
     bar.close()
@@ -342,14 +402,21 @@ def predict(model, loader, device: torch.device, amp: str = "off", channels_last
 def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """[N, n, C] peer logits -> per-peer loss/accuracy and the ensemble (mean of peer softmaxes)."""
     all_logits, labels = all_logits.float().cpu(), labels.cpu()
-    peer_loss = [F.cross_entropy(l, labels).item() for l in all_logits]
-    peer_correct = [int((l.argmax(1) == labels).sum()) for l in all_logits]
+    peer_loss = [F.cross_entropy(logits, labels).item() for logits in all_logits]
+    peer_correct = [int((logits.argmax(1) == labels).sum()) for logits in all_logits]
     probs = all_logits.softmax(-1).mean(0)
     ens_correct = int((probs.argmax(1) == labels).sum())
     ens_loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     n = len(labels)
-    return {"peer_loss": peer_loss, "peer_acc": [c / n for c in peer_correct], "peer_correct": peer_correct,
-            "ensemble_acc": ens_correct / n, "ensemble_loss": ens_loss, "ensemble_correct": ens_correct, "total": n}
+    return {
+        "peer_loss": peer_loss,
+        "peer_acc": [c / n for c in peer_correct],
+        "peer_correct": peer_correct,
+        "ensemble_acc": ens_correct / n,
+        "ensemble_loss": ens_loss,
+        "ensemble_correct": ens_correct,
+        "total": n,
+    }
 
 
 def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
@@ -357,7 +424,7 @@ def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
     ``loader.positions``); rank 0 gathers every rank's logits, labels and positions, puts each peer's logits
     back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank."""
     logits, labels = predict(model, loader, ctx.device, cfg["amp"], cfg["channels_last"])
-    positions = torch.as_tensor(loader.positions, device=labels.device)[:len(labels)]
+    positions = torch.as_tensor(loader.positions, device=labels.device)[: len(labels)]
     sizes = [int(v) for v in D.all_gather_tensor(torch.tensor([len(labels)])).flatten()]
     pad = max(sizes) - len(labels)  # gather needs equal shapes: pad every share to the largest
     all_logits = D.gather_to_main(F.pad(logits, (0, 0, 0, pad)))  # sync point
@@ -367,15 +434,16 @@ def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
     if all_logits is not None:
         n = sum(sizes[q] for q in ctx.ranks_of(0))
         for k in range(ctx.peers):  # each peer's ranks scored every sample once
-            seen = torch.cat([all_positions[q, :sizes[q]] for q in ctx.ranks_of(k)]).sort().values
+            seen = torch.cat([all_positions[q, : sizes[q]] for q in ctx.ranks_of(k)]).sort().values
             if not torch.equal(seen.cpu(), torch.arange(n)):
                 error = f"evaluation: peer {k + 1}'s ranks scored {len(seen)} samples, not each of {n} once"
 
         def in_order(rows: torch.Tensor, ranks: list[int]) -> torch.Tensor:
             out = rows.new_zeros(n, *rows.shape[2:])
             for q in ranks:
-                out[all_positions[q, :sizes[q]]] = rows[q, :sizes[q]]
+                out[all_positions[q, : sizes[q]]] = rows[q, : sizes[q]]
             return out
+
         if error is None:
             peers = torch.stack([in_order(all_logits, ctx.ranks_of(k)) for k in range(ctx.peers)])
             metrics = score_logits(peers, in_order(all_labels, ctx.ranks_of(0)))

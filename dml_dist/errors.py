@@ -1,4 +1,5 @@
 """The exceptions the entry points turn into exits, and the SIGTERM rule that lets rank 0 finish its writes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,8 @@ class Stopped(BaseException):
 
 
 class _Sigterm:
-    pid = None        # the process that installed the handler (forked DataLoader workers inherit it)
-    armed = False     # raise Stopped on the next SIGTERM
+    pid = None  # the process that installed the handler (forked DataLoader workers inherit it)
+    armed = False  # raise Stopped on the next SIGTERM
     received = False
 
 

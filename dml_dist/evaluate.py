@@ -3,11 +3,12 @@
     dml-eval --checkpoints checkpoints/exp_model1_best.pth checkpoints/exp_model2_best.pth \
         --data-dir ../shared/data/cifar10-small --split val
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -41,19 +42,31 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
         ckpt = load_checkpoint(path)
         entries = ckpt["peers"] if ckpt.get("kind") == "cohort" else [ckpt]
         for entry in entries:
-            model = build_model(entry["arch"], ckpt["num_classes"], image_size=ckpt.get("image_size", ckpt["config"].get("image_size", 32)))
+            model = build_model(
+                entry["arch"],
+                ckpt["num_classes"],
+                image_size=ckpt.get("image_size", ckpt["config"].get("image_size", 32)),
+            )
             try:
                 model.load_state_dict(entry["model"])
             except RuntimeError as e:
-                raise DMLError(f"checkpoint {path}: weights do not fit {entry['arch']} "
-                               f"({str(e).splitlines()[0][:160]})") from None
+                raise DMLError(
+                    f"checkpoint {path}: weights do not fit {entry['arch']} ({str(e).splitlines()[0][:160]})"
+                ) from None
             models.append(model.to(dev).eval())
-            configs.append({**ckpt["config"], "arch": entry["arch"], "classes": ckpt["classes"],
-                            "num_classes": ckpt["num_classes"], "checkpoint": str(path)})
+            configs.append(
+                {
+                    **ckpt["config"],
+                    "arch": entry["arch"],
+                    "classes": ckpt["classes"],
+                    "num_classes": ckpt["num_classes"],
+                    "checkpoint": str(path),
+                }
+            )
     return {"models": models, "configs": configs, "device": dev}
 
 
-def evaluate_dml_models(models, data_loader, device="auto", config: Optional[dict] = None) -> list[dict]:
+def evaluate_dml_models(models, data_loader, device="auto", config: dict | None = None) -> list[dict]:
     """One entry per model (``model_idx`` 1..N, like the checkpoint names) and a last one for the ensemble
     (``model_idx='ensemble'``, the mean of the peers' softmaxes): accuracy (fraction), loss (mean NLL),
     correct, total; scored exactly as the trainer scores validation. One pass over the loader, every batch
@@ -67,19 +80,34 @@ def evaluate_dml_models(models, data_loader, device="auto", config: Optional[dic
     channels_last = channels_last_choice(cfg.get("channels_last", False), models[0], dev, amp)[0]
     logits, labels = predict_many(models, data_loader, dev, amp, channels_last)
     s = score_logits(logits, labels)
-    rows = [{"model_idx": k + 1, "accuracy": s["peer_acc"][k], "loss": s["peer_loss"][k],
-             "correct": s["peer_correct"][k], "total": s["total"]} for k in range(len(models))]
-    rows.append({"model_idx": "ensemble", "accuracy": s["ensemble_acc"], "loss": s["ensemble_loss"],
-                 "correct": s["ensemble_correct"], "total": s["total"]})
+    rows = [
+        {
+            "model_idx": k + 1,
+            "accuracy": s["peer_acc"][k],
+            "loss": s["peer_loss"][k],
+            "correct": s["peer_correct"][k],
+            "total": s["total"],
+        }
+        for k in range(len(models))
+    ]
+    rows.append(
+        {
+            "model_idx": "ensemble",
+            "accuracy": s["ensemble_acc"],
+            "loss": s["ensemble_loss"],
+            "correct": s["ensemble_correct"],
+            "total": s["total"],
+        }
+    )
     return rows
 
 
-def evaluate_ensemble(models, data_loader, device="auto", config: Optional[dict] = None) -> dict:
+def evaluate_ensemble(models, data_loader, device="auto", config: dict | None = None) -> dict:
     """The ensemble's entry of ``evaluate_dml_models`` alone."""
     return evaluate_dml_models(models, data_loader, device, config)[-1]
 
 
-def validate_dml(models, val_loader, device="auto", config: Optional[dict] = None) -> list[dict]:
+def validate_dml(models, val_loader, device="auto", config: dict | None = None) -> list[dict]:
     """Single-process building block (original API): ``evaluate_dml_models`` on the validation loader."""
     return evaluate_dml_models(models, val_loader, device, config)
 

@@ -6,16 +6,16 @@ peers. On a uniform layout the exchange runs over this rank's peer group; on a r
 counts (``replicas: [1, 3]``) over the world, by batch rows. Every function here that communicates is a
 collective: call it on every rank.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed as D
 from .loss import exchange_payload
-
 
 EXCHANGE_WAIT = {"all_gather": "the logits all-gather", "all_reduce": "the exchange all-reduce"}
 
@@ -24,9 +24,10 @@ class PeerSums(NamedTuple):
     """What ``exchange: all_reduce`` hands the loss: the [B, C + 1] sum of every peer's
     ``exchange_payload`` (softmax sums S and negative entropies H), the number of peers, and this rank's own
     payload (subtracted from the sum)."""
+
     summed: torch.Tensor
     peers: int
-    own: Optional[torch.Tensor] = None
+    own: torch.Tensor | None = None
 
 
 # auto's crossover, measured with ``dml-bench --exchange`` (README "The exchange"): from 3 peers on, the
@@ -67,5 +68,6 @@ def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
         return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own)
     width = batch // min(ctx.layout)  # the largest share; gather needs equal shapes
     shares = D.all_gather_logits(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
-    return torch.stack([torch.cat([shares[q, :batch // r] for q in ctx.ranks_of(k)])[lo:hi]
-                        for k, r in enumerate(ctx.layout)])
+    return torch.stack(
+        [torch.cat([shares[q, : batch // r] for q in ctx.ranks_of(k)])[lo:hi] for k, r in enumerate(ctx.layout)]
+    )

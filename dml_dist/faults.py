@@ -19,27 +19,31 @@
 ``<dir>/fingerprints_rank<r>.txt`` (one ``epoch step labels_hash inputs_hash`` line per check), so a test
 can compare the ranks' batches independently of the trainer's own check.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import Optional
 
 from .errors import DMLError
 
 
-def _spec() -> Optional[dict]:
+def _spec() -> dict | None:
     raw = os.environ.get("DML_FAULT")
     if not raw:
         return None
     spec = dict(part.split("=", 1) for part in raw.split(",") if "=" in part)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and spec.get("action") in ("sigkill", "sigstop", "kill_in_save"):
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and spec.get("action") in (
+        "sigkill",
+        "sigstop",
+        "kill_in_save",
+    ):
         return None
     return spec
 
 
-def _mine(spec: Optional[dict], rank: int, action: str) -> bool:
+def _mine(spec: dict | None, rank: int, action: str) -> bool:
     return bool(spec) and spec.get("action") == action and int(spec.get("rank", 0)) == rank
 
 
@@ -81,6 +85,7 @@ def before_save(rank: int, epoch: int, model) -> None:
     spec = _spec()
     if _mine(spec, rank, "nan_weights") and int(spec.get("epoch", 1)) == epoch:
         import torch
+
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
 

@@ -10,6 +10,7 @@ Children never outlive the call: the launcher's agent stops every worker when on
 Ctrl-C/SIGTERM in the caller (its signal handlers turn them into ``SignalException``; they are restored
 afterwards, so a notebook's own interrupt handling is left as it was).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,10 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Optional, TextIO
+from typing import TextIO
 
 from .config import world_size_for
 from .errors import DMLError
-
 
 
 class DMLTrainingError(DMLError):
@@ -62,7 +62,7 @@ def _failure_message(err_dir: str, failures: dict) -> str:
     return "; ".join(msgs)
 
 
-def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: str = "dml-train") -> dict:
+def launch_local(cfg: dict, data=None, stream: TextIO | None = None, caller: str = "dml-train") -> dict:
     """Run ``cfg`` (finalized for ``world_size_for(cfg)`` processes) as local peer processes; return rank
     0's summary. ``stream``: None lets the children write to this process's stdout/stderr (the CLI);
     a text stream gets rank 0's log lines while the children's own output goes to files (the API)."""
@@ -77,8 +77,11 @@ def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: 
     log_path = os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}.log")
     summary_path = os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")
     start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-    saved_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    saved_handlers = (
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     with tempfile.TemporaryDirectory(prefix="dml-launch-") as tmp:
         err_dir = os.path.join(tmp, "errors")
         os.makedirs(err_dir)
@@ -89,10 +92,17 @@ def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: 
             pickle.dump([p for p in sys.path if p and os.path.isdir(p)], f)
             pickle.dump({"cfg": cfg, "data": data, "error_dir": err_dir}, f)
         redirects = Std.ALL if stream is not None else Std.NONE
-        launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                              monitor_interval=0.1,
-                              logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs"), redirects=redirects))
+        launch = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=uuid.uuid4().hex,
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+            monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs"), redirects=redirects),
+        )
         stop = threading.Event()
         tail = None
         if stream is not None:
@@ -114,5 +124,6 @@ def launch_local(cfg: dict, data=None, stream: Optional[TextIO] = None, caller: 
             for s, h in saved_handlers.items():
                 signal.signal(s, h)
     import json
+
     with open(summary_path) as f:
         return json.load(f)

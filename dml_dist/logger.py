@@ -2,13 +2,14 @@
 
 Non-logging ranks get a ``NullLogger`` with the same methods, so call sites never branch on rank.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 class NullLogger:
@@ -16,6 +17,7 @@ class NullLogger:
     def scalars(self, values: dict, step: int) -> None: ...
     def progress(self, iterable: Iterable, total: int, desc: str):
         return _NullBar(iterable)
+
     def write_json(self, name: str, data: dict) -> None: ...
     def close(self) -> None: ...
 
@@ -23,8 +25,10 @@ class NullLogger:
 class _NullBar:
     def __init__(self, iterable):
         self.iterable = iterable
+
     def __iter__(self):
         return iter(self.iterable)
+
     def set_postfix_str(self, s: str) -> None: ...
     def close(self) -> None: ...
 
@@ -38,6 +42,7 @@ class RunLogger(NullLogger):
         self.stream = stream or sys.stdout
         self.file = open(os.path.join(log_dir, f"{experiment}.log"), "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(log_dir, experiment))
         self.progress_bar = progress_bar
 
@@ -56,6 +61,7 @@ class RunLogger(NullLogger):
         if not self.progress_bar or not sys.stderr.isatty():
             return _NullBar(iterable)
         from tqdm import tqdm
+
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def write_json(self, name: str, data: dict) -> None:
@@ -76,12 +82,12 @@ def make_logger(is_main: bool, cfg: dict, stream=None) -> NullLogger:
     return RunLogger(cfg["log_dir"], cfg["experiment_name"], cfg["progress_bar"], stream)
 
 
-def format_eta(seconds: Optional[float]) -> str:
+def format_eta(seconds: float | None) -> str:
     s = int(seconds or 0)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def emit_json_line(result: Optional[dict], out: Optional[str] = None) -> None:
+def emit_json_line(result: dict | None, out: str | None = None) -> None:
     """The benchmarks' and the probe's result: one JSON line on stdout, appended to ``out`` too."""
     if result is None:  # not rank 0
         return

@@ -1,7 +1,9 @@
 """The Deep Mutual Learning objective (Zhang et al., CVPR 2018, eq. 10) and its ensemble-teacher variant."""
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,8 +19,8 @@ class DMLLoss(NamedTuple):
 
 
 def _mutual_term(logits: torch.Tensor, peers: torch.Tensor, t: float, mutual: str) -> torch.Tensor:
-    log_p_i = F.log_softmax(logits.float() / t, dim=-1)            # [B, C]
-    log_p_j = F.log_softmax(peers.float() / t, dim=-1)              # [N-1, B, C]
+    log_p_i = F.log_softmax(logits.float() / t, dim=-1)  # [B, C]
+    log_p_j = F.log_softmax(peers.float() / t, dim=-1)  # [N-1, B, C]
     if mutual == "ensemble":
         # KDCL's naive ensemble teacher: the mean of the other peers' softened probabilities.
         q = log_p_j.exp().mean(0)
@@ -28,15 +30,23 @@ def _mutual_term(logits: torch.Tensor, peers: torch.Tensor, t: float, mutual: st
     return (log_p_j.exp() * (log_p_j - log_p_i.unsqueeze(0))).sum(-1).mean() * (t * t)
 
 
-def _loss(logits: torch.Tensor, peer_logits, targets: torch.Tensor, temperature: float = 1.0,
-          kl_weight: float = 1.0, mutual: str = "dml") -> DMLLoss:
+def _loss(
+    logits: torch.Tensor,
+    peer_logits,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    mutual: str = "dml",
+) -> DMLLoss:
     if mutual not in MUTUAL:
         raise ValueError(f"mutual must be one of {MUTUAL}, got {mutual!r}")
     ce = F.cross_entropy(logits, targets)
     if isinstance(peer_logits, torch.Tensor):
         peers = peer_logits.detach()
     else:
-        peers = torch.stack([p.detach() for p in peer_logits]) if len(peer_logits) else logits.new_empty(0, *logits.shape)
+        peers = (
+            torch.stack([p.detach() for p in peer_logits]) if len(peer_logits) else logits.new_empty(0, *logits.shape)
+        )
     if peers.shape[0] == 0:
         kl = torch.zeros((), dtype=logits.dtype, device=logits.device)
     else:
@@ -68,9 +78,16 @@ def exchange_payload(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.cat([q, (q * log_q).sum(-1, keepdim=True)], dim=-1)
 
 
-def loss_from_sums(logits: torch.Tensor, summed: torch.Tensor, peers: int, targets: torch.Tensor,
-                   temperature: float = 1.0, kl_weight: float = 1.0, mutual: str = "dml",
-                   own: Optional[torch.Tensor] = None) -> DMLLoss:
+def loss_from_sums(
+    logits: torch.Tensor,
+    summed: torch.Tensor,
+    peers: int,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    mutual: str = "dml",
+    own: torch.Tensor | None = None,
+) -> DMLLoss:
     """``compute_dml_loss`` for a cohort of ``peers`` peers from the all-reduced ``exchange_payload``s
     (``summed`` [B, C + 1]: S and H) instead of the other peers' logits: the same value and gradient up
     to float rounding (not bit for bit). ``own``: this rank's payload as it went into the sum (computed
@@ -81,10 +98,10 @@ def loss_from_sums(logits: torch.Tensor, summed: torch.Tensor, peers: int, targe
     if peers < 2:
         return DMLLoss(ce, ce, torch.zeros((), dtype=logits.dtype, device=logits.device))
     t = float(temperature)
-    log_p_i = F.log_softmax(logits.float() / t, dim=-1)             # [B, C], with gradient
+    log_p_i = F.log_softmax(logits.float() / t, dim=-1)  # [B, C], with gradient
     own = exchange_payload(logits, t) if own is None else own
-    rest = (summed - own) / (peers - 1)                              # mean over the other peers: (q | h)
-    q_rest = rest[:, :-1].clamp_min(0.0)                             # rounding can leave -1e-9 after the cancel
+    rest = (summed - own) / (peers - 1)  # mean over the other peers: (q | h)
+    q_rest = rest[:, :-1].clamp_min(0.0)  # rounding can leave -1e-9 after the cancel
     if mutual == "ensemble":
         log_q = q_rest.clamp_min(1e-30).log()
         kl = (q_rest * (log_q - log_p_i)).sum(-1).mean() * (t * t)
@@ -126,8 +143,15 @@ def compute_dml_loss(*args, **kwargs):
     return _loss(*args, **kwargs)
 
 
-def _loss_of_models(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, model_idx: int,
-                    temperature: float = 1.0, kl_weight: float = 1.0, mutual: str = "dml") -> torch.Tensor:
+def _loss_of_models(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    model_idx: int,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    mutual: str = "dml",
+) -> torch.Tensor:
     logits = models[model_idx](x)
     with torch.no_grad():
         peers = [m(x) for k, m in enumerate(models) if k != model_idx]

@@ -9,6 +9,7 @@
 - ``torchvision.<name>``: any torchvision classification builder (``image_size`` >= 64), with
   ``num_classes`` from the data; torchvision's weights when ``pretrained`` (classifier replaced).
 """
+
 from __future__ import annotations
 
 import re
@@ -92,8 +93,9 @@ class WideBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-                         if stride != 1 or in_planes != planes else None)
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride, bias=False) if stride != 1 or in_planes != planes else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(x))
@@ -128,6 +130,7 @@ class WideResNet(nn.Module):
 
 class MobileNetV1(nn.Module):
     """Depthwise-separable stack of MobileNet v1; stride 1 in the stem for 32x32 inputs."""
+
     CFG = (64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024)
 
     def __init__(self, num_classes: int = 10):
@@ -136,8 +139,14 @@ class MobileNetV1(nn.Module):
         c = 32
         for item in self.CFG:
             out, stride = item if isinstance(item, tuple) else (item, 1)
-            layers += [nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, out, 1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             c = out
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c, num_classes)
@@ -148,6 +157,7 @@ class MobileNetV1(nn.Module):
 
 def _mobilenet_v2(num_classes: int) -> nn.Module:
     import torchvision
+
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     model.features[0][0].stride = (1, 1)  # 32x32 inputs: keep the stem's resolution
     return model
@@ -155,18 +165,21 @@ def _mobilenet_v2(num_classes: int) -> nn.Module:
 
 def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     import torchvision
+
     if not pretrained:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         model = torchvision.models.get_model(name, weights=weights)
     except Exception as e:  # no network: URLError, OSError, ...
-        raise DMLError(f"pretrained weights for torchvision.{name} are not in torchvision's cache "
-                       f"({torch.hub.get_dir()}/checkpoints) and could not be downloaded ({type(e).__name__}); "
-                       f"download them where there is a network, or set pretrained: false") from None
+        raise DMLError(
+            f"pretrained weights for torchvision.{name} are not in torchvision's cache "
+            f"({torch.hub.get_dir()}/checkpoints) and could not be downloaded ({type(e).__name__}); "
+            f"download them where there is a network, or set pretrained: false"
+        ) from None
     # A new classifier for this data's classes: the last Linear layer.
     parent, attr, last = None, None, None
-    for mod_name, module in model.named_modules():
+    for _, module in model.named_modules():
         for child_name, child in module.named_children():
             if isinstance(child, nn.Linear):
                 parent, attr, last = module, child_name, child
@@ -185,6 +198,7 @@ def available_models() -> list[str]:
 
 def _torchvision_names() -> list[str]:
     import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -195,8 +209,10 @@ def canonical_model_name(name: str) -> str:
     if raw.lower().startswith("torchvision."):
         tv = raw.split(".", 1)[1].lower()
         if tv not in _torchvision_names():
-            raise DMLError(f"unknown model {name!r}: torchvision has no classification model {tv!r} "
-                           f"(see torchvision.models.list_models())")
+            raise DMLError(
+                f"unknown model {name!r}: torchvision has no classification model {tv!r} "
+                f"(see torchvision.models.list_models())"
+            )
         return f"torchvision.{tv}"
     key = raw.lower().replace("-", "_")
     wrn = re.fullmatch(r"wrn_?(\d+)_(\d+)", key)
@@ -205,8 +221,10 @@ def canonical_model_name(name: str) -> str:
     key = key.replace("_", "")
     if key in MODEL_DEPTHS or key in ("mobilenet", "mobilenetv2"):
         return key
-    raise DMLError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_DEPTHS)}, wrn<depth>_<width> "
-                   f"(e.g. wrn28_10), mobilenet, mobilenetv2, torchvision.<name> (e.g. torchvision.resnet18)")
+    raise DMLError(
+        f"unknown model {name!r}; choose one of: {', '.join(MODEL_DEPTHS)}, wrn<depth>_<width> "
+        f"(e.g. wrn28_10), mobilenet, mobilenetv2, torchvision.<name> (e.g. torchvision.resnet18)"
+    )
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: bool = False) -> nn.Module:
@@ -218,8 +236,10 @@ def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: b
         raise DMLError(f"pretrained weights exist only for torchvision.<name> models, not {key}; set pretrained: false")
     if key.startswith("torchvision."):
         if image_size < 64:
-            raise DMLError(f"{key} expects images of at least 64x64 (image_size={image_size}); set image_size: 64 "
-                           f"or more, or use a CIFAR model (resnet20, wrn28_10, mobilenet, ...)")
+            raise DMLError(
+                f"{key} expects images of at least 64x64 (image_size={image_size}); set image_size: 64 "
+                f"or more, or use a CIFAR model (resnet20, wrn28_10, mobilenet, ...)"
+            )
         return _torchvision(key.split(".", 1)[1], n, pretrained)
     if key.startswith("wrn"):
         depth, width = (int(v) for v in key[3:].split("_"))

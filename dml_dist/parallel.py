@@ -10,6 +10,7 @@ is carried out by ``CPUSyncBatchNorm``: batch mean and variance of the replica g
 through autograd-aware all-reduces (``torch.distributed.nn.functional.all_reduce``), so tests on gloo see
 exactly what a GPU run computes.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -20,7 +21,6 @@ import torch.nn as nn
 
 from . import distributed as D
 from .distributed import DistContext
-
 
 # The autograd-aware all_reduce is deprecated in favour of a private module; it still works and is public.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
@@ -42,6 +42,7 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
+
         c = x.shape[1]
         count = x.new_full((1,), float(x.numel() // c))
         total = all_reduce(torch.cat([x.sum((0, 2, 3)), count]), group=self.group)
@@ -72,6 +73,7 @@ def convert_sync_batchnorm(model: nn.Module, group, device: torch.device) -> nn.
         for name, child in module.named_children():
             module.add_module(name, convert(child))
         return module
+
     return convert(model)
 
 
@@ -91,6 +93,7 @@ def wrap_replicas(model: nn.Module, ctx: DistContext, sync_bn: bool) -> tuple[nn
     if ctx.replicas == 1:
         return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     if sync_bn:
         model = convert_sync_batchnorm(model, group, ctx.device)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None

@@ -2,13 +2,13 @@
 anywhere"). Pure functions of the launcher's numbers and the GPUs' identities, so the tests check every
 case on CPU.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -17,10 +17,10 @@ from .errors import DMLError
 
 @dataclass(frozen=True)
 class Placement:
-    device: str        # "cpu" or "cuda:<i>"
-    backend: str       # "gloo" or "nccl"
-    threads: int       # torch intra-op threads for this process
-    shared_gpu: bool   # several local peers on one GPU (gloo, logits staged through host memory)
+    device: str  # "cpu" or "cuda:<i>"
+    backend: str  # "gloo" or "nccl"
+    threads: int  # torch intra-op threads for this process
+    shared_gpu: bool  # several local peers on one GPU (gloo, logits staged through host memory)
 
 
 def host_cpus() -> int:
@@ -42,8 +42,12 @@ def _gpu_picks(identities: list) -> tuple[dict, dict]:
     by_host: dict = {}
     for r, (host, *_) in enumerate(identities):
         by_host.setdefault(host, []).append(r)
-    picks = {r: (host, identities[r][1][local % len(identities[r][1])])
-             for host, ranks in by_host.items() for local, r in enumerate(ranks) if identities[r][1]}
+    picks = {
+        r: (host, identities[r][1][local % len(identities[r][1])])
+        for host, ranks in by_host.items()
+        for local, r in enumerate(ranks)
+        if identities[r][1]
+    }
     return by_host, picks
 
 
@@ -84,13 +88,21 @@ def check_node_numbering(identities: list, local_world_size: int) -> None:
     A launcher that numbers otherwise is refused in one line rather than decoding the wrong rows."""
     for r, ident in enumerate(identities):
         if len(ident) > 2 and ident[2] != r // max(1, local_world_size):
-            raise DMLError(f"rank {r} runs on node {ident[2]}, but ranks must be numbered node by node with the "
-                           f"same --nproc_per_node={local_world_size} on every node; start every node alike")
+            raise DMLError(
+                f"rank {r} runs on node {ident[2]}, but ranks must be numbered node by node with the "
+                f"same --nproc_per_node={local_world_size} on every node; start every node alike"
+            )
 
 
-def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, device: str = "auto",
-                      backend: str = "auto", cpu_count: Optional[int] = None,
-                      assignment: Optional[tuple[int, bool]] = None) -> Placement:
+def resolve_placement(
+    local_rank: int,
+    local_world_size: int,
+    num_gpus: int,
+    device: str = "auto",
+    backend: str = "auto",
+    cpu_count: int | None = None,
+    assignment: tuple[int, bool] | None = None,
+) -> Placement:
     """Map a local rank to a device and a backend.
 
     - one GPU per local peer: ``cuda:<local_rank>`` with NCCL;
@@ -113,8 +125,10 @@ def resolve_placement(local_rank: int, local_world_size: int, num_gpus: int, dev
         raise DMLError("device=cuda but no GPU is visible; use device=cpu or device=auto")
     index, shared = assignment if assignment is not None else (local_rank % num_gpus, local_world_size > num_gpus)
     if backend == "nccl" and shared:
-        raise DMLError(f"{local_world_size} peers on {num_gpus} GPU(s): NCCL refuses two ranks on one GPU; "
-                       f"use backend=gloo (or auto)")
+        raise DMLError(
+            f"{local_world_size} peers on {num_gpus} GPU(s): NCCL refuses two ranks on one GPU; "
+            f"use backend=gloo (or auto)"
+        )
     chosen = backend if backend != "auto" else ("gloo" if shared else "nccl")
     return Placement(f"cuda:{index}", chosen, threads, shared)
 

@@ -2,6 +2,7 @@
 longer than usual, and the one line that names the rank that stopped answering when a collective times
 out (README, "Troubleshooting").
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import threading
 import time
 from collections import deque
 from datetime import timedelta
-from typing import Optional
 
 import torch.distributed as dist
 
@@ -54,7 +54,7 @@ def reported() -> bool:
     return _REPORTED.is_set()
 
 
-def describe_stall(peer_of, timeout: timedelta, error: Optional[BaseException] = None, behind_only: bool = False):
+def describe_stall(peer_of, timeout: timedelta, error: BaseException | None = None, behind_only: bool = False):
     """One line: the rank(s) behind this one by their last heartbeat (or that no rank is behind), where this
     rank waited, the fix, and the backend's own first line (``error``: the collective that timed out; None:
     rank 0's watch, before any timeout). ``behind_only``: None unless some rank is behind."""
@@ -84,14 +84,16 @@ def describe_stall(peer_of, timeout: timedelta, error: Optional[BaseException] =
         low = min((reports[r][0], reports[r][1]) for r in behind)
         culprit = [r for r in behind if (reports[r][0], reports[r][1]) == low]
         first = reports[culprit[0]]
-        what = (", ".join(f"rank {r} (peer {peer_of(r) + 1})" for r in culprit) + " stopped answering")
+        what = ", ".join(f"rank {r} (peer {peer_of(r) + 1})" for r in culprit) + " stopped answering"
         where += f"; its last report: epoch {first[0]} step {first[1]} ({first[2]}), {now - first[3]:.0f} s ago"
     else:
         if behind_only:
             return None
         what = "a rank stopped answering inside the collective (no rank is behind this one by its reports)"
-    line = (f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
-            f"if its steps legitimately take longer, raise timeout= (seconds)")
+    line = (
+        f"{what}: {where}. Check that process (stopped, swapped out, a hung GPU, network or filesystem); "
+        f"if its steps legitimately take longer, raise timeout= (seconds)"
+    )
     if error is None:
         return line
     first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
@@ -100,20 +102,20 @@ def describe_stall(peer_of, timeout: timedelta, error: Optional[BaseException] =
 
 class StepWatch:
     """Rank 0's watch over the step in flight (a daemon thread): a step that has taken far longer than
-    usual (``factor`` x the median of recent steps, or half of ``timeout_s`` if that comes first, and at
-    least ``floor_s``) is logged while it still waits. At ``timeout_s`` (the stall detection: the collectives' own timeout is a margin later, see
-    ``distributed.stall_margin``) it reads the heartbeats and, when a rank is behind, prints the one line
-    naming it: on every backend, since NCCL's watchdog would abort the process without one. The job then
-    ends when the collective times out (the process groups' timeout)."""
+    usual (``factor`` x the median of recent steps, or half of ``timeout_s`` if that comes first, and at least
+    ``floor_s``) is logged while it still waits. At ``timeout_s`` (the stall detection: the collectives' own timeout is
+    a margin later, see ``distributed.stall_margin``) it reads the heartbeats and, when a rank is behind, prints the one
+    line naming it: on every backend, since NCCL's watchdog would abort the process without one. The job then ends when
+    the collective times out (the process groups' timeout)."""
 
     def __init__(self, logger, timeout_s: float, peer_of=lambda r: r, factor: float = 10.0, floor_s: float = 5.0):
         self.logger, self.timeout_s, self.factor, self.floor_s = logger, timeout_s, factor, floor_s
         self.peer_of = peer_of
-        self.named: Optional[tuple] = None  # (epoch, step) whose stall line is out
+        self.named: tuple | None = None  # (epoch, step) whose stall line is out
         self._asked = 0.0  # when the heartbeats were last read (at most every few seconds)
         self.durations: deque = deque(maxlen=200)
-        self.current: Optional[tuple] = None   # (epoch, step, started)
-        self.warned: Optional[tuple] = None
+        self.current: tuple | None = None  # (epoch, step, started)
+        self.warned: tuple | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dml-step-watch", daemon=True)
         self._thread.start()
@@ -147,9 +149,11 @@ class StepWatch:
             # at the latest at half the detection time, however slow the usual step (a loaded machine)
             if waited > max(min(self.factor * median, self.timeout_s / 2), self.floor_s):
                 self.warned = cur[:2]
-                self.logger.info(f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
-                                 f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
-                                 f"be stalled: the run stops after timeout={self.timeout_s:.0f} s")
+                self.logger.info(
+                    f"slow step: epoch {cur[0]} step {cur[1]} has taken {waited:.1f} s, "
+                    f"{waited / max(median, 1e-6):.0f}x the median step ({median:.2f} s); a rank may "
+                    f"be stalled: the run stops after timeout={self.timeout_s:.0f} s"
+                )
 
     def _name_the_stalled_rank(self, step: tuple) -> None:
         try:
@@ -165,8 +169,10 @@ class StepWatch:
         """The step whose stall line is out has finished after all (the rank answered within the margin):
         say so, and let later failures report again."""
         if self.named is not None:
-            self.logger.info(f"the rank named stalled at epoch {self.named[0]} step {self.named[1]} answered "
-                             f"within the collectives' margin; the run goes on")
+            self.logger.info(
+                f"the rank named stalled at epoch {self.named[0]} step {self.named[1]} answered "
+                f"within the collectives' margin; the run goes on"
+            )
             self.named = None
             _REPORTED.clear()
 

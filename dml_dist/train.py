@@ -25,7 +25,8 @@
 
 Every rank draws the same batches (shared-seed sampler), runs its own peer, all-gathers the logits and
 computes its DML loss locally. Rank 0 evaluates the ensemble, logs and writes every peer's checkpoints.
-"""
+"""  # noqa: E501 - command lines
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Optional
 
 import torch
 
@@ -42,13 +42,19 @@ from . import distributed as D
 from . import faults, stall
 from .checkpoint import latest_path, peer_path, remove_stale_temp_files, versions
 from .cohort import CohortCheckpoint, public_config
-from .config import (build_config, default_model_num, finalize_config, parse_overrides, peer_model_name,
-                     world_size_for)
-from .data import build_datasets, make_eval_loader, make_train_loader, Datasets
+from .config import build_config, default_model_num, finalize_config, parse_overrides, peer_model_name, world_size_for
+from .data import Datasets, build_datasets, make_eval_loader, make_train_loader
 from .engine import Meters, evaluate, gather_meters, train_one_epoch
+from .errors import (
+    DMLError,
+    Stopped,
+    die_of_sigterm,
+    in_entry_process,
+    sigterm_deferred,
+    sigterm_received,
+    stop_on_sigterm,
+)
 from .exchange import resolve_exchange
-from .errors import (DMLError, Stopped, die_of_sigterm, in_entry_process, sigterm_deferred, sigterm_received,
-                     stop_on_sigterm)
 from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
@@ -72,6 +78,7 @@ def _dynamo_counts() -> tuple[int, int]:
     they cannot be read (a log line must never stop training)."""
     try:
         from torch._dynamo.utils import counters
+
         return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
     except Exception:  # noqa: BLE001
         return 0, 0
@@ -82,8 +89,7 @@ def compile_report(model, before: tuple[int, int]) -> str:
     compiled graphs do not count), logged after it: proof that the peer really runs compiled, and how
     often dynamo fell back to eager."""
     graphs, breaks = (now - then for now, then in zip(_dynamo_counts(), before))
-    return (f"compile: {type(model).__name__}, {graphs} graph(s) compiled, {breaks} graph break(s) "
-            f"in the first epoch")
+    return f"compile: {type(model).__name__}, {graphs} graph(s) compiled, {breaks} graph break(s) in the first epoch"
 
 
 class Trainer:
@@ -95,22 +101,28 @@ class Trainer:
         self.archs = [peer_model_name(cfg, k) for k in range(cfg["model_num"])]
         torch.manual_seed(cfg["seed"] + ctx.peer)  # peers start from different weights, a peer's replicas alike
         try:
-            model = build_model(self.arch, data.num_classes, image_size=cfg["image_size"],
-                                pretrained=cfg["pretrained"])
+            model = build_model(self.arch, data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"])
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
-        cfg["channels_last"], self.channels_last_why = channels_last_choice(cfg["channels_last"], model, ctx.device,
-                                                                           cfg["amp"])
-        model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
+        cfg["channels_last"], self.channels_last_why = channels_last_choice(
+            cfg["channels_last"], model, ctx.device, cfg["amp"]
+        )
+        model = model.to(
+            ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        )
         # self.model: the peer itself (its state dict is what checkpoints hold); self.train_model: what the
         # step calls (DDP over the peer's replicas and/or torch.compile).
         self.model, self.train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
         if cfg["compile"]:
             self.train_model = torch.compile(self.train_model)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                         weight_decay=cfg["weight_decay"],
-                                         nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
-                                         fused=ctx.device.type == "cuda")  # CUDA: one kernel, no GradScaler sync
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg["lr"],
+            momentum=cfg["momentum"],
+            weight_decay=cfg["weight_decay"],
+            nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+            fused=ctx.device.type == "cuda",
+        )  # CUDA: one kernel, no GradScaler sync
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg["step_size"], cfg["gamma"])
         self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)
@@ -119,16 +131,29 @@ class Trainer:
         # split them (collective: the decode groups).
         node = (ctx.local_rank, ctx.local_world_size)
         decode = D.decode_group(ctx) if data.path == "stream" and data.collate_fn is None else None
-        self.train_loader = make_train_loader(data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device,
-                                              shard, collate_fn=data.collate_fn, node=node, decode=decode)
+        self.train_loader = make_train_loader(
+            data.train,
+            cfg["batch_size"],
+            seed,
+            cfg["num_workers"],
+            ctx.device,
+            shard,
+            collate_fn=data.collate_fn,
+            node=node,
+            decode=decode,
+        )
         self.val_loader, self.test_loader = (
             make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node, decode)
-            if ds is not None else None for ds in (data.val, data.test))
+            if ds is not None
+            else None
+            for ds in (data.val, data.test)
+        )
         self.steps_per_epoch = len(self.train_loader)
 
         # The cohort's state, identical on every rank, and its checkpoints (cohort.py).
-        self.ckpt = CohortCheckpoint(cfg, ctx, logger, data, (self.arch, self.model, self.optimizer, self.scheduler,
-                                                              self.scaler), self.archs)
+        self.ckpt = CohortCheckpoint(
+            cfg, ctx, logger, data, (self.arch, self.model, self.optimizer, self.scheduler, self.scaler), self.archs
+        )
         self.watch = stall.StepWatch(logger, D.stall_timeout().total_seconds(), ctx.peer_of) if ctx.is_main else None
 
     def kl_weight(self, epoch: int):
@@ -145,6 +170,7 @@ class Trainer:
             if every and global_step % every == 0 and step + 1 < self.steps_per_epoch:
                 self.ckpt.step = step + 1
                 self.ckpt.save(meters, epoch_done=epoch)
+
         return hook
 
     def fit(self) -> None:
@@ -155,9 +181,21 @@ class Trainer:
         for epoch in range(first_epoch, cfg["epochs"] + 1):
             t0 = time.time()
             self.train_loader.set_epoch(epoch - 1, c.step)
-            meters = train_one_epoch(self.train_model, self.optimizer, self.train_loader, ctx, cfg, epoch, log,
-                                     start_step=c.step, meters=c.meters, scaler=self.scaler,
-                                     on_step=self._on_step(epoch), kl_weight=self.kl_weight(epoch), watch=self.watch)
+            meters = train_one_epoch(
+                self.train_model,
+                self.optimizer,
+                self.train_loader,
+                ctx,
+                cfg,
+                epoch,
+                log,
+                start_step=c.step,
+                meters=c.meters,
+                scaler=self.scaler,
+                on_step=self._on_step(epoch),
+                kl_weight=self.kl_weight(epoch),
+                watch=self.watch,
+            )
             c.meters, c.step = None, 0
             if cfg["compile"] and epoch == first_epoch:
                 log.info(compile_report(self.train_model, compiled_before))
@@ -174,13 +212,20 @@ class Trainer:
             for k in new_best:
                 c.best[k] = val["peer_acc"][k]
             c.best_ensemble = max(c.best_ensemble, val["ensemble_acc"])
-            c.history.append({
-                "epoch": epoch, "lr": lr,
-                "train_loss": [t[0] for t in train], "train_ce": [t[1] for t in train],
-                "train_kl": [t[2] for t in train], "train_acc": [t[3] for t in train],
-                "val_loss": val["peer_loss"], "val_acc": val["peer_acc"],
-                "ensemble_acc": val["ensemble_acc"], "ensemble_loss": val["ensemble_loss"],
-            })
+            c.history.append(
+                {
+                    "epoch": epoch,
+                    "lr": lr,
+                    "train_loss": [t[0] for t in train],
+                    "train_ce": [t[1] for t in train],
+                    "train_kl": [t[2] for t in train],
+                    "train_acc": [t[3] for t in train],
+                    "val_loss": val["peer_loss"],
+                    "val_acc": val["peer_acc"],
+                    "ensemble_acc": val["ensemble_acc"],
+                    "ensemble_loss": val["ensemble_loss"],
+                }
+            )
             c.run_info["epoch_seconds"].append(round(time.time() - t0, 3))
             self._log_epoch(c.history[-1])
             c.save(new_best=new_best, final=epoch == cfg["epochs"])
@@ -207,23 +252,31 @@ class Trainer:
             for key in ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc"):
                 scalars[f"peer{k + 1}/{key}"] = h[key][k]
         self.logger.scalars(scalars, h["epoch"])
-        peers = " | ".join(f"peer{k + 1} {self.archs[k]} train {h['train_loss'][k]:.3f}/{h['train_acc'][k]:.3f} "
-                           f"val {h['val_loss'][k]:.3f}/{h['val_acc'][k]:.3f}" for k in range(self.cfg["model_num"]))
-        self.logger.info(f"epoch {h['epoch']}/{self.cfg['epochs']} lr {h['lr']:.4g} | {peers} | "
-                         f"ensemble val acc {h['ensemble_acc']:.4f}")
+        peers = " | ".join(
+            f"peer{k + 1} {self.archs[k]} train {h['train_loss'][k]:.3f}/{h['train_acc'][k]:.3f} "
+            f"val {h['val_loss'][k]:.3f}/{h['val_acc'][k]:.3f}"
+            for k in range(self.cfg["model_num"])
+        )
+        self.logger.info(
+            f"epoch {h['epoch']}/{self.cfg['epochs']} lr {h['lr']:.4g} | {peers} | "
+            f"ensemble val acc {h['ensemble_acc']:.4f}"
+        )
 
-    def test(self) -> Optional[dict]:
+    def test(self) -> dict | None:
         """Collective: final peers and their ensemble on the test split (None when there is none)."""
         if self.test_loader is None:
             return None
         take_first_replica_buffers(self.model, self.ctx)
         res = evaluate(self.model, self.test_loader, self.ctx, self.cfg)
         self._report_bad_images()  # collective
-        self.logger.info("test acc " + " ".join(f"peer{k + 1} {a:.4f}" for k, a in enumerate(res["peer_acc"]))
-                         + f" ensemble {res['ensemble_acc']:.4f}")
+        self.logger.info(
+            "test acc "
+            + " ".join(f"peer{k + 1} {a:.4f}" for k, a in enumerate(res["peer_acc"]))
+            + f" ensemble {res['ensemble_acc']:.4f}"
+        )
         return {"peer_acc": res["peer_acc"], "peer_loss": res["peer_loss"], "ensemble_acc": res["ensemble_acc"]}
 
-    def summary(self, test_results: Optional[dict] = None) -> dict:
+    def summary(self, test_results: dict | None = None) -> dict:
         cfg, c = self.cfg, self.ckpt
         last = c.history[-1] if c.history else None
         return {
@@ -240,15 +293,19 @@ class Trainer:
             "history": c.history,
             "checkpoints": {
                 "latest": latest_path(cfg["save_dir"], cfg["experiment_name"]),
-                "best": [peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "best") for k in range(cfg["model_num"])],
-                "final": [peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "final") for k in range(cfg["model_num"])],
+                "best": [
+                    peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "best") for k in range(cfg["model_num"])
+                ],
+                "final": [
+                    peer_path(cfg["save_dir"], cfg["experiment_name"], k + 1, "final") for k in range(cfg["model_num"])
+                ],
             },
             "versions": versions(),
             "run": c.run_info,  # wall-clock facts: the only part that differs between equal runs
         }
 
 
-def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
+def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
     """Train this rank's peer inside the current torchrun world (or alone); return the results on every
     rank: ``model`` is this rank's peer. ``data``: ready datasets (the API's custom loaders) instead of
     ``data_dir``. Raises DMLError on bad input."""
@@ -270,28 +327,37 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
         logger = make_logger(ctx.is_main, cfg, stream)
         if ctx.restart_count > 0:
             logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume']}")
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
-                os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
-            logger.info("warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
-                        "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun")
+        if (
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"
+        ):
+            logger.info(
+                "warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
+                "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun"
+            )
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         if asked_replicas == "auto":
-            logger.info(f"replicas: auto = {cfg['replicas']} per peer ({ctx.world_size} processes, "
-                        f"{cfg['model_num']} peers)")
+            logger.info(
+                f"replicas: auto = {cfg['replicas']} per peer ({ctx.world_size} processes, {cfg['model_num']} peers)"
+            )
         logger.info(f"rank order: {ctx.order} ({ctx.order_why})")
         for p in D.gather_objects(ctx.describe()) or []:
-            logger.info("placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
-                        "backend {backend} group {group} threads {threads}".format(**p))
+            logger.info(
+                "placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
+                "backend {backend} group {group} threads {threads}".format(**p)
+            )
         if ctx.is_main:
             for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
                 logger.info(f"removed {stale}: a temp file left by a process killed while saving")
         if data is None:
             # collective: one folder scan per job, one cache build or CIFAR download per node
             data = build_datasets(cfg, ctx.device, logger.info)
-        logger.info(f"data: {len(data.train)} train / {len(data.val)} val"
-                    + (f" / {len(data.test)} test" if data.test is not None else "")
-                    + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
-                    + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"])))
+        logger.info(
+            f"data: {len(data.train)} train / {len(data.val)} val"
+            + (f" / {len(data.test)} test" if data.test is not None else "")
+            + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
+            + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"]))
+        )
         logger.info(f"data path: {data.path} ({data.why})")
         logger.info(f"exchange: {cfg['exchange']} ({exchange_why})")
         trainer = Trainer(cfg, ctx, logger, data)
@@ -304,15 +370,28 @@ def run(cfg: dict, data: Optional[Datasets] = None, stream=None) -> dict:
         t0 = time.time()
         trainer.fit()
         test_results = trainer.test()
-        trainer.ckpt.run_info.update({"started_at": started, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 "elapsed_s": round(time.time() - t0, 3), "restarts": ctx.restart_count})
+        trainer.ckpt.run_info.update(
+            {
+                "started_at": started,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "elapsed_s": round(time.time() - t0, 3),
+                "restarts": ctx.restart_count,
+            }
+        )
         summary = trainer.summary(test_results)
         logger.write_json(f"{cfg['experiment_name']}_summary.json", summary)
-        logger.info(f"done: best acc {['%.4f' % a for a in summary['best_accuracies']]} (avg {summary['avg_best_accuracy']:.4f}), "
-                    f"best ensemble {trainer.ckpt.best_ensemble:.4f}; summary in "
-                    f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}")
-        return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank,
-                "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")}
+        logger.info(
+            f"done: best acc {[f'{a:.4f}' for a in summary['best_accuracies']]} "
+            f"(avg {summary['avg_best_accuracy']:.4f}), "
+            f"best ensemble {trainer.ckpt.best_ensemble:.4f}; summary in "
+            f"{os.path.join(cfg['log_dir'], cfg['experiment_name'] + '_summary.json')}"
+        )
+        return {
+            **summary,
+            "model": trainer.model.cpu(),
+            "rank": ctx.rank,
+            "summary_path": os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json"),
+        }
     # Our own entry points report an error here, before the cleanup below: rank 0 may spend long draining
     # its checkpoint writes, and torchrun stops every rank once one has exited.
     except DMLError as e:
@@ -411,13 +490,18 @@ def report_lost_contact(e: BaseException) -> None:
         return
     e.dml_reported = True
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    print(f"{ERROR_PREFIX} (rank {os.environ.get('RANK', '0')}) lost contact with another rank ({first}); "
-          f"see that rank's error", file=sys.stderr, flush=True)
+    print(
+        f"{ERROR_PREFIX} (rank {os.environ.get('RANK', '0')}) lost contact with another rank ({first}); "
+        f"see that rank's error",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dml-train", description=__doc__.split("\n\n")[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dml-train", description=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML file with config keys (see README); CLI key=value pairs override it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
     # Intermixed: key=value pairs may stand on both sides of --config.

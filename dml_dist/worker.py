@@ -3,6 +3,7 @@
 ``JOB`` is a pickle that the launcher wrote in its own private temporary folder a moment earlier (the
 config, custom datasets, the folder for error notes); nothing else is ever loaded here.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import sys
 
 def main(argv=None) -> int:
     from .errors import Stopped, die_of_sigterm
+
     try:
         return _main(argv)
     except Stopped:  # SIGTERM before run()'s own handling (e.g. in report_error after a pre-group error)
@@ -39,8 +41,10 @@ def _main(argv=None) -> int:
         try:
             job = pickle.load(f)
         except Exception as e:  # a dataset class the peers cannot import
-            msg = (f"cannot load the config and datasets in the peer process ({type(e).__name__}: {e}); "
-                   f"define custom datasets and their transforms in an importable module")
+            msg = (
+                f"cannot load the config and datasets in the peer process ({type(e).__name__}: {e}); "
+                f"define custom datasets and their transforms in an importable module"
+            )
             note("error", msg)
             print(f"{ERROR_PREFIX} {msg}", file=sys.stderr, flush=True)
             return 1

@@ -190,7 +190,7 @@ done
 
 # The stream path's hand-over (decode_device=cpu): every share reaches the GPU from pinned memory,
 # non-blocking (a count from the loader); every check above also ran the placement exchange through the store.
-line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
+line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.tools.probe \
     data_dir="$work/jpeg" loader=stream augment=rrc,flip image_size=128 batch_size=64 num_workers=2 steps=0 \
     2>"$work/pinned.log" | tail -n 1)
 pinned=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1])["ranks"][0]; print(r["pinned_copies"], len(r["fingerprints"]))' "$line" 2>/dev/null)
@@ -204,7 +204,7 @@ fi
 
 bench=()
 for model in resnet20 resnet32 resnet56; do
-    line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.bench \
+    line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.tools.bench \
         model="$model" batch_size=512 amp=bf16 steps=20 warmup=5 data_dir="$work/data" 2>"$work/bench_$model.log" | tail -n 1)
     ips=$("$py" -c 'import json, sys; r = json.loads(sys.argv[1]); print(r["images_per_s_per_peer"], r["loader"]["batched_images_per_s"])' "$line" 2>/dev/null)
     if [[ -n "$ips" ]]; then
@@ -216,7 +216,7 @@ for model in resnet20 resnet32 resnet56; do
     fi
 done
 
-line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.data.probe \
+line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.tools.probe \
     data_dir="$work/jpeg" loader=stream decode_device=cuda augment=rrc,flip image_size=224 batch_size=256 \
     num_workers=4 steps=0 hash=false 2>"$work/probe.log" | tail -n 1)
 # nvJPEG must have decoded every image but the two odd files the workers decode (counts from the loader: the

@@ -1,4 +1,5 @@
 """Shared helpers: generated image folders and real torchrun launches (gloo on localhost)."""
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,18 @@ def requires(available: bool, reason: str):
         @functools.wraps(test)
         def missing(*args, **kwargs):
             pytest.fail(f"CI=true and {reason}: install it (see .ci/run), or the run proves nothing of it")
+
         return missing
+
     return fail
+
+
 TIMEOUT = 240  # seconds; every launch is bounded so a hang fails the test instead of the suite
 
 
-def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train=24, n_val=8, size=16, seed=0,
-                      splits=("train", "val"), noise=40) -> Path:
+def make_image_folder(
+    root: Path, classes=("cat", "dog", "frog"), n_train=24, n_val=8, size=16, seed=0, splits=("train", "val"), noise=40
+) -> Path:
     """Small learnable image folder: each class has its own mean colour plus noise (raise ``noise`` for
     a folder the peers cannot learn perfectly in two epochs)."""
     rng = np.random.default_rng(seed)
@@ -70,9 +76,22 @@ def image_folder(tmp_path):
 def base_args(tmp_path: Path, data_dir: Path, **extra) -> list[str]:
     """A fast config for generated folders: tiny images, a couple of epochs, outputs under tmp_path. Pinned
     to the CPU: the tests assert CPU behaviour (bit-identical resumes, amp off), also on a machine with GPUs."""
-    cfg = {"data_dir": str(data_dir), "device": "cpu", "model": "resnet20", "image_size": 16, "batch_size": 8, "epochs": 2,
-           "lr": 0.05, "num_workers": 0, "save_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
-           "experiment_name": "t", "print_freq": 2, "progress_bar": False, "save_freq": 1}
+    cfg = {
+        "data_dir": str(data_dir),
+        "device": "cpu",
+        "model": "resnet20",
+        "image_size": 16,
+        "batch_size": 8,
+        "epochs": 2,
+        "lr": 0.05,
+        "num_workers": 0,
+        "save_dir": str(tmp_path / "ckpt"),
+        "log_dir": str(tmp_path / "logs"),
+        "experiment_name": "t",
+        "print_freq": 2,
+        "progress_bar": False,
+        "save_freq": 1,
+    }
     cfg.update(extra)
     return [f"{k}={v}" for k, v in cfg.items()]
 
@@ -134,8 +153,16 @@ def kill_tree(pid: int) -> None:
 
 def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None, stdin=None) -> subprocess.CompletedProcess:
     """Run in a new session; on timeout kill the whole process tree (no orphans) and fail."""
-    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env),
-                            cwd=cwd or REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(env),
+        cwd=cwd or REPO,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,15 +172,25 @@ def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None, stdin=None) -> 
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def torchrun(nproc: int, args: list[str], env=None, timeout=TIMEOUT, torchrun_args=(), module="dml_dist.train",
-             cwd=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *torchrun_args, "-m", module, *args]
+def torchrun(
+    nproc: int, args: list[str], env=None, timeout=TIMEOUT, torchrun_args=(), module="dml_dist.train", cwd=None
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *torchrun_args,
+        "-m",
+        module,
+        *args,
+    ]
     return run_cmd(cmd, env, timeout, cwd)
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [l for l in stderr.splitlines() if l.startswith("dml-dist: error:")]
+    return [line for line in stderr.splitlines() if line.startswith("dml-dist: error:")]
 
 
 def read_summary(tmp_path: Path, name="t") -> dict:

@@ -1,5 +1,6 @@
 """The notebook API: train_dml from a plain process (elastic launcher underneath) and inside torchrun,
 loading and evaluating checkpoints, dml-eval, and the example notebook."""
+
 import json
 import re
 import sys
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SHARED_DATA, make_image_folder, requires, run_cmd, torchrun
 from torch.utils.data import DataLoader
 
-from conftest import REPO, SHARED_DATA, make_image_folder, requires, run_cmd, torchrun
-from dml_dist import DMLError, train_dml, create_dml_config
+from dml_dist import DMLError, create_dml_config, train_dml
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -18,14 +19,18 @@ SCRIPTS = Path(__file__).parent / "scripts"
 @pytest.fixture(scope="module")
 def hard_folder(tmp_path_factory):
     """Noisy enough that two epochs do not reach 100%: accuracies then carry information."""
-    return make_image_folder(tmp_path_factory.mktemp("api") / "data", n_train=24, n_val=12, noise=110,
-                             splits=("train", "val", "test"))
+    return make_image_folder(
+        tmp_path_factory.mktemp("api") / "data", n_train=24, n_val=12, noise=110, splits=("train", "val", "test")
+    )
 
 
 def _api(tmp_path, data_dir, model_num, mode="default", env=None):
     out = tmp_path / "out.json"
-    r = run_cmd([sys.executable, str(SCRIPTS / "api_train.py"), str(data_dir), str(out), str(model_num), mode],
-                env=env, cwd=tmp_path)
+    r = run_cmd(
+        [sys.executable, str(SCRIPTS / "api_train.py"), str(data_dir), str(out), str(model_num), mode],
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and out.exists(), r.stderr[-3000:]
     return json.loads(out.read_text()), r
 
@@ -115,9 +120,11 @@ def test_dataset_class_defined_in_main_is_refused_with_the_documented_message(mo
     loader = DataLoader(MainDataset(), batch_size=2)
     with pytest.raises(DMLError) as e:
         train_dml(create_dml_config(model_num=2, image_size=16), loader, loader)
-    assert str(e.value) == ("train_loader.dataset uses a class or function defined in __main__ (a notebook cell or "
-                            "the calling script); the peer processes are fresh interpreters that cannot import it, "
-                            "so define it in an importable module")
+    assert str(e.value) == (
+        "train_loader.dataset uses a class or function defined in __main__ (a notebook cell or "
+        "the calling script); the peer processes are fresh interpreters that cannot import it, "
+        "so define it in an importable module"
+    )
 
 
 def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, hard_folder):
@@ -127,15 +134,26 @@ def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, har
     fp, marks = tmp_path / "fp", tmp_path / "marks"
     fp.mkdir()
     marks.mkdir()
-    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 str(SCRIPTS / "api_in_torchrun.py"), str(hard_folder), str(tmp_path), "loaders"],
-                env={"DML_FINGERPRINT_DIR": str(fp), "DML_TEST_COLLATE_MARK": str(marks / "m")})
+    r = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(SCRIPTS / "api_in_torchrun.py"),
+            str(hard_folder),
+            str(tmp_path),
+            "loaders",
+        ],
+        env={"DML_FINGERPRINT_DIR": str(fp), "DML_TEST_COLLATE_MARK": str(marks / "m")},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
     assert r0["n_models"] == 2 and r1["n_models"] == 1 and r0["best"] == r1["best"]
     f0, f1 = (fp / "fingerprints_rank0.txt").read_text(), (fp / "fingerprints_rank1.txt").read_text()
     assert f0 == f1 and len(f0.splitlines()) == 72 // 8  # every step checked, the same batch on both ranks
-    assert len(set(l.split()[3] for l in f0.splitlines())) == 72 // 8  # and the batches differ
+    assert len(set(line.split()[3] for line in f0.splitlines())) == 72 // 8  # and the batches differ
     # the custom collate_fn ran in 2 worker processes per rank, never in the ranks themselves
     pids = {int(p.name.rsplit(".", 1)[1]) for p in marks.iterdir()}
     assert len(pids) == 4 and not pids & {r0["pid"], r1["pid"]}, (pids, r0["pid"], r1["pid"])
@@ -143,27 +161,65 @@ def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, har
 
 
 def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
-    r = torchrun(2, [f"data_dir={hard_folder}", "model=resnet20", "image_size=16", "batch_size=8", "epochs=1",
-                     "num_workers=0", "progress_bar=false", f"save_dir={tmp_path / 'ckpt'}",
-                     f"log_dir={tmp_path / 'logs'}", "experiment_name=ev"])
+    r = torchrun(
+        2,
+        [
+            f"data_dir={hard_folder}",
+            "model=resnet20",
+            "image_size=16",
+            "batch_size=8",
+            "epochs=1",
+            "num_workers=0",
+            "progress_bar=false",
+            f"save_dir={tmp_path / 'ckpt'}",
+            f"log_dir={tmp_path / 'logs'}",
+            "experiment_name=ev",
+        ],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "logs" / "ev_summary.json").read_text())
     ckpts = [str(tmp_path / "ckpt" / f"ev_model{k}_best.pth") for k in (1, 2)]
-    r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *ckpts, "--data-dir",
-                 str(hard_folder), "--split", "val"])
+    r = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "dml_dist.evaluate",
+            "--checkpoints",
+            *ckpts,
+            "--data-dir",
+            str(hard_folder),
+            "--split",
+            "val",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(model\d|ensemble)\s+\S+\s+([\d.]+)", r.stdout, re.M)}
     assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)
     assert rows["model2"] == pytest.approx(summary["best_accuracies"][1], abs=1e-4)
     assert "ensemble" in rows
     # --split test (the default) and train: the trainer's own splits, counted (README promise)
-    n_train, n_test = len(list((hard_folder / "train").rglob("*.png"))), len(list((hard_folder / "test").rglob("*.png")))
+    n_train, n_test = (
+        len(list((hard_folder / "train").rglob("*.png"))),
+        len(list((hard_folder / "test").rglob("*.png"))),
+    )
     for split, n in (("test", n_test), ("train", n_train)):
-        r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *ckpts, "--data-dir",
-                     str(hard_folder), "--split", split])
+        r = run_cmd(
+            [
+                sys.executable,
+                "-m",
+                "dml_dist.evaluate",
+                "--checkpoints",
+                *ckpts,
+                "--data-dir",
+                str(hard_folder),
+                "--split",
+                split,
+            ]
+        )
         assert r.returncode == 0 and r.stdout.startswith(f"{split}: {n} images"), (split, r.stdout, r.stderr[-1000:])
-    r = run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", ckpts[0], "--data-dir",
-                 str(tmp_path / "nope")])
+    r = run_cmd(
+        [sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", ckpts[0], "--data-dir", str(tmp_path / "nope")]
+    )
     assert r.returncode == 1 and r.stderr.startswith("dml-dist: error: data_dir") and "Traceback" not in r.stderr
 
 
@@ -171,14 +227,17 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
 def test_example_notebook_runs_headless(tmp_path):
     import nbformat
     from nbclient import NotebookClient
+
     nb = nbformat.read(REPO / "examples" / "quickstart.ipynb", as_version=4)
     import os
+
     os.environ["DML_EXAMPLE_EPOCHS"] = "1"
     os.environ["DML_EXAMPLE_SUBSET"] = "1000"
     os.environ["DML_EXAMPLE_OUT"] = str(tmp_path)
     try:
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO / "examples")}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "examples")}}
+        ).execute()
     finally:
         del os.environ["DML_EXAMPLE_EPOCHS"], os.environ["DML_EXAMPLE_OUT"], os.environ["DML_EXAMPLE_SUBSET"]
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

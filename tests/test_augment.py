@@ -1,5 +1,6 @@
 """The device data path on CPU tensors: batched augmentation against its per-sample reference, batches that
 depend on (seed, epoch, step) alone, exact mid-epoch resume, replica shards."""
+
 import pytest
 import torch
 
@@ -13,8 +14,9 @@ def _dataset(n=40, size=16, augment=True, seed=0):
     return TensorImageDataset(images, torch.arange(n) % 3, ["a", "b", "c"], augment)
 
 
-@pytest.mark.parametrize("ops,tol", [(["crop"], 0.0), (["flip"], 0.0), (["rotate"], 1e-5), (["jitter"], 1e-5),
-                                     (list(AUGMENTATIONS), 1e-5)])
+@pytest.mark.parametrize(
+    "ops,tol", [(["crop"], 0.0), (["flip"], 0.0), (["rotate"], 1e-5), (["jitter"], 1e-5), (list(AUGMENTATIONS), 1e-5)]
+)
 def test_batched_augmentation_matches_per_sample_reference(ops, tol):
     x = _dataset(32, 24).images
     p = AugParams.draw(32, step_generator(3, 1, 4))
@@ -89,7 +91,9 @@ def test_augmentation_subset_and_off():
     ds = _dataset(augment=["crop", "flip"])
     x, _ = DeviceTrainLoader(ds, 8, seed=1, device=torch.device("cpu")).batch(0, 0)
     # crop+flip only move pixels: every value is a normalised original byte (or zero padding)
-    raw = set(normalize(ds.images).flatten().tolist()) | set(normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).flatten().tolist())
+    raw = set(normalize(ds.images).flatten().tolist()) | set(
+        normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).flatten().tolist()
+    )
     assert set(x.flatten().tolist()) <= raw
     plain = DeviceTrainLoader(_dataset(augment=False), 8, seed=1, device=torch.device("cpu"))
     idx, _ = plain.plan(0, 0)
@@ -109,6 +113,7 @@ def test_jitter_builds_its_greyscale_weights_once_per_device():
     """Issue 16: the weights were built from a Python list on every call (two blocking host-to-device
     copies per step on a GPU); now once per (device, dtype)."""
     from dml_dist.augment import AugParams, _gray_weights, augment_batch, step_generator
+
     _gray_weights.cache_clear()
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     for step in range(3):
@@ -121,6 +126,7 @@ def test_fingerprint_hashes_the_uint8_batch_and_its_parameters_not_the_float_inp
     """Issue 16: the check copied the whole float batch to the host (300 MB at batch 512, 224 px); it now
     hashes what defines the batch: the uint8 images before augmentation and the augmentation parameters."""
     from dml_dist.engine import batch_fingerprint
+
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds = TensorImageDataset(images, torch.arange(20) % 2, ["a", "b"], ["crop", "flip"])
     loader = DeviceTrainLoader(ds, 4, seed=0, device="cpu")
@@ -158,6 +164,14 @@ def test_a_step_sends_one_host_to_device_copy(ops):
     with CountTo() as counter:
         batches = [loader.batch(1, s) for s in range(3)]
     assert counter.calls == 3 and loader.upload.copies == 6
-    assert loader.upload.names == [n for op in ops for n in {"crop": ["crop_i", "crop_j"], "flip": ["flip"],
-                                                             "rotate": ["angle"], "jitter": ["brightness", "contrast", "saturation"]}[op]]
+    assert loader.upload.names == [
+        n
+        for op in ops
+        for n in {
+            "crop": ["crop_i", "crop_j"],
+            "flip": ["flip"],
+            "rotate": ["angle"],
+            "jitter": ["brightness", "contrast", "saturation"],
+        }[op]
+    ]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, batches))

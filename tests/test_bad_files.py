@@ -1,17 +1,25 @@
 """Issue 21: files that go bad, folders that change, and listing a folder once: ``bad_images: skip``, the
 file-list check at resume, the manifest of the file list."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    age_folders,
+    assert_no_worker_traceback,
+    base_args,
+    error_lines,
+    make_image_folder,
+    read_summary,
+    torchrun,
+)
 
 from dml_dist import DMLError
+from dml_dist.data import BatchPlan
 from dml_dist.data.folders import files_changed, manifest_path, scan
 from dml_dist.data.stream import FileImageDataset, _Shares
-from dml_dist.data import BatchPlan
-
-from conftest import age_folders, assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
 
 
 def _break(path):
@@ -57,6 +65,7 @@ def test_skip_stand_in_is_deterministic_grey_on_both_decode_paths(tmp_path):
     assert len(bad) == 2 and all(bool((share[j] == 128).all()) for j in bad)
     ds.decode_device = "cuda"  # the workers read (and decode what is not a JPEG); decode_share decodes the rest
     from dml_dist.data.stream import decode_share
+
     raws, _, error, _, in_worker = _Shares(ds, plan, 8, (0, 1))[0]
     again = []
     assert torch.equal(decode_share(*raws[:2], ds, torch.device("cpu"), 8, again), share)
@@ -80,8 +89,11 @@ def test_resume_on_a_changed_folder_is_one_line_unless_allowed(tmp_path):
     r = torchrun(2, base_args(tmp_path, data, epochs=2, resume="auto"))
     lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
-    assert "training file list changed" in lines[0] and "2 file(s) added, 1 removed" in lines[0] and \
-        "allow_data_change=true" in lines[0]
+    assert (
+        "training file list changed" in lines[0]
+        and "2 file(s) added, 1 removed" in lines[0]
+        and "allow_data_change=true" in lines[0]
+    )
     assert os.path.isfile(tmp_path / "ckpt" / "t_latest.pth")  # the checkpoint is kept
     r = torchrun(2, base_args(tmp_path, data, epochs=2, resume="auto", allow_data_change=True))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -134,6 +146,7 @@ def test_skip_on_the_memory_path_has_a_cache_entry_of_its_own_and_is_reported_ea
     trainer counts ``Datasets.skipped``), and a later ``stop`` run never takes it for a clean one."""
     from dml_dist import create_dml_config
     from dml_dist.data import build_datasets
+
     data = make_image_folder(tmp_path / "data", n_train=4, n_val=2)
     _break(data / "train" / "dog" / "0003.png")
     cfg = dict(data_dir=str(data), cache_dir=str(tmp_path / "cache"), loader="memory", image_size=16)
@@ -154,8 +167,12 @@ def test_no_checkpoint_holds_a_step_trained_on_the_stand_in_zeros(tmp_path):
     bad = files.path(int(BatchPlan(len(files), 4, seed=42).indices(0, 3)[0]))  # a file of step 3, epoch 1
     with open(bad, "r+b") as f:
         f.truncate(40)
-    r = torchrun(2, base_args(tmp_path, data, loader="stream", batch_size=4, epochs=1, print_freq=100,
-                              save_every_steps=1, save_freq=0))
+    r = torchrun(
+        2,
+        base_args(
+            tmp_path, data, loader="stream", batch_size=4, epochs=1, print_freq=100, save_every_steps=1, save_freq=0
+        ),
+    )
     lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1 and os.path.basename(bad) in lines[0], r.stderr[-3000:]
     latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)

@@ -2,6 +2,7 @@
 piped on stdin (the notebook is tests/test_api.py's example notebook). The peers are fresh interpreters,
 so the caller's __main__ is never re-imported; no child outlives the call, after success, after a failing
 peer, or after Ctrl-C in the caller."""
+
 import json
 import signal
 import subprocess
@@ -10,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, _env, kill_tree, make_image_folder, processes_mentioning, run_cmd
+from conftest import _env, kill_tree, make_image_folder, processes_mentioning, run_cmd
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -41,16 +41,19 @@ with open({out!r} + "/result.json", "w") as f:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("callers") / "data", n_train=16, n_val=4,
-                             splits=("train", "val", "test"))
+    return make_image_folder(
+        tmp_path_factory.mktemp("callers") / "data", n_train=16, n_val=4, splits=("train", "val", "test")
+    )
 
 
 def _code(tmp_path, folder, mode, epochs=1):
     return CALLER.format(scripts=str(SCRIPTS), data=str(folder), out=str(tmp_path), mode=mode, epochs=epochs)
 
 
-@pytest.mark.parametrize("caller,mode", [("script_without_main_guard", "test_loader_only"),
-                                         ("python_c", "default"), ("stdin", "collate_no_val")])
+@pytest.mark.parametrize(
+    "caller,mode",
+    [("script_without_main_guard", "test_loader_only"), ("python_c", "default"), ("stdin", "collate_no_val")],
+)
 def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
     code = _code(tmp_path, folder, mode)
     tmpdir = tmp_path / "tmp"
@@ -81,9 +84,15 @@ def test_no_child_outlives_ctrl_c_or_a_failing_peer(tmp_path, folder):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     (tmp_path / "caller.py").write_text(_code(tmp_path, folder, "default", epochs=50))
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "caller.py")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env({"TMPDIR": str(tmpdir)}), cwd=tmp_path,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "caller.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env({"TMPDIR": str(tmpdir)}),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         log = tmp_path / "logs" / "c.log"
@@ -99,7 +108,10 @@ def test_no_child_outlives_ctrl_c_or_a_failing_peer(tmp_path, folder):
     assert processes_mentioning(str(tmpdir)) == []
     # A failing peer: the caller gets that peer's error, and no peer is left either.
     (tmp_path / "fail").mkdir()
-    r = run_cmd([sys.executable, "-c", _code(tmp_path / "fail", folder, "default")], cwd=tmp_path,
-                env={"TMPDIR": str(tmpdir), "DML_FAULT": "action=raise,rank=1,epoch=1,step=2"})
+    r = run_cmd(
+        [sys.executable, "-c", _code(tmp_path / "fail", folder, "default")],
+        cwd=tmp_path,
+        env={"TMPDIR": str(tmpdir), "DML_FAULT": "action=raise,rank=1,epoch=1,step=2"},
+    )
     assert r.returncode != 0 and "DMLTrainingError: train_dml failed: peer 2 (rank 1): injected failure" in r.stderr
     assert processes_mentioning(str(tmpdir)) == []

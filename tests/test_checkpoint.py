@@ -1,7 +1,8 @@
 """Checkpoints, exact resume, elastic restart after SIGKILL, atomic writes, refused files."""
+
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,11 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    TIMEOUT,
+    _env,
+    assert_no_worker_traceback,
+    base_args,
+    error_lines,
+    kill_tree,
+    make_image_folder,
+    torchrun,
+)
 
 from dml_dist import load_dml_models
-
-from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, error_lines, kill_tree, make_image_folder,
-                      torchrun)
 
 EPOCHS = 4
 
@@ -29,15 +37,24 @@ def _launch(workdir: Path, data_dir, nproc=2, env=None, torchrun_args=(), **extr
     identical configs."""
     workdir.mkdir(parents=True, exist_ok=True)
     # kl_warmup_epochs: every resume test below also proves that the warm-up ramp survives a resume.
-    cfg = dict(epochs=EPOCHS, save_freq=1, keep_last=2, augment=True, step_size=2, save_dir="save", log_dir="log",
-               kl_warmup_epochs=2)
+    cfg = dict(
+        epochs=EPOCHS,
+        save_freq=1,
+        keep_last=2,
+        augment=True,
+        step_size=2,
+        save_dir="save",
+        log_dir="log",
+        kl_warmup_epochs=2,
+    )
     cfg.update(extra)
     return torchrun(nproc, base_args(workdir, data_dir, **cfg), env=env, torchrun_args=torchrun_args, cwd=workdir)
 
 
 def _final_weights(workdir: Path, peers=2):
-    return [torch.load(workdir / "save" / f"t_model{k}_final.pth", weights_only=True)["model"]
-            for k in range(1, peers + 1)]
+    return [
+        torch.load(workdir / "save" / f"t_model{k}_final.pth", weights_only=True)["model"] for k in range(1, peers + 1)
+    ]
 
 
 def _summary(workdir: Path, ignore_config=()) -> dict:
@@ -73,8 +90,9 @@ def reference(tmp_path_factory, data_dir):
 
 def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(reference):
     names = sorted(p.name for p in (reference / "save").iterdir())
-    assert names == sorted(["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2)
-                                               for tag in ("best", "final", "epoch_3", "epoch_4")])
+    assert names == sorted(
+        ["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2) for tag in ("best", "final", "epoch_3", "epoch_4")]
+    )
     for p in (reference / "save").iterdir():
         torch.load(p, weights_only=True)
     latest = torch.load(reference / "save" / "t_latest.pth", weights_only=True)
@@ -119,15 +137,27 @@ def test_stop_after_epoch_2_and_resume_is_bit_identical(tmp_path, data_dir, refe
 # torchrun's SIGTERM reached rank 0 while its writer thread was still writing (the temp file is discarded).
 # loader=stream: the same run through the stream path (each batch decoded from the files by the two ranks
 # together, in a worker) must give the memory path's weights bit for bit, a mid-epoch resume included.
-@pytest.mark.parametrize("save_every_steps,resumed,loader", [(2, r"1 epoch\(s\) and [135] step\(s\) done", "memory"),
-                                                              (0, r"1 epoch\(s\) and 0 step\(s\) done", "memory"),
-                                                              (2, r"1 epoch\(s\) and [135] step\(s\) done", "stream")])
-def test_sigkilled_worker_is_restarted_and_finishes_identically(tmp_path, data_dir, reference, save_every_steps,
-                                                                 resumed, loader):
+@pytest.mark.parametrize(
+    "save_every_steps,resumed,loader",
+    [
+        (2, r"1 epoch\(s\) and [135] step\(s\) done", "memory"),
+        (0, r"1 epoch\(s\) and 0 step\(s\) done", "memory"),
+        (2, r"1 epoch\(s\) and [135] step\(s\) done", "stream"),
+    ],
+)
+def test_sigkilled_worker_is_restarted_and_finishes_identically(
+    tmp_path, data_dir, reference, save_every_steps, resumed, loader
+):
     w = tmp_path / "killed"
     extra = {"loader": "stream", "num_workers": 1} if loader == "stream" else {}
-    r = _launch(w, data_dir, torchrun_args=["--max-restarts=1"], save_every_steps=save_every_steps,
-                env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5"}, **extra)
+    r = _launch(
+        w,
+        data_dir,
+        torchrun_args=["--max-restarts=1"],
+        save_every_steps=save_every_steps,
+        env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5"},
+        **extra,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(exitcode: -9) local_rank: 1" in r.stderr and "torchrun restart 1: resume=auto" in r.stdout
     assert re.search(resumed, r.stdout), r.stdout[-2000:]
@@ -154,14 +184,17 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("architecture", "peer 1 is resnet20 but this run builds resnet32; set model=resnet20"),
-    ("peers", "holds 2 peers but this run has model_num=3"),
-    ("truncated", "is truncated or corrupt"),
-    ("pickled_code", "holds pickled objects other than tensors and plain values; refused"),
-    ("single_peer", "holds a single peer, not a cohort"),
-    ("classes", "has 3 classes but the data has 4; use the data it was trained on"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("architecture", "peer 1 is resnet20 but this run builds resnet32; set model=resnet20"),
+        ("peers", "holds 2 peers but this run has model_num=3"),
+        ("truncated", "is truncated or corrupt"),
+        ("pickled_code", "holds pickled objects other than tensors and plain values; refused"),
+        ("single_peer", "holds a single peer, not a cohort"),
+        ("classes", "has 3 classes but the data has 4; use the data it was trained on"),
+    ],
+)
 def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
     src = reference / "save" / "t_latest.pth"
     bad = tmp_path / "bad.pth"
@@ -199,8 +232,13 @@ def test_defect3_restart_prefers_this_experiments_newer_latest_over_explicit_res
     r = _launch(src, data_dir, epochs=1)
     assert r.returncode == 0, r.stderr[-3000:]
     w = tmp_path / "w"
-    r = _launch(w, data_dir, resume=str(src / "save" / "t_latest.pth"), torchrun_args=["--max-restarts=1"],
-                env={"DML_FAULT": "action=sigkill,rank=1,epoch=3,step=1"})
+    r = _launch(
+        w,
+        data_dir,
+        resume=str(src / "save" / "t_latest.pth"),
+        torchrun_args=["--max-restarts=1"],
+        env={"DML_FAULT": "action=sigkill,rank=1,epoch=3,step=1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {src / 'save' / 't_latest.pth'}: 1 epoch(s)" in r.stdout
     assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout, r.stdout[-2000:]
@@ -213,12 +251,37 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
     within torchrun's grace period, die of the signal, and ``resume=auto`` then reproduces the reference."""
     w = tmp_path / "w"
     w.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "dml_dist.train", *base_args(w, data_dir, epochs=EPOCHS, save_freq=1, keep_last=2, augment=True,
-                                        step_size=2, save_dir="save", log_dir="log", kl_warmup_epochs=2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dml_dist.train",
+        *base_args(
+            w,
+            data_dir,
+            epochs=EPOCHS,
+            save_freq=1,
+            keep_last=2,
+            augment=True,
+            step_size=2,
+            save_dir="save",
+            log_dir="log",
+            kl_warmup_epochs=2,
+        ),
+    ]
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=w, start_new_session=True,
-                                env=_env({"DML_FAULT": "action=slow_save,seconds=3"}))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=w,
+            start_new_session=True,
+            env=_env({"DML_FAULT": "action=slow_save,seconds=3"}),
+        )
         lines = []
         try:
             for line in proc.stdout:  # epoch 2 has ended: the writer is still sleeping on epoch 1's files
@@ -249,6 +312,7 @@ def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
     """The trainer uses fused SGD on CUDA only; a checkpoint's param groups carry ``fused``, which a plain
     ``load_state_dict`` would copy over this run's choice (a GPU run's fused kernel on a CPU resume)."""
     from dml_dist.cohort import load_optimizer_state
+
     w = [torch.nn.Parameter(torch.randn(4))]
     fused = torch.optim.SGD(w, lr=0.1, momentum=0.9, fused=True)
     w[0].grad = torch.ones(4)
@@ -256,7 +320,9 @@ def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
     plain = torch.optim.SGD([torch.nn.Parameter(w[0].detach().clone())], lr=0.1, momentum=0.9)
     load_optimizer_state(plain, fused.state_dict())
     assert plain.param_groups[0]["fused"] is None and plain.param_groups[0]["lr"] == 0.1
-    assert torch.equal(next(iter(plain.state.values()))["momentum_buffer"], next(iter(fused.state.values()))["momentum_buffer"])
+    assert torch.equal(
+        next(iter(plain.state.values()))["momentum_buffer"], next(iter(fused.state.values()))["momentum_buffer"]
+    )
     again = torch.optim.SGD(w, lr=0.1, momentum=0.9, fused=True)
     load_optimizer_state(again, plain.state_dict())
     assert again.param_groups[0]["fused"] is True

@@ -1,20 +1,33 @@
 """dml-compare on small fake summaries: grouping, the table's numbers, the DML gain, the curves."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 
-from dml_dist.compare import group_runs, load_summaries, report
+from dml_dist.tools.compare import group_runs, load_summaries, report
 
 
 def _summary(path, seed, kl_weight, best, finals, ens):
     """A summary as dml-train writes it, for 2 peers over len(finals) epochs."""
-    history = [{"epoch": e + 1, "val_acc": list(v), "ensemble_acc": ens[e], "train_acc": [v[0] + 0.1, v[1] + 0.2]}
-               for e, v in enumerate(finals)]
-    s = {"config": {"model": "resnet20", "seed": seed, "kl_weight": kl_weight, "epochs": len(finals),
-                    "experiment_name": f"x{seed}{kl_weight}", "save_dir": "s", "log_dir": "l"},
-         "best_accuracies": best, "history": history}
+    history = [
+        {"epoch": e + 1, "val_acc": list(v), "ensemble_acc": ens[e], "train_acc": [v[0] + 0.1, v[1] + 0.2]}
+        for e, v in enumerate(finals)
+    ]
+    s = {
+        "config": {
+            "model": "resnet20",
+            "seed": seed,
+            "kl_weight": kl_weight,
+            "epochs": len(finals),
+            "experiment_name": f"x{seed}{kl_weight}",
+            "save_dir": "s",
+            "log_dir": "l",
+        },
+        "best_accuracies": best,
+        "history": history,
+    }
     path.write_text(json.dumps(s))
     return str(path)
 
@@ -31,14 +44,19 @@ def summaries(tmp_path):
 
 def test_groups_ignore_seed_and_name_and_the_table_is_right(summaries):
     groups = group_runs(load_summaries(summaries))
-    assert [g["label"] for g in groups] == ["kl_weight=1.0", "kl_weight=0.0"] and all(len(g["runs"]) == 2 for g in groups)
+    assert [g["label"] for g in groups] == ["kl_weight=1.0", "kl_weight=0.0"] and all(
+        len(g["runs"]) == 2 for g in groups
+    )
     md = report(groups)
     # peer 1 best over seeds: 0.60, 0.64 -> 62.00 ± 2.83 (sample std); final 0.58, 0.62 -> 60.00 ± 2.83
     assert "| peer 1 | 62.00 ± 2.83 | 60.00 ± 2.83 |" in md
     assert "| peer 2 | 64.00 ± 2.83 | 63.00 ± 4.24 |" in md
     assert "| ensemble | 67.00 ± 4.24 | 67.00 ± 4.24 |" in md  # best ensemble 0.64, 0.70
     # peers' mean best: DML 0.63 vs independent 0.53 -> +10.00 points; ensemble 0.67 vs 0.56 -> +11.00
-    assert "DML gain over `kl_weight=0.0` (kl_weight 0): peers' mean best accuracy +10.00 points, ensemble best +11.00 points." in md
+    assert (
+        "DML gain over `kl_weight=0.0` (kl_weight 0): peers' mean best accuracy +10.00 points, "
+        "ensemble best +11.00 points." in md
+    )
     assert md.count("DML gain") == 1  # the baseline has no baseline
     # final train accuracy, peers' mean: DML seeds (0.58+0.1 + 0.60+0.2)/2 = 0.74 and 0.79 -> 76.50 ± 3.54
     assert "Final train accuracy (on augmented batches), peers' mean: 76.50 ± 3.54" in md
@@ -46,8 +64,9 @@ def test_groups_ignore_seed_and_name_and_the_table_is_right(summaries):
 
 def test_cli_writes_report_and_curves(tmp_path, summaries):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "dml_dist.compare", *summaries, "--out", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dml_dist.tools.compare", *summaries, "--out", str(out)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "report.md").read_text().startswith("# DML comparison")
     pytest.importorskip("matplotlib")
@@ -61,8 +80,12 @@ def test_without_matplotlib_the_report_is_still_written(tmp_path, summaries):
     fake = tmp_path / "fake"
     (fake / "matplotlib").mkdir(parents=True)
     (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
-    r = subprocess.run([sys.executable, "-m", "dml_dist.compare", *summaries, "--out", str(out)],
-                       capture_output=True, text=True, env={"PYTHONPATH": str(fake), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-m", "dml_dist.tools.compare", *summaries, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(fake), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert "pip install 'dml-dist[plot]'" in r.stderr and (out / "report.md").exists()
     assert not (out / "curves.png").exists()
@@ -71,5 +94,8 @@ def test_without_matplotlib_the_report_is_still_written(tmp_path, summaries):
 def test_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
-    r = subprocess.run([sys.executable, "-m", "dml_dist.compare", str(bad)], capture_output=True, text=True)
-    assert r.returncode != 0 and r.stderr.strip() == f"dml-compare: error: {bad} is not a dml-dist summary (no config/history)"
+    r = subprocess.run([sys.executable, "-m", "dml_dist.tools.compare", str(bad)], capture_output=True, text=True)
+    assert (
+        r.returncode != 0
+        and r.stderr.strip() == f"dml-compare: error: {bad} is not a dml-dist summary (no config/history)"
+    )

@@ -10,20 +10,26 @@ def test_defaults_validate_and_names_are_canonical():
     assert set(cfg) == set(DEFAULT_CONFIG)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"lerning_rate": 0.1}, "unknown config key.*'lerning_rate'"),
-    ({"epoch": 3}, "did you mean 'epochs'"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
-    ({"lr": -0.1}, "lr must be >= 0"),
-    ({"epochs": "ten"}, "epochs must be an integer"),
-    ({"augment": "yes"}, r"augment: unknown augmentation\(s\) \['yes'\]; choose from rrc, crop, flip, rotate, jitter"),
-    ({"augment": ["crop", "blur"]}, r"unknown augmentation\(s\) \['blur'\]"),
-    ({"temperature": 0}, "temperature must be > 0"),
-    ({"val_fraction": 1.5}, "val_fraction must be < 1"),
-    ({"dataset": "mnist"}, "dataset must be one of imagefolder|cifar10|cifar100"),
-    ({"model": "resnet18"}, "unknown model 'resnet18'; choose one of"),
-    ({"model": ["resnet20", "resnet32"], "model_num": 3}, "model lists 2 architectures"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lerning_rate": 0.1}, "unknown config key.*'lerning_rate'"),
+        ({"epoch": 3}, "did you mean 'epochs'"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"lr": -0.1}, "lr must be >= 0"),
+        ({"epochs": "ten"}, "epochs must be an integer"),
+        (
+            {"augment": "yes"},
+            r"augment: unknown augmentation\(s\) \['yes'\]; choose from rrc, crop, flip, rotate, jitter",
+        ),
+        ({"augment": ["crop", "blur"]}, r"unknown augmentation\(s\) \['blur'\]"),
+        ({"temperature": 0}, "temperature must be > 0"),
+        ({"val_fraction": 1.5}, "val_fraction must be < 1"),
+        ({"dataset": "mnist"}, "dataset must be one of imagefolder|cifar10|cifar100"),
+        ({"model": "resnet18"}, "unknown model 'resnet18'; choose one of"),
+        ({"model": ["resnet20", "resnet32"], "model_num": 3}, "model lists 2 architectures"),
+    ],
+)
 def test_bad_values_are_one_line_errors(kwargs, match):
     with pytest.raises(DMLError, match=match) as e:
         create_dml_config(**kwargs)
@@ -60,6 +66,7 @@ def test_model_num_defaults_to_world_and_must_match():
 
 def test_shipped_configs_validate():
     from pathlib import Path
+
     for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         build_config(str(f))
 
@@ -68,7 +75,9 @@ def test_timeout_comes_from_the_config_then_the_environment_then_600(monkeypatch
     """README promise (issue 25): ``timeout: null`` -> ``$DML_DIST_TIMEOUT`` -> 600 s; a bad value is one
     line; the process groups wait a margin longer than the stall detection."""
     from datetime import timedelta
+
     from dml_dist.distributed import collective_timeout, stall_margin
+
     monkeypatch.delenv("DML_DIST_TIMEOUT", raising=False)
     assert collective_timeout({"timeout": None}) == timedelta(seconds=600)
     monkeypatch.setenv("DML_DIST_TIMEOUT", "45")
@@ -88,6 +97,7 @@ def test_the_cache_falls_back_to_the_user_cache_for_a_read_only_data_dir(tmp_pat
     """README promise: <data_dir>/.dml-cache when writable, else $XDG_CACHE_HOME/dml-dist (a folder without
     write bits counts as read-only for root too)."""
     from dml_dist.data.cache import default_cache_dir
+
     data = tmp_path / "data"
     data.mkdir()
     assert default_cache_dir(str(data)) == str(data / ".dml-cache")
@@ -104,11 +114,26 @@ def test_make_imagenet_folder_writes_the_shape_it_promises(tmp_path):
     JPEGs, the same files for the same arguments."""
     import subprocess
     import sys
-    from PIL import Image
+
     from conftest import REPO
+    from PIL import Image
+
     for out in ("a", "b"):
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_imagenet_folder.py"), str(tmp_path / out),
-                        "--train", "6", "--val", "2", "--classes", "2"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "make_imagenet_folder.py"),
+                str(tmp_path / out),
+                "--train",
+                "6",
+                "--val",
+                "2",
+                "--classes",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.JPEG"))
     assert len(files) == 8 and {p.parts[0] for p in files} == {"train", "val"} and len({p.parts[1] for p in files}) == 2
     for p in files:

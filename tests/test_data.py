@@ -3,13 +3,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from conftest import make_image_folder
 
 from dml_dist import DMLError, create_dml_config
-from dml_dist.data import (SeededDataset, SharedSeedBatchSampler, build_datasets, load_image_folder,
-                           sample_dataloader)
-
-from conftest import make_image_folder
+from dml_dist.data import SeededDataset, SharedSeedBatchSampler, build_datasets, load_image_folder, sample_dataloader
 
 
 def _cfg(data_dir, **kw):
@@ -50,8 +47,9 @@ def test_sampler_is_identical_for_same_seed_and_resumes_mid_epoch():
 
 
 def test_per_sample_path_is_byte_identical_across_worker_counts(tmp_path):
-    ds = load_image_folder(str(make_image_folder(tmp_path / "d", n_train=12, splits=("train",)) / "train"), 16,
-                           augment=True)
+    ds = load_image_folder(
+        str(make_image_folder(tmp_path / "d", n_train=12, splits=("train",)) / "train"), 16, augment=True
+    )
 
     def batches(workers):
         loader = sample_dataloader(ds, 8, seed=7, num_workers=workers)
@@ -87,12 +85,15 @@ def test_seeded_dataset_makes_user_transforms_deterministic():
     assert not torch.equal(ds[(3, 99)][0], ds[(3, 100)][0])
 
 
-@pytest.mark.parametrize("breakage,match", [
-    ("missing", "does not exist"),
-    ("empty_class", "class folder .*dog holds no images"),
-    ("unreadable", r"cannot read image .*0001\.png"),
-    ("mismatch", r"class folders of train/ and val/ differ \(only in train: \['frog'\]"),
-])
+@pytest.mark.parametrize(
+    "breakage,match",
+    [
+        ("missing", "does not exist"),
+        ("empty_class", "class folder .*dog holds no images"),
+        ("unreadable", r"cannot read image .*0001\.png"),
+        ("mismatch", r"class folders of train/ and val/ differ \(only in train: \['frog'\]"),
+    ],
+)
 def test_bad_folders_raise_clear_errors(tmp_path, breakage, match):
     d = make_image_folder(tmp_path / "d", n_train=4, n_val=2)
     if breakage == "missing":
@@ -121,18 +122,29 @@ def write_tiny_cifar10(root, n_train=20, n_test=10, seed=0, label=None):
         pickle.dump({"label_names": names}, f)
     for i in range(1, 6):
         with open(base / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
-                         "labels": [int(v) if label is None else label for v in rng.integers(0, 10, n_train)]}, f)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
+                    "labels": [int(v) if label is None else label for v in rng.integers(0, 10, n_train)],
+                },
+                f,
+            )
     with open(base / "test_batch", "wb") as f:
-        pickle.dump({"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
-                     "labels": [int(v) if label is None else label for v in rng.integers(0, 10, n_test)]}, f)
+        pickle.dump(
+            {
+                "data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+                "labels": [int(v) if label is None else label for v in rng.integers(0, 10, n_test)],
+            },
+            f,
+        )
     return root
 
 
 def test_cifar10_python_format(tmp_path):
     write_tiny_cifar10(tmp_path)
-    data = build_datasets(create_dml_config(dataset="cifar10", data_dir=str(tmp_path), val_fraction=0.1,
-                                            download=False))
+    data = build_datasets(
+        create_dml_config(dataset="cifar10", data_dir=str(tmp_path), val_fraction=0.1, download=False)
+    )
     assert len(data.train) == 90 and len(data.val) == 10 and len(data.test) == 10
     assert data.num_classes == 10 and data.classes[0] == "airplane"
     assert data.train[0][0].shape == (3, 32, 32)

@@ -1,7 +1,7 @@
 """Issue 21: a job that loses a node goes on. Two torchrun agents on localhost (c10d rendezvous) are two
 nodes of an elastic job (``--nnodes=1:2``); the second is killed with its ranks mid-run, and the first
 carries on alone with ``replicas: auto`` (2 peers x 2 replicas -> 2 peers x 1) from the latest checkpoint."""
-import os
+
 import socket
 import subprocess
 import sys
@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, _env, base_args, kill_tree, make_image_folder, read_summary
 
 
@@ -22,12 +21,25 @@ def test_a_lost_node_is_survived_with_fewer_replicas(tmp_path):
     conf = "keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=60,last_call_timeout=2"
 
     def agent(host: int):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=2",
-               "--max-restarts=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=elastic",
-               f"--rdzv_conf={conf},is_host={host}", "-m", "dml_dist.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1:2",
+            "--nproc_per_node=2",
+            "--max-restarts=2",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=elastic",
+            f"--rdzv_conf={conf},is_host={host}",
+            "-m",
+            "dml_dist.train",
+            *args,
+        ]
         logs = [open(tmp_path / f"agent{host}.{k}", "w+") for k in ("out", "err")]
-        return subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True, env=_env(),
-                                cwd=REPO, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=logs[0], stderr=logs[1], text=True, env=_env(), cwd=REPO, start_new_session=True
+        )
 
     first = agent(1)  # hosts the rendezvous store: the node that stays
     time.sleep(2)

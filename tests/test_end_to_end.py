@@ -1,19 +1,31 @@
 """End to end on the shared 6,000-image CIFAR-10 subset (real JPEGs): 2 peers, ResNet-20, 2 epochs."""
+
 import os
 
 import pytest
-
 from conftest import SHARED_DATA, read_summary, torchrun
 
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir() and not os.environ.get("CI"),
-                                reason=f"{SHARED_DATA} not present (CI always has it)")
+needs_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir() and not os.environ.get("CI"), reason=f"{SHARED_DATA} not present (CI always has it)"
+)
 
 
 @needs_data
 def test_two_resnet20_peers_learn_cifar10_subset(tmp_path):
-    r = torchrun(2, ["--config", "configs/quickstart.yaml", f"data_dir={SHARED_DATA}", "epochs=2",
-                     f"save_dir={tmp_path / 'ckpt'}", f"log_dir={tmp_path / 'logs'}", "experiment_name=t",
-                     "progress_bar=false"], timeout=600)
+    r = torchrun(
+        2,
+        [
+            "--config",
+            "configs/quickstart.yaml",
+            f"data_dir={SHARED_DATA}",
+            "epochs=2",
+            f"save_dir={tmp_path / 'ckpt'}",
+            f"log_dir={tmp_path / 'logs'}",
+            "experiment_name=t",
+            "progress_bar=false",
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = read_summary(tmp_path)
     assert s["config"]["model"] == "resnet20" and len(s["history"]) == 2

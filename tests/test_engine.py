@@ -1,10 +1,10 @@
 """Issue 8 on CPU: torch.compile trains like eager, a non-finite loss stops the run with one line naming
 the epoch and steps, no host sync in a step (meters on the device)."""
+
 import re
 
 import pytest
 import torch
-
 from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
 
 
@@ -62,7 +62,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny):
     assert latest["epoch"] == 1
     for f in files:
         ck = torch.load(tmp_path / "ckpt" / f, weights_only=True)
-        for state in ([p["model"] for p in ck["peers"]] if "peers" in ck else [ck["model"]]):
+        for state in [p["model"] for p in ck["peers"]] if "peers" in ck else [ck["model"]]:
             assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), f
 
 
@@ -70,7 +70,9 @@ def test_the_ensemble_is_the_mean_of_the_peers_softmaxes():
     """Issue 25: computed by hand. Peer 1 [5, 4, -100], peer 2 [0, 1.2, 0]: the mean of their softmaxes picks
     class 0, the softmax of their mean logits would pick class 1 (and give another loss)."""
     import math
+
     from dml_dist.engine import score_logits
+
     logits = torch.tensor([[[5.0, 4.0, -100.0]], [[0.0, 1.2, 0.0]]])
     p1 = [math.exp(5) / (math.exp(5) + math.exp(4)), math.exp(4) / (math.exp(5) + math.exp(4)), 0.0]
     z2 = 2 + math.exp(1.2)
@@ -88,6 +90,7 @@ def test_the_batch_fingerprint_sees_the_images_the_labels_and_the_parameters_apa
     of the three must change its own hash and leave the other alone."""
     from dml_dist.augment import AugParams
     from dml_dist.engine import batch_fingerprint
+
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
     y, params = torch.tensor([0, 1, 2, 3]), AugParams.draw(4, torch.Generator().manual_seed(1))

@@ -1,14 +1,15 @@
 """The exchange: ``all_reduce`` of the softmax sums against the ``all_gather`` of every peer's logits."""
+
 import json
 import sys
 
 import pytest
 import torch
-
 from conftest import REPO, run_cmd
-from dml_dist.bench_exchange import model_bytes
+
 from dml_dist.exchange import resolve_exchange
 from dml_dist.loss import compute_dml_loss, exchange_payload, loss_from_sums
+from dml_dist.tools.bench_exchange import model_bytes
 
 
 @pytest.mark.parametrize("mutual", ["dml", "ensemble"])
@@ -21,7 +22,7 @@ def test_sums_give_the_loss_and_gradient_of_the_logits(n, mutual):
     summed = sum(exchange_payload(z[k], 2.5) for k in range(n))
     for i in range(n):
         a, b = z[i].clone().requires_grad_(), z[i].clone().requires_grad_()
-        la = compute_dml_loss(a, torch.cat([z[:i], z[i + 1:]]), y, 2.5, 0.6, mutual)
+        la = compute_dml_loss(a, torch.cat([z[:i], z[i + 1 :]]), y, 2.5, 0.6, mutual)
         lb = loss_from_sums(b, summed, n, y, 2.5, 0.6, mutual)
         la.total.backward()
         lb.total.backward()
@@ -34,23 +35,42 @@ def test_all_reduce_trains_like_all_gather_over_gloo():
     """3 peers (a subgroup) and 4, dml and ensemble, T=3, warm-up: the trainer's own step through both
     exchanges over real gloo collectives gives the same losses and, after 6 SGD steps, the same weights
     within 1e-5, while dropping the mutual term moves them by far more."""
-    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                 str(REPO / "tests" / "scripts" / "exchange_equivalence.py")])
+    r = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=4",
+            str(REPO / "tests" / "scripts" / "exchange_equivalence.py"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert sorted((x["peers"], x["mutual"], x["rank"]) for x in rows) == sorted(
-        [(3, m, k) for m in ("dml", "ensemble") for k in range(3)] + [(4, m, k) for m in ("dml", "ensemble") for k in range(4)])
+        [(3, m, k) for m in ("dml", "ensemble") for k in range(3)]
+        + [(4, m, k) for m in ("dml", "ensemble") for k in range(4)]
+    )
     for x in rows:
         assert x["loss_diff"] <= 1e-5 and x["weight_diff"] <= 1e-5, x
         assert x["kl_min"] > 1e-3 and x["moved"] > 1e-2 and x["control_diff"] > 1e-3, x
 
 
 def test_auto_picks_all_reduce_from_three_peers_and_the_byte_model():
-    for n, r, mode in ((1, 1, "all_gather"), (2, 1, "all_gather"), (2, 4, "all_gather"), (2, [3, 3], "all_gather"),
-                       (3, 1, "all_reduce"), (16, 1, "all_reduce"), (2, [1, 7], "all_reduce")):
+    for n, r, mode in (
+        (1, 1, "all_gather"),
+        (2, 1, "all_gather"),
+        (2, 4, "all_gather"),
+        (2, [3, 3], "all_gather"),
+        (3, 1, "all_reduce"),
+        (16, 1, "all_reduce"),
+        (2, [1, 7], "all_reduce"),
+    ):
         assert resolve_exchange({"exchange": "auto", "model_num": n, "replicas": r})[0] == mode, (n, r)
-    assert resolve_exchange({"exchange": "all_gather", "model_num": 8, "replicas": [1, 7]}) == \
-        ("all_gather", "set in the config")
+    assert resolve_exchange({"exchange": "all_gather", "model_num": 8, "replicas": [1, 7]}) == (
+        "all_gather",
+        "set in the config",
+    )
     # all_gather's bytes grow with N; all_reduce's stay below 2 B (C + 1) 4 whatever N
     assert [model_bytes("all_gather", n, 256, 1000) for n in (2, 16)] == [1_024_000, 15_360_000]
     assert all(model_bytes("all_reduce", n, 256, 1000) < 2 * 256 * 1001 * 4 for n in (2, 4, 8, 16, 64))
@@ -60,8 +80,22 @@ def test_exchange_benchmark_measures_the_bytes_it_models(tmp_path):
     """``dml-bench --exchange`` on small shapes: loopback bytes per rank match the ring model, all_gather's
     grow with N while all_reduce's stay, and it writes the table, the JSON line and the plot."""
     out, png = tmp_path / "x.jsonl", tmp_path / "x.png"
-    r = run_cmd([sys.executable, "-m", "dml_dist.bench", "--exchange", "peers=[2,3]", "batch=64", "classes=100",
-                 "steps=4", "rounds=1", f"plot={png}", f"out={out}"], cwd=tmp_path)
+    r = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "dml_dist.tools.bench",
+            "--exchange",
+            "peers=[2,3]",
+            "batch=64",
+            "classes=100",
+            "steps=4",
+            "rounds=1",
+            f"plot={png}",
+            f"out={out}",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| N | mode | bytes/rank/step measured |" in r.stdout and png.stat().st_size > 0
     rows = {(x["peers"], x["mode"]): x for x in json.loads(out.read_text())["rows"]}

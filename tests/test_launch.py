@@ -1,4 +1,5 @@
 """Placement, launch scripts, the two-node localhost run, Docker lint and install steps, AMP on CPU."""
+
 import json
 import os
 import shutil
@@ -10,60 +11,79 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CI, REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, requires, run_cmd, torchrun
+
 from dml_dist import DMLError
 from dml_dist.distributed import is_peer_loss
-from dml_dist.placement import (Placement, assign_gpus, exchange_identities, gpu_sharers, process_group_backend,
-                                resolve_placement)
+from dml_dist.placement import (
+    Placement,
+    assign_gpus,
+    exchange_identities,
+    gpu_sharers,
+    process_group_backend,
+    resolve_placement,
+)
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 
 
-@pytest.mark.parametrize("args,expected", [
-    # one GPU per peer: NCCL
-    ((0, 2, 2), Placement("cuda:0", "nccl", 4, False)),
-    ((1, 2, 2), Placement("cuda:1", "nccl", 4, False)),
-    ((3, 8, 8), Placement("cuda:3", "nccl", 1, False)),
-    # more peers than GPUs: round-robin sharing with gloo
-    ((0, 3, 2), Placement("cuda:0", "gloo", 2, True)),
-    ((1, 3, 2), Placement("cuda:1", "gloo", 2, True)),
-    ((2, 3, 2), Placement("cuda:0", "gloo", 2, True)),
-    ((1, 2, 1), Placement("cuda:0", "gloo", 4, True)),
-    # no GPU: CPU, gloo, cores split between the local processes
-    ((0, 1, 0), Placement("cpu", "gloo", 8, False)),
-    ((1, 3, 0), Placement("cpu", "gloo", 2, False)),
-    ((5, 16, 0), Placement("cpu", "gloo", 1, False)),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        # one GPU per peer: NCCL
+        ((0, 2, 2), Placement("cuda:0", "nccl", 4, False)),
+        ((1, 2, 2), Placement("cuda:1", "nccl", 4, False)),
+        ((3, 8, 8), Placement("cuda:3", "nccl", 1, False)),
+        # more peers than GPUs: round-robin sharing with gloo
+        ((0, 3, 2), Placement("cuda:0", "gloo", 2, True)),
+        ((1, 3, 2), Placement("cuda:1", "gloo", 2, True)),
+        ((2, 3, 2), Placement("cuda:0", "gloo", 2, True)),
+        ((1, 2, 1), Placement("cuda:0", "gloo", 4, True)),
+        # no GPU: CPU, gloo, cores split between the local processes
+        ((0, 1, 0), Placement("cpu", "gloo", 8, False)),
+        ((1, 3, 0), Placement("cpu", "gloo", 2, False)),
+        ((5, 16, 0), Placement("cpu", "gloo", 1, False)),
+    ],
+)
 def test_placement(args, expected):
     assert resolve_placement(*args, cpu_count=8) == expected
 
 
-@pytest.mark.parametrize("args,backend", [
-    ((0, 2, 2), "cpu:gloo,cuda:nccl"),   # one GPU per peer: logits over NCCL, host-side collectives over gloo
-    ((3, 8, 8), "cpu:gloo,cuda:nccl"),
-    ((0, 3, 2), "gloo"),                 # peers sharing GPUs: gloo, CUDA tensors staged through host memory
-    ((1, 2, 1), "gloo"),
-    ((0, 1, 0), "gloo"),                 # CPU
-    ((1, 3, 0), "gloo"),
-])
+@pytest.mark.parametrize(
+    "args,backend",
+    [
+        ((0, 2, 2), "cpu:gloo,cuda:nccl"),  # one GPU per peer: logits over NCCL, host-side collectives over gloo
+        ((3, 8, 8), "cpu:gloo,cuda:nccl"),
+        ((0, 3, 2), "gloo"),  # peers sharing GPUs: gloo, CUDA tensors staged through host memory
+        ((1, 2, 1), "gloo"),
+        ((0, 1, 0), "gloo"),  # CPU
+        ((1, 3, 0), "gloo"),
+    ],
+)
 def test_process_group_backend_has_a_cpu_backend_for_every_placement(args, backend):
     placement = resolve_placement(*args, cpu_count=8)
     assert process_group_backend(placement) == backend
 
 
-@pytest.mark.parametrize("identities,expected,sharers", [
-    # each process sees only its own GPU (SLURM --gpus-per-task=1, Kubernetes): one GPU each, NCCL
-    ([("n0", ["A"]), ("n0", ["B"]), ("n0", ["C"]), ("n0", ["D"])], [(0, False)] * 4, [1] * 4),
-    # the same one GPU shown to two processes: shared (gloo)
-    ([("n0", ["A"]), ("n0", ["A"])], [(0, True)] * 2, [2, 2]),
-    # a node's 8 GPUs shown to every process: GPU l for local rank l
-    ([("n0", list("ABCDEFGH"))] * 2, [(0, False), (1, False)], [1, 1]),
-    # 3 processes, 2 GPUs: round-robin, shared
-    ([("n0", ["A", "B"])] * 3, [(0, True), (1, True), (0, True)], [2, 1, 2]),
-    # two nodes with the same GPU names: counted per host; one shared node makes the whole job gloo
-    ([("n0", ["A"]), ("n0", ["B"]), ("n1", ["A"]), ("n1", ["A"])], [(0, True), (0, True), (0, True), (0, True)], [1, 1, 2, 2]),
-])
+@pytest.mark.parametrize(
+    "identities,expected,sharers",
+    [
+        # each process sees only its own GPU (SLURM --gpus-per-task=1, Kubernetes): one GPU each, NCCL
+        ([("n0", ["A"]), ("n0", ["B"]), ("n0", ["C"]), ("n0", ["D"])], [(0, False)] * 4, [1] * 4),
+        # the same one GPU shown to two processes: shared (gloo)
+        ([("n0", ["A"]), ("n0", ["A"])], [(0, True)] * 2, [2, 2]),
+        # a node's 8 GPUs shown to every process: GPU l for local rank l
+        ([("n0", list("ABCDEFGH"))] * 2, [(0, False), (1, False)], [1, 1]),
+        # 3 processes, 2 GPUs: round-robin, shared
+        ([("n0", ["A", "B"])] * 3, [(0, True), (1, True), (0, True)], [2, 1, 2]),
+        # two nodes with the same GPU names: counted per host; one shared node makes the whole job gloo
+        (
+            [("n0", ["A"]), ("n0", ["B"]), ("n1", ["A"]), ("n1", ["A"])],
+            [(0, True), (0, True), (0, True), (0, True)],
+            [1, 1, 2, 2],
+        ),
+    ],
+)
 def test_shared_gpus_are_decided_by_identity_not_count(identities, expected, sharers):
     """Issue 16: "shared" was local ranks > visible GPUs, so one GPU per process looked shared by all."""
     assert [assign_gpus(identities, r) for r in range(len(identities))] == expected
@@ -76,6 +96,7 @@ def test_shared_gpus_are_decided_by_identity_not_count(identities, expected, sha
 
 def test_gpu_identities_travel_through_a_real_store():
     from datetime import timedelta
+
     store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10))  # port 0: the OS picks
     identities = exchange_identities(store, 0, 1)
     assert identities == [[socket.gethostname(), [], 0]]  # no GPU here
@@ -84,8 +105,16 @@ def test_gpu_identities_travel_through_a_real_store():
 
 
 def test_world_of_one_runs_the_real_collectives():
-    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                 str(REPO / "tests" / "scripts" / "collective_rule.py")])
+    r = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            str(REPO / "tests" / "scripts" / "collective_rule.py"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     # A group without a CPU backend rejects CPU tensors even alone: the bug class NCCL-only groups had...
@@ -95,14 +124,22 @@ def test_world_of_one_runs_the_real_collectives():
     assert out["backend"] == "gloo" and out["all_gather"] and out["gather_to_main"] and out["objects"]
 
 
-@pytest.mark.parametrize("error,lost", [
-    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5"), True),
-    (RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection reset by peer"), True),
-    (RuntimeError("Gloo connectFullMesh failed with ... Broken pipe"), True),
-    (RuntimeError("gloo: invalid tensor size for allgather"), False),       # a bug, not a lost peer
-    (RuntimeError("ProcessGroupGloo only supports dense tensors"), False),
-    (ValueError("Connection closed by peer"), False),
-])
+@pytest.mark.parametrize(
+    "error,lost",
+    [
+        (
+            RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5"
+            ),
+            True,
+        ),
+        (RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection reset by peer"), True),
+        (RuntimeError("Gloo connectFullMesh failed with ... Broken pipe"), True),
+        (RuntimeError("gloo: invalid tensor size for allgather"), False),  # a bug, not a lost peer
+        (RuntimeError("ProcessGroupGloo only supports dense tensors"), False),
+        (ValueError("Connection closed by peer"), False),
+    ],
+)
 def test_is_peer_loss_matches_connection_failures_only(error, lost):
     assert is_peer_loss(error) is lost
 
@@ -143,21 +180,28 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
             *srcs, _dest = line.split()[1:]
             for s in srcs:
                 (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, ctx / s)
-    run = next(l for l in lines if l.startswith("RUN pip install") and " . " in l)  # the package's own step
+    run = next(line for line in lines if line.startswith("RUN pip install") and " . " in line)  # the package's own step
     pip_args = [a for a in run.split("&&")[0].split("RUN pip install", 1)[1].split() if a != "\\"]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     torch_site = str(Path(torch.__file__).parent.parent)
     Path(site, "base_image.pth").write_text(torch_site + "\n")  # the image's preinstalled packages
     r = run_cmd([str(py), "-m", "pip", "install", *pip_args], cwd=ctx, timeout=300)
-    offline = ("NewConnectionError", "Temporary failure in name resolution", "No matching distribution found for setuptools",
-               "Could not find a version that satisfies the requirement setuptools")
+    offline = (
+        "NewConnectionError",
+        "Temporary failure in name resolution",
+        "No matching distribution found for setuptools",
+        "Could not find a version that satisfies the requirement setuptools",
+    )
     if r.returncode != 0 and any(s in r.stdout + r.stderr for s in offline):
         # pip's build isolation fetches setuptools from the index: with none reachable this proves nothing
-        (pytest.fail if CI else pytest.skip)("no package index reachable: pip's build isolation needs setuptools from it")
+        (pytest.fail if CI else pytest.skip)(
+            "no package index reachable: pip's build isolation needs setuptools from it"
+        )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     r = run_cmd([str(env_dir / "bin" / "dml-train"), "--help"], cwd=tmp_path)
     assert r.returncode == 0 and "key=value" in r.stdout
@@ -173,20 +217,38 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
     cannot host). Each node is pinned to a CPU of its own and the one-node run to both, so every rank
     computes with one thread in both layouts (bit-identical results)."""
     from datetime import timedelta
-    rdzv = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True,
-                                      timeout=timedelta(seconds=60), wait_for_workers=False)
+
+    rdzv = torch.distributed.TCPStore(
+        "127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=timedelta(seconds=60), wait_for_workers=False
+    )
     config = str(REPO / "configs" / "quickstart.yaml")
-    env = _env({"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"127.0.0.1:{rdzv.port}",
-                "RDZV_ID": "test", "MAX_RESTARTS": "0", "PYTHON": sys.executable, "CONFIG": config})
+    env = _env(
+        {
+            "NNODES": "2",
+            "NPROC_PER_NODE": "1",
+            "RDZV_ENDPOINT": f"127.0.0.1:{rdzv.port}",
+            "RDZV_ID": "test",
+            "MAX_RESTARTS": "0",
+            "PYTHON": sys.executable,
+            "CONFIG": config,
+        }
+    )
     args = base_args(tmp_path, image_folder, save_dir="ckpt", log_dir="logs", epochs=1)
     cpus = (sorted(os.sched_getaffinity(0)) * 2)[:2]
     procs = []
     for node, cpu in zip(("node_a", "node_b"), cpus):
         (tmp_path / node).mkdir()
-        procs.append(subprocess.Popen(["taskset", "-c", str(cpu), "bash", str(REPO / "launch" / "multinode.sh"),
-                                       *args], cwd=tmp_path / node,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                ["taskset", "-c", str(cpu), "bash", str(REPO / "launch" / "multinode.sh"), *args],
+                cwd=tmp_path / node,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     outs = []
     for p in procs:
         try:
@@ -208,9 +270,25 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
     # The same job on one node (the arguments multinode.sh passes): the same history and weights.
     single = tmp_path / "single"
     single.mkdir()
-    r = run_cmd(["taskset", "-c", ",".join(map(str, sorted(set(cpus)))), sys.executable, "-m",
-                 "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dml_dist.train",
-                 "--config", config, "replicas=1", *args], cwd=single)
+    r = run_cmd(
+        [
+            "taskset",
+            "-c",
+            ",".join(map(str, sorted(set(cpus)))),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dml_dist.train",
+            "--config",
+            config,
+            "replicas=1",
+            *args,
+        ],
+        cwd=single,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     reference = json.loads((single / "logs" / "t_summary.json").read_text())
     assert summary["history"] == reference["history"] and summary["history"][0]["val_loss"]
@@ -223,9 +301,21 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
 def test_local_sh_on_the_shared_subset(tmp_path):
     # The quick start's own path: no CONFIG, the shared subset found next to the checkout (a 1,000-image
     # train_subset keeps it short).
-    r = run_cmd(["bash", str(REPO / "launch" / "local.sh"), "2", "epochs=1", "train_subset=1000",
-                 "save_dir=ckpt", "log_dir=logs", "progress_bar=false"],
-                env={"PYTHON": sys.executable, "DML_SHARED_DATA": str(SHARED_DATA)}, cwd=tmp_path, timeout=400)
+    r = run_cmd(
+        [
+            "bash",
+            str(REPO / "launch" / "local.sh"),
+            "2",
+            "epochs=1",
+            "train_subset=1000",
+            "save_dir=ckpt",
+            "log_dir=logs",
+            "progress_bar=false",
+        ],
+        env={"PYTHON": sys.executable, "DML_SHARED_DATA": str(SHARED_DATA)},
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "logs" / "quickstart_summary.json").read_text())
     assert len(s["history"]) == 1 and len(s["best_accuracies"]) == 2
@@ -251,9 +341,22 @@ def test_amp_and_channels_last_leave_cpu_results_unchanged(tmp_path, image_folde
 def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
     """2 peers x 2 replicas through dml-bench's real data path (a synthetic set: no data_dir)."""
     out = tmp_path / "bench.jsonl"
-    r = torchrun(4, ["steps=2", "rounds=1", "warmup=1", "image_size=16", "batch_size=16", "replicas=2", "loader_images=64",
-                     "exchange=all_reduce",
-                     f"data_dir={tmp_path / 'none'}", f"out={out}"], module="dml_dist.bench")
+    r = torchrun(
+        4,
+        [
+            "steps=2",
+            "rounds=1",
+            "warmup=1",
+            "image_size=16",
+            "batch_size=16",
+            "replicas=2",
+            "loader_images=64",
+            "exchange=all_reduce",
+            f"data_dir={tmp_path / 'none'}",
+            f"out={out}",
+        ],
+        module="dml_dist.tools.bench",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text().splitlines()[-1])
     assert result["peers"] == 2 and result["replicas"] == 2 and result["data"].startswith("synthetic")
@@ -261,12 +364,14 @@ def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
     loader = result["loader"]
     assert loader["augment"] == ["crop", "flip", "rotate", "jitter"] and loader["per_sample_images_per_s"] > 0
     assert loader["batched_vs_per_sample"] == pytest.approx(
-        loader["batched_images_per_s"] / loader["per_sample_images_per_s"], rel=0.05)
+        loader["batched_images_per_s"] / loader["per_sample_images_per_s"], rel=0.05
+    )
     assert [(p["peer"], p["replica"]) for p in result["ranks"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert result["versions"]["torch"] and "git" in result["versions"]
     # the op count: the model's share against the same model's forward and backward counted here
-    from dml_dist.bench import _OpCounter
     from dml_dist.models import build_model
+    from dml_dist.tools.bench import _OpCounter
+
     model = build_model("resnet20", 10, image_size=16)
     with _OpCounter() as here:
         model(torch.zeros(8, 3, 16, 16)).sum().backward()
@@ -286,9 +391,14 @@ def test_a_missing_real_component_is_skipped_here_and_fails_under_ci(tmp_path):
     under CI=true (.ci/run sets it)."""
     (tmp_path / "test_needs.py").write_text(
         f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nfrom conftest import requires\n\n\n"
-        "@requires(False, 'the component is missing')\ndef test_needs():\n    pass\n")
+        "@requires(False, 'the component is missing')\ndef test_needs():\n    pass\n"
+    )
     for ci, want in (("", "1 skipped"), ("true", "1 failed")):
-        r = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_needs.py"],
-                    env={"CI": ci}, cwd=tmp_path, timeout=120)
+        r = run_cmd(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_needs.py"],
+            env={"CI": ci},
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert want in r.stdout, (ci, r.stdout[-2000:])
     assert "CI=true and the component is missing" in r.stdout

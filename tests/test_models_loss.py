@@ -108,8 +108,14 @@ def test_identical_predictions_give_zero_kl():
 
 
 # Issue 11: the paper's mixed cohorts. Counts with 100 classes (CIFAR-100); WRN-28-10 is the paper's 36.5M.
-COUNTS_100 = {"wrn28_10": 36_536_884, "wrn16_4": 2_772_020, "wrn28_2": 1_479_220, "mobilenet": 3_309_476,
-              "mobilenetv2": 2_351_972, "resnet32": 470_004}
+COUNTS_100 = {
+    "wrn28_10": 36_536_884,
+    "wrn16_4": 2_772_020,
+    "wrn28_2": 1_479_220,
+    "mobilenet": 3_309_476,
+    "mobilenetv2": 2_351_972,
+    "resnet32": 470_004,
+}
 
 
 @pytest.mark.parametrize("name,expected", COUNTS_100.items())
@@ -124,11 +130,15 @@ def test_mixed_cohort_parameter_counts_with_100_classes(name, expected):
 
 def test_names_are_case_insensitive_for_every_family():
     from dml_dist.models import canonical_model_name
+
     assert canonical_model_name("WRN-28-10") == canonical_model_name("wrn28_10") == "wrn28_10"
     assert canonical_model_name("MobileNetV2") == "mobilenetv2" and canonical_model_name("MobileNet") == "mobilenet"
     assert canonical_model_name("torchvision.ResNet18") == "torchvision.resnet18"
-    for bad, needle in (("wrn27_2", "6n\\+4"), ("torchvision.nope", "torchvision has no classification model"),
-                        ("vgg", "unknown model 'vgg'")):
+    for bad, needle in (
+        ("wrn27_2", "6n\\+4"),
+        ("torchvision.nope", "torchvision has no classification model"),
+        ("vgg", "unknown model 'vgg'"),
+    ):
         with pytest.raises(DMLError, match=needle):
             build_model(bad, 10)
 
@@ -144,6 +154,7 @@ def test_torchvision_models_need_64_pixels_and_take_num_classes():
 
 def test_pretrained_weights_come_from_torchvision_cache(tmp_path, monkeypatch):
     import torchvision
+
     weights = torchvision.models.ResNet18_Weights.DEFAULT
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -190,6 +201,7 @@ def test_original_call_form_of_compute_dml_loss():
 
 def test_kl_warmup_ramp_against_hand_values():
     from dml_dist.loss import kl_ramp
+
     # 2 warm-up epochs of 10 steps, kl_weight 0.5: 0 at the first step, 0.5 * 15/20 at epoch 2 step 5, then 0.5
     assert kl_ramp(0.5, 2, 10, epoch=1, step=0) == 0.0
     assert kl_ramp(0.5, 2, 10, epoch=1, step=4) == pytest.approx(0.5 * 4 / 20)
@@ -201,7 +213,9 @@ def test_kl_warmup_ramp_against_hand_values():
 def test_channels_last_auto_is_on_for_convolutional_peers_under_amp_on_cuda_only():
     """The rule is decided on the model and the device objects, so it is checked here without a GPU."""
     import torch.nn as nn
+
     from dml_dist.models import build_model, channels_last_choice
+
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     resnet = build_model("resnet20", 10, image_size=32)
     vit_like = nn.Sequential(nn.Conv2d(3, 64, 16, 16), nn.Flatten(), nn.Linear(256, 4096), nn.Linear(4096, 10))

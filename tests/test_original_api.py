@@ -1,20 +1,27 @@
 """Issue 9 §1 and §3: the original module's calls exactly as its documentation writes them, and the defects
 review found, each with its own test. In-process unless a launch is the point."""
+
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_args, make_image_folder, torchrun
 from torch.utils.data import DataLoader
 
 import dml_dist
-from dml_dist import (DEFAULT_CONFIG, build_model, compute_dml_loss, evaluate_dml_models, evaluate_ensemble,
-                      prepare_dataloaders, train_epoch_dml, validate_dml)
+from dml_dist import (
+    DEFAULT_CONFIG,
+    build_model,
+    compute_dml_loss,
+    evaluate_dml_models,
+    evaluate_ensemble,
+    prepare_dataloaders,
+    train_epoch_dml,
+    validate_dml,
+)
 from dml_dist.checkpoint import prune_epoch_checkpoints, remove_stale_temp_files
 from dml_dist.train import parse_args
-
-from conftest import base_args, make_image_folder, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +33,37 @@ def data_cwd(tmp_path_factory):
 
 
 def test_default_config_holds_the_original_values():
-    original = {"model": "ResNet32", "batch_size": 32, "num_workers": 4, "augment": False, "epochs": 200,
-                "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "step_size": 60, "gamma": 0.1, "model_num": 2,
-                "device": "auto", "print_freq": 10, "save_freq": 10, "save_dir": "checkpoints", "log_dir": "logs",
-                "experiment_name": None, "resume": None}
+    original = {
+        "model": "ResNet32",
+        "batch_size": 32,
+        "num_workers": 4,
+        "augment": False,
+        "epochs": 200,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "step_size": 60,
+        "gamma": 0.1,
+        "model_num": 2,
+        "device": "auto",
+        "print_freq": 10,
+        "save_freq": 10,
+        "save_dir": "checkpoints",
+        "log_dir": "logs",
+        "experiment_name": None,
+        "resume": None,
+    }
     assert {k: DEFAULT_CONFIG[k] for k in original} == original
     assert dml_dist.create_dml_config()["model"] == "resnet32"  # names stay case-insensitive
 
 
 def test_original_calls_as_documented(data_cwd, monkeypatch):
     monkeypatch.chdir(data_cwd)
-    train_loader, val_loader, test_loader = prepare_dataloaders('data', batch_size=32, augment=True)
+    train_loader, val_loader, test_loader = prepare_dataloaders("data", batch_size=32, augment=True)
     assert train_loader.batch_size is None and train_loader.batch_sampler.batch_size == 32
     assert isinstance(train_loader, DataLoader) and test_loader is None and len(val_loader.dataset) == 18
     assert train_loader.num_workers == DEFAULT_CONFIG["num_workers"]  # the defaults apply where the call is silent
-    assert len(prepare_dataloaders()[0].dataset) == 36                 # data_dir defaults to 'data'
+    assert len(prepare_dataloaders()[0].dataset) == 36  # data_dir defaults to 'data'
     torch.manual_seed(0)
     models = [build_model("ResNet20", 3) for _ in range(2)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
@@ -57,11 +80,13 @@ def test_original_calls_as_documented(data_cwd, monkeypatch):
     assert train_loader.batch_sampler.epoch == 2
     rows = validate_dml(models, val_loader, device, config)
     assert [r["model_idx"] for r in rows] == [1, 2, "ensemble"]
-    for call in (lambda: evaluate_ensemble(models, val_loader, 'auto', None),
-                 lambda: evaluate_ensemble(models=models, data_loader=val_loader, device='auto', config=None)):
+    for call in (
+        lambda: evaluate_ensemble(models, val_loader, "auto", None),
+        lambda: evaluate_ensemble(models=models, data_loader=val_loader, device="auto", config=None),
+    ):
         assert call() == rows[-1]
-    assert evaluate_dml_models(models, val_loader, 'auto', None) == rows
-    assert evaluate_dml_models(models=models, data_loader=val_loader, device='auto', config=None) == rows
+    assert evaluate_dml_models(models, val_loader, "auto", None) == rows
+    assert evaluate_dml_models(models=models, data_loader=val_loader, device="auto", config=None) == rows
 
 
 def test_defect1_evaluation_scores_every_model_on_the_same_labels(data_cwd):

@@ -1,12 +1,12 @@
 """Issue 9 §5 and defect 5: the quick start without the shared subset falls back to CIFAR-10 in data/,
 trimmed by train_subset (here a CIFAR-format file the test writes, never a download); every peer gets a
 _best.pth even when its accuracy never rises above 0.0."""
+
 import json
 import sys
 
 import pytest
 import torch
-
 from conftest import REPO, run_cmd
 from test_data import write_tiny_cifar10
 
@@ -17,9 +17,22 @@ def fallback_run(tmp_path_factory):
     class 9 and lr=0: the untrained peers (which predict other classes) score exactly 0.0 throughout."""
     w = tmp_path_factory.mktemp("quickstart")
     write_tiny_cifar10(w / "data", n_train=20, label=9)
-    r = run_cmd(["bash", str(REPO / "launch" / "local.sh"), "2", "epochs=2", "lr=0", "image_size=16",
-                 "batch_size=8", "train_subset=40", "progress_bar=false", "download=false"],
-                env={"PYTHON": sys.executable, "DML_SHARED_DATA": str(w / "no-shared-subset")}, cwd=w)
+    r = run_cmd(
+        [
+            "bash",
+            str(REPO / "launch" / "local.sh"),
+            "2",
+            "epochs=2",
+            "lr=0",
+            "image_size=16",
+            "batch_size=8",
+            "train_subset=40",
+            "progress_bar=false",
+            "download=false",
+        ],
+        env={"PYTHON": sys.executable, "DML_SHARED_DATA": str(w / "no-shared-subset")},
+        cwd=w,
+    )
     return w, r
 
 

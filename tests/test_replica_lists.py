@@ -1,13 +1,21 @@
 """Issue 17: replicas per peer as a list (``replicas: [1, 2]``): a layout that is not a rectangle."""
+
 import re
 import shutil
 import sys
 
 import pytest
 import torch
-
-from conftest import (REPO, assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, run_cmd,
-                      torchrun)
+from conftest import (
+    REPO,
+    assert_no_worker_traceback,
+    base_args,
+    error_lines,
+    make_image_folder,
+    read_summary,
+    run_cmd,
+    torchrun,
+)
 
 # SyncBN makes a peer's replicas compute exactly its full-batch step (test_replicas.py), so every layout of
 # the same cohort must land on the same weights, up to float rounding.
@@ -52,8 +60,17 @@ def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, fol
     ref, _ = reference
     w = tmp_path / "w"
     (tmp_path / "empty.yaml").write_text("{}\n")  # defaults + the same overrides as the reference
-    r = run_cmd(["bash", str(REPO / "launch" / "local.sh"), "2", "--config", str(tmp_path / "empty.yaml"),
-                 *base_args(w, folder, **{**COMMON, "epochs": 1})], env={"REPLICAS": "[1,2]", "PYTHON": sys.executable})
+    r = run_cmd(
+        [
+            "bash",
+            str(REPO / "launch" / "local.sh"),
+            "2",
+            "--config",
+            str(tmp_path / "empty.yaml"),
+            *base_args(w, folder, **{**COMMON, "epochs": 1}),
+        ],
+        env={"REPLICAS": "[1,2]", "PYTHON": sys.executable},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for rank, (peer, replica) in enumerate([(1, 0), (2, 0), (2, 1)]):
         assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
@@ -93,23 +110,30 @@ def test_a_replica_list_that_does_not_fit_is_one_line(tmp_path, folder):
 def test_replicas_auto_follows_the_world_and_refuses_what_does_not_fit():
     from dml_dist.config import build_config, finalize_config
     from dml_dist.errors import DMLError
+
     cfg = build_config(overrides={"replicas": "auto", "model_num": 2, "batch_size": 8})
     assert [finalize_config(cfg, w)["replicas"] for w in (2, 4, 8)] == [1, 2, 4]
-    for overrides, world, needle in (({"model_num": None}, 4, "replicas=auto needs the number of peers"),
-                                     ({"model_num": 2}, 3, "replicas=auto: 3 processes do not split into 2 peers"),
-                                     ({"model_num": 2, "batch_size": 6}, 8, "batch_size=6 does not divide by replicas=4")):
+    for overrides, world, needle in (
+        ({"model_num": None}, 4, "replicas=auto needs the number of peers"),
+        ({"model_num": 2}, 3, "replicas=auto: 3 processes do not split into 2 peers"),
+        ({"model_num": 2, "batch_size": 6}, 8, "batch_size=6 does not divide by replicas=4"),
+    ):
         with pytest.raises(DMLError, match=re.escape(needle)):
             finalize_config(build_config(overrides={"replicas": "auto", "batch_size": 8, **overrides}), world)
 
 
-@pytest.mark.parametrize("replicas,model_num,batch,needle", [
-    ([1, 0], None, 8, "replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers"),
-    ([1, 2, 1], 2, 8, "replicas lists 3 counts for 2 peers"),
-    ([1, 3], None, 8, "batch_size=8 does not divide by replicas=3"),
-])
+@pytest.mark.parametrize(
+    "replicas,model_num,batch,needle",
+    [
+        ([1, 0], None, 8, "replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers"),
+        ([1, 2, 1], 2, 8, "replicas lists 3 counts for 2 peers"),
+        ([1, 3], None, 8, "batch_size=8 does not divide by replicas=3"),
+    ],
+)
 def test_replica_list_config_errors(replicas, model_num, batch, needle):
     from dml_dist.config import build_config, finalize_config
     from dml_dist.errors import DMLError
+
     with pytest.raises(DMLError, match=re.escape(needle)):
         cfg = build_config(overrides={"replicas": replicas, "model_num": model_num, "batch_size": batch})
         finalize_config(cfg, sum(replicas))

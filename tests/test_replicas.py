@@ -1,9 +1,9 @@
 """Issue 10: peers x data-parallel replicas on CPU/gloo (DeviceMesh + DDP within a peer, never across)."""
+
 import shutil
 
 import pytest
 import torch
-
 from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
 
 
@@ -21,10 +21,13 @@ def runs(tmp_path_factory, folder):
     r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch;
     ``r2_replica_major``: the same with the peers of one replica index on consecutive ranks."""
     root = tmp_path_factory.mktemp("replica_runs")
-    specs = {"r1": (2, {"epochs": 2}), "r2": (4, {"replicas": 2, "sync_bn": True, "exchange": "all_reduce"}),
-             "r2_resumed": (2, {"epochs": 2, "sync_bn": True, "resume": "auto"}),
-             "r2_nosync": (4, {"replicas": 2, "sync_bn": False}),
-             "r2_replica_major": (4, {"replicas": 2, "sync_bn": False, "rank_order": "replica"})}
+    specs = {
+        "r1": (2, {"epochs": 2}),
+        "r2": (4, {"replicas": 2, "sync_bn": True, "exchange": "all_reduce"}),
+        "r2_resumed": (2, {"epochs": 2, "sync_bn": True, "resume": "auto"}),
+        "r2_nosync": (4, {"replicas": 2, "sync_bn": False}),
+        "r2_replica_major": (4, {"replicas": 2, "sync_bn": False, "rank_order": "replica"}),
+    }
     done = {}
 
     def get(name):
@@ -36,11 +39,14 @@ def runs(tmp_path_factory, folder):
             assert r.returncode == 0, r.stderr[-3000:]
             done[name] = (root / name, r)
         return done[name]
+
     return get
 
 
 def _weights(path, peers=2, tag="final"):
-    return [torch.load(path / "ckpt" / f"t_model{k}_{tag}.pth", weights_only=True)["model"] for k in range(1, peers + 1)]
+    return [
+        torch.load(path / "ckpt" / f"t_model{k}_{tag}.pth", weights_only=True)["model"] for k in range(1, peers + 1)
+    ]
 
 
 def _assert_same_weights(a, b, atol):
@@ -92,8 +98,12 @@ def test_sync_bn_epoch_over_replicas_equals_full_batch_epoch(runs):
     _assert_same_weights(epoch1, _weights(sync), atol=1e-5)
     _assert_same_epoch(read_summary(ref)["history"][0], read_summary(sync)["history"][0])
     # negative control: per-shard statistics change the gradients and the running statistics
-    apart = max((a[k].double() - b[k].double()).abs().max().item()
-                for a, b in zip(epoch1, _weights(nosync)) for k in a if a[k].is_floating_point())
+    apart = max(
+        (a[k].double() - b[k].double()).abs().max().item()
+        for a, b in zip(epoch1, _weights(nosync))
+        for k in a
+        if a[k].is_floating_point()
+    )
     assert apart > 1e-3, apart
 
 
@@ -116,6 +126,7 @@ def test_replicas_without_sync_bn_report_what_the_checkpoint_holds(runs, folder)
     are those of the final checkpoints, scored again here the way dml-eval scores them."""
     from dml_dist.data import build_datasets, make_eval_loader
     from dml_dist.evaluate import evaluate_dml_models, load_dml_models
+
     path, _ = runs("r2_nosync")
     last = read_summary(path)["history"][-1]
     ckpts = [str(path / "ckpt" / f"t_model{k}_final.pth") for k in (1, 2)]
@@ -127,10 +138,13 @@ def test_replicas_without_sync_bn_report_what_the_checkpoint_holds(runs, folder)
     assert rows[2]["loss"] == pytest.approx(last["ensemble_loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("nproc,extra,needle", [
-    (3, {"replicas": 2}, "model_num=1 x replicas=2 needs 2 processes but 3 were started"),
-    (4, {"replicas": 2, "batch_size": 9}, "batch_size=9 does not divide by replicas=2"),
-])
+@pytest.mark.parametrize(
+    "nproc,extra,needle",
+    [
+        (3, {"replicas": 2}, "model_num=1 x replicas=2 needs 2 processes but 3 were started"),
+        (4, {"replicas": 2, "batch_size": 9}, "batch_size=9 does not divide by replicas=2"),
+    ],
+)
 def test_bad_layouts_are_one_line_errors(tmp_path, folder, nproc, extra, needle):
     r = torchrun(nproc, base_args(tmp_path, folder, **extra), timeout=120)
     assert r.returncode != 0

@@ -1,5 +1,6 @@
 """The data paths at scale: the stream path (cooperative decoding), the on-disk cache, real-world files,
 the ImageNet transforms. In-process where the logic is local, real torchrun processes where ranks talk."""
+
 import collections
 import json
 import os
@@ -10,16 +11,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, _env, age_folders, assert_no_worker_traceback, error_lines, kill_tree, torchrun
 from PIL import Image
 from torchvision.transforms import v2
 
 from dml_dist import DMLError, create_dml_config
 from dml_dist.data import build_datasets, make_eval_loader, make_train_loader
 from dml_dist.data.cache import cached_images
-from dml_dist.data.stream import FileImageDataset
 from dml_dist.data.folders import RRC_TRIES, center_resize, decode_file, resized_crop, rrc_boxes, scan
-
-from conftest import REPO, age_folders, _env, assert_no_worker_traceback, error_lines, kill_tree, torchrun
+from dml_dist.data.stream import FileImageDataset
 
 STREAM = dict(loader="stream", image_size=16, crop_fraction=0.875, batch_size=12)
 
@@ -66,8 +66,9 @@ def test_stream_batches_equal_memory_batches_without_rrc(jpeg_dir, tmp_path):
     cached = build_datasets(_cfg(jpeg_dir, tmp_path, augment=ops), log=log.append)
     assert cached.path == "stream" and "val/test from the cache" in cached.why
     assert isinstance(cached.train, FileImageDataset) and not isinstance(cached.val, FileImageDataset)
-    assert torch.equal(torch.cat([x for x, _ in make_eval_loader(cached.val, 5, 0, device="cpu")]),
-                       torch.cat([x for x, _ in evals[1]]))
+    assert torch.equal(
+        torch.cat([x for x, _ in make_eval_loader(cached.val, 5, 0, device="cpu")]), torch.cat([x for x, _ in evals[1]])
+    )
 
 
 def test_auto_chooses_the_path_and_says_why(jpeg_dir, tmp_path):
@@ -109,40 +110,48 @@ def test_transforms_agree_with_torchvision(jpeg_dir):
         tv = v2.functional.center_crop(v2.functional.resize(x, [146], antialias=True), [128])
         assert torch.equal(center_resize(x, 128, 0.875), tv), (h, w)
     g = torch.Generator().manual_seed(0)
-    boxes = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3))
-             for _ in range(500)]
+    boxes = [
+        rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(500)
+    ]
     scales = np.array([h * w / (300 * 500) for _, _, h, w in boxes])
     ratios = np.array([w / h for _, _, h, w in boxes])
-    assert all(0 <= t and 0 <= l and t + h <= 300 and l + w <= 500 for t, l, h, w in boxes)
+    assert all(0 <= t and 0 <= left and t + h <= 300 and left + w <= 500 for t, left, h, w in boxes)
     assert scales.min() > 0.07 and scales.max() <= 1.0 and ratios.min() > 0.74 and ratios.max() < 1.34
     # The same distribution as torchvision's own RandomResizedCrop.get_params (2,000 draws each).
     from torchvision.transforms import RandomResizedCrop
+
     torch.manual_seed(0)
     tv = [RandomResizedCrop.get_params(torch.empty(3, 300, 500), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
     tv_scales = np.array([h * w / (300 * 500) for _, _, h, w in tv])
-    more = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(1500)]
+    more = [
+        rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 300, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(1500)
+    ]
     scales = np.concatenate([scales, [h * w / (300 * 500) for _, _, h, w in more]])
     assert abs(scales.mean() - tv_scales.mean()) < 0.025 and abs(np.median(scales) - np.median(tv_scales)) < 0.04
     # The aspect ratio is log-uniform, as torchvision draws it: on a wide range (1/4..4) with boxes that always
     # fit, its log's quartiles are about -0.69, 0, 0.69 (a uniform ratio would put the median near log 2.1).
-    wide = [rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 1000, 1000, (0.01, 0.05), (0.25, 4.0)) for _ in range(2000)]
+    wide = [
+        rrc_boxes(torch.rand(RRC_TRIES, 4, generator=g), 1000, 1000, (0.01, 0.05), (0.25, 4.0)) for _ in range(2000)
+    ]
     tv_wide = [RandomResizedCrop.get_params(torch.empty(3, 1000, 1000), [0.01, 0.05], [0.25, 4.0]) for _ in range(2000)]
     q = [np.quantile([np.log(w / h) for _, _, h, w in b], [0.25, 0.5, 0.75]) for b in (wide, tv_wide)]
     assert np.abs(q[0] - q[1]).max() < 0.12 and np.abs(q[0] - [-0.69, 0.0, 0.69]).max() < 0.12, q
     # All tries rejected -> torchvision's fallback: the whole image clamped to the ratio range, centred.
     assert rrc_boxes(torch.ones(RRC_TRIES, 4), 100, 400, (0.9, 1.0), (1.0, 1.0)) == (0, 150, 100, 100)
     u = torch.rand(RRC_TRIES, 4, generator=g)
-    t, l, h, w = rrc_boxes(u, img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3))
-    ref = v2.functional.pil_to_tensor(v2.functional.resized_crop(pil, t, l, h, w, [16, 16], antialias=True))
+    t, left, h, w = rrc_boxes(u, img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3))
+    ref = v2.functional.pil_to_tensor(v2.functional.resized_crop(pil, t, left, h, w, [16, 16], antialias=True))
     assert (resized_crop(img, u, 16, (0.08, 1.0), (3 / 4, 4 / 3)).float() - ref.float()).abs().mean() < 3.0
 
 
 def test_real_world_files_decode_and_a_truncated_jpeg_is_named(tmp_path):
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    files = {"cmyk.JPEG": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
-             "grey.JPEG": lambda p: rgb.convert("L").save(p, "JPEG"),
-             "png_named.JPEG": lambda p: rgb.save(p, "PNG")}
+    files = {
+        "cmyk.JPEG": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
+        "grey.JPEG": lambda p: rgb.convert("L").save(p, "JPEG"),
+        "png_named.JPEG": lambda p: rgb.save(p, "PNG"),
+    }
     for name, write in files.items():
         write(tmp_path / name)
         ours = decode_file(str(tmp_path / name))
@@ -164,7 +173,8 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
     entry = log[-1].rsplit(" ", 1)[1]
     # A mapping of the cache file, not a copy: the tensor's memory lies in a mapping of images.u8.
     ptr = again.untyped_storage().data_ptr()
-    maps = [l.split() for l in open("/proc/self/maps") if l.rstrip().endswith(os.path.join(entry, "images.u8"))]
+    with open("/proc/self/maps") as f:
+        maps = [line.split() for line in f if line.rstrip().endswith(os.path.join(entry, "images.u8"))]
     assert any(int(m[0].split("-")[0], 16) <= ptr < int(m[0].split("-")[1], 16) for m in maps)
     # A file changes (new content, new mtime): a new content key -> a new entry, decoded; the old one is left
     # as it is (another job may have it mapped).
@@ -213,7 +223,7 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
     cached_images(files, cache, "train", "train/", 16, 1.0, log.append, keep_days=0)  # 0: keep every entry
     assert sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n) == names
     cached_images(files, cache, "train", "train/", 16, 1.0, log.append, keep_days=14)
-    removed = [l for l in log if "superseded and unused for 20 days" in l]
+    removed = [line for line in log if "superseded and unused for 20 days" in line]
     left = sorted(n for n in os.listdir(cache) if n.startswith("train_") and "." not in n)
     assert len(removed) == 1 and superseded[0] in removed[0] and superseded[0] not in left, (removed, left)
     assert len(left) == 3 and os.path.basename(entry) in left and superseded[1] in left and os.path.isdir(building)
@@ -222,9 +232,19 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
 
 
 def _probe(nproc, data_dir, tmp_path, torchrun_args=(), **kw):
-    args = [f"{k}={v}" for k, v in {"data_dir": data_dir, "cache_dir": tmp_path / "cache", "steps": 0, **STREAM,
-                                      "batch_size": 8, "augment": "[rrc,flip,jitter]", **kw}.items()]
-    r = torchrun(nproc, args, module="dml_dist.data.probe", torchrun_args=torchrun_args)
+    args = [
+        f"{k}={v}"
+        for k, v in {
+            "data_dir": data_dir,
+            "cache_dir": tmp_path / "cache",
+            "steps": 0,
+            **STREAM,
+            "batch_size": 8,
+            "augment": "[rrc,flip,jitter]",
+            **kw,
+        }.items()
+    ]
+    r = torchrun(nproc, args, module="dml_dist.tools.probe", torchrun_args=torchrun_args)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -238,7 +258,7 @@ def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_re
     assert two["path"] == "stream" and len(two["ranks"][0]["fingerprints"]) == 4
     ref = two["ranks"][0]["fingerprints"]
     for r in two["ranks"] + three["ranks"]:
-        assert r["fingerprints"] == ref[-len(r["fingerprints"]):]
+        assert r["fingerprints"] == ref[-len(r["fingerprints"]) :]
     assert len(three["ranks"][0]["fingerprints"]) == 3
     # shares of ceil(8 / L): 4 + 4 per step for 2 ranks; 3 + 3 + 2 for 3 ranks
     assert [r["decoded"] for r in two["ranks"]] == [16, 16] and [r["decoded"] for r in three["ranks"]] == [9, 9, 6]
@@ -249,13 +269,17 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
     cold = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
     warm = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
     assert cold["path"] == "memory"
-    cache = {run: [[l for l in r["log"] if l.startswith("cache:")] for r in res["ranks"]]
-             for run, res in (("cold", cold), ("warm", warm))}
-    assert list(map(len, cache["cold"])) == [2, 0] and all("decoded" in l for l in cache["cold"][0])
-    assert list(map(len, cache["warm"])) == [2, 0] and all("read from" in l for l in cache["warm"][0])
+    cache = {
+        run: [[line for line in r["log"] if line.startswith("cache:")] for r in res["ranks"]]
+        for run, res in (("cold", cold), ("warm", warm))
+    }
+    assert list(map(len, cache["cold"])) == [2, 0] and all("decoded" in line for line in cache["cold"][0])
+    assert list(map(len, cache["warm"])) == [2, 0] and all("read from" in line for line in cache["warm"][0])
     # the file list: listed once by rank 0 and kept as a manifest, which the second start reads instead
-    files = {run: [l for l in res["ranks"][0]["log"] if l.startswith("files:")] for run, res in (("cold", cold),
-                                                                                                   ("warm", warm))}
+    files = {
+        run: [line for line in res["ranks"][0]["log"] if line.startswith("files:")]
+        for run, res in (("cold", cold), ("warm", warm))
+    }
     assert len(files["cold"]) == 1 and "listed 36" in files["cold"][0]
     assert len(files["warm"]) == 1 and "36 in" in files["warm"][0] and "from the manifest" in files["warm"][0]
     assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]
@@ -265,15 +289,32 @@ def two_node_probe(tmp_path, name, **kw):
     """The data path alone on two torchrun agents (c10d rendezvous on localhost), 2 ranks each. The
     rendezvous store is held here on a port the OS picks (no bind-then-close race); both agents join it."""
     from datetime import timedelta
-    rdzv = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
-                                      timeout=timedelta(seconds=240))
+
+    rdzv = torch.distributed.TCPStore(
+        "127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=240)
+    )
     port = rdzv.port
     out = tmp_path / f"{name}.json"
     args = [f"{k}={v}" for k, v in {"steps": 0, **STREAM, "batch_size": 8, **kw, "out": out}.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}", "-m", "dml_dist.data.probe", *args]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                              cwd=REPO, start_new_session=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        f"--rdzv_id={name}",
+        "-m",
+        "dml_dist.tools.probe",
+        *args,
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, start_new_session=True
+        )
+        for _ in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     except subprocess.TimeoutExpired:
@@ -291,20 +332,30 @@ def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
     """Two nodes of 2 ranks, 4 peers (one replica each): the same batches on all 4 ranks. stream: each node
     decodes 1 x every batch (each of its peers needs all of it). memory: each node's local rank 0 builds the
     (shared) cache folder, the first to finish wins, and the other node uses it."""
-    result = two_node_probe(tmp_path, loader, data_dir=jpeg_dir, cache_dir=tmp_path / "cache", loader=loader,
-                            augment="[rrc,flip]" if loader == "stream" else "[crop,flip]")
+    result = two_node_probe(
+        tmp_path,
+        loader,
+        data_dir=jpeg_dir,
+        cache_dir=tmp_path / "cache",
+        loader=loader,
+        augment="[rrc,flip]" if loader == "stream" else "[crop,flip]",
+    )
     ranks = result["ranks"]
     assert result["path"] == loader
     for node in (0, 1):
         if loader == "stream":
             assert sum(r["decoded"] for r in ranks if r["node"] == node) == 32  # 4 batches of 8, once per node
         else:  # the node's local rank 0 dealt with the cache (built it, or took the other node's); not the others
-            logs = [[l for l in r["log"] if l.startswith("cache:") and "waiting for" not in l]
-                    for r in ranks if r["node"] == node]
+            logs = [
+                [line for line in r["log"] if line.startswith("cache:") and "waiting for" not in line]
+                for r in ranks
+                if r["node"] == node
+            ]
             assert sorted(map(len, logs)) == [0, 2], logs
     if loader == "memory":  # both nodes started on the empty cache_dir together: each split was decoded once
-        built = [l for r in ranks for l in r["log"] if "images into" in l]
-        assert len(built) == 2 and sorted(l.split(" into ")[1].split("/")[-1][:5] for l in built) == ["train", "val_1"]
+        built = [line for r in ranks for line in r["log"] if "images into" in line]
+        folders = sorted(line.split(" into ")[1].split("/")[-1][:5] for line in built)
+        assert len(built) == 2 and folders == ["train", "val_1"]
     assert all(r["fingerprints"] == ranks[0]["fingerprints"] for r in ranks) and len(ranks[0]["fingerprints"]) == 4
 
 
@@ -315,16 +366,25 @@ def test_two_nodes_with_replicas_decode_each_sample_once_per_job(jpeg_dir, tmp_p
     bytes it gets on one node (peer-major there), and a start in the middle of the epoch the same again.
     Evaluation (stream, not cached) follows the same rule: each replica scores its rows of the batch, its
     node decodes only those, and every validation sample is decoded once in the job and scored once per peer."""
-    common = dict(data_dir=jpeg_dir, cache_dir=tmp_path / "cache", model_num=2, replicas=2, loader="stream",
-                  augment="[rrc,flip,jitter]", num_workers=1)
+    common = dict(
+        data_dir=jpeg_dir,
+        cache_dir=tmp_path / "cache",
+        model_num=2,
+        replicas=2,
+        loader="stream",
+        augment="[rrc,flip,jitter]",
+        num_workers=1,
+    )
     two = two_node_probe(tmp_path, "replicas", **common, cache_eval=False, eval=True)
     assert collections.Counter(i for r in two["ranks"] for i in r["eval_decoded_indices"]) == {i: 1 for i in range(4)}
     for peer in (0, 1):
         mine = [r for r in two["ranks"] if r["peer"] == peer]
         assert sorted(i for r in mine for i in r["eval_positions"]) == list(range(4))
         assert all(r["eval_batches"] == [2] for r in mine)  # each replica works on the one batch, 2 rows each
-    assert two["rank_order"] == "replica" and "replica-major decodes each sample 1x per job, peer-major 2x" in \
-        two["rank_order_why"]
+    assert (
+        two["rank_order"] == "replica"
+        and "replica-major decodes each sample 1x per job, peer-major 2x" in two["rank_order_why"]
+    )
     assert [(r["peer"], r["replica"]) for r in two["ranks"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     counts = collections.Counter(i for r in two["ranks"] for i in r["decoded_indices"])
     assert counts == {i: 1 for i in range(32)}  # 4 steps of 8 = the whole permutation of 32, each once
@@ -332,8 +392,10 @@ def test_two_nodes_with_replicas_decode_each_sample_once_per_job(jpeg_dir, tmp_p
     resumed = _probe(4, jpeg_dir, tmp_path, model_num=2, replicas=2, num_workers=0, start_step=2)
     assert one["rank_order"] == "peer" and "1x per job" in one["rank_order_why"]
     assert collections.Counter(i for r in one["ranks"] for i in r["decoded_indices"]) == {i: 1 for i in range(32)}
-    by_slot = {run: {(r["peer"], r["replica"]): r["fingerprints"] for r in res["ranks"]}
-               for run, res in (("two", two), ("one", one), ("resumed", resumed))}
+    by_slot = {
+        run: {(r["peer"], r["replica"]): r["fingerprints"] for r in res["ranks"]}
+        for run, res in (("two", two), ("one", one), ("resumed", resumed))
+    }
     assert by_slot["two"] == by_slot["one"] and len(by_slot["one"][(0, 0)]) == 4
     assert by_slot["one"][(0, 0)] != by_slot["one"][(0, 1)]  # the replicas train on different rows
     assert by_slot["one"][(0, 0)] == by_slot["one"][(1, 0)]  # the peers on the same ones
@@ -344,10 +406,22 @@ def test_truncated_jpeg_mid_epoch_stops_every_rank_with_one_line(tmp_path):
     data = make_jpeg_folder(tmp_path / "data", per_class=8)
     bad = data / "train" / "c2" / "005.JPEG"
     bad.write_bytes(bad.read_bytes()[:300])
-    args = [f"{k}={v}" for k, v in {"data_dir": data, "cache_dir": tmp_path / "cache", "model": "resnet20",
-                                      "epochs": 2, "num_workers": 1, "save_dir": tmp_path / "ckpt",
-                                      "log_dir": tmp_path / "logs", "progress_bar": False, "val_fraction": 0.25,
-                                      **STREAM, "batch_size": 6}.items()]
+    args = [
+        f"{k}={v}"
+        for k, v in {
+            "data_dir": data,
+            "cache_dir": tmp_path / "cache",
+            "model": "resnet20",
+            "epochs": 2,
+            "num_workers": 1,
+            "save_dir": tmp_path / "ckpt",
+            "log_dir": tmp_path / "logs",
+            "progress_bar": False,
+            "val_fraction": 0.25,
+            **STREAM,
+            "batch_size": 6,
+        }.items()
+    ]
     r = torchrun(2, args)
     assert r.returncode != 0
     lines = error_lines(r.stderr)
@@ -362,21 +436,25 @@ def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
     other files of their shares stay on the batched call (counted)."""
     from dml_dist.data.folders import jpeg_batchable
     from dml_dist.data.stream import _Shares, decode_share
+
     data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=6)
     Image.fromarray(np.full((30, 20, 3), 99, np.uint8)).save(data / "train" / "c1" / "zz.JPEG", "PNG")
     Image.new("CMYK", (26, 22), (10, 200, 30, 5)).save(data / "train" / "c0" / "zz.JPEG", "JPEG")
     Image.fromarray(np.full((24, 28), 77, np.uint8)).save(data / "train" / "c0" / "zy.JPEG", "JPEG", progressive=True)
-    assert [jpeg_batchable((data / "train" / c / n).read_bytes()) for c, n in
-            (("c1", "zz.JPEG"), ("c0", "zz.JPEG"), ("c0", "zy.JPEG"), ("c0", "000.JPEG"))] == [False, False, True, True]
+    assert [
+        jpeg_batchable((data / "train" / c / n).read_bytes())
+        for c, n in (("c1", "zz.JPEG"), ("c0", "zz.JPEG"), ("c0", "zy.JPEG"), ("c0", "000.JPEG"))
+    ] == [False, False, True, True]
     ds = FileImageDataset(scan(str(data / "train")), STREAM["image_size"], STREAM["crop_fraction"], ["rrc", "flip"])
     from dml_dist.data import BatchPlan
+
     plan = BatchPlan(len(ds), 6, seed=3)
     names = []
     for step in range(len(plan)):
-        for l in (0, 1):
-            cpu = _Shares(ds, plan, 6, (l, 2))[step]
+        for unit in (0, 1):
+            cpu = _Shares(ds, plan, 6, (unit, 2))[step]
             ds.decode_device = "cuda"  # what the workers do then: read the files only
-            raw = _Shares(ds, plan, 6, (l, 2))[step]
+            raw = _Shares(ds, plan, 6, (unit, 2))[step]
             ds.decode_device = "cpu"
             assert cpu[2] is None and raw[2] is None
             counts = {}
@@ -402,8 +480,9 @@ def test_stream_workers_persist_across_epochs_and_follow_the_epoch(jpeg_dir, tmp
     pids = [w.pid for w in loader._loader._iterator._workers]
     loader.set_epoch(1, start_step=1)
     second = [x for x, _ in loader]
-    assert [w.pid for w in loader._loader._iterator._workers] == pids and all(w.is_alive()
-                                                                                for w in loader._loader._iterator._workers)
+    assert [w.pid for w in loader._loader._iterator._workers] == pids and all(
+        w.is_alive() for w in loader._loader._iterator._workers
+    )
     fresh = make_train_loader(ds, 8, seed=3, num_workers=0)
     fresh.set_epoch(1, start_step=1)
     assert len(second) == 3 and all(torch.equal(a, b) for a, b in zip(second, [x for x, _ in fresh]))
@@ -415,7 +494,9 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     is ready; one whose time has not moved for STALE_S (of the waiter's clock) belongs to a dead builder and
     is taken over."""
     import threading
+
     from dml_dist.data import cache as C
+
     monkeypatch.setattr(C, "STALE_S", 3)
     monkeypatch.setattr(C, "HEARTBEAT_S", 0.2)
     files, cache, log = scan(str(jpeg_dir / "train")), str(tmp_path / "cache"), []
@@ -424,7 +505,7 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     with open(f"{entry}.lock", "w") as f:
         f.write("otherhost:1\n")
     images, _ = cached_images(files, cache, "train", "train/", 16, 1.0, log.append)
-    assert any("took over" in l and "a dead builder" in l for l in log) and "decoded 36" in log[-1]
+    assert any("took over" in line and "a dead builder" in line for line in log) and "decoded 36" in log[-1]
     assert not os.path.exists(f"{entry}.lock")
     # A live builder: its lock is fresh, so this process waits, and uses the entry once it is ready.
     other = str(tmp_path / "other")
@@ -434,11 +515,12 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     assert lock.acquire()
     log.clear()
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (cached_images(files, other, "train", "train/", 16, 1.0, log.append),
-                                              done.set()))
+    waiter = threading.Thread(
+        target=lambda: (cached_images(files, other, "train", "train/", 16, 1.0, log.append), done.set())
+    )
     waiter.start()
-    assert not done.wait(5) and any("waiting for the builder" in l for l in log)  # > STALE_S: not taken over
-    assert not any("took over" in l for l in log)
+    assert not done.wait(5) and any("waiting for the builder" in line for line in log)  # > STALE_S: not taken over
+    assert not any("took over" in line for line in log)
     C.build_entry(entry, files, files.key(16, 1.0), 16, 1.0, lambda s: None)
     lock.release()
     waiter.join(30)
@@ -449,6 +531,7 @@ def test_evaluation_batches_are_split_by_rows_and_positions_rebuild_the_set(tmp_
     """Every replica works on every evaluation batch (its rows of it); the positions each replica reports
     put the set back together, byte for byte, for 2 and 3 replicas and a short last batch."""
     from dml_dist.data.stream import StreamEvalLoader
+
     data = make_jpeg_folder(tmp_path / "data", classes=1, per_class=11)
     ds = FileImageDataset(scan(str(data / "train")), 16, 0.875)
     whole = torch.cat([x for x, _ in StreamEvalLoader(ds, "cpu", batch_size=4)])

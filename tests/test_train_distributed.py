@@ -1,6 +1,6 @@
 """Real torchrun launches over gloo on localhost."""
+
 import fcntl
-import json
 import os
 import pty
 import re
@@ -17,11 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import (
+    TIMEOUT,
+    _env,
+    assert_no_worker_traceback,
+    base_args,
+    descendants,
+    error_lines,
+    kill_tree,
+    make_image_folder,
+    read_summary,
+    run_cmd,
+    torchrun,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dml_dist
-from conftest import (TIMEOUT, _env, assert_no_worker_traceback, base_args, descendants, error_lines, kill_tree,
-                      make_image_folder, read_summary, run_cmd, torchrun)
 
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
 
@@ -35,8 +46,9 @@ def _git_head_of_the_package():
     repo = Path(dml_dist.__file__).resolve().parents[1]
     if not (repo / ".git").exists():
         return None
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def _check_summary(summary, peers, epochs):
@@ -53,8 +65,11 @@ def _check_summary(summary, peers, epochs):
     assert summary["final_accuracies"] == summary["history"][-1]["val_acc"]
     assert summary["final_ensemble_accuracy"] == summary["history"][-1]["ensemble_acc"]
     v = summary["versions"]
-    assert (v["torch"], v["torchvision"], v["dml_dist"]) == (torch.__version__, torchvision.__version__,
-                                                             dml_dist.__version__)
+    assert (v["torch"], v["torchvision"], v["dml_dist"]) == (
+        torch.__version__,
+        torchvision.__version__,
+        dml_dist.__version__,
+    )
     assert v["git"] == _git_head_of_the_package()
     run = summary["run"]
     assert run["resumed_from"] == [] and run["restarts"] == 0 and len(run["epoch_seconds"]) == epochs
@@ -65,8 +80,9 @@ def _check_tensorboard(log_dir, peers, epochs, history=None):
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"lr", "ensemble/val_acc", "ensemble/val_loss"} | {f"peer{k}/{t}" for k in range(1, peers + 1)
-                                                                 for t in PEER_TAGS}
+    expected = {"lr", "ensemble/val_acc", "ensemble/val_loss"} | {
+        f"peer{k}/{t}" for k in range(1, peers + 1) for t in PEER_TAGS
+    }
     assert expected <= tags, expected - tags
     assert [e.step for e in acc.Scalars("ensemble/val_acc")] == list(range(1, epochs + 1))
     if history is not None:  # the values are the summary's, epoch by epoch
@@ -80,14 +96,17 @@ def test_two_peers_same_batches_with_augmentation(tmp_path, image_folder):
     # per-sample path's workers run under torchrun in test_api.py, the stream path's in test_stream.py.
     fp_dir = tmp_path / "fp"
     fp_dir.mkdir()
-    r = torchrun(2, base_args(tmp_path, image_folder, augment=True, consistency_check_every=1),
-                 env={"DML_FINGERPRINT_DIR": str(fp_dir)})
+    r = torchrun(
+        2,
+        base_args(tmp_path, image_folder, augment=True, consistency_check_every=1),
+        env={"DML_FINGERPRINT_DIR": str(fp_dir)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # Every step of both epochs was fingerprinted on both ranks, and the ranks saw byte-identical batches.
     f0, f1 = _fingerprints(fp_dir, 0), _fingerprints(fp_dir, 1)
-    assert len([l for l in f0 if l]) == 2 * (72 // 8)
+    assert len([line for line in f0 if line]) == 2 * (72 // 8)
     assert f0 == f1
-    assert len(set(l.split()[3] for l in f0 if l)) == 18  # inputs differ from step to step
+    assert len(set(line.split()[3] for line in f0 if line)) == 18  # inputs differ from step to step
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=2, epochs=2)
     acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2, history=summary["history"])
@@ -104,8 +123,9 @@ def test_two_peers_same_batches_with_augmentation(tmp_path, image_folder):
 
 def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder):
     # mutual=ensemble: each peer distils from the mean of the other two (the dml variant runs everywhere else)
-    r = torchrun(3, base_args(tmp_path, image_folder, model="[resnet20,mobilenet,resnet20]", epochs=2,
-                              mutual="ensemble"))
+    r = torchrun(
+        3, base_args(tmp_path, image_folder, model="[resnet20,mobilenet,resnet20]", epochs=2, mutual="ensemble")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=3, epochs=2)
@@ -120,8 +140,14 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
 
 
 def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_folder):
-    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path, image_folder, epochs=1, model_num=1,
-                                                                     progress_bar=True)])
+    r = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "dml_dist.train",
+            *base_args(tmp_path, image_folder, epochs=1, model_num=1, progress_bar=True),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 1 [" in r.stdout and "%|" not in r.stderr + r.stdout  # progress_bar: only on a terminal
     summary = read_summary(tmp_path)
@@ -134,8 +160,9 @@ def _run_on_a_terminal(cmd, cwd, timeout=TIMEOUT):
     """``cmd`` with stdout and stderr on a pseudo-terminal (own session; the tree is killed on timeout)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0: no room for a bar
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env(), cwd=cwd,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env(), cwd=cwd, start_new_session=True
+    )
     os.close(slave)
     chunks, deadline = [], time.time() + timeout
     try:
@@ -160,8 +187,15 @@ def _run_on_a_terminal(cmd, cwd, timeout=TIMEOUT):
 def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, image_folder):
     """README: dml-train without torchrun starts model_num local processes itself, their output on this
     terminal (rank 0's log and progress bar); also nesterov=false and save_freq=0 (no epoch files)."""
-    code, out = _run_on_a_terminal([sys.executable, "-m", "dml_dist.train", *base_args(
-        tmp_path, image_folder, epochs=1, model_num=2, progress_bar=True, save_freq=0, nesterov=False)], tmp_path)
+    code, out = _run_on_a_terminal(
+        [
+            sys.executable,
+            "-m",
+            "dml_dist.train",
+            *base_args(tmp_path, image_folder, epochs=1, model_num=2, progress_bar=True, save_freq=0, nesterov=False),
+        ],
+        tmp_path,
+    )
     assert code == 0, out[-3000:]
     assert "placement: rank 0 (peer 1" in out and "placement: rank 1 (peer 2" in out
     assert "epoch 1/1" in out and "done: best acc" in out
@@ -170,7 +204,8 @@ def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, ima
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=2, epochs=1)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
-        ["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2) for tag in ("best", "final")])  # save_freq=0
+        ["t_latest.pth"] + [f"t_model{k}_{tag}.pth" for k in (1, 2) for tag in ("best", "final")]
+    )  # save_freq=0
     latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
     assert [p["optimizer"]["param_groups"][0]["nesterov"] for p in latest["peers"]] == [False, False]
 
@@ -178,19 +213,25 @@ def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, ima
 def test_a_rank_that_lost_contact_says_so_in_one_line(tmp_path, image_folder):
     """Rank 1 dies (SIGKILL) mid-epoch: rank 0's all-gather fails and rank 0 prints the one documented line.
     torchrun checks its workers every 5 s here (default 0.1 s), so that it does not stop rank 0 first."""
-    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1), torchrun_args=["--monitor-interval=5"],
-                 env={"DML_FAULT": "action=sigkill,rank=1,epoch=1,step=2"})
+    r = torchrun(
+        2,
+        base_args(tmp_path, image_folder, epochs=1),
+        torchrun_args=["--monitor-interval=5"],
+        env={"DML_FAULT": "action=sigkill,rank=1,epoch=1,step=2"},
+    )
     assert r.returncode != 0
     lines = error_lines(r.stderr)
     assert len(lines) == 1, r.stderr[-3000:]
-    assert re.fullmatch(r"dml-dist: error: \(rank 0\) lost contact with another rank \(.+\); see that rank's error",
-                        lines[0]), lines[0]
+    assert re.fullmatch(
+        r"dml-dist: error: \(rank 0\) lost contact with another rank \(.+\); see that rank's error", lines[0]
+    ), lines[0]
     assert "(exitcode: -9) local_rank: 1" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
     assert_no_worker_traceback(r.stderr)
 
 
 def test_cifar10_python_format_under_torchrun(tmp_path):
     from test_data import write_tiny_cifar10
+
     write_tiny_cifar10(tmp_path / "cifar")
     r = torchrun(2, base_args(tmp_path, tmp_path / "cifar", dataset="cifar10", image_size=32, epochs=1))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -201,8 +242,11 @@ def test_cifar10_python_format_under_torchrun(tmp_path):
 def test_consistency_check_can_be_turned_off(tmp_path, image_folder):
     fp = tmp_path / "fp"
     fp.mkdir()
-    r = torchrun(2, base_args(tmp_path, image_folder, epochs=1, consistency_check_every=0),
-                 env={"DML_FAULT": "action=seed_offset,rank=1", "DML_FINGERPRINT_DIR": str(fp)})
+    r = torchrun(
+        2,
+        base_args(tmp_path, image_folder, epochs=1, consistency_check_every=0),
+        env={"DML_FAULT": "action=seed_offset,rank=1", "DML_FINGERPRINT_DIR": str(fp)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(fp.iterdir()) == []
 
@@ -213,20 +257,25 @@ def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder):
     h = read_summary(tmp_path / "cohort")["history"][0]
     assert h["train_loss"] == pytest.approx(h["train_ce"]) and all(k > 0 for k in h["train_kl"])
     # Peer 1 trains as if alone: a model_num=1 run (one plain process, same seed) ends with its weights.
-    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(tmp_path / "solo", image_folder, epochs=1,
-                                                                     model_num=1)])
+    r = run_cmd(
+        [sys.executable, "-m", "dml_dist.train", *base_args(tmp_path / "solo", image_folder, epochs=1, model_num=1)]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    peer1, solo = (torch.load(tmp_path / d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
-                   for d in ("cohort", "solo"))
+    peer1, solo = (
+        torch.load(tmp_path / d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"] for d in ("cohort", "solo")
+    )
     for k in solo:
         assert torch.allclose(peer1[k].double(), solo[k].double(), atol=1e-5, rtol=0), k
     assert read_summary(tmp_path / "solo")["history"][0]["val_loss"][0] == pytest.approx(h["val_loss"][0], abs=1e-5)
 
 
-@pytest.mark.parametrize("nproc,needle", [
-    (2, "rank(s) [0, 1] drew different labels (no majority tells which is right)"),  # a pair: blame neither
-    (3, "rank(s) [1] drew different labels than rank(s) [0, 2]"),                     # the odd one out
-])
+@pytest.mark.parametrize(
+    "nproc,needle",
+    [
+        (2, "rank(s) [0, 1] drew different labels (no majority tells which is right)"),  # a pair: blame neither
+        (3, "rank(s) [1] drew different labels than rank(s) [0, 2]"),  # the odd one out
+    ],
+)
 def test_diverging_rank_is_caught_by_the_consistency_check(tmp_path, image_folder, nproc, needle):
     r = torchrun(nproc, base_args(tmp_path, image_folder), env={"DML_FAULT": "action=seed_offset,rank=1"})
     assert r.returncode != 0
@@ -256,14 +305,17 @@ def _break(tmp_path, kind):
     return base_args(tmp_path, d, **extra)
 
 
-@pytest.mark.parametrize("kind,needle", [
-    ("missing_data_dir", "does not exist"),
-    ("empty_class_folder", "holds no images"),
-    ("unreadable_image", "cannot read image"),
-    ("mismatched_classes", "class folders of train/ and val/ differ"),
-    ("unknown_key", "unknown config key(s): 'learning_rate' (did you mean 'lr'?)"),
-    ("model_num_mismatch", "model_num=3 but 2 process(es) were started"),
-])
+@pytest.mark.parametrize(
+    "kind,needle",
+    [
+        ("missing_data_dir", "does not exist"),
+        ("empty_class_folder", "holds no images"),
+        ("unreadable_image", "cannot read image"),
+        ("mismatched_classes", "class folders of train/ and val/ differ"),
+        ("unknown_key", "unknown config key(s): 'learning_rate' (did you mean 'lr'?)"),
+        ("model_num_mismatch", "model_num=3 but 2 process(es) were started"),
+    ],
+)
 def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
     # Two cases with rank 0 slow to print (a loaded machine): before a process group exists (unknown key) and
     # after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0 before its line.
@@ -278,15 +330,31 @@ def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
 
 def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_path, image_folder):
     """Issue 16: rank 1 stops (SIGSTOP) at epoch 2 step 1. Before the 20 s timeout, rank 0's log shows the
-    slow step; at the timeout it prints one line from the heartbeats naming the stalled peer and rank, where
-    it waited and the fix (issue 22: before the collectives' own timeout, a margin later). torchrun then restarts the group, which resumes from the epoch-1 checkpoint and finishes."""
+    slow step; at the timeout it prints one line from the heartbeats naming the stalled peer and rank, where it waited
+    and the fix (issue 22: before the collectives' own timeout, a margin later). torchrun then restarts the group, which
+    resumes from the epoch-1 checkpoint and finishes."""
     args = base_args(tmp_path, image_folder, epochs=3, timeout=20)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "dml_dist.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "dml_dist.train",
+        *args,
+    ]
     out_file = tmp_path / "stdout.txt"
     with open(out_file, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                env=_env({"DML_FAULT": "action=sigstop,rank=1,epoch=2,step=1"}))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=_env({"DML_FAULT": "action=sigstop,rank=1,epoch=2,step=1"}),
+        )
         err = []
         deadline = threading.Timer(300, kill_tree, [proc.pid])  # a hang fails the test, never the suite
         deadline.start()
@@ -311,8 +379,10 @@ def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     lines = error_lines(r.stderr)
     assert len(lines) == 1, r.stderr[-3000:]
-    assert ("(rank 0) rank 1 (peer 2) stopped answering: rank 0 waited 20 s in the logits all-gather at epoch 2 "
-            "step 1; its last report: epoch 2 step 0") in lines[0] and "raise timeout=" in lines[0], lines[0]
+    assert (
+        "(rank 0) rank 1 (peer 2) stopped answering: rank 0 waited 20 s in the logits all-gather at epoch 2 "
+        "step 1; its last report: epoch 2 step 0"
+    ) in lines[0] and "raise timeout=" in lines[0], lines[0]
     # from the heartbeats at the 20 s detection, not from a collective's timeout (30 s: no backend line in [...]);
     # on NCCL the watchdog would abort the process then, without a word
     assert lines[0].endswith("raise timeout= (seconds)"), lines[0]

@@ -7,10 +7,63 @@
 - ``sampler``: the shared-seed sampler and the per-sample path for custom datasets.
 - ``build``: config -> datasets and loaders (which path, which splits).
 """
-from .build import (Datasets, build_datasets, choose_path, load_image_folder, make_eval_loader,  # noqa: F401
-                    make_train_loader, split_indices, split_train_val, subset_indices, take_subset)
-from .folders import IMG_EXTENSIONS, FileList, decode_file, scan  # noqa: F401
-from .memory import (EVAL_BATCH, MEAN, STD, BatchPlan, DeviceEvalLoader, DeviceTrainLoader,  # noqa: F401
-                     TensorImageDataset, augment_image, normalize)
-from .sampler import SampleLoader, SeededDataset, SharedSeedBatchSampler, sample_dataloader  # noqa: F401
-from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader  # noqa: F401
+
+from .build import (
+    Datasets,
+    build_datasets,
+    choose_path,
+    load_image_folder,
+    make_eval_loader,
+    make_train_loader,
+    split_indices,
+    split_train_val,
+    subset_indices,
+    take_subset,
+)
+from .folders import IMG_EXTENSIONS, FileList, decode_file, scan
+from .memory import (
+    EVAL_BATCH,
+    MEAN,
+    STD,
+    BatchPlan,
+    DeviceEvalLoader,
+    DeviceTrainLoader,
+    TensorImageDataset,
+    augment_image,
+    normalize,
+)
+from .sampler import SampleLoader, SeededDataset, SharedSeedBatchSampler, sample_dataloader
+from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
+
+__all__ = [
+    "BatchPlan",
+    "Datasets",
+    "DeviceEvalLoader",
+    "DeviceTrainLoader",
+    "EVAL_BATCH",
+    "FileImageDataset",
+    "FileList",
+    "IMG_EXTENSIONS",
+    "MEAN",
+    "STD",
+    "SampleLoader",
+    "SeededDataset",
+    "SharedSeedBatchSampler",
+    "StreamEvalLoader",
+    "StreamTrainLoader",
+    "TensorImageDataset",
+    "augment_image",
+    "build_datasets",
+    "choose_path",
+    "decode_file",
+    "load_image_folder",
+    "make_eval_loader",
+    "make_train_loader",
+    "normalize",
+    "sample_dataloader",
+    "scan",
+    "split_indices",
+    "split_train_val",
+    "subset_indices",
+    "take_subset",
+]

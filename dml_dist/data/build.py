@@ -6,12 +6,13 @@ decoded splits at ``image_size`` fit ``memory_budget_gb`` (default: a quarter of
 the host's on CPU, where the node's ranks share one mapped copy) and stream otherwise, and stream whenever
 ``augment`` has ``rrc`` (RandomResizedCrop needs the original files). The log says which and why.
 """
+
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,33 +26,44 @@ from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImage
 from .sampler import SampleLoader, sample_dataloader
 from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
 
-DEFAULTS = {"loader": "auto", "memory_budget_gb": None, "cache_dir": None, "crop_fraction": 1.0,
-            "rrc_scale": [0.08, 1.0], "rrc_ratio": [3 / 4, 4 / 3], "decode_device": "cpu"}
+DEFAULTS = {
+    "loader": "auto",
+    "memory_budget_gb": None,
+    "cache_dir": None,
+    "crop_fraction": 1.0,
+    "rrc_scale": [0.08, 1.0],
+    "rrc_ratio": [3 / 4, 4 / 3],
+    "decode_device": "cpu",
+}
 
 
 def _check_decode_device(dataset, device) -> None:
     if getattr(dataset, "decode_device", "cpu") != "cuda":
         return
     if torch.device(device).type != "cuda":
-        raise DMLError("decode_device=cuda decodes on the training GPU, but this rank trains on the CPU; "
-                       "use decode_device=cpu (or train on GPUs)")
+        raise DMLError(
+            "decode_device=cuda decodes on the training GPU, but this rank trains on the CPU; "
+            "use decode_device=cpu (or train on GPUs)"
+        )
     try:
         from torchcodec.decoders import decode_jpeg  # noqa: F401 - importable with its native library
     except Exception as e:  # noqa: BLE001
-        raise DMLError(f"decode_device=cuda needs TorchCodec ({type(e).__name__}: {str(e)[:80]}); install its CUDA "
-                       f"build (README, 'Requirements') or use decode_device=cpu") from None
+        raise DMLError(
+            f"decode_device=cuda needs TorchCodec ({type(e).__name__}: {str(e)[:80]}); install its CUDA "
+            f"build (README, 'Requirements') or use decode_device=cpu"
+        ) from None
 
 
 @dataclass
 class Datasets:
     train: Dataset
     val: Dataset
-    test: Optional[Dataset]
+    test: Dataset | None
     classes: list
-    collate_fn: Optional[Callable] = None   # a custom train loader's, kept for the per-sample path
-    path: str = "memory"                    # the training data path: memory | stream | custom
-    why: str = ""                           # why that path (logged)
-    train_files: Optional[FileList] = None  # image folders: train/'s file list (a resume checks it)
+    collate_fn: Callable | None = None  # a custom train loader's, kept for the per-sample path
+    path: str = "memory"  # the training data path: memory | stream | custom
+    why: str = ""  # why that path (logged)
+    train_files: FileList | None = None  # image folders: train/'s file list (a resume checks it)
     skipped: list = field(default_factory=list)  # bad_images=skip: (path, line) replaced in the cache
 
     @property
@@ -69,7 +81,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def subset_indices(n: int, k: int, seed: int) -> Optional[torch.Tensor]:
+def subset_indices(n: int, k: int, seed: int) -> torch.Tensor | None:
     """A deterministic ``k``-of-``n`` subset (by ``seed``), in order; None for the whole set (k == 0)."""
     if k <= 0 or k >= n:
         return None
@@ -90,29 +102,39 @@ def take_subset(ds, k: int, seed: int):
 def load_image_folder(root: str, image_size: int = 32, augment=(), crop_fraction: float = 1.0) -> TensorImageDataset:
     """Decode ``root/<class>/*`` in this process (no cache) into a TensorImageDataset."""
     files = scan(root)
-    images = torch.stack([center_resize(decode_file(files.path(i)), image_size, crop_fraction)
-                          for i in range(len(files))])
+    images = torch.stack(
+        [center_resize(decode_file(files.path(i)), image_size, crop_fraction) for i in range(len(files))]
+    )
     return TensorImageDataset(images, torch.from_numpy(files.labels), files.classes, augment)
 
 
 def _load_cifar(data_dir: str, name: str, image_size: int, download: bool):
     """CIFAR-10/100 in the original python format (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
     folder, train_files, test_files, meta, label_key, names_key = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                    "batches.meta", "labels", "label_names"),
+        "cifar10": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "batches.meta",
+            "labels",
+            "label_names",
+        ),
         "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
     }[name]
     base = os.path.join(data_dir, folder)
     if not os.path.isdir(base) and download:
         import torchvision
+
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
             cls(data_dir, train=True, download=True)
         except Exception as e:  # no network, disk full, ...
             first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            raise DMLError(f"{name} is not in {base} and could not be downloaded ({first}); download it there on "
-                           f"a machine with network, or train on an image folder instead (dataset=imagefolder "
-                           f"data_dir=..., e.g. the shared subset ../shared/data/cifar10-small)") from None
+            raise DMLError(
+                f"{name} is not in {base} and could not be downloaded ({first}); download it there on "
+                f"a machine with network, or train on an image folder instead (dataset=imagefolder "
+                f"data_dir=..., e.g. the shared subset ../shared/data/cifar10-small)"
+            ) from None
     if not os.path.isdir(base):
         raise DMLError(f"{name} not found: expected {base}/ in the CIFAR python format")
 
@@ -131,45 +153,57 @@ def _load_cifar(data_dir: str, name: str, image_size: int, download: bool):
         x = torch.cat([torch.as_tensor(p["data"], dtype=torch.uint8).view(-1, 3, 32, 32) for p in parts])
         y = torch.cat([torch.as_tensor(p[label_key], dtype=torch.int64) for p in parts])
         if image_size != 32:
-            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
-                              antialias=True).round().clamp(0, 255).to(torch.uint8)
+            x = (
+                F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         return TensorImageDataset(x, y, classes)
 
     return build(train_files), build(test_files)
 
 
-def memory_budget(cfg: dict, device: Optional[torch.device]) -> tuple[float, str]:
+def memory_budget(cfg: dict, device: torch.device | None) -> tuple[float, str]:
     """Bytes the decoded set may take on the training device, and where the number comes from."""
     if cfg.get("memory_budget_gb") is not None:
         return cfg["memory_budget_gb"] * 1e9, "memory_budget_gb"
     if device is not None and device.type == "cuda":
         # Peers sharing one GPU each hold a copy: the quarter is split between them. Who shares it comes from
         # the GPUs' identities (per-task isolation shows each process one GPU); without them, from the counts.
-        sharing = D.ranks_on_my_gpu() or max(1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-                                                  // max(1, torch.cuda.device_count())))
-        return (torch.cuda.get_device_properties(device).total_memory / 4 / sharing,
-                "a quarter of the GPU's memory" + (f", split between the {sharing} ranks that share it" if sharing > 1 else ""))
+        sharing = D.ranks_on_my_gpu() or max(
+            1, -(-int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // max(1, torch.cuda.device_count()))
+        )
+        return (
+            torch.cuda.get_device_properties(device).total_memory / 4 / sharing,
+            "a quarter of the GPU's memory"
+            + (f", split between the {sharing} ranks that share it" if sharing > 1 else ""),
+        )
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4, "a quarter of the host's memory"
 
 
-def choose_path(cfg: dict, n_images: int, device: Optional[torch.device]) -> tuple[str, str]:
+def choose_path(cfg: dict, n_images: int, device: torch.device | None) -> tuple[str, str]:
     """``(memory|stream, why)`` for an image folder of ``n_images`` (all splits) at ``image_size``."""
     s = cfg["image_size"]
     need = n_images * 3 * s * s
     rrc = isinstance(cfg["augment"], (list, tuple)) and "rrc" in cfg["augment"]
     choice = cfg.get("loader", "auto")
     if choice == "memory" and rrc:
-        raise DMLError("loader=memory cannot apply rrc: RandomResizedCrop crops the original files, and the "
-                       "memory path holds them resized; use loader=stream (or auto), or drop rrc from augment")
+        raise DMLError(
+            "loader=memory cannot apply rrc: RandomResizedCrop crops the original files, and the "
+            "memory path holds them resized; use loader=stream (or auto), or drop rrc from augment"
+        )
     if choice != "auto":
         return choice, f"loader={choice}"
     if rrc:
         return "stream", "augment has rrc (RandomResizedCrop reads the original files)"
     budget, source = memory_budget(cfg, device)
     fits = need <= budget
-    return ("memory" if fits else "stream"), (f"loader=auto: the decoded set ({need / 1e9:.2f} GB at {s} px) "
-                                              f"{'fits' if fits else 'exceeds'} the budget of {budget / 1e9:.2f} GB "
-                                              f"({source})")
+    return ("memory" if fits else "stream"), (
+        f"loader=auto: the decoded set ({need / 1e9:.2f} GB at {s} px) "
+        f"{'fits' if fits else 'exceeds'} the budget of {budget / 1e9:.2f} GB "
+        f"({source})"
+    )
 
 
 def _folder_datasets(cfg: dict, device, log) -> Datasets:
@@ -180,15 +214,19 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
     lists = {split: scan_shared(os.path.join(d, split), cache_dir, log) for split in ("train", "val", "test")}
     train = lists["train"]
     if train is None:
-        raise DMLError(f"data folder {os.path.join(d, 'train')} does not exist; set data_dir to a folder with "
-                       f"train/<class>/ images")
+        raise DMLError(
+            f"data folder {os.path.join(d, 'train')} does not exist; set data_dir to a folder with "
+            f"train/<class>/ images"
+        )
     for split in ("val", "test"):
         ds = lists[split]
         if ds is not None and ds.classes != train.classes:
             only_train = sorted(set(train.classes) - set(ds.classes))
             only_split = sorted(set(ds.classes) - set(train.classes))
-            raise DMLError(f"class folders of train/ and {split}/ differ (only in train: {only_train}, "
-                           f"only in {split}: {only_split}); make both hold the same class folders")
+            raise DMLError(
+                f"class folders of train/ and {split}/ differ (only in train: {only_train}, "
+                f"only in {split}: {only_split}); make both hold the same class folders"
+            )
     specs = {"train": "train/", "val": "val/", "test": "test/"}
     if lists["val"] is None:  # hold val_fraction of train/ out, by seed
         tr, va = split_indices(len(train), cfg["val_fraction"], seed)
@@ -202,9 +240,14 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
     # Rank 0 decides for all (nodes may differ in memory); every rank computes it, so a config error
     # stops them all alike.
     path, why = D.broadcast_object(choose_path(cfg, n_all, device))  # sync point
-    eval_cached = path == "stream" and cfg.get("cache_eval", True) and D.broadcast_object(
-        sum(len(lists[k]) for k in ("val", "test") if lists[k] is not None) * 3 * size * size
-        <= memory_budget(cfg, device)[0])
+    eval_cached = (
+        path == "stream"
+        and cfg.get("cache_eval", True)
+        and D.broadcast_object(
+            sum(len(lists[k]) for k in ("val", "test") if lists[k] is not None) * 3 * size * size
+            <= memory_budget(cfg, device)[0]
+        )
+    )
     if eval_cached:  # their transform is fixed: decoded once into the cache, not at every evaluation
         why += "; val/test from the cache (cache_eval)"
     out, skipped = {}, []
@@ -213,30 +256,54 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
         if files is None:
             out[split] = None
         elif path == "stream" and not (eval_cached and split != "train"):
-            out[split] = FileImageDataset(files, size, cfg["crop_fraction"], augment, cfg["rrc_scale"],
-                                          cfg["rrc_ratio"], cfg["decode_device"])
+            out[split] = FileImageDataset(
+                files, size, cfg["crop_fraction"], augment, cfg["rrc_scale"], cfg["rrc_ratio"], cfg["decode_device"]
+            )
             out[split].bad_images = cfg.get("bad_images", "stop")
         else:
-            images, labels = cached_images(files, cache_dir, split, specs[split],
-                                           size, cfg["crop_fraction"], log, cfg.get("bad_images", "stop"), skipped,
-                                           cfg.get("cache_keep_days", 14))
+            images, labels = cached_images(
+                files,
+                cache_dir,
+                split,
+                specs[split],
+                size,
+                cfg["crop_fraction"],
+                log,
+                cfg.get("bad_images", "stop"),
+                skipped,
+                cfg.get("cache_keep_days", 14),
+            )
             out[split] = TensorImageDataset(images, labels, files.classes, augment)
-    return Datasets(out["train"], out["val"], out["test"], list(train.classes), path=path, why=why,
-                    train_files=train, skipped=skipped)
+    return Datasets(
+        out["train"],
+        out["val"],
+        out["test"],
+        list(train.classes),
+        path=path,
+        why=why,
+        train_files=train,
+        skipped=skipped,
+    )
 
 
-def build_datasets(cfg: dict, device: Optional[torch.device] = None, log: Callable[[str], None] = lambda s: None) -> Datasets:
+def build_datasets(
+    cfg: dict, device: torch.device | None = None, log: Callable[[str], None] = lambda s: None
+) -> Datasets:
     """train / val / test datasets as the config asks (README, "Data"). Collective under torchrun (the file
     list is scanned by rank 0, the cache built or CIFAR downloaded by one rank per node). ``device``: the
     training device, for the memory budget."""
     cfg = {**DEFAULTS, **cfg}
     if cfg["dataset"] in ("cifar10", "cifar100"):
         if cfg["loader"] == "stream":
-            raise DMLError(f"loader=stream reads image folders; {cfg['dataset']} is decoded from its python "
-                           f"arrays into memory: use loader=auto or memory")
+            raise DMLError(
+                f"loader=stream reads image folders; {cfg['dataset']} is decoded from its python "
+                f"arrays into memory: use loader=auto or memory"
+            )
         if "rrc" in cfg["augment"]:
-            raise DMLError(f"augment rrc (RandomResizedCrop) crops original image files; {cfg['dataset']} holds "
-                           f"32x32 arrays: use crop and flip instead")
+            raise DMLError(
+                f"augment rrc (RandomResizedCrop) crops original image files; {cfg['dataset']} holds "
+                f"32x32 arrays: use crop and flip instead"
+            )
         return _cifar_datasets(cfg)
     return _folder_datasets(cfg, device, log)
 
@@ -245,6 +312,7 @@ def _cifar_datasets(cfg: dict) -> Datasets:
     """CIFAR's splits. A download happens once per node (local rank 0, which keeps what it built); the
     node's other ranks read the files after it. Collective under torchrun: a failed download stops every
     rank with its one line (none waits, none reports "lost contact")."""
+
     def build() -> Datasets:
         train, test = _load_cifar(cfg["data_dir"], cfg["dataset"], cfg["image_size"], cfg.get("download", True))
         train.augment = cfg["augment"]
@@ -264,8 +332,17 @@ def _cifar_datasets(cfg: dict) -> Datasets:
     return data if data is not None else build()
 
 
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, device="cpu",
-                      shard: tuple[int, int] = (0, 1), collate_fn=None, node=(0, 1), decode=None):
+def make_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    device="cpu",
+    shard: tuple[int, int] = (0, 1),
+    collate_fn=None,
+    node=(0, 1),
+    decode=None,
+):
     """The memory path for decoded sets, the stream path for file sets, the per-sample path (DataLoader)
     for any other dataset or when a custom ``collate_fn`` must see the samples. Stream path: ``decode``,
     this rank's decode unit ``(group, part, rows)`` (``distributed.decode_group``); without it the node
@@ -277,12 +354,23 @@ def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers:
         _check_decode_device(dataset, device)
         group, part, rows = decode if decode is not None else (D.node_group(node[1]), node, (0, 1))
         return StreamTrainLoader(dataset, batch_size, seed, device, part, group, num_workers, shard, rows)
-    return SampleLoader(sample_dataloader(dataset, batch_size, seed, num_workers, shard, collate_fn,
-                                          pin_memory=torch.device(device).type == "cuda"), device)
+    return SampleLoader(
+        sample_dataloader(
+            dataset, batch_size, seed, num_workers, shard, collate_fn, pin_memory=torch.device(device).type == "cuda"
+        ),
+        device,
+    )
 
 
-def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device=None,
-                     shard: tuple[int, int] = (0, 1), node=(0, 1), decode=None):
+def make_eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    device=None,
+    shard: tuple[int, int] = (0, 1),
+    node=(0, 1),
+    decode=None,
+):
     """Sequential order: every rank scores the same samples in the same order. With ``device``, decoded
     sets are scored from device-resident tensors (``shard=(r, R)``: contiguous part r of R) and file sets
     decoded by the decode unit (``decode``, as for ``make_train_loader``; each batch split by rows between

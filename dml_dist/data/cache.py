@@ -15,6 +15,7 @@ of the node (DataLoader workers writing into the memory-mapped file). The node's
 collective, then map the finished file copy-on-write: the pages are shared through the page cache, so L
 ranks of a node hold one copy, and a second start or an elastic restart reads the cache instead of decoding.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,7 @@ import shutil
 import socket
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,16 +53,17 @@ def default_cache_dir(data_dir: str) -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dml-dist")
 
 
-def entry_path(cache_dir: str, files: FileList, split: str, spec: str, size: int, crop_fraction: float,
-               key: str) -> str:
+def entry_path(
+    cache_dir: str, files: FileList, split: str, spec: str, size: int, crop_fraction: float, key: str
+) -> str:
     """The entry's folder: its name holds the content ``key``, so a changed folder gets a new entry and
     an entry another job has mapped is never replaced under it."""
     h = hashlib.blake2b(repr((os.path.abspath(files.root), spec, size, crop_fraction)).encode(), digest_size=6)
     return os.path.join(cache_dir, f"{split}_{size}px_{h.hexdigest()}_{key[:12]}")
 
 
-HEARTBEAT_S = 5   # a builder touches its lock this often
-STALE_S = 60      # a lock untouched this long belongs to a dead builder (any host): it is taken over
+HEARTBEAT_S = 5  # a builder touches its lock this often
+STALE_S = 60  # a lock untouched this long belongs to a dead builder (any host): it is taken over
 
 
 class BuildLock:
@@ -75,9 +77,9 @@ class BuildLock:
         self.path, self.ready, self.log = f"{entry}.lock", ready, log
         self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self._stop = threading.Event()
-        self._beat: Optional[threading.Thread] = None
+        self._beat: threading.Thread | None = None
 
-    def _read(self, path: str) -> Optional[tuple]:
+    def _read(self, path: str) -> tuple | None:
         try:
             with open(path) as f:
                 return f.read(), os.stat(path).st_mtime_ns
@@ -159,7 +161,7 @@ def _block_hashes(path: str, offsets: list[int]) -> list[str]:
     return out
 
 
-def check_entry(entry: str, key: str, n: int, size: int) -> Optional[str]:
+def check_entry(entry: str, key: str, n: int, size: int) -> str | None:
     """Why ``entry`` cannot be used ("missing", "stale: ...", "damaged: ..."), or None when it can."""
     index_path = os.path.join(entry, "index.json")
     if not os.path.exists(index_path):
@@ -210,8 +212,9 @@ class _DecodeInto(Dataset):
         skipped = []
         for i in range(c * CHUNK, min((c + 1) * CHUNK, len(self.files))):
             try:
-                self.out[i] = load_image(self.files.path(i),
-                                         lambda img: center_resize(img, self.size, self.crop_fraction)).numpy()
+                self.out[i] = load_image(
+                    self.files.path(i), lambda img: center_resize(img, self.size, self.crop_fraction)
+                ).numpy()
             except DMLError as e:
                 if not self.skip:
                     return str(e), skipped
@@ -254,8 +257,9 @@ def mark_used(entry: str) -> None:
 class UseStamp:
     """Keeps the stamps of the entries this process maps fresh while it runs (a daemon thread, hourly), so
     a job longer than ``cache_keep_days`` never has its entry removed under it."""
+
     entries: set = set()
-    thread: Optional[threading.Thread] = None
+    thread: threading.Thread | None = None
 
     @classmethod
     def keep(cls, entry: str) -> None:
@@ -280,7 +284,7 @@ def remove_old_entries(entry: str, keep_days: float, log: Callable[[str], None])
     if not keep_days:
         return []
     folder, name = os.path.split(entry)
-    prefix, cutoff, removed = name[:name.rindex("_") + 1], time.time() - keep_days * 86400, []
+    prefix, cutoff, removed = name[: name.rindex("_") + 1], time.time() - keep_days * 86400, []
     for other in sorted(os.listdir(folder)):
         path = os.path.join(folder, other)
         if not other.startswith(prefix) or other == name or "." in other or not os.path.isdir(path):
@@ -301,14 +305,23 @@ def remove_old_entries(entry: str, keep_days: float, log: Callable[[str], None])
         except OSError:  # gone meanwhile: another node cleaned it
             continue
         shutil.rmtree(aside, ignore_errors=True)
-        log(f"cache: removed {path}, superseded and unused for {(time.time() - used) / 86400:.0f} days "
-            f"(cache_keep_days={keep_days:g})")
+        log(
+            f"cache: removed {path}, superseded and unused for {(time.time() - used) / 86400:.0f} days "
+            f"(cache_keep_days={keep_days:g})"
+        )
         removed.append(path)
     return removed
 
 
-def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction: float,
-                log: Callable[[str], None], skip: bool = False) -> None:
+def build_entry(
+    entry: str,
+    files: FileList,
+    key: str,
+    size: int,
+    crop_fraction: float,
+    log: Callable[[str], None],
+    skip: bool = False,
+) -> None:
     """Decode ``files`` with every core into a temporary folder, then rename it into place (atomic; a
     concurrent builder on another node that finished first wins, ours is discarded)."""
     n = len(files)
@@ -320,8 +333,11 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
         with open(images, "wb") as f:  # reserve the space now: a full disk fails here, not in a worker
             os.posix_fallocate(f.fileno(), 0, n * 3 * size * size)
         workers = host_cpus()
-        loader = DataLoader(_DecodeInto(files, images, size, crop_fraction, skip), batch_size=None,
-                            num_workers=workers if workers > 1 else 0)
+        loader = DataLoader(
+            _DecodeInto(files, images, size, crop_fraction, skip),
+            batch_size=None,
+            num_workers=workers if workers > 1 else 0,
+        )
         t0 = last = time.time()
         skipped = []
         for c, (error, bad) in enumerate(loader):
@@ -336,11 +352,20 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
                 log(f"cache: decoded {done}/{n} images ({done / (last - t0):.0f}/s, {workers} processes)")
         np.save(os.path.join(tmp, "labels.npy"), files.labels.astype(np.int64))
         offsets = _block_offsets(n * 3 * size * size)
-        index = {"format": FORMAT, "key": key, "n": n, "image_size": size, "crop_fraction": crop_fraction,
-                 "root": os.path.abspath(files.root), "classes": files.classes, "offsets": offsets,
-                 "hashes": _block_hashes(images, offsets), "built_by": f"{socket.gethostname()}:{os.getpid()}",
-                 "skipped": skipped,
-                 "seconds": round(time.time() - t0, 3)}
+        index = {
+            "format": FORMAT,
+            "key": key,
+            "n": n,
+            "image_size": size,
+            "crop_fraction": crop_fraction,
+            "root": os.path.abspath(files.root),
+            "classes": files.classes,
+            "offsets": offsets,
+            "hashes": _block_hashes(images, offsets),
+            "built_by": f"{socket.gethostname()}:{os.getpid()}",
+            "skipped": skipped,
+            "seconds": round(time.time() - t0, 3),
+        }
         _fsync(images)  # the data is on disk before the index that commits it (and visible to other nodes)
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump(index, f)
@@ -363,9 +388,18 @@ def build_entry(entry: str, files: FileList, key: str, size: int, crop_fraction:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: int, crop_fraction: float,
-                  log: Callable[[str], None] = lambda s: None, bad_images: str = "stop",
-                  skipped: Optional[list] = None, keep_days: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_images(
+    files: FileList,
+    cache_dir: str,
+    split: str,
+    spec: str,
+    size: int,
+    crop_fraction: float,
+    log: Callable[[str], None] = lambda s: None,
+    bad_images: str = "stop",
+    skipped: list | None = None,
+    keep_days: float = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: the decoded split, built once per node by local rank 0 (the other local ranks wait),
     then mapped by every rank. An unreadable file stops every rank with the builder's line; with
     ``bad_images: skip`` (an entry of its own: its images hold stand-ins) each node's local rank 0 appends
@@ -403,11 +437,15 @@ def cached_images(files: FileList, cache_dir: str, split: str, spec: str, size: 
         except DMLError as e:
             error = str(e)
         except OSError as e:  # read-only, disk full, quota
-            error = (f"cannot write the decoded-image cache in {cache_dir} ({e.strerror or e}); set cache_dir to "
-                     f"a writable folder with room for {len(files) * 3 * size * size / 1e9:.1f} GB, or use loader=stream")
+            error = (
+                f"cannot write the decoded-image cache in {cache_dir} ({e.strerror or e}); set cache_dir to "
+                f"a writable folder with room for {len(files) * 3 * size * size / 1e9:.1f} GB, or use loader=stream"
+            )
         except RuntimeError as e:  # a decoding worker was killed (out of memory, bus error)
-            error = (f"building the decoded-image cache in {cache_dir} failed ({str(e).splitlines()[0][:120]}); "
-                     f"free memory or disk, or use loader=stream")
+            error = (
+                f"building the decoded-image cache in {cache_dir} failed ({str(e).splitlines()[0][:120]}); "
+                f"free memory or disk, or use loader=stream"
+            )
     # Sync point: the node's other ranks wait here for the build (a group without the 10-minute timeout).
     if error is None and entry is not None and skipped is not None:
         try:

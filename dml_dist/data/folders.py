@@ -13,6 +13,7 @@ Two deterministic transforms turn a decoded image into ``S x S`` uint8:
 - ``resized_crop`` (training on the stream path): the crop box drawn by ``rrc_boxes`` from per-sample
   uniforms (torchvision's RandomResizedCrop rule), crop first, then resize to S.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,19 +43,20 @@ class FileList:
     with offsets (no Python object per file, so forked DataLoader workers do not copy it page by page, and a
     long path costs its own bytes only). Sizes and modification times, which only the memory path's cache
     key needs, are read on first use (``stat``)."""
+
     root: str
     classes: list
-    blob: np.ndarray       # uint8: the relative paths back to back
-    offsets: np.ndarray    # int64 [n + 1]: path i is blob[offsets[i]:offsets[i + 1]]
-    labels: np.ndarray     # int64
-    sizes: Optional[np.ndarray] = None   # int64 bytes (stat)
-    mtimes: Optional[np.ndarray] = None  # int64 ns (stat)
+    blob: np.ndarray  # uint8: the relative paths back to back
+    offsets: np.ndarray  # int64 [n + 1]: path i is blob[offsets[i]:offsets[i + 1]]
+    labels: np.ndarray  # int64
+    sizes: np.ndarray | None = None  # int64 bytes (stat)
+    mtimes: np.ndarray | None = None  # int64 ns (stat)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def relpath(self, i: int) -> str:
-        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.relpath(i))
@@ -83,18 +85,19 @@ class FileList:
         ``files_changed``); sorted."""
         out = np.empty(len(self), dtype=np.int64)
         for i in range(len(self)):
-            digest = hashlib.blake2b(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes(), digest_size=8).digest()
+            digest = hashlib.blake2b(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes(), digest_size=8).digest()
             out[i] = int.from_bytes(digest, "little", signed=True)
         return np.sort(out)
 
-    def subset(self, indices) -> "FileList":
+    def subset(self, indices) -> FileList:
         idx = np.asarray(indices, dtype=np.int64)
         starts, lengths = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
-        pick = (lambda a: a[idx] if a is not None else None)
-        return FileList(self.root, self.classes, self.blob[gather], offsets, self.labels[idx], pick(self.sizes),
-                        pick(self.mtimes))
+        pick = lambda a: a[idx] if a is not None else None
+        return FileList(
+            self.root, self.classes, self.blob[gather], offsets, self.labels[idx], pick(self.sizes), pick(self.mtimes)
+        )
 
 
 def files_changed(before: np.ndarray, after: np.ndarray) -> tuple[int, int]:
@@ -105,7 +108,7 @@ def files_changed(before: np.ndarray, after: np.ndarray) -> tuple[int, int]:
 
 LIST_THREADS = 16  # class folders listed at once (a network filesystem answers many requests in parallel)
 TIME_SLACK_NS = 2_000_000_000  # a folder time this close to the listing may hide a change (coarse clocks)
-MANIFEST = 1       # the manifest format
+MANIFEST = 1  # the manifest format
 
 
 def _list_class(folder: str) -> list[str]:
@@ -124,7 +127,7 @@ def manifest_path(cache_dir: str, root: str) -> str:
     return os.path.join(cache_dir, f"files_{os.path.basename(os.path.normpath(root))}_{h}.npz")
 
 
-def _read_manifest(path: str, root: str, classes: list, times: list) -> Optional[FileList]:
+def _read_manifest(path: str, root: str, classes: list, times: list) -> FileList | None:
     try:
         with np.load(path) as m:
             meta = json.loads(bytes(m["meta"]).decode())
@@ -141,15 +144,21 @@ def _read_manifest(path: str, root: str, classes: list, times: list) -> Optional
 def _write_manifest(path: str, files: FileList, times: list, written_ns: int) -> None:
     """Atomically (temp file, then rename): several nodes may list the same folder at once."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    meta = json.dumps({"format": MANIFEST, "root": os.path.abspath(files.root), "classes": files.classes,
-                       "times": times, "written_ns": written_ns}).encode()
+    meta = json.dumps(
+        {
+            "format": MANIFEST,
+            "root": os.path.abspath(files.root),
+            "classes": files.classes,
+            "times": times,
+            "written_ns": written_ns,
+        }
+    ).encode()
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}.npz"
-    np.savez(tmp, meta=np.frombuffer(meta, dtype=np.uint8), blob=files.blob, offsets=files.offsets,
-             labels=files.labels)
+    np.savez(tmp, meta=np.frombuffer(meta, dtype=np.uint8), blob=files.blob, offsets=files.offsets, labels=files.labels)
     os.replace(tmp, path)
 
 
-def scan(root: str, cache_dir: Optional[str] = None, log: Callable[[str], None] = lambda s: None) -> FileList:
+def scan(root: str, cache_dir: str | None = None, log: Callable[[str], None] = lambda s: None) -> FileList:
     """List ``root/<class>/*``: class folders listed by a thread pool, no ``stat`` per file. With
     ``cache_dir``, the list is kept there as a manifest and reused while the folders' times are unchanged
     (a restart does not list again)."""
@@ -169,13 +178,19 @@ def scan(root: str, cache_dir: Optional[str] = None, log: Callable[[str], None] 
         names = list(pool.map(_list_class, (os.path.join(root, c) for c in classes)))
     for c, listed in zip(classes, names):
         if not listed:
-            raise DMLError(f"class folder {os.path.join(root, c)} holds no images ({'/'.join(IMG_EXTENSIONS)}); "
-                           f"add images or remove the folder")
+            raise DMLError(
+                f"class folder {os.path.join(root, c)} holds no images ({'/'.join(IMG_EXTENSIONS)}); "
+                f"add images or remove the folder"
+            )
     encoded = [f"{c}/{n}".encode() for c, listed in zip(classes, names) for n in listed]
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    files = FileList(root, classes, np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
-                     np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                     np.repeat(np.arange(len(classes), dtype=np.int64), [len(n) for n in names]))
+    files = FileList(
+        root,
+        classes,
+        np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        np.repeat(np.arange(len(classes), dtype=np.int64), [len(n) for n in names]),
+    )
     if cache_dir:
         try:
             _write_manifest(manifest_path(cache_dir, root), files, times, listed_ns)
@@ -185,8 +200,9 @@ def scan(root: str, cache_dir: Optional[str] = None, log: Callable[[str], None] 
     return files
 
 
-def scan_shared(root: str, cache_dir: Optional[str] = None, log: Callable[[str], None] = lambda s: None
-                ) -> Optional[FileList]:
+def scan_shared(
+    root: str, cache_dir: str | None = None, log: Callable[[str], None] = lambda s: None
+) -> FileList | None:
     """Collective: rank 0 scans (or reads the manifest), every rank gets its list (None when ``root`` does
     not exist). A scan error stops every rank with rank 0's line. The others wait without the collective
     timeout (a cold network filesystem can take minutes to list a million files)."""
@@ -213,6 +229,7 @@ def _torchcodec_decode():
     if _TORCHCODEC is None:
         try:
             from torchcodec.decoders import decode_image
+
             _TORCHCODEC = decode_image
         except Exception:  # ImportError, or a torch/torchcodec pairing whose native library fails to load
             _TORCHCODEC = False
@@ -221,7 +238,9 @@ def _torchcodec_decode():
 
 def _pil_decode(data: bytes) -> torch.Tensor:
     import io
+
     from PIL import Image
+
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # raises on a truncated file (PIL would otherwise pad it silently on convert)
         return TF.pil_to_tensor(im.convert("RGB"))
@@ -241,8 +260,10 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     try:
         return _pil_decode(data)
     except Exception as e:  # noqa: BLE001 - OSError, UnidentifiedImageError, ValueError, ...
-        raise DMLError(f"cannot read image {name} ({type(e).__name__}: {str(e).strip()[:80]}); "
-                       f"delete or replace the file, or set bad_images=skip") from None
+        raise DMLError(
+            f"cannot read image {name} ({type(e).__name__}: {str(e).strip()[:80]}); "
+            f"delete or replace the file, or set bad_images=skip"
+        ) from None
 
 
 _NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames
@@ -269,7 +290,7 @@ def jpeg_batchable(data: bytes) -> bool:
             return marker in _NVJPEG_FRAMES and i + 9 < n and data[i + 4] == 8 and data[i + 9] in (1, 3)
         if marker == 0xDA:  # a scan before any frame header
             return False
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return False
 
 
@@ -278,15 +299,18 @@ def read_file(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise DMLError(f"cannot read image {path} ({e.strerror}); check the file and its permissions, or set bad_images=skip") from None
+        raise DMLError(
+            f"cannot read image {path} ({e.strerror}); check the file and its permissions, or set bad_images=skip"
+        ) from None
 
 
 def decode_file(path: str) -> torch.Tensor:
     return decode_bytes(read_file(path), path)
 
 
-def load_image(path: str, transform: Callable[[torch.Tensor], torch.Tensor],
-               img: Optional[torch.Tensor] = None) -> torch.Tensor:
+def load_image(
+    path: str, transform: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor | None = None
+) -> torch.Tensor:
     """``transform(decode_file(path))``, or of ``img`` when it is already decoded: the one rule for every
     path (cache build, stream workers, GPU decoding) that a file that cannot be read or transformed is a
     DMLError naming it."""
@@ -295,7 +319,9 @@ def load_image(path: str, transform: Callable[[torch.Tensor], torch.Tensor],
     try:
         return transform(img)
     except Exception as e:  # noqa: BLE001 - a decoded image the transform cannot take
-        raise DMLError(f"cannot use image {path} ({type(e).__name__}: {str(e)[:80]}); delete or replace it, or set bad_images=skip") from None
+        raise DMLError(
+            f"cannot use image {path} ({type(e).__name__}: {str(e)[:80]}); delete or replace it, or set bad_images=skip"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- transforms
@@ -313,7 +339,7 @@ def center_resize(img: torch.Tensor, size: int, crop_fraction: float = 1.0) -> t
     nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
     img = _resize(img, nh, nw)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return img[:, top:top + size, left:left + size]
+    return img[:, top : top + size, left : left + size]
 
 
 def rrc_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float], ratio: Sequence[float]):
@@ -341,4 +367,4 @@ def rrc_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float], 
 def resized_crop(img: torch.Tensor, u: torch.Tensor, size: int, scale, ratio) -> torch.Tensor:
     """RandomResizedCrop of one uint8 image with the box from ``rrc_boxes``: crop, then resize to S."""
     top, left, h, w = rrc_boxes(u, img.shape[-2], img.shape[-1], scale, ratio)
-    return _resize(img[:, top:top + h, left:left + w], size, size)
+    return _resize(img[:, top : top + h, left : left + w], size, size)

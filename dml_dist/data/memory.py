@@ -9,11 +9,12 @@ batch is gathered, augmented and normalised there (``augment.py``). No DataLoade
 Python. Evaluation runs from device-resident tensors in large batches. A batch depends on
 (seed, epoch, step) alone: not on the rank, or a restart in the middle of an epoch.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
-from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -33,7 +34,7 @@ def augment_image(img: torch.Tensor, seed: int, ops=AUGMENTATIONS) -> torch.Tens
     return augment_one(img, AugParams.draw(1, torch.Generator().manual_seed(int(seed)))[0], ops)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalisation constants on ``device``, copied there once."""
     return torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
@@ -45,7 +46,6 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
     if img.dtype == torch.uint8:
         return img.float().div_(255).sub_(mean).div_(std)  # in place on the fresh float copy
     return (img - mean).div_(std)
-
 
 
 class TensorImageDataset(Dataset):
@@ -75,13 +75,18 @@ class TensorImageDataset(Dataset):
             img = augment_image(img, seed, self.augment)
         return normalize(img), int(self.labels[index])
 
-    def subset(self, indices: torch.Tensor, augment: Optional[bool] = None) -> "TensorImageDataset":
-        return TensorImageDataset(self.images[indices], self.labels[indices], self.classes,
-                                  self.augment if augment is None else augment)
+    def subset(self, indices: torch.Tensor, augment: bool | None = None) -> TensorImageDataset:
+        return TensorImageDataset(
+            self.images[indices], self.labels[indices], self.classes, self.augment if augment is None else augment
+        )
 
 
-_FIELDS = {"crop": ("crop_i", "crop_j"), "flip": ("flip",), "rotate": ("angle",),
-           "jitter": ("brightness", "contrast", "saturation")}
+_FIELDS = {
+    "crop": ("crop_i", "crop_j"),
+    "flip": ("flip",),
+    "rotate": ("angle",),
+    "jitter": ("brightness", "contrast", "saturation"),
+}
 _DTYPES = {"crop_i": torch.int64, "crop_j": torch.int64, "flip": torch.bool}  # the rest: float32
 
 
@@ -130,7 +135,7 @@ class BatchPlan:
         if n < batch_size:
             raise DMLError(f"batch_size={batch_size} is larger than the training set ({n} images); lower batch_size")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perm: Optional[tuple[int, torch.Tensor]] = None
+        self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.n // self.batch_size
@@ -138,7 +143,7 @@ class BatchPlan:
     def indices(self, epoch: int, step: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
-        return self._perm[1][step * self.batch_size:(step + 1) * self.batch_size]
+        return self._perm[1][step * self.batch_size : (step + 1) * self.batch_size]
 
     def params(self, epoch: int, step: int, rrc_tries: int = 0):
         """``AugParams`` of the whole batch; with ``rrc_tries``, also uniforms [B, rrc_tries, 4]."""
@@ -169,7 +174,7 @@ def shard_rows(t, shard: tuple[int, int]):
     if replicas == 1:
         return t
     part = len(t) // replicas
-    return t[r * part:(r + 1) * part]
+    return t[r * part : (r + 1) * part]
 
 
 class TrainBatches:
@@ -185,7 +190,7 @@ class TrainBatches:
         self.steps, self.ops, self.shard, self.device = steps, tuple(ops), shard, torch.device(device)
         self.labels = labels.to(self.device)  # once: each step indexes them on the device
         self.epoch, self.start_step = 0, 0
-        self.last_source: Optional[tuple] = None
+        self.last_source: tuple | None = None
         self.upload = StepUpload(self.ops, self.device)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -213,8 +218,14 @@ class TrainBatches:
 class DeviceTrainLoader(TrainBatches):
     """The memory path's training batches (see ``TrainBatches``), gathered from the device-resident set."""
 
-    def __init__(self, dataset: TensorImageDataset, batch_size: int, seed: int, device: torch.device,
-                 shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        dataset: TensorImageDataset,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self._setup(BatchPlan(len(dataset), batch_size, seed), dataset.augment, dataset.labels, device, shard)
         self.images = dataset.images.to(self.device)  # moved once; every step gathers its batch there
 
@@ -229,8 +240,13 @@ class DeviceTrainLoader(TrainBatches):
 class DeviceEvalLoader:
     """Evaluation batches in dataset order from device-resident tensors (large batches)."""
 
-    def __init__(self, dataset: TensorImageDataset, device: torch.device, batch_size: int = EVAL_BATCH,
-                 shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        dataset: TensorImageDataset,
+        device: torch.device,
+        batch_size: int = EVAL_BATCH,
+        shard: tuple[int, int] = (0, 1),
+    ):
         lo, hi = shard_range(len(dataset), shard)
         self.device, self.batch_size = torch.device(device), batch_size
         self.positions = torch.arange(lo, hi)  # the set's indices this loader yields, in order
@@ -242,4 +258,4 @@ class DeviceEvalLoader:
 
     def __iter__(self):
         for lo in range(0, len(self.labels), self.batch_size):
-            yield normalize(self.images[lo:lo + self.batch_size]), self.labels[lo:lo + self.batch_size]
+            yield normalize(self.images[lo : lo + self.batch_size]), self.labels[lo : lo + self.batch_size]

@@ -4,10 +4,11 @@ A DataLoader whose batch sampler hands out ``(index, sample_seed)`` pairs drawn 
 the dataset runs its own random transforms under RNGs seeded with ``sample_seed`` (``SeededDataset``), so
 every rank gets the same batch whatever the number of workers, also after a restart mid-epoch.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import DMLError
 from .memory import TensorImageDataset, epoch_generator
 from .stream import FileImageDataset
+
 
 class SeededDataset(Dataset):
     """Wraps any map-style dataset (a notebook user's own, with its own random transforms) so that
@@ -50,8 +52,9 @@ class SharedSeedBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, drop_last: bool = True):
         if num_samples < batch_size and drop_last:
-            raise DMLError(f"batch_size={batch_size} is larger than the training set ({num_samples} images); "
-                           f"lower batch_size")
+            raise DMLError(
+                f"batch_size={batch_size} is larger than the training set ({num_samples} images); lower batch_size"
+            )
         self.n, self.batch_size, self.seed, self.drop_last = num_samples, batch_size, seed, drop_last
         self.epoch, self.start_step = 0, 0
 
@@ -89,8 +92,15 @@ class SampleLoader:
             yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
 
 
-def sample_dataloader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-                      shard: tuple[int, int] = (0, 1), collate_fn=None, pin_memory: bool = False) -> DataLoader:
+def sample_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    collate_fn=None,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A plain DataLoader over the shared-seed batch sampler (the per-sample path; what
     ``prepare_dataloaders`` hands to users). Call ``loader.batch_sampler.set_epoch(e)`` between epochs."""
     if not isinstance(dataset, (SeededDataset, TensorImageDataset, FileImageDataset)):
@@ -99,8 +109,14 @@ def sample_dataloader(dataset: Dataset, batch_size: int, seed: int, num_workers:
     if shard[1] > 1:
         sampler = _ShardSampler(sampler, *shard)
     kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=pin_memory, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
 
 
 class _ShardSampler(Sampler):
@@ -118,4 +134,4 @@ class _ShardSampler(Sampler):
     def __iter__(self):
         for batch in self.sampler:
             part = len(batch) // self.replicas
-            yield batch[self.r * part:(self.r + 1) * part]
+            yield batch[self.r * part : (self.r + 1) * part]

@@ -18,11 +18,12 @@ Step ``s`` of epoch ``e``, on every rank:
 What a batch holds is a function of (seed, epoch, step) alone: not of the layout, the worker count or a
 restart. A rank holds at most ``workers x 2`` prefetched shares, whatever the size of the folder.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,8 +32,16 @@ from .. import distributed as D
 from ..augment import AUGMENTATIONS, AugParams, augment_one
 from ..errors import DMLError
 from .cache import STAND_IN
-from .folders import (RRC_TRIES, FileList, center_resize, decode_bytes, jpeg_batchable, load_image, read_file,
-                      resized_crop)
+from .folders import (
+    RRC_TRIES,
+    FileList,
+    center_resize,
+    decode_bytes,
+    jpeg_batchable,
+    load_image,
+    read_file,
+    resized_crop,
+)
 from .memory import EVAL_BATCH, BatchPlan, TrainBatches, normalize, shard_range, shard_rows
 
 
@@ -40,8 +49,16 @@ class FileImageDataset(Dataset):
     """An image folder read from its files. ``ds[i]``: file i through the evaluation transform,
     normalised; ``ds[(i, seed)]``: augmented with parameters drawn from ``seed`` (the per-sample path)."""
 
-    def __init__(self, files: FileList, image_size: int, crop_fraction: float = 1.0, augment=(),
-                 rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3), decode_device: str = "cpu"):
+    def __init__(
+        self,
+        files: FileList,
+        image_size: int,
+        crop_fraction: float = 1.0,
+        augment=(),
+        rrc_scale=(0.08, 1.0),
+        rrc_ratio=(3 / 4, 4 / 3),
+        decode_device: str = "cpu",
+    ):
         self.files, self.image_size, self.crop_fraction = files, image_size, crop_fraction
         self.rrc_scale, self.rrc_ratio = tuple(rrc_scale), tuple(rrc_ratio)
         self.classes = list(files.classes)
@@ -49,18 +66,18 @@ class FileImageDataset(Dataset):
         self.augment = tuple(AUGMENTATIONS) if augment is True else tuple(augment or ())
         self.decode_device = decode_device  # "cuda": workers read the bytes, the rank decodes them with nvJPEG
         self.bad_images = "stop"  # or "skip" (build_datasets sets the config's)
-        self.decoded: Optional[list] = None  # a list: every index load() decodes is appended (the decode count)
+        self.decoded: list | None = None  # a list: every index load() decodes is appended (the decode count)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, i: int, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def load(self, i: int, rrc: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [3, S, S]: RandomResizedCrop with uniforms ``rrc``, else the evaluation transform."""
         if self.decoded is not None:
             self.decoded.append(i)
         return load_image(self.files.path(i), lambda img: self.transform(img, rrc))
 
-    def transform(self, img: torch.Tensor, rrc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def transform(self, img: torch.Tensor, rrc: torch.Tensor | None = None) -> torch.Tensor:
         """A decoded image (any device) -> uint8 [3, S, S] on the same device."""
         if rrc is not None:
             return resized_crop(img, rrc, self.image_size, self.rrc_scale, self.rrc_ratio)
@@ -76,10 +93,16 @@ class FileImageDataset(Dataset):
         img = augment_one(self.load(index, u), p[0], self.augment)
         return normalize(img), int(self.labels[index])
 
-    def subset(self, indices, augment=None) -> "FileImageDataset":
-        ds = FileImageDataset(self.files.subset(indices), self.image_size, self.crop_fraction,
-                              self.augment if augment is None else augment, self.rrc_scale, self.rrc_ratio,
-                              self.decode_device)
+    def subset(self, indices, augment=None) -> FileImageDataset:
+        ds = FileImageDataset(
+            self.files.subset(indices),
+            self.image_size,
+            self.crop_fraction,
+            self.augment if augment is None else augment,
+            self.rrc_scale,
+            self.rrc_ratio,
+            self.decode_device,
+        )
         ds.bad_images = self.bad_images
         return ds
 
@@ -88,8 +111,15 @@ def stand_in(size: int, device="cpu") -> torch.Tensor:
     return torch.full((3, size, size), STAND_IN, dtype=torch.uint8, device=device)
 
 
-def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: torch.device, k: int,
-                 skipped: Optional[list] = None, counts: Optional[dict] = None) -> torch.Tensor:
+def decode_share(
+    raws: list,
+    rrc: list | None,
+    ds: FileImageDataset,
+    device: torch.device,
+    k: int,
+    skipped: list | None = None,
+    counts: dict | None = None,
+) -> torch.Tensor:
     """``decode_device: cuda``: a share's files -> uint8 [k, 3, S, S] on ``device``. ``raws``: ``(path,
     bytes)`` of the files the batched call can take (``jpeg_batchable``, decided in the worker from each
     header) and ``(path, uint8 [3, S, S])`` of those the worker decoded itself (CMYK, a PNG named .JPEG), so
@@ -100,6 +130,7 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
     read becomes the grey stand-in and ``(path, line)`` is appended there, instead of raising.
     ``counts``: ``batched`` (images the batched call decoded) and ``worker`` (decoded in the worker) grow."""
     from torchcodec.decoders import decode_jpeg
+
     s = ds.image_size
     out = torch.zeros(k, 3, s, s, dtype=torch.uint8, device=device)
     if not raws:
@@ -126,7 +157,7 @@ def decode_share(raws: list, rrc: Optional[list], ds: FileImageDataset, device: 
                     img = decode_jpeg(tensors[j], mode="RGB", device=device)  # KeyError: an empty file
                 except Exception:  # noqa: BLE001 - also an empty file: decode_bytes names it
                     img = decode_bytes(data, name).to(device)
-            out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)
+            out[j] = load_image(name, lambda im: ds.transform(im, rrc[j] if rrc is not None else None), img)  # noqa: B023 - called at once
         except DMLError as e:
             if skipped is None:
                 raise
@@ -145,8 +176,14 @@ class _Shares(Dataset):
     ``part=(g, G)``: this rank's part of those rows. Evaluation (no plan): ``rows`` of each batch's rows
     (part r of R of a batch that may be shorter), split by part."""
 
-    def __init__(self, ds: FileImageDataset, plan: Optional[BatchPlan], batch_size: int, part: tuple[int, int],
-                 rows: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        ds: FileImageDataset,
+        plan: BatchPlan | None,
+        batch_size: int,
+        part: tuple[int, int],
+        rows: tuple[int, int] = (0, 1),
+    ):
         self.ds, self.plan, self.batch_size = ds, plan, batch_size
         self.part, self.rows = part, rows
         width = batch_size // rows[1] if plan is not None else -(-batch_size // rows[1])
@@ -206,7 +243,7 @@ class _Shares(Dataset):
                     data = read(path)
                     if data and not jpeg_batchable(data):  # not for the batched call: decoded here
                         box = u[pos] if u is not None else None
-                        data = load_image(path, lambda img: self.ds.transform(img, box), decode_bytes(data, path))
+                        data = load_image(path, lambda img: self.ds.transform(img, box), decode_bytes(data, path))  # noqa: B023
                 except DMLError as e:
                     if not self.skip:
                         return self.share_size(step), time.process_time() - t0, str(e), indices, []
@@ -268,7 +305,7 @@ class _CooperativeLoader:
         self.record_decodes = False  # the probe sets it: keep every decoded dataset index (tests count them)
         self.decoded_indices: list[int] = []
         self.skipped: list = []  # bad_images=skip: (path, line) of the files replaced since the last read
-        self.error: Optional[str] = None  # bad_images=stop: the first unreadable file's line, not yet raised
+        self.error: str | None = None  # bad_images=stop: the first unreadable file's line, not yet raised
         self._loader, self._keys = None, None  # the persistent DataLoader (num_workers > 0) and its sampler
         self.pinned_copies = 0  # shares copied to the GPU from pinned memory (gpu_check asserts them)
         self.device_decodes: dict = {}  # decode_device=cuda: images the batched call / the workers decoded
@@ -282,9 +319,15 @@ class _CooperativeLoader:
             return (self._pin(self.shares[key]) for key in keys)
         if self._loader is None:
             self._keys = _Keys()
-            self._loader = DataLoader(self.shares, batch_size=None, sampler=self._keys, num_workers=self.num_workers,
-                                      prefetch_factor=2, persistent_workers=True,
-                                      pin_memory=self.device.type == "cuda")
+            self._loader = DataLoader(
+                self.shares,
+                batch_size=None,
+                sampler=self._keys,
+                num_workers=self.num_workers,
+                prefetch_factor=2,
+                persistent_workers=True,
+                pin_memory=self.device.type == "cuda",
+            )
         self._keys.keys = keys
         return iter(self._loader)
 
@@ -310,8 +353,9 @@ class _CooperativeLoader:
                 # TorchCodec synchronises the current stream around its decode: then this one, not the
                 # training stream with a step in flight
                 with torch.cuda.stream(stream):
-                    share = decode_share(raws, rrc, self.shares.ds, self.device, k,
-                                         skipped if self.shares.skip else None, counts)
+                    share = decode_share(
+                        raws, rrc, self.shares.ds, self.device, k, skipped if self.shares.skip else None, counts
+                    )
             except DMLError as e:
                 error, share = str(e), k
         if error is not None:  # ``share``: the share's row count
@@ -344,6 +388,7 @@ class _CooperativeLoader:
                 current.wait_event(ready)
                 rows.record_stream(current)
             return rows
+
         return finish
 
     def _assembled(self, steps: range) -> Iterator[tuple[int, torch.Tensor]]:
@@ -372,8 +417,18 @@ class StreamTrainLoader(_CooperativeLoader, TrainBatches):
     this rank's decode unit decodes (the whole batch, or this rank's ``shard``); ``part=(g, G)``: this rank's
     part of them; ``group``: the unit's process group (``distributed.decode_group``)."""
 
-    def __init__(self, dataset: FileImageDataset, batch_size: int, seed: int, device, part=(0, 1), group=None,
-                 num_workers: int = 0, shard: tuple[int, int] = (0, 1), rows: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        dataset: FileImageDataset,
+        batch_size: int,
+        seed: int,
+        device,
+        part=(0, 1),
+        group=None,
+        num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        rows: tuple[int, int] = (0, 1),
+    ):
         plan = BatchPlan(len(dataset), batch_size, seed)
         if rows != (0, 1) and rows != shard:
             raise ValueError(f"a decode unit's rows {rows} must be the whole batch or this rank's shard {shard}")
@@ -386,9 +441,9 @@ class StreamTrainLoader(_CooperativeLoader, TrainBatches):
     def __iter__(self):
         self.shares.epoch = self.epoch
         for step, x in self._assembled(range(self.start_step, len(self))):
-            x = x[:self.batch_size // self.rows[1]]
+            x = x[: self.batch_size // self.rows[1]]
             x = x if self.rows == self.shard else shard_rows(x, self.shard)
-            yield self.finish(self.epoch, step, lambda idx: x)
+            yield self.finish(self.epoch, step, lambda idx: x)  # noqa: B023 - called at once
 
 
 class StreamEvalLoader(_CooperativeLoader):
@@ -398,16 +453,27 @@ class StreamEvalLoader(_CooperativeLoader):
     batch: the rank's own part (uniform layouts) or the whole batch. ``positions``: the set's indices this
     rank scores, in order (``engine.evaluate`` reassembles the set from them)."""
 
-    def __init__(self, dataset: FileImageDataset, device, part=(0, 1), group=None, num_workers: int = 0,
-                 batch_size: int = EVAL_BATCH, shard: tuple[int, int] = (0, 1), rows: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        dataset: FileImageDataset,
+        device,
+        part=(0, 1),
+        group=None,
+        num_workers: int = 0,
+        batch_size: int = EVAL_BATCH,
+        shard: tuple[int, int] = (0, 1),
+        rows: tuple[int, int] = (0, 1),
+    ):
         if rows != (0, 1) and rows != shard:
             raise ValueError(f"a decode unit's rows {rows} must be the whole batch or this rank's shard {shard}")
         super().__init__(_Shares(dataset, None, batch_size, part, rows), device, part, group, num_workers)
         self.batch_size, self.labels, self.shard, self.rows = batch_size, dataset.labels, shard, rows
         n = len(dataset)
         self.slices = [shard_range(min(batch_size, n - s * batch_size), shard) for s in range(len(self.shares))]
-        self.positions = torch.cat([torch.arange(s * batch_size + lo, s * batch_size + hi)
-                                    for s, (lo, hi) in enumerate(self.slices)] or [torch.zeros(0, dtype=torch.long)])
+        self.positions = torch.cat(
+            [torch.arange(s * batch_size + lo, s * batch_size + hi) for s, (lo, hi) in enumerate(self.slices)]
+            or [torch.zeros(0, dtype=torch.long)]
+        )
 
     def __len__(self) -> int:
         return len(self.shares)
@@ -415,8 +481,8 @@ class StreamEvalLoader(_CooperativeLoader):
     def __iter__(self):
         for step, x in self._assembled(range(len(self.shares))):
             lo, hi = self.slices[step]
-            x = x[:hi - lo] if self.rows == self.shard else x[lo:hi]
+            x = x[: hi - lo] if self.rows == self.shard else x[lo:hi]
             if hi > lo:
                 first = step * self.batch_size
-                yield normalize(x), self.labels[first + lo:first + hi].to(self.device)
+                yield normalize(x), self.labels[first + lo : first + hi].to(self.device)
         self.raise_pending()

@@ -3,6 +3,7 @@
 argv: data_dir out_json model_num [mode], mode = default | loaders | imagefolder
 Prints nothing of its own but writes out_json.
 """
+
 import json
 import os
 import signal
@@ -12,16 +13,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import descendants  # noqa: E402
 
-from dml_dist import (DMLError, create_dml_config, evaluate_dml_models, load_dml_models,  # noqa: E402
-                      prepare_dataloaders, train_dml)
+from dml_dist import (
+    DMLError,
+    create_dml_config,
+    evaluate_dml_models,
+    load_dml_models,  # noqa: E402
+    prepare_dataloaders,
+    train_dml,
+)
 
 
 def main():
     data_dir, out_json, model_num = sys.argv[1], sys.argv[2], int(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else "default"
-    cfg = create_dml_config(model="resnet20", data_dir=data_dir, epochs=2, model_num=model_num, image_size=16,
-                            batch_size=8, lr=0.05, num_workers=0, print_freq=5, consistency_check_every=1,
-                            experiment_name="api")
+    cfg = create_dml_config(
+        model="resnet20",
+        data_dir=data_dir,
+        epochs=2,
+        model_num=model_num,
+        image_size=16,
+        batch_size=8,
+        lr=0.05,
+        num_workers=0,
+        print_freq=5,
+        consistency_check_every=1,
+        experiment_name="api",
+    )
     out = {}
     # The caller's own signal handlers: train_dml must leave them as they were (the README's promise).
     handlers = {s: (lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -37,8 +54,15 @@ def main():
             from torch.utils.data import DataLoader
             from torchvision.datasets import ImageFolder
             from torchvision.transforms import v2 as T
-            tf = T.Compose([T.RandomResizedCrop(16, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToImage(),
-                            T.ToDtype(torch.float32, scale=True)])
+
+            tf = T.Compose(
+                [
+                    T.RandomResizedCrop(16, scale=(0.5, 1.0)),
+                    T.RandomHorizontalFlip(),
+                    T.ToImage(),
+                    T.ToDtype(torch.float32, scale=True),
+                ]
+            )
             plain = T.Compose([T.Resize((16, 16)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
             train = DataLoader(ImageFolder(os.path.join(data_dir, "train"), tf), batch_size=8, shuffle=True)
             val = DataLoader(ImageFolder(os.path.join(data_dir, "val"), plain), batch_size=8)
@@ -48,8 +72,19 @@ def main():
     except DMLError as e:
         out["error"] = f"{type(e).__name__}: {e}"
     else:
-        out.update({k: res[k] for k in ("best_accuracies", "avg_best_accuracy", "training_history",
-                                         "test_results", "experiment_name", "checkpoints")})
+        out.update(
+            {
+                k: res[k]
+                for k in (
+                    "best_accuracies",
+                    "avg_best_accuracy",
+                    "training_history",
+                    "test_results",
+                    "experiment_name",
+                    "checkpoints",
+                )
+            }
+        )
         out["n_models"] = len(res["models"])
         out["model_types"] = sorted({type(m).__name__ for m in res["models"]})
         out["config_model_num"] = res["config"]["model_num"]
@@ -62,8 +97,11 @@ def main():
             out["eval_final_test"] = evaluate_dml_models(final, test_loader)
     out["handlers_restored"] = all(signal.getsignal(s) is h for s, h in handlers.items())
     # The spawn start method keeps one multiprocessing resource tracker for the caller's lifetime.
-    out["children"] = [open(f"/proc/{p}/cmdline").read().replace("\0", " ") for p in descendants(os.getpid())
-                       if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+    out["children"] = [
+        open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+        for p in descendants(os.getpid())
+        if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()
+    ]
     with open(out_json, "w") as f:
         json.dump(out, f)
 

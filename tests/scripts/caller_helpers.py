@@ -1,5 +1,6 @@
 """Importable helpers for tests/test_callers.py (peer processes are fresh interpreters: what they run
 must come from a module, never from the caller's __main__)."""
+
 import os
 
 from torch.utils.data import default_collate

@@ -6,6 +6,7 @@
 2. With the backend string the placement rule gives, every collective the trainer uses works.
 Prints one JSON line.
 """
+
 import json
 
 import torch
@@ -21,10 +22,14 @@ try:
 except RuntimeError as e:
     out["device_only_group"] = str(e).splitlines()[0]
 out["host_group_used"] = D._host_group() is not None and D._host_group() is D._host_group()
-out["host_side_ok"] = (D.all_gather_tensor(torch.ones(2)).tolist() == [[1.0, 1.0]]
-                       and D.gather_to_main(torch.ones(1)).tolist() == [[1.0]]
-                       and D.all_gather_objects("o") == ["o"] and D.broadcast_object("b") == "b"
-                       and D.gather_objects(1) == [1] and D.scatter_objects([2]) == 2)
+out["host_side_ok"] = (
+    D.all_gather_tensor(torch.ones(2)).tolist() == [[1.0, 1.0]]
+    and D.gather_to_main(torch.ones(1)).tolist() == [[1.0]]
+    and D.all_gather_objects("o") == ["o"]
+    and D.broadcast_object("b") == "b"
+    and D.gather_objects(1) == [1]
+    and D.scatter_objects([2]) == 2
+)
 D.barrier()
 D.destroy_distributed()
 
@@ -34,8 +39,11 @@ out["backend"] = str(dist.get_backend())
 out["no_host_group"] = D._host_group() is None  # a group with a CPU backend serves host-side collectives itself
 out["all_gather"] = D.all_gather_logits(torch.arange(6.0).view(2, 3)).shape == (1, 2, 3)
 out["gather_to_main"] = D.gather_to_main(torch.ones(3)).tolist() == [[1.0, 1.0, 1.0]]
-out["objects"] = D.gather_objects({"a": 1}) == [{"a": 1}] and D.broadcast_object("x") == "x" \
+out["objects"] = (
+    D.gather_objects({"a": 1}) == [{"a": 1}]
+    and D.broadcast_object("x") == "x"
     and D.scatter_objects(["only"]) == "only"
+)
 D.barrier()
 dist.destroy_process_group()
 print(json.dumps(out))

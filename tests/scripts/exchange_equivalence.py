@@ -7,6 +7,7 @@ weights. Rank 0 prints one JSON line per case: the largest loss and weight diffe
 the mutual term's size, how far the weights moved, and how far they land without the mutual term (so
 the tolerance is shown to be far below the mutual term's own effect).
 """
+
 import json
 from types import SimpleNamespace
 
@@ -53,10 +54,16 @@ for n in (3, 4):
             sa, wa, moved = train(n, "all_gather", mutual)
             sb, wb, _ = train(n, "all_reduce", mutual)
             _, wc, _ = train(n, "all_reduce", mutual, kl=0.0)  # control: what dropping the mutual term changes
-            row = {"peers": n, "mutual": mutual, "rank": rank,
-                   "loss_diff": (sa - sb).abs().max().item(), "weight_diff": max((a - b).abs().max().item() for a, b in zip(wa, wb)),
-                   "kl_min": sa[1:, 2].min().item(), "moved": moved,
-                   "control_diff": max((a - c).abs().max().item() for a, c in zip(wa, wc))}
+            row = {
+                "peers": n,
+                "mutual": mutual,
+                "rank": rank,
+                "loss_diff": (sa - sb).abs().max().item(),
+                "weight_diff": max((a - b).abs().max().item() for a, b in zip(wa, wb)),
+                "kl_min": sa[1:, 2].min().item(),
+                "moved": moved,
+                "control_diff": max((a - c).abs().max().item() for a, c in zip(wa, wc)),
+            }
         else:
             row = None
         out.append(D.gather_objects(row))

@@ -30,6 +30,7 @@ with a cold and a warm cache), ``out`` (append the JSON line there). It prints o
 - ``startup``: process start to the first batch on a folder of ``startup_files`` files, 2 ranks, stream
   path: the first start (lists the folder) and a restart (reads the manifest). 0 skips it.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,23 +43,41 @@ import time
 
 import torch
 
-from .checkpoint import versions
-from .config import build_config, parse_tool_keys
-from .errors import DMLError
-from .logger import emit_json_line
-from .placement import host_cpus
+from ..checkpoint import versions
+from ..config import build_config, parse_tool_keys
+from ..errors import DMLError
+from ..logger import emit_json_line
+from ..placement import host_cpus
 
-KEYS = {"data_dir": None, "image_size": 128, "batch_size": 64, "steps": 16, "cohorts": [1, 2, 4],
-        "anchor_images": 512, "rss_dirs": [], "first_step": True, "job_steps": [4, 100], "job_repeats": 5,
-        "startup_files": 100000,
-        "out": None}
+KEYS = {
+    "data_dir": None,
+    "image_size": 128,
+    "batch_size": 64,
+    "steps": 16,
+    "cohorts": [1, 2, 4],
+    "anchor_images": 512,
+    "rss_dirs": [],
+    "first_step": True,
+    "job_steps": [4, 100],
+    "job_repeats": 5,
+    "startup_files": 100000,
+    "out": None,
+}
 
 
 def _probe(nproc: int, **kw) -> dict:
-    """One ``dml_dist.data.probe`` run under torchrun on this node."""
+    """One ``dml_dist.tools.probe`` run under torchrun on this node."""
     args = [f"{k}={v}" for k, v in kw.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dml_dist.data.probe", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dml_dist.tools.probe",
+        *args,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
         raise DMLError(f"probe with {nproc} rank(s) failed: {r.stderr.strip().splitlines()[-1][:300]}")
@@ -69,12 +88,22 @@ def decode_work(b: dict, cache_dir: str) -> dict:
     """Decode CPU-seconds per batch, whole node, for each cohort size (stream path, rrc + flip)."""
     rows = {}
     for n in b["cohorts"]:
-        res = _probe(n, data_dir=b["data_dir"], loader="stream", image_size=b["image_size"],
-                     batch_size=b["batch_size"], augment="[rrc,flip]", num_workers=1, steps=b["steps"],
-                     cache_dir=cache_dir)
+        res = _probe(
+            n,
+            data_dir=b["data_dir"],
+            loader="stream",
+            image_size=b["image_size"],
+            batch_size=b["batch_size"],
+            augment="[rrc,flip]",
+            num_workers=1,
+            steps=b["steps"],
+            cache_dir=cache_dir,
+        )
         cpu = sum(r["decode_cpu_s"] for r in res["ranks"])
-        rows[n] = {"decode_cpu_s_per_batch": round(cpu / b["steps"], 4),
-                   "images_decoded_per_batch": sum(r["decoded"] for r in res["ranks"]) / b["steps"]}
+        rows[n] = {
+            "decode_cpu_s_per_batch": round(cpu / b["steps"], 4),
+            "images_decoded_per_batch": sum(r["decoded"] for r in res["ranks"]) / b["steps"],
+        }
     alone = rows[min(rows)]["decode_cpu_s_per_batch"]
     for row in rows.values():
         row["vs_one_model"] = round(row["decode_cpu_s_per_batch"] / alone, 3)
@@ -85,12 +114,21 @@ def per_core(b: dict) -> dict:
     """Images/s on one core: the stream loader against torchvision's ImageFolder pipeline."""
     from torchvision import datasets
     from torchvision.transforms import v2
-    from .data import MEAN, STD, build_datasets, make_train_loader
+
+    from ..data import MEAN, STD, build_datasets, make_train_loader
+
     torch.set_num_threads(1)
     s, bs = b["image_size"], b["batch_size"]
     steps = max(2, b["anchor_images"] // bs)
-    cfg = build_config(overrides={"data_dir": b["data_dir"], "loader": "stream", "image_size": s,
-                                  "augment": ["rrc", "flip"], "val_fraction": 0.01})
+    cfg = build_config(
+        overrides={
+            "data_dir": b["data_dir"],
+            "loader": "stream",
+            "image_size": s,
+            "augment": ["rrc", "flip"],
+            "val_fraction": 0.01,
+        }
+    )
     loader = make_train_loader(build_datasets(cfg).train, bs, 0, num_workers=0)
     it = iter(loader)
     next(it)
@@ -99,17 +137,30 @@ def per_core(b: dict) -> dict:
         next(it)
     ours = steps * bs / (time.perf_counter() - t0)
     # torchvision references/classification's training preset, to the same float output as ours
-    anchor_ds = datasets.ImageFolder(os.path.join(b["data_dir"], "train"), transform=v2.Compose([
-        v2.RandomResizedCrop(s, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
+    anchor_ds = datasets.ImageFolder(
+        os.path.join(b["data_dir"], "train"),
+        transform=v2.Compose(
+            [
+                v2.RandomResizedCrop(s, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(MEAN, STD),
+            ]
+        ),
+    )
     it = iter(torch.utils.data.DataLoader(anchor_ds, batch_size=bs, shuffle=True, num_workers=0))
     next(it)
     t0 = time.perf_counter()
     for _ in range(steps):
         next(it)
     anchor = steps * bs / (time.perf_counter() - t0)
-    return {"stream_images_per_s": round(ours, 1), "anchor_images_per_s": round(anchor, 1),
-            "stream_vs_anchor": round(ours / anchor, 2), "images": steps * bs}
+    return {
+        "stream_images_per_s": round(ours, 1),
+        "anchor_images_per_s": round(anchor, 1),
+        "stream_vs_anchor": round(ours / anchor, 2),
+        "images": steps * bs,
+    }
 
 
 def first_step(b: dict) -> dict:
@@ -117,8 +168,16 @@ def first_step(b: dict) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         out = {}
         for kind in ("cold", "warm"):
-            res = _probe(2, data_dir=b["data_dir"], loader="memory", image_size=b["image_size"],
-                         batch_size=b["batch_size"], augment="[crop,flip]", steps=2, cache_dir=cache)
+            res = _probe(
+                2,
+                data_dir=b["data_dir"],
+                loader="memory",
+                image_size=b["image_size"],
+                batch_size=b["batch_size"],
+                augment="[crop,flip]",
+                steps=2,
+                cache_dir=cache,
+            )
             out[f"{kind}_s"] = max(r["first_batch_s"] for r in res["ranks"])
         out["images"] = res["train_images"]
         return out
@@ -127,10 +186,22 @@ def first_step(b: dict) -> dict:
 def rss(b: dict, cache_dir: str) -> dict:
     rows = {}
     for d in b["rss_dirs"]:
-        res = _probe(2, data_dir=d, loader="stream", image_size=b["image_size"], batch_size=b["batch_size"],
-                     augment="[rrc,flip]", num_workers=2, steps=b["steps"], cache_dir=cache_dir)
-        rows[d] = {"files": res["train_images"], "rank_peak_rss_mb": max(r["peak_rss_mb"] for r in res["ranks"]),
-                   "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in res["ranks"])}
+        res = _probe(
+            2,
+            data_dir=d,
+            loader="stream",
+            image_size=b["image_size"],
+            batch_size=b["batch_size"],
+            augment="[rrc,flip]",
+            num_workers=2,
+            steps=b["steps"],
+            cache_dir=cache_dir,
+        )
+        rows[d] = {
+            "files": res["train_images"],
+            "rank_peak_rss_mb": max(r["peak_rss_mb"] for r in res["ranks"]),
+            "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in res["ranks"]),
+        }
     if len(rows) >= 2:
         first, last = list(rows.values())[0], list(rows.values())[-1]
         rows["growth"] = round(last["rank_peak_rss_mb"] / first["rank_peak_rss_mb"] - 1, 3)
@@ -144,13 +215,19 @@ def _job_cpu(cmds: list) -> float:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     # PASSIVE: idle OpenMP threads sleep instead of spinning (a one-rank job gets 2 threads here, and their
     # spinning would count as data-path CPU)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
     outs = [p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
-            raise DMLError(f"job-cpu probe failed: {err.strip().splitlines()[-1][:300] if err.strip() else p.returncode}")
+            raise DMLError(
+                f"job-cpu probe failed: {err.strip().splitlines()[-1][:300] if err.strip() else p.returncode}"
+            )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
@@ -158,25 +235,60 @@ def _job_cpu(cmds: list) -> float:
 def _probe_cmds(nodes: int, nproc: int, keys: dict) -> list:
     args = [f"{k}={v}" for k, v in keys.items()]
     if nodes == 1:
-        return [[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                 "-m", "dml_dist.data.probe", *args]]
+        return [
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+                "-m",
+                "dml_dist.tools.probe",
+                *args,
+            ]
+        ]
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={nproc}",
-             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=bench{port}",
-             f"--rdzv_conf=is_host={int(n == 0)}", "-m", "dml_dist.data.probe", *args] for n in range(nodes)]
+    return [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nodes}",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            f"--rdzv_id=bench{port}",
+            f"--rdzv_conf=is_host={int(n == 0)}",
+            "-m",
+            "dml_dist.tools.probe",
+            *args,
+        ]
+        for n in range(nodes)
+    ]
 
 
 def job_cpu(b: dict, cache_dir: str) -> dict:
     """The data path's CPU time per step for the whole job (every process, workers included) against one
     model alone: long runs minus short runs, so start-up cancels. Stream path, rrc + flip, 1 worker per rank."""
-    common = {"data_dir": b["data_dir"], "loader": "stream", "image_size": b["image_size"],
-              "batch_size": b["batch_size"], "augment": "[rrc,flip]", "num_workers": 1, "cache_dir": cache_dir,
-              "consistency_check_every": 0}
-    layouts = {"one_model": (1, 1, {"model_num": 1}), "1_node_2_peers": (1, 2, {"model_num": 2}),
-               "2_nodes_2_peers_x_2_replicas": (2, 2, {"model_num": 2, "replicas": 2})}
+    common = {
+        "data_dir": b["data_dir"],
+        "loader": "stream",
+        "image_size": b["image_size"],
+        "batch_size": b["batch_size"],
+        "augment": "[rrc,flip]",
+        "num_workers": 1,
+        "cache_dir": cache_dir,
+        "consistency_check_every": 0,
+    }
+    layouts = {
+        "one_model": (1, 1, {"model_num": 1}),
+        "1_node_2_peers": (1, 2, {"model_num": 2}),
+        "2_nodes_2_peers_x_2_replicas": (2, 2, {"model_num": 2, "replicas": 2}),
+    }
     short, long = b["job_steps"]
     _job_cpu(_probe_cmds(1, 1, {**common, "model_num": 1, "steps": 1}))  # fill the caches (manifest, val/) once
     rows = {}
@@ -185,8 +297,10 @@ def job_cpu(b: dict, cache_dir: str) -> dict:
         for _ in range(b["job_repeats"]):  # start-up costs seconds of CPU and varies: the median of repeats
             cpu = {n: _job_cpu(_probe_cmds(nodes, nproc, {**common, **keys, "steps": n})) for n in (short, long)}
             per_step.append((cpu[long] - cpu[short]) / (long - short))
-        rows[name] = {"cpu_s_per_step": round(sorted(per_step)[len(per_step) // 2], 4),
-                      "runs": [round(x, 4) for x in per_step]}
+        rows[name] = {
+            "cpu_s_per_step": round(sorted(per_step)[len(per_step) // 2], 4),
+            "runs": [round(x, 4) for x in per_step],
+        }
     alone = rows["one_model"]["cpu_s_per_step"]
     for row in rows.values():
         row["vs_one_model"] = round(row["cpu_s_per_step"] / alone, 3)
@@ -198,6 +312,7 @@ def startup(b: dict) -> dict:
     (copies of one small JPEG): the first start lists the folder, a restart reads the manifest."""
     import numpy as np
     from PIL import Image
+
     with tempfile.TemporaryDirectory() as root:
         classes = 1000
         per_class = max(1, b["startup_files"] // classes)
@@ -212,9 +327,18 @@ def startup(b: dict) -> dict:
                     f.write(data)
         out = {"files": classes * per_class}
         for kind in ("first_start", "restart"):
-            res = _probe(2, data_dir=os.path.join(root, "data"), loader="stream", image_size=32, batch_size=32,
-                         augment="[rrc,flip]", num_workers=1, steps=2, cache_dir=os.path.join(root, "cache"),
-                         val_fraction=0.01)
+            res = _probe(
+                2,
+                data_dir=os.path.join(root, "data"),
+                loader="stream",
+                image_size=32,
+                batch_size=32,
+                augment="[rrc,flip]",
+                num_workers=1,
+                steps=2,
+                cache_dir=os.path.join(root, "cache"),
+                val_fraction=0.01,
+            )
             out[f"{kind}_s"] = max(r["first_batch_s"] for r in res["ranks"])
         return out
 
@@ -222,18 +346,28 @@ def startup(b: dict) -> dict:
 def eval_decode(b: dict) -> dict:
     """Validation images decoded per start on the stream path (cache_eval): the first start decodes val/
     once into the cache, a restart none; every evaluation scores the cached set from the device."""
-    from .data import build_datasets
+    from ..data import build_datasets
+
     with tempfile.TemporaryDirectory() as cache:
         out = {}
         for kind in ("first_start", "restart"):
             log: list = []
-            cfg = build_config(overrides={"data_dir": b["data_dir"], "loader": "stream", "image_size": b["image_size"],
-                                          "augment": ["rrc", "flip"], "cache_dir": cache})
+            cfg = build_config(
+                overrides={
+                    "data_dir": b["data_dir"],
+                    "loader": "stream",
+                    "image_size": b["image_size"],
+                    "augment": ["rrc", "flip"],
+                    "cache_dir": cache,
+                }
+            )
             data = build_datasets(cfg, log=log.append)
             built = [line for line in log if line.startswith("cache: decoded") and " into " in line]
             out[f"{kind}_images_decoded"] = sum(
-                int(line.split()[2]) for line in built
-                if os.path.basename(line.split(" into ")[1].split(" in ")[0]).startswith("val_"))
+                int(line.split()[2])
+                for line in built
+                if os.path.basename(line.split(" into ")[1].split(" in ")[0]).startswith("val_")
+            )
         out["val_images"] = len(data.val)
         out["per_evaluation_images_decoded"] = 0 if "from the cache" in data.why else len(data.val)
         return out
@@ -244,15 +378,25 @@ def main(argv=None) -> int:
     try:
         b = parse_tool_keys(argv, KEYS, "dml-bench --data")
         if not b["data_dir"] or not os.path.isdir(os.path.join(str(b["data_dir"]), "train")):
-            raise DMLError("dml-bench --data needs data_dir=<folder with train/>; make one with "
-                           "python benchmarks/make_imagenet_folder.py DIR --train 20000")
+            raise DMLError(
+                "dml-bench --data needs data_dir=<folder with train/>; make one with "
+                "python benchmarks/make_imagenet_folder.py DIR --train 20000"
+            )
         with tempfile.TemporaryDirectory() as cache:
-            result = {"data_dir": b["data_dir"], "image_size": b["image_size"], "batch_size": b["batch_size"],
-                      "cores": host_cpus(), "decode": decode_work(b, cache), "per_core": per_core(b),
-                      "first_step": first_step(b) if b["first_step"] else None,
-                      "rss": rss(b, cache) if b["rss_dirs"] else None,
-                      "job_cpu": job_cpu(b, cache) if b["job_steps"] else None, "eval_decode": eval_decode(b),
-                      "startup": startup(b) if b["startup_files"] else None, "versions": versions()}
+            result = {
+                "data_dir": b["data_dir"],
+                "image_size": b["image_size"],
+                "batch_size": b["batch_size"],
+                "cores": host_cpus(),
+                "decode": decode_work(b, cache),
+                "per_core": per_core(b),
+                "first_step": first_step(b) if b["first_step"] else None,
+                "rss": rss(b, cache) if b["rss_dirs"] else None,
+                "job_cpu": job_cpu(b, cache) if b["job_steps"] else None,
+                "eval_decode": eval_decode(b),
+                "startup": startup(b) if b["startup_files"] else None,
+                "versions": versions(),
+            }
     except DMLError as e:
         print(f"dml-bench: error: {e}", file=sys.stderr)
         return 1

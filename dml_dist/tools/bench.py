@@ -1,24 +1,24 @@
 """Throughput of the whole training loop: sampling, augmentation, forward, exchange, loss, backward, step.
 
     # 2 peers on this machine (CPU/gloo, or one GPU each), the real data path on the shared subset
-    torchrun --standalone --nproc_per_node=2 -m dml_dist.bench data_dir=../shared/data/cifar10-small model=resnet20
+    torchrun --standalone --nproc_per_node=2 -m dml_dist.tools.bench data_dir=../shared/data/cifar10-small model=resnet20
     # 2 peers x 2 replicas
-    torchrun --standalone --nproc_per_node=4 -m dml_dist.bench replicas=2 model_num=2
+    torchrun --standalone --nproc_per_node=4 -m dml_dist.tools.bench replicas=2 model_num=2
     # a mixed pair: how long the small peer waits for the wide one, and with a second replica for it
-    torchrun --standalone --nproc_per_node=2 -m dml_dist.bench model=[resnet20,wrn16_4]
-    torchrun --standalone --nproc_per_node=3 -m dml_dist.bench model=[resnet20,wrn16_4] replicas=[1,2]
+    torchrun --standalone --nproc_per_node=2 -m dml_dist.tools.bench model=[resnet20,wrn16_4]
+    torchrun --standalone --nproc_per_node=3 -m dml_dist.tools.bench model=[resnet20,wrn16_4] replicas=[1,2]
     dml-bench model=resnet56 batch_size=512 amp=bf16     # one process: a world of one
 
 Takes the trainer's config keys plus ``steps`` (timed steps per round, 10), ``rounds`` (3), ``warmup`` (5),
-``loader_images`` (images timed per loader measurement, 2048) and ``out`` (append the JSON line to this file). Without a readable
-``data_dir`` it builds a synthetic set of random images of ``image_size`` (same code path).
+``loader_images`` (images timed per loader measurement, 2048) and ``out`` (append the JSON line to this file). Without a
+readable ``data_dir`` it builds a synthetic set of random images of ``image_size`` (same code path).
 
 Every rank runs, in lock-step (no evaluation, no checkpoints):
 1. ``alone``: its peer trained without the mutual term: no exchange, no KL (the same peer trained alone);
-2. ``dml``: the DML step, with the exchange (``exchange``: all-gather or all-reduce) timed separately; both phases are timed alike, with CUDA
-   events on a GPU (the timing adds no synchronisation; what training itself does stays, e.g. fp16's
-   GradScaler check) and ``perf_counter`` on the CPU;
-   ``rounds`` alternating rounds of both, the median round of each counts;
+2. ``dml``: the DML step, with the exchange (``exchange``: all-gather or all-reduce) timed separately; both phases are
+   timed alike, with CUDA events on a GPU (the timing adds no synchronisation; what training itself does stays, e.g.
+   fp16's GradScaler check) and ``perf_counter`` on the CPU; ``rounds`` alternating rounds of both, the median round
+   of each counts;
 3. rank 0 alone, the others waiting: the loader by itself, the batched device path and the per-sample
    path (DataLoader, one image at a time) with the same augmentations, and crop+flip batched.
 Rank 0 prints one JSON line: images/s per peer, the DML tax (dml step time / alone step time), the
@@ -26,7 +26,8 @@ exchange's share of the step, per peer its compute and exchange time and idle sh
 ATen operations of one step (``ops_per_step``: the step, the model's forward and backward alone, and the
 difference: what the step launches around the model), the loaders' images/s and their ratio, placement,
 versions and commit.
-"""
+"""  # noqa: E501 - command lines
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,16 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import distributed as D
-from .checkpoint import versions
-from .config import build_config, finalize_config, parse_overrides, peer_model_name
-from .data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
-from .engine import DeviceClock, forward, peer_update
-from .exchange import exchange, resolve_exchange
-from .errors import DMLError
-from .logger import emit_json_line
-from .models import build_model, channels_last_choice
-from .parallel import wrap_replicas
+from .. import distributed as D
+from ..checkpoint import versions
+from ..config import build_config, finalize_config, parse_overrides, peer_model_name
+from ..data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
+from ..engine import DeviceClock, forward, peer_update
+from ..errors import DMLError
+from ..exchange import exchange, resolve_exchange
+from ..logger import emit_json_line
+from ..models import build_model, channels_last_choice
+from ..parallel import wrap_replicas
 
 BENCH_KEYS = {"steps": 10, "rounds": 3, "warmup": 5, "loader_images": 2048, "out": None}
 
@@ -62,8 +63,9 @@ def _dataset(cfg: dict) -> tuple[TensorImageDataset, str]:
     n, s = 5000, cfg["image_size"]
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g)
-    return TensorImageDataset(images, torch.arange(n) % 10, [str(c) for c in range(10)], cfg["augment"]), \
-        f"synthetic {n} images {s}x{s}"
+    return TensorImageDataset(
+        images, torch.arange(n) % 10, [str(c) for c in range(10)], cfg["augment"]
+    ), f"synthetic {n} images {s}x{s}"
 
 
 def _batches(loader: DeviceTrainLoader):
@@ -91,8 +93,9 @@ def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scale
             index = ctx.peer
         else:
             all_logits, index = logits.detach().unsqueeze(0), 0  # no peers: plain cross-entropy
-        peer_update(logits, all_logits, index, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"],
-                    scaler)
+        peer_update(
+            logits, all_logits, index, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"], scaler
+        )
     elapsed = clock.seconds(start, clock.mark())
     return elapsed / n, sum(clock.seconds(a, b) for a, b in gathers) / n
 
@@ -113,23 +116,28 @@ class _OpCounter(TorchDispatchMode):
 
 def _ops_per_step(model, plain, optimizer, batches, ctx, cfg, scaler=None) -> dict:
     """ATen operations of one steady-state DML step (batch, augmentation and upload, forward, exchange,
-    loss, backward, optimizer, meters, DDP's gradient buckets), and of the peer's own module (``plain``: no
-    DDP, not compiled) forward and backward on the same kind of batch (``logits.sum().backward()``): the
-    difference is what the step adds around the model, the part that fusing and compiling can remove. ``collectives``: the c10d operations the step
-    ran (which exchange ran, seen where it happens)."""
+    loss, backward, optimizer, meters, DDP's gradient buckets), and of the peer's own module (``plain``: no DDP, not
+    compiled) forward and backward on the same kind of batch (``logits.sum().backward()``): the difference is what the
+    step adds around the model, the part that fusing and compiling can remove. ``collectives``: the c10d operations the
+    step ran (which exchange ran, seen where it happens)."""
     with _OpCounter() as step:
         x, y = next(batches)
         logits = forward(model, x, cfg["amp"], cfg["channels_last"])
         all_logits = exchange(logits, ctx, cfg)
-        peer_update(logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"],
-                    scaler)
+        peer_update(
+            logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"], scaler
+        )
     x, _ = next(batches)
     with _OpCounter() as alone:
         forward(plain, x, cfg["amp"], cfg["channels_last"]).float().sum().backward()
     optimizer.zero_grad(set_to_none=True)
-    return {"step": step.ops, "model_forward_backward": alone.ops, "outside_model": step.ops - alone.ops,
-            "collectives": sorted(set(step.collectives)),
-            "counted": "eager" if cfg["compile"] else "as run"}  # dynamo runs no compiled code under a dispatch mode
+    return {
+        "step": step.ops,
+        "model_forward_backward": alone.ops,
+        "outside_model": step.ops - alone.ops,
+        "collectives": sorted(set(step.collectives)),
+        "counted": "eager" if cfg["compile"] else "as run",
+    }  # dynamo runs no compiled code under a dispatch mode
 
 
 def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_images: int) -> dict:
@@ -163,9 +171,13 @@ def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_ima
 
     ops = list(cfg["augment"])
     fast, slow = batched(ops), per_sample(ops)
-    return {"augment": ops, "batched_images_per_s": round(fast), "per_sample_images_per_s": round(slow),
-            "batched_vs_per_sample": round(fast / slow, 1),
-            "crop_flip_batched_images_per_s": round(batched(["crop", "flip"]))}
+    return {
+        "augment": ops,
+        "batched_images_per_s": round(fast),
+        "per_sample_images_per_s": round(slow),
+        "batched_vs_per_sample": round(fast / slow, 1),
+        "crop_flip_batched_images_per_s": round(batched(["crop", "flip"])),
+    }
 
 
 def _per_peer(per_rank: list[dict], cfg: dict, ctx) -> list[dict]:
@@ -176,9 +188,17 @@ def _per_peer(per_rank: list[dict], cfg: dict, ctx) -> list[dict]:
         mine = [per_rank[q] for q in ctx.ranks_of(k)]
         step = sum(x["dml_ms"] for x in mine) / r
         wait = sum(x["exchange_ms"] for x in mine) / r
-        out.append({"peer": k + 1, "model": peer_model_name(cfg, k), "replicas": r, "step_ms": round(step, 2),
-                    "compute_ms": round(step - wait, 2), "exchange_ms": round(wait, 2),
-                    "idle_share": round(wait / step, 3)})
+        out.append(
+            {
+                "peer": k + 1,
+                "model": peer_model_name(cfg, k),
+                "replicas": r,
+                "step_ms": round(step, 2),
+                "compute_ms": round(step - wait, 2),
+                "exchange_ms": round(wait, 2),
+                "idle_share": round(wait / step, 3),
+            }
+        )
     return out
 
 
@@ -197,7 +217,9 @@ def run(cfg: dict, bench: dict) -> dict | None:
         torch.manual_seed(cfg["seed"] + ctx.peer)
         model = build_model(peer_model_name(cfg, ctx.peer), len(ds.classes), image_size=cfg["image_size"])
         cfg["channels_last"] = channels_last_choice(cfg["channels_last"], model, ctx.device, cfg["amp"])[0]
-        model = model.to(ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
+        model = model.to(
+            ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        )
         model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
         if cfg["compile"]:
             train_model = torch.compile(train_model)
@@ -215,8 +237,14 @@ def run(cfg: dict, bench: dict) -> dict | None:
         ops = _ops_per_step(train_model, model, optimizer, batches, ctx, cfg, scaler)  # collective (the exchange)
         alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
         dml_s, gather_s = sorted(dml)[len(dml) // 2]
-        per_rank = D.gather_objects({"alone_ms": round(1000 * alone_s, 2), "dml_ms": round(1000 * dml_s, 2),
-                                     "exchange_ms": round(1000 * gather_s, 2), **ctx.describe()})
+        per_rank = D.gather_objects(
+            {
+                "alone_ms": round(1000 * alone_s, 2),
+                "dml_ms": round(1000 * dml_s, 2),
+                "exchange_ms": round(1000 * gather_s, 2),
+                **ctx.describe(),
+            }
+        )
         loaders = _loader_rates(ds, cfg, ctx.device, bench["loader_images"]) if ctx.is_main else None
         D.barrier()  # the other ranks wait while rank 0 times the loaders alone
         if not ctx.is_main:
@@ -224,15 +252,28 @@ def run(cfg: dict, bench: dict) -> dict | None:
         slowest = max(per_rank, key=lambda r: r["dml_ms"])
         alone = max(r["alone_ms"] for r in per_rank)
         result = {
-            "model": cfg["model"], "batch_size": cfg["batch_size"], "image_size": cfg["image_size"],
-            "peers": cfg["model_num"], "replicas": cfg["replicas"], "amp": cfg["amp"], "compile": cfg["compile"],
-            "data": source, "steps": n, "rounds": bench["rounds"],
+            "model": cfg["model"],
+            "batch_size": cfg["batch_size"],
+            "image_size": cfg["image_size"],
+            "peers": cfg["model_num"],
+            "replicas": cfg["replicas"],
+            "amp": cfg["amp"],
+            "compile": cfg["compile"],
+            "data": source,
+            "steps": n,
+            "rounds": bench["rounds"],
             "images_per_s_per_peer": round(cfg["batch_size"] / (slowest["dml_ms"] / 1000), 1),
-            "dml_step_ms": slowest["dml_ms"], "alone_step_ms": alone,
+            "dml_step_ms": slowest["dml_ms"],
+            "alone_step_ms": alone,
             "dml_tax": round(slowest["dml_ms"] / alone, 3),
-            "exchange": cfg["exchange"], "exchange_share": round(slowest["exchange_ms"] / slowest["dml_ms"], 3),
-            "per_peer": _per_peer(per_rank, cfg, ctx), "ops_per_step": ops,
-            "loader": loaders, "threads_per_rank": ctx.placement.threads, "ranks": per_rank, "versions": versions(),
+            "exchange": cfg["exchange"],
+            "exchange_share": round(slowest["exchange_ms"] / slowest["dml_ms"], 3),
+            "per_peer": _per_peer(per_rank, cfg, ctx),
+            "ops_per_step": ops,
+            "loader": loaders,
+            "threads_per_rank": ctx.placement.threads,
+            "ranks": per_rank,
+            "versions": versions(),
         }
         return result
     finally:
@@ -243,15 +284,22 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--data"]:  # the data path's benchmark (bench_data.py)
         from .bench_data import main as data_main
+
         return data_main(argv[1:])
     if argv[:1] == ["--exchange"]:  # the exchange's scale benchmark (bench_exchange.py)
         from .bench_exchange import main as exchange_main
+
         return exchange_main(argv[1:])
     try:
         overrides = parse_overrides(argv)
         bench = {k: overrides.pop(k, v) for k, v in BENCH_KEYS.items()}
-        defaults = {"model": "resnet20", "batch_size": 128, "augment": True, "print_freq": 10 ** 6,
-                    "data_dir": "../shared/data/cifar10-small"}
+        defaults = {
+            "model": "resnet20",
+            "batch_size": 128,
+            "augment": True,
+            "print_freq": 10**6,
+            "data_dir": "../shared/data/cifar10-small",
+        }
         cfg = build_config(overrides={**defaults, **overrides})
         result = run(cfg, bench)
     except DMLError as e:

@@ -19,6 +19,7 @@ table and one JSON line, and draws ``plot`` (bytes and time against N) when matp
 Keys: ``peers`` ([2, 4, 8, 16]), ``batch`` (256), ``classes`` (1000), ``steps`` (20), ``rounds`` (3),
 ``temperature`` (4.0), ``plot`` (exchange.png; empty: none), ``out`` (append the JSON line there).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -33,14 +34,22 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from .checkpoint import versions
-from .config import parse_tool_keys
-from .errors import DMLError
-from .distributed import _ALL_GATHER
-from .logger import emit_json_line
+from ..checkpoint import versions
+from ..config import parse_tool_keys
+from ..distributed import _ALL_GATHER
+from ..errors import DMLError
+from ..logger import emit_json_line
 
-KEYS = {"peers": [2, 4, 8, 16], "batch": 256, "classes": 1000, "steps": 20, "rounds": 3, "temperature": 4.0,
-        "plot": "exchange.png", "out": None}
+KEYS = {
+    "peers": [2, 4, 8, 16],
+    "batch": 256,
+    "classes": 1000,
+    "steps": 20,
+    "rounds": 3,
+    "temperature": 4.0,
+    "plot": "exchange.png",
+    "out": None,
+}
 MODES = ("all_gather", "all_reduce")
 
 
@@ -63,8 +72,9 @@ def model_bytes(mode: str, n: int, b: int, c: int) -> int:
 
 def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, cfg: dict, ctx) -> tuple[float, float]:
     """One step's exchange and mutual-term forward+backward, timed: (exchange s, loss s)."""
-    from .exchange import PeerSums, exchange
-    from .loss import compute_dml_loss, loss_from_sums
+    from ..exchange import PeerSums, exchange
+    from ..loss import compute_dml_loss, loss_from_sums
+
     logits = z.clone().requires_grad_()
     t0 = time.perf_counter()
     got = exchange(logits, ctx, cfg)  # sync point, as in training
@@ -73,7 +83,7 @@ def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, cfg: dict, ctx) -> t
         loss = loss_from_sums(logits, got.summed, got.peers, y, cfg["temperature"], own=got.own)
     else:
         r = ctx.rank
-        loss = compute_dml_loss(logits, torch.cat([got[:r], got[r + 1:]]), y, cfg["temperature"])
+        loss = compute_dml_loss(logits, torch.cat([got[:r], got[r + 1 :]]), y, cfg["temperature"])
     loss.total.backward()
     return t1 - t0, time.perf_counter() - t1
 
@@ -108,10 +118,13 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
             out = {}
             for m, rs in rounds.items():
                 ex, loss, rx = (statistics.median(r[i] for r in rs) for i in range(3))  # each on its own
-                out[m] = {"exchange_ms": round(1000 * ex, 3), "loss_ms": round(1000 * loss, 3),
-                          # every rank's traffic crossed lo once during the timed steps
-                          "rx_bytes_per_rank": round(rx / n / b["steps"]),
-                          "model_bytes_per_rank": model_bytes(m, n, b["batch"], b["classes"])}
+                out[m] = {
+                    "exchange_ms": round(1000 * ex, 3),
+                    "loss_ms": round(1000 * loss, 3),
+                    # every rank's traffic crossed lo once during the timed steps
+                    "rx_bytes_per_rank": round(rx / n / b["steps"]),
+                    "model_bytes_per_rank": model_bytes(m, n, b["batch"], b["classes"]),
+                }
             results.put(out)
     finally:
         dist.destroy_process_group()
@@ -136,8 +149,11 @@ def run_cohort(n: int, b: dict) -> dict:
             except queue.Empty:
                 failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if failed or time.monotonic() > deadline:
-                    raise DMLError(f"a benchmark process failed with N={n} (exit codes {[p.exitcode for p in procs]})"
-                                   if failed else f"the benchmark with N={n} took over 600 s; lower peers= or steps=")
+                    raise DMLError(
+                        f"a benchmark process failed with N={n} (exit codes {[p.exitcode for p in procs]})"
+                        if failed
+                        else f"the benchmark with N={n} took over 600 s; lower peers= or steps="
+                    ) from None
         for p in procs:
             p.join(timeout=30)
         if any(p.exitcode for p in procs):
@@ -151,18 +167,23 @@ def run_cohort(n: int, b: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| N | mode | bytes/rank/step measured | model | exchange ms | loss ms | exchange + loss ms |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| N | mode | bytes/rank/step measured | model | exchange ms | loss ms | exchange + loss ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['peers']} | {r['mode']} | {r['rx_bytes_per_rank'] / 1e6:.2f} MB | "
-                     f"{r['model_bytes_per_rank'] / 1e6:.2f} MB | {r['exchange_ms']:.1f} | {r['loss_ms']:.1f} | "
-                     f"{r['exchange_ms'] + r['loss_ms']:.1f} |")
+        lines.append(
+            f"| {r['peers']} | {r['mode']} | {r['rx_bytes_per_rank'] / 1e6:.2f} MB | "
+            f"{r['model_bytes_per_rank'] / 1e6:.2f} MB | {r['exchange_ms']:.1f} | {r['loss_ms']:.1f} | "
+            f"{r['exchange_ms'] + r['loss_ms']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -183,8 +204,9 @@ def plot(rows: list[dict], path: str) -> bool:
         ax.legend(fontsize=8)
     ax1.set_yscale("log")
     b, c = rows[0]["batch"], rows[0]["classes"]
-    fig.suptitle(f"DML exchange, B={b}, C={c}, gloo on localhost ({os.cpu_count()} cores); dotted: ring model",
-                 fontsize=10)
+    fig.suptitle(
+        f"DML exchange, B={b}, C={c}, gloo on localhost ({os.cpu_count()} cores); dotted: ring model", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -200,17 +222,29 @@ def main(argv=None) -> int:
         for n in b["peers"]:
             for m, r in run_cohort(n, b).items():
                 rows.append({"peers": n, "mode": m, "batch": b["batch"], "classes": b["classes"], **r})
-                print(f"N={n:>3} {m:>10}: {r['rx_bytes_per_rank'] / 1e6:8.2f} MB/rank/step "
-                      f"(model {r['model_bytes_per_rank'] / 1e6:.2f}), exchange {r['exchange_ms']:8.1f} ms, "
-                      f"loss {r['loss_ms']:6.1f} ms", flush=True)
+                print(
+                    f"N={n:>3} {m:>10}: {r['rx_bytes_per_rank'] / 1e6:8.2f} MB/rank/step "
+                    f"(model {r['model_bytes_per_rank'] / 1e6:.2f}), exchange {r['exchange_ms']:8.1f} ms, "
+                    f"loss {r['loss_ms']:6.1f} ms",
+                    flush=True,
+                )
     except DMLError as e:
         print(f"dml-bench: error: {e}", file=sys.stderr)
         return 1
     print(table(rows))
     if b["plot"] and plot(rows, b["plot"]):
         print(f"plot: {b['plot']}")
-    emit_json_line({"benchmark": "exchange", "cores": os.cpu_count(), "steps": b["steps"], "rounds": b["rounds"],
-                    "rows": rows, "versions": versions()}, b["out"])
+    emit_json_line(
+        {
+            "benchmark": "exchange",
+            "cores": os.cpu_count(),
+            "steps": b["steps"],
+            "rounds": b["rounds"],
+            "rows": rows,
+            "versions": versions(),
+        },
+        b["out"],
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ the group's runs (seeds), the ensemble's, and the DML gain over the group that d
 accuracy per epoch (mean over seeds), per peer and ensemble, one colour per group; it needs matplotlib
 (``pip install 'dml-dist[plot]'``), without which only ``report.md`` is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,25 @@ import json
 import math
 import os
 import sys
-from typing import Optional
 
 # Keys that say how a run was named, filed, logged or launched, not what was trained (``exchange``: the same
 # loss and gradient either way, up to float rounding).
-IGNORED = ("seed", "experiment_name", "save_dir", "log_dir", "resume", "progress_bar", "print_freq", "save_freq",
-           "save_every_steps", "keep_last", "consistency_check_every", "num_workers", "download", "exchange")
+IGNORED = (
+    "seed",
+    "experiment_name",
+    "save_dir",
+    "log_dir",
+    "resume",
+    "progress_bar",
+    "print_freq",
+    "save_freq",
+    "save_every_steps",
+    "keep_last",
+    "consistency_check_every",
+    "num_workers",
+    "download",
+    "exchange",
+)
 MUTUAL_KEYS = ("kl_weight", "temperature", "mutual", "kl_warmup_epochs")
 
 
@@ -48,7 +62,8 @@ def load_summaries(paths: list[str]) -> list[dict]:
             with open(p) as f:
                 s = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"dml-compare: error: cannot read {p} ({type(e).__name__}); pass *_summary.json files")
+            msg = f"dml-compare: error: cannot read {p} ({type(e).__name__}); pass *_summary.json files"
+            raise SystemExit(msg) from None
         if not isinstance(s, dict) or "config" not in s or "history" not in s:
             raise SystemExit(f"dml-compare: error: {p} is not a dml-dist summary (no config/history)")
         s["_path"] = p
@@ -76,49 +91,75 @@ def group_stats(g: dict) -> dict:
     final = [[r["history"][-1]["val_acc"][k] for r in runs] for k in range(n_peers)]
     ens_best = [max(h["ensemble_acc"] for h in r["history"]) for r in runs]
     ens_final = [r["history"][-1]["ensemble_acc"] for r in runs]
-    return {"best": best, "final": final, "ens_best": ens_best, "ens_final": ens_final,
-            "peer_mean_best": [sum(b[i] for b in best) / n_peers for i in range(len(runs))]}
+    return {
+        "best": best,
+        "final": final,
+        "ens_best": ens_best,
+        "ens_final": ens_final,
+        "peer_mean_best": [sum(b[i] for b in best) / n_peers for i in range(len(runs))],
+    }
 
 
-def baseline_of(g: dict, groups: list[dict]) -> Optional[dict]:
+def baseline_of(g: dict, groups: list[dict]) -> dict | None:
     if float(g["config"].get("kl_weight", 1)) == 0:
         return None
     key = _key(g["config"], MUTUAL_KEYS)
     for other in groups:
-        if other is not g and float(other["config"].get("kl_weight", 1)) == 0 and _key(other["config"], MUTUAL_KEYS) == key:
+        if (
+            other is not g
+            and float(other["config"].get("kl_weight", 1)) == 0
+            and _key(other["config"], MUTUAL_KEYS) == key
+        ):
             return other
     return None
 
 
 def report(groups: list[dict]) -> str:
-    lines = ["# DML comparison", "",
-             "Validation accuracy (%), mean ± std over each group's runs (seeds). Best: the highest over the "
-             "epochs; final: after the last epoch.", ""]
+    lines = [
+        "# DML comparison",
+        "",
+        "Validation accuracy (%), mean ± std over each group's runs (seeds). Best: the highest over the "
+        "epochs; final: after the last epoch.",
+        "",
+    ]
     stats = {id(g): group_stats(g) for g in groups}
     for g in groups:
         s = stats[id(g)]
         seeds = sorted(r["config"].get("seed") for r in g["runs"])
         epochs = len(g["runs"][0]["history"])
-        lines += [f"## {g['label']}", "",
-                  f"{len(g['runs'])} run(s), seeds {seeds}, {epochs} epochs, model {g['config'].get('model')}, "
-                  f"kl_weight {g['config'].get('kl_weight')}", "",
-                  "| | best val acc | final val acc |", "|---|---|---|"]
+        lines += [
+            f"## {g['label']}",
+            "",
+            f"{len(g['runs'])} run(s), seeds {seeds}, {epochs} epochs, model {g['config'].get('model')}, "
+            f"kl_weight {g['config'].get('kl_weight')}",
+            "",
+            "| | best val acc | final val acc |",
+            "|---|---|---|",
+        ]
         for k, (b, f) in enumerate(zip(s["best"], s["final"])):
             lines.append(f"| peer {k + 1} | {_fmt(b)} | {_fmt(f)} |")
-        lines.append(f"| peers' mean | {_fmt(s['peer_mean_best'])} | "
-                     f"{_fmt([sum(f[i] for f in s['final']) / len(s['final']) for i in range(len(g['runs']))])} |")
+        lines.append(
+            f"| peers' mean | {_fmt(s['peer_mean_best'])} | "
+            f"{_fmt([sum(f[i] for f in s['final']) / len(s['final']) for i in range(len(g['runs']))])} |"
+        )
         lines.append(f"| ensemble | {_fmt(s['ens_best'])} | {_fmt(s['ens_final'])} |")
         if all("train_acc" in r["history"][-1] for r in g["runs"]):
             train = [sum(r["history"][-1]["train_acc"]) / len(r["history"][-1]["train_acc"]) for r in g["runs"]]
-            lines += ["", f"Final train accuracy (on augmented batches), peers' mean: {_fmt(train)}: "
-                          f"the gap to the final validation accuracy shows how far the peers overfit."]
+            lines += [
+                "",
+                f"Final train accuracy (on augmented batches), peers' mean: {_fmt(train)}: "
+                f"the gap to the final validation accuracy shows how far the peers overfit.",
+            ]
         base = baseline_of(g, groups)
         if base is not None:
             b = stats[id(base)]
             gain = _mean_std(s["peer_mean_best"])[0] - _mean_std(b["peer_mean_best"])[0]
             gain_ens = _mean_std(s["ens_best"])[0] - _mean_std(b["ens_best"])[0]
-            lines += ["", f"DML gain over `{base['label']}` (kl_weight 0): peers' mean best accuracy "
-                          f"{100 * gain:+.2f} points, ensemble best {100 * gain_ens:+.2f} points."]
+            lines += [
+                "",
+                f"DML gain over `{base['label']}` (kl_weight 0): peers' mean best accuracy "
+                f"{100 * gain:+.2f} points, ensemble best {100 * gain_ens:+.2f} points.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -126,11 +167,15 @@ def report(groups: list[dict]) -> str:
 def plot(groups: list[dict], path: str) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("dml-compare: matplotlib is not installed, so curves.png was not written; install it with "
-              "pip install 'dml-dist[plot]' (report.md was written)", file=sys.stderr)
+        print(
+            "dml-compare: matplotlib is not installed, so curves.png was not written; install it with "
+            "pip install 'dml-dist[plot]' (report.md was written)",
+            file=sys.stderr,
+        )
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
