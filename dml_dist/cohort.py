@@ -34,8 +34,8 @@ from .checkpoint import (
     versions,
 )
 from .data.folders import files_changed
-from .engine import Meters, meter_table
 from .errors import DMLError
+from .meters import Meters, meter_table
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .augment import AUGMENTATIONS
+from .data.augment import AUGMENTATIONS
 from .errors import DMLError
 from .models import canonical_model_name
 

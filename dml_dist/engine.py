@@ -9,139 +9,22 @@ gathered, never summed, since each rank is a different peer.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import resource
 import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed as D
 from . import faults, stall
-from .data.memory import shard_rows
+from .data.fingerprint import check_batch_consistency
 from .errors import DMLError
 from .exchange import EXCHANGE_WAIT, PeerSums, exchange
 from .logger import NullLogger, format_eta
 from .loss import compute_dml_loss, loss_from_sums
-
-
-class Meters:
-    """One peer's running sums over one epoch, kept on the device so a step never waits for the host:
-    ``[loss * n, ce * n, kl * n, correct, n]`` in float64, plus a flag set by any non-finite loss since the
-    last check. Read (a host sync) only at ``print_freq`` boundaries, before a checkpoint and at the end
-    of the epoch."""
-
-    def __init__(self, device="cpu", sums: dict | None = None):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
-        if sums:
-            self.sums.copy_(torch.tensor([sums[k] for k in ("loss", "ce", "kl", "correct", "n")], dtype=torch.float64))
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.unchecked_from: int | None = None  # first step not yet checked for a finite loss
-        self.data_time = self.step_time = self.exchange_time = 0.0  # this rank's seconds (host, not saved)
-        self.data_error: str | None = None  # the loader's first unreadable file (stream path), checked here
-
-    def add(self, stats: torch.Tensor, finite: torch.Tensor) -> None:
-        self.sums += stats
-        self.bad |= ~finite
-
-    def state_dict(self) -> dict:
-        return dict(zip(("loss", "ce", "kl", "correct", "n"), self.sums.cpu().tolist()))
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def batch_fingerprint(x: torch.Tensor, y: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
-    """[2] int64: hashes of the labels and of what defines the inputs. ``source``: the loader's
-    ``(uint8 batch before augmentation, AugParams)`` (memory and stream paths): a quarter of the float
-    batch's bytes cross to the host, plus the parameters; without it, the float inputs themselves."""
-
-    def h(*ts: torch.Tensor) -> int:
-        digest = hashlib.blake2b(digest_size=8)
-        for t in ts:
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return int.from_bytes(digest.digest(), "little", signed=True)
-
-    if source is not None:
-        u8, params = source
-        return torch.tensor([h(y), h(u8, *(getattr(params, f.name) for f in fields(params)))], dtype=torch.int64)
-    return torch.tensor([h(y), h(x)], dtype=torch.int64)
-
-
-def check_batch_consistency(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    epoch: int,
-    step: int,
-    ctx: D.DistContext | None = None,
-    source: tuple | None = None,
-    data_error: str | None = None,
-) -> None:
-    """Collective: the ranks compare batch fingerprints; every rank raises on a mismatch. A rank whose
-    loader met an unreadable file (``data_error``: its rows are zeros) makes every rank raise that line
-    first, not a mismatch.
-
-    The batch is cut into L equal chunks of rows, L the least common multiple of the peers' replica
-    counts, so every rank's share is whole chunks whatever its peer's number of replicas: every rank
-    fingerprints its chunks, and every chunk must look the same on every rank that holds it (the
-    fingerprint most of its holders share is taken as right)."""
-    rank = ctx.rank if ctx is not None else 0
-    stall.report_progress(epoch, step, "the batch fingerprint check")
-    # one copy to the host (sync point); the chunks are views of it
-    y = y.cpu()
-    if source is not None:
-        source = (source[0].cpu(), source[1].to(torch.device("cpu")))
-    else:
-        x = x.cpu()
-    faults.record_fingerprint(rank, epoch, step, lambda: batch_fingerprint(x, y, source))
-    if ctx is None:
-        return
-    chunks = math.lcm(*ctx.layout)
-    mine = chunks // ctx.replicas
-    table = torch.zeros(chunks, 4, dtype=torch.int64)  # per chunk: [held, labels hash, inputs hash, data error]
-    table[:, 3] = int(data_error is not None)
-    for c in range(mine):
-        part = (c, mine)
-        src = tuple(shard_rows(t, part) for t in source) if source is not None else None
-        table[ctx.replica * mine + c, :3] = torch.cat(
-            [torch.ones(1, dtype=torch.int64), batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)]
-        )
-    fps = D.all_gather_tensor(table)  # [world, chunks, 4]
-    if bool(fps[:, :, 3].any()):
-        raise DMLError(next(e for e in D.all_gather_objects(data_error) if e))
-    fps = fps[:, :, :3]
-    bad, right, tied, what = set(), set(), set(), set()
-    for c in range(chunks):
-        holders = [k for k in range(fps.shape[0]) if fps[k, c, 0]]
-        votes = Counter(tuple(fps[k, c].tolist()) for k in holders)
-        if len(votes) == 1:
-            continue
-        ((majority, count),) = votes.most_common(1)
-        what.add("labels" if len({v[1] for v in votes}) > 1 else "augmented inputs")
-        if 2 * count <= len(holders):  # no majority (e.g. two peers): name both sides, blame neither
-            tied.update(holders)
-            continue
-        for k in holders:
-            (right if tuple(fps[k, c].tolist()) == majority else bad).add(k)
-    if bad or tied:
-        who = (
-            f"rank(s) {sorted(bad)} drew different {' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}"
-            if bad
-            else f"rank(s) {sorted(tied)} drew different {' and '.join(sorted(what))} (no majority "
-            f"tells which is right)"
-        )
-        raise DMLError(
-            f"batch mismatch at epoch {epoch} step {step}: {who}; every rank must use the same seed, "
-            f"data and augmentation settings"
-        )
+from .meters import DeviceClock, Meters, gather_meters, idle_line, peak_rss_gb
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -194,76 +77,6 @@ def peer_update(
     correct = (logits.detach().argmax(1) == y).sum().double().view(1)
     stats = torch.cat([parts, correct, correct.new_full((1,), float(n))])
     return stats, torch.isfinite(loss.total.detach())
-
-
-def _idle(k: int, step_s: float, wait_s: float) -> str:
-    """Peer k's time per step outside and inside the exchange, and the share spent waiting there."""
-    return f"p{k + 1} {1000 * (step_s - wait_s):.1f}/{1000 * wait_s:.1f} ({wait_s / max(step_s, 1e-9):.0%})"
-
-
-def sum_by_peer(per_rank: torch.Tensor, ctx: D.DistContext) -> torch.Tensor:
-    """[world, ...] rows of every rank -> [peers, ...]: each peer's rows summed over its replicas."""
-    peer = torch.tensor([ctx.peer_of(r) for r in range(per_rank.shape[0])])
-    return per_rank.new_zeros(ctx.peers, *per_rank.shape[1:]).index_add_(0, peer, per_rank)
-
-
-def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> torch.Tensor:
-    """Collective over the world (sync point): [peers, 9] float64, each peer's sums over its replicas
-    (``[loss * n, ce * n, kl * n, correct, n, non-finite, step s, exchange s, data error]``; never mixed across
-    peers). Raises on every rank, naming the peer(s) and the steps, when any loss went non-finite since the
-    last check, or with the loader's line when a rank's loader met an unreadable file (``Meters.data_error``)."""
-    mine = torch.cat(
-        [
-            meters.sums.cpu(),
-            meters.bad.cpu().double().view(1),
-            torch.tensor([meters.step_time, meters.exchange_time, meters.data_error is not None], dtype=torch.float64),
-        ]
-    )
-    table = sum_by_peer(D.all_gather_tensor(mine), ctx)
-    if bool(table[:, 8].any()):  # a rank's loader met an unreadable file since the last check
-        raise DMLError(next(e for e in D.all_gather_objects(meters.data_error) if e))
-    first = meters.unchecked_from if meters.unchecked_from is not None else step
-    meters.unchecked_from = step + 1
-    bad = [k + 1 for k, r in enumerate(table.tolist()) if r[5]]
-    if bad:
-        where = f"step {step}" if first == step else f"steps {first}-{step}"
-        raise DMLError(
-            f"peer(s) {bad}: loss is not finite (nan/inf) at epoch {epoch}, {where}; "
-            f"lower lr (or use amp=off) and check the data"
-        )
-    return table
-
-
-def gather_meters(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> list[list[float]]:
-    """``meter_table`` as one row per peer, on every rank: ``[loss, ce, kl, acc, n]`` averaged over the
-    peer's replicas, weighted by samples, then the seconds this epoch in steps and in the exchange, averaged
-    over the peer's replicas."""
-    table = meter_table(meters, ctx, epoch, step)
-    n = table[:, 4:5].clamp_min(1)
-    replicas = torch.tensor(ctx.layout, dtype=torch.float64).view(-1, 1)
-    return torch.cat([table[:, :4] / n, table[:, 4:5], table[:, 6:8] / replicas], 1).tolist()
-
-
-class DeviceClock:
-    """Time as the device sees it: CUDA events on a GPU (recorded on the compute stream, which waits for
-    the collectives; nothing synchronises when marking, ``seconds`` does, so read at sync points only),
-    ``perf_counter`` on the CPU (where every collective is synchronous anyway)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, a, b) -> float:
-        if not self.cuda:
-            return b - a
-        b.synchronize()
-        return a.elapsed_time(b) / 1000
 
 
 def train_one_epoch(
@@ -356,7 +169,8 @@ def train_one_epoch(
                     f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
                     f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
                     f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
-                    f"compute/exchange ms " + " ".join(_idle(k, a[5] / done, a[6] / done) for k, a in enumerate(rows))
+                    f"compute/exchange ms "
+                    + " ".join(idle_line(k, a[5] / done, a[6] / done) for k, a in enumerate(rows))
                 )
             if on_step is not None:
                 on_step(step, meters)

@@ -44,7 +44,7 @@ from .checkpoint import latest_path, peer_path, remove_stale_temp_files, version
 from .cohort import CohortCheckpoint, public_config
 from .config import build_config, default_model_num, finalize_config, parse_overrides, peer_model_name, world_size_for
 from .data import Datasets, build_datasets, make_eval_loader, make_train_loader
-from .engine import Meters, evaluate, gather_meters, train_one_epoch
+from .engine import evaluate, train_one_epoch
 from .errors import (
     DMLError,
     Stopped,
@@ -58,6 +58,7 @@ from .exchange import resolve_exchange
 from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .loss import kl_ramp
+from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice
 from .parallel import take_first_replica_buffers, wrap_replicas
 

@@ -4,8 +4,8 @@ depend on (seed, epoch, step) alone, exact mid-epoch resume, replica shards."""
 import pytest
 import torch
 
-from dml_dist.augment import AUGMENTATIONS, AugParams, augment_batch, augment_one, step_generator
 from dml_dist.data import DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset, normalize
+from dml_dist.data.augment import AUGMENTATIONS, AugParams, augment_batch, augment_one, step_generator
 
 
 def _dataset(n=40, size=16, augment=True, seed=0):
@@ -112,7 +112,7 @@ def test_eval_loader_covers_the_set_in_order_and_in_shards():
 def test_jitter_builds_its_greyscale_weights_once_per_device():
     """Issue 16: the weights were built from a Python list on every call (two blocking host-to-device
     copies per step on a GPU); now once per (device, dtype)."""
-    from dml_dist.augment import AugParams, _gray_weights, augment_batch, step_generator
+    from dml_dist.data.augment import AugParams, _gray_weights, augment_batch, step_generator
 
     _gray_weights.cache_clear()
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
@@ -125,7 +125,7 @@ def test_jitter_builds_its_greyscale_weights_once_per_device():
 def test_fingerprint_hashes_the_uint8_batch_and_its_parameters_not_the_float_inputs():
     """Issue 16: the check copied the whole float batch to the host (300 MB at batch 512, 224 px); it now
     hashes what defines the batch: the uint8 images before augmentation and the augmentation parameters."""
-    from dml_dist.engine import batch_fingerprint
+    from dml_dist.data.fingerprint import batch_fingerprint
 
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ds = TensorImageDataset(images, torch.arange(20) % 2, ["a", "b"], ["crop", "flip"])

@@ -88,8 +88,8 @@ def test_the_ensemble_is_the_mean_of_the_peers_softmaxes():
 def test_the_batch_fingerprint_sees_the_images_the_labels_and_the_parameters_apart():
     """Issue 25: a fingerprint that hashed the labels twice (or ignored the images) passed the suite. Each
     of the three must change its own hash and leave the other alone."""
-    from dml_dist.augment import AugParams
-    from dml_dist.engine import batch_fingerprint
+    from dml_dist.data.augment import AugParams
+    from dml_dist.data.fingerprint import batch_fingerprint
 
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)

@@ -1,5 +1,8 @@
 """Datasets and the training data paths (README, "Data"). Every rank must see the same batches, byte for byte.
 
+- ``plan``: the batch plan (what each step holds, from ``(seed, epoch, step)``) and row shards.
+- ``augment``: the batch augmentations, on the device.
+- ``fingerprint``: the cross-rank batch check.
 - ``folders``: the file list of an image folder (scanned once) and the decoder (TorchCodec, PIL fallback).
 - ``cache``: the memory path's on-disk cache, decoded once per node, mapped read-only.
 - ``memory``: the decoded set on the device, batches sampled and augmented there.
@@ -25,13 +28,13 @@ from .memory import (
     EVAL_BATCH,
     MEAN,
     STD,
-    BatchPlan,
     DeviceEvalLoader,
     DeviceTrainLoader,
     TensorImageDataset,
     augment_image,
     normalize,
 )
+from .plan import BatchPlan
 from .sampler import SampleLoader, SeededDataset, SharedSeedBatchSampler, sample_dataloader
 from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
 

@@ -22,7 +22,8 @@ from .. import distributed as D
 from ..errors import DMLError
 from .cache import cached_images, default_cache_dir
 from .folders import FileList, center_resize, decode_file, scan, scan_shared
-from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset, shard_range
+from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset
+from .plan import shard_range
 from .sampler import SampleLoader, sample_dataloader
 from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
 

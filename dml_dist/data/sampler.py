@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DMLError
-from .memory import TensorImageDataset, epoch_generator
+from .memory import TensorImageDataset
+from .plan import epoch_generator
 from .stream import FileImageDataset
 
 

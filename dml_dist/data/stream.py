@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as D
-from ..augment import AUGMENTATIONS, AugParams, augment_one
 from ..errors import DMLError
+from .augment import AUGMENTATIONS, AugParams, augment_one
 from .cache import STAND_IN
 from .folders import (
     RRC_TRIES,
@@ -42,7 +42,8 @@ from .folders import (
     read_file,
     resized_crop,
 )
-from .memory import EVAL_BATCH, BatchPlan, TrainBatches, normalize, shard_range, shard_rows
+from .memory import EVAL_BATCH, TrainBatches, normalize
+from .plan import BatchPlan, shard_range, shard_rows
 
 
 class FileImageDataset(Dataset):

@@ -41,10 +41,11 @@ from .. import distributed as D
 from ..checkpoint import versions
 from ..config import build_config, finalize_config, parse_overrides, peer_model_name
 from ..data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
-from ..engine import DeviceClock, forward, peer_update
+from ..engine import forward, peer_update
 from ..errors import DMLError
 from ..exchange import exchange, resolve_exchange
 from ..logger import emit_json_line
+from ..meters import DeviceClock
 from ..models import build_model, channels_last_choice
 from ..parallel import wrap_replicas
 

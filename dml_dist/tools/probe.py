@@ -25,7 +25,7 @@ import torch
 from .. import distributed as D
 from ..config import build_config, finalize_config, parse_overrides
 from ..data.build import build_datasets, make_eval_loader, make_train_loader
-from ..engine import batch_fingerprint
+from ..data.fingerprint import batch_fingerprint
 from ..errors import DMLError
 from ..logger import emit_json_line
 
