@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .data.augment import AUGMENTATIONS
+from .distributed.layout import replica_layout
 from .errors import DMLError
 from .models import canonical_model_name
 
@@ -318,12 +319,6 @@ def _replicas(v):
         f"replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers, "
         f"one per peer (e.g. [1, 3]), got {v!r}"
     )
-
-
-def replica_layout(cfg: dict) -> tuple[int, ...]:
-    """Replicas per peer (``model_num`` set): the list as given, or the integer for every peer."""
-    r = cfg["replicas"]
-    return tuple(r) if isinstance(r, list) else (r,) * cfg["model_num"]
 
 
 def default_model_num(cfg: dict) -> int:

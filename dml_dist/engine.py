@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,17 @@ from .data.fingerprint import check_batch_consistency
 from .errors import DMLError
 from .exchange import EXCHANGE_WAIT, PeerSums, exchange
 from .logger import NullLogger, format_eta
-from .loss import compute_dml_loss, loss_from_sums
+from .loss import compute_dml_loss, kl_ramp, loss_from_sums
 from .meters import DeviceClock, Meters, gather_meters, idle_line, peak_rss_gb
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """Mixed precision applies on GPUs only; CPU runs stay in fp32 so their results never change."""
+    if device.type != "cuda":
+        return "off"
+    if amp == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return amp
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -79,28 +88,35 @@ def peer_update(
     return stats, torch.isfinite(loss.total.detach())
 
 
+class Peer(NamedTuple):
+    """What a training step updates: the model it calls (DDP over the peer's replicas and/or compiled), its
+    optimizer and, with fp16, the GradScaler."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None = None
+
+
 def train_one_epoch(
-    model,
-    optimizer,
+    peer: Peer,
     loader,
     ctx: D.DistContext,
     cfg: dict,
     epoch: int,
-    logger: NullLogger | None = None,
+    *,
     start_step: int = 0,
     meters: Meters | None = None,
-    scaler=None,
-    on_step: Callable[[int, Meters], None] | None = None,
-    kl_weight: Callable[[int], float] | None = None,
+    logger: NullLogger | None = None,
+    checkpointer=None,
     watch: stall.StepWatch | None = None,
 ) -> Meters:
     """One epoch for this rank's peer. ``epoch`` counts from 1; ``start_step`` skips already-done batches
-    (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). ``kl_weight(step)``
-    gives the mutual term's weight per step (warm-up); default: ``cfg['kl_weight']``.
+    (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). After each step the
+    ``checkpointer`` is told the position (it decides whether to write); ``watch`` is rank 0's stall watch.
 
     No host sync inside a step: the meters live on the device and are read at ``print_freq`` boundaries.
     """
-    model.train()
+    peer.model.train()
     logger = logger or NullLogger()
     meters = meters or Meters(ctx.device)
     meters.unchecked_from = start_step
@@ -110,7 +126,6 @@ def train_one_epoch(
     t_epoch = t_last = time.time()
     clock, spans = DeviceClock(ctx.device), []  # the exchange's wait, read at the print boundaries
     sync_check, checked = os.environ.get("DML_SYNC_CHECK") == "1" and ctx.device.type == "cuda", 0
-    every_save = cfg["save_every_steps"]
 
     def steady(s: int) -> bool:
         """Step ``s`` has no planned host sync: not the first two, no meter read, check or save after it."""
@@ -119,7 +134,7 @@ def train_one_epoch(
             and (s + 1) % cfg["print_freq"] != 0
             and s + 1 < steps
             and not (check_every and s % check_every == 0)
-            and not (every_save and ((epoch - 1) * steps + s + 1) % every_save == 0)
+            and not (checkpointer is not None and checkpointer.due(epoch, s + 1))
         )
 
     if watch is not None:
@@ -140,14 +155,14 @@ def train_one_epoch(
                     getattr(loader, "last_source", None),
                     meters.data_error or getattr(loader, "error", None),
                 )
-            logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+            logits = forward(peer.model, x, cfg["amp"], cfg["channels_last"])
             stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
             c0 = clock.mark()
             all_logits = exchange(logits, ctx, cfg)  # sync point: the step's one collective
             spans.append((c0, clock.mark()))
-            w = kl_weight(step) if kl_weight is not None else cfg["kl_weight"]
+            w = kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], steps, epoch, step)  # the warm-up, per step
             stats, finite = peer_update(
-                logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], w, cfg["mutual"], scaler
+                logits, all_logits, ctx.peer, y, peer.optimizer, cfg["temperature"], w, cfg["mutual"], peer.scaler
             )
             meters.add(stats, finite)
             meters.data_error = meters.data_error or getattr(loader, "error", None)
@@ -172,8 +187,8 @@ def train_one_epoch(
                     f"compute/exchange ms "
                     + " ".join(idle_line(k, a[5] / done, a[6] / done) for k, a in enumerate(rows))
                 )
-            if on_step is not None:
-                on_step(step, meters)
+            if checkpointer is not None:
+                checkpointer.save(epoch, step + 1, meters=meters)
             if watch is not None and step + 1 < steps:
                 watch.start(epoch, step + 1)
             if sync_check:  # DML_SYNC_CHECK=1 (gpu_check): any host sync in a steady-state step raises
@@ -239,7 +254,7 @@ def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
     back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank."""
     logits, labels = predict(model, loader, ctx.device, cfg["amp"], cfg["channels_last"])
     positions = torch.as_tensor(loader.positions, device=labels.device)[: len(labels)]
-    sizes = [int(v) for v in D.all_gather_tensor(torch.tensor([len(labels)])).flatten()]
+    sizes = [int(v) for v in D.all_gather(torch.tensor([len(labels)])).flatten()]
     pad = max(sizes) - len(labels)  # gather needs equal shapes: pad every share to the largest
     all_logits = D.gather_to_main(F.pad(logits, (0, 0, 0, pad)))  # sync point
     all_labels = D.gather_to_main(F.pad(labels, (0, pad)))

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+import torch.distributed as dist
+
 
 class DMLError(Exception):
     """A user-facing error: the message names the problem and the fix.
@@ -21,7 +23,7 @@ class DMLError(Exception):
         super().__init__(message)
         self.all_ranks = all_ranks
         # The process group's store, attached by ``train.run`` when the error ends a group it created: the
-        # other ranks wait there for rank 0 to have printed the line (``train.report_error``).
+        # other ranks wait there for rank 0 to have printed the line (``report.report_error``).
         self.store = None
 
 
@@ -102,3 +104,22 @@ def die_of_sigterm() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.kill(os.getpid(), signal.SIGTERM)
     os._exit(128 + signal.SIGTERM)  # not reached unless the signal could not be delivered
+
+
+# What a rank sees when another rank died mid-collective (gloo's TCP pairs, the c10d store).
+_CONNECTION_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+    "connection closed",
+    "Socket Timeout",
+)
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """An error a rank gets when another rank died mid-collective (the cause is on that other rank):
+    a network error of the process group, or a connection failure. Any other backend error is not."""
+    if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(s in str(e) for s in _CONNECTION_LOST)

@@ -56,7 +56,7 @@ def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
         if cfg["exchange"] == "all_reduce":
             own = exchange_payload(logits, cfg["temperature"])
             return PeerSums(D.all_reduce_sum(own, ctx.peer_group), D.group_size(ctx.peer_group), own)
-        return D.all_gather_logits(logits, ctx.peer_group)
+        return D.all_gather(logits, ctx.peer_group)
     # A layout that is not a rectangle (replicas: [1, 3]): peers split the batch B into different shares,
     # so the exchange runs over the world by batch rows; each rank keeps exactly its own rows.
     batch = logits.shape[0] * ctx.replicas  # training batches are full (the samplers drop the last)
@@ -67,7 +67,7 @@ def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
         full[lo:hi] = own  # every peer's rows add up once: S and H for the whole batch
         return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own)
     width = batch // min(ctx.layout)  # the largest share; gather needs equal shapes
-    shares = D.all_gather_logits(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
+    shares = D.all_gather(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
     return torch.stack(
         [torch.cat([shares[q, : batch // r] for q in ctx.ranks_of(k)])[lo:hi] for k, r in enumerate(ctx.layout)]
     )

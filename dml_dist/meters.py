@@ -67,7 +67,7 @@ def meter_table(meters: Meters, ctx: D.DistContext, epoch: int, step: int) -> to
             torch.tensor([meters.step_time, meters.exchange_time, meters.data_error is not None], dtype=torch.float64),
         ]
     )
-    table = sum_by_peer(D.all_gather_tensor(mine), ctx)
+    table = sum_by_peer(D.all_gather(mine), ctx)
     if bool(table[:, 8].any()):  # a rank's loader met an unreadable file since the last check
         raise DMLError(next(e for e in D.all_gather_objects(meters.data_error) if e))
     first = meters.unchecked_from if meters.unchecked_from is not None else step

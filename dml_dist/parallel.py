@@ -1,4 +1,5 @@
-"""Data-parallel replicas of one peer: DDP over the ``replica`` group, optional SyncBN within it.
+"""How a peer's model is wrapped: data-parallel replicas (DDP over the ``replica`` group, optional SyncBN within it)
+and what ``torch.compile`` made of it.
 
 Peers are never wrapped together: each peer's replicas form their own group (``DistContext.replica_group``)
 and DDP averages gradients there only; the logits travel over the ``peer`` group. Over equal shards, DDP's
@@ -110,3 +111,22 @@ def take_first_replica_buffers(model: nn.Module, ctx: DistContext) -> None:
     src = ctx.ranks_of(ctx.peer)[0]
     for buf in model.buffers():
         dist.broadcast(buf, src, group=ctx.replica_group)
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, from dynamo's private counters; (0, 0) when
+    they cannot be read (a log line must never stop training)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    except Exception:  # noqa: BLE001
+        return 0, 0
+
+
+def compile_report(model, before: tuple[int, int]) -> str:
+    """What torch.compile did in the first epoch (dynamo's counters since ``before``, so a caller's own
+    compiled graphs do not count): proof that the peer really runs compiled, and how often dynamo fell back
+    to eager."""
+    graphs, breaks = (now - then for now, then in zip(dynamo_counts(), before))
+    return f"compile: {type(model).__name__}, {graphs} graph(s) compiled, {breaks} graph break(s) in the first epoch"

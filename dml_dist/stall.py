@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from .distributed import _active
+from .distributed import is_active
 
 _PROGRESS: list = [0, 0, "setup", 0.0]  # this rank's last report, kept locally too
 
@@ -24,14 +24,14 @@ def report_progress(epoch: int, step: int, what: str) -> None:
     key-value store (a one-way host-side TCP write, no device sync), so that when a collective times out
     the ranks still alive can name the one that stopped answering. Skipped in a world of one."""
     _PROGRESS[:] = [epoch, step, what, time.time()]
-    store = default_store() if _active() and dist.get_world_size() > 1 else None
+    store = default_store() if is_active() and dist.get_world_size() > 1 else None
     if store is not None:
         store.set(f"dml_progress/{dist.get_rank()}", json.dumps(_PROGRESS))
 
 
 def default_store():
     """The default process group's key-value store (None without a group)."""
-    if not _active():
+    if not is_active():
         return None
     try:  # the default group's store (the rendezvous' TCPStore); private in torch, stable since 1.x
         return dist.distributed_c10d._get_default_store()
@@ -141,7 +141,7 @@ class StepWatch:
             if cur is None or len(done) < 3:
                 continue
             median, waited = done[len(done) // 2], time.monotonic() - cur[2]
-            if waited > self.timeout_s and not reported() and _active() and time.monotonic() - self._asked > 5:
+            if waited > self.timeout_s and not reported() and is_active() and time.monotonic() - self._asked > 5:
                 self._asked = time.monotonic()
                 self._name_the_stalled_rank(cur[:2])
             if self.warned == cur[:2]:

@@ -22,9 +22,9 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from .distributed import is_peer_loss
-    from .errors import DMLError, stop_on_sigterm
-    from .train import ERROR_PREFIX, report_error, report_lost_contact, run
+    from .errors import DMLError, is_peer_loss, stop_on_sigterm
+    from .report import ERROR_PREFIX, report_error, report_lost_contact
+    from .train import run
 
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))

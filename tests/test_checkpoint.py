@@ -311,7 +311,7 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
 def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
     """The trainer uses fused SGD on CUDA only; a checkpoint's param groups carry ``fused``, which a plain
     ``load_state_dict`` would copy over this run's choice (a GPU run's fused kernel on a CPU resume)."""
-    from dml_dist.cohort import load_optimizer_state
+    from dml_dist.checkpoint import load_optimizer_state
 
     w = [torch.nn.Parameter(torch.randn(4))]
     fused = torch.optim.SGD(w, lr=0.1, momentum=0.9, fused=True)

@@ -14,8 +14,7 @@ import torch
 from conftest import CI, REPO, SHARED_DATA, _env, base_args, kill_tree, read_summary, requires, run_cmd, torchrun
 
 from dml_dist import DMLError
-from dml_dist.distributed import is_peer_loss
-from dml_dist.placement import (
+from dml_dist.distributed.placement import (
     Placement,
     assign_gpus,
     exchange_identities,
@@ -23,6 +22,7 @@ from dml_dist.placement import (
     process_group_backend,
     resolve_placement,
 )
+from dml_dist.errors import is_peer_loss
 
 LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 

@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as D
+from ..distributed.placement import host_cpus
 from ..errors import DMLError
-from ..placement import host_cpus
 from .folders import FileList, center_resize, load_image
 
 STAND_IN = 128  # bad_images=skip: an unreadable file's image is uniform grey (the stream path's stand-in too)

@@ -74,7 +74,7 @@ def check_batch_consistency(
         table[ctx.replica * mine + c, :3] = torch.cat(
             [torch.ones(1, dtype=torch.int64), batch_fingerprint(shard_rows(x, part), shard_rows(y, part), src)]
         )
-    fps = D.all_gather_tensor(table)  # [world, chunks, 4]
+    fps = D.all_gather(table)  # [world, chunks, 4]
     if bool(fps[:, :, 3].any()):
         raise DMLError(next(e for e in D.all_gather_objects(data_error) if e))
     fps = fps[:, :, :3]

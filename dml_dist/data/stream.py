@@ -406,7 +406,7 @@ class _CooperativeLoader:
     def raise_pending(self) -> None:
         """Collective over the world: stop every rank with the first line if any rank met an unreadable
         file since the last check."""
-        flags = D.all_gather_tensor(torch.tensor([self.error is not None]))
+        flags = D.all_gather(torch.tensor([self.error is not None]))
         if bool(flags.any()):
             first = next(e for e in D.all_gather_objects(self.error) if e)
             self.error = None

@@ -45,9 +45,9 @@ import torch
 
 from ..checkpoint import versions
 from ..config import build_config, parse_tool_keys
+from ..distributed.placement import host_cpus
 from ..errors import DMLError
 from ..logger import emit_json_line
-from ..placement import host_cpus
 
 KEYS = {
     "data_dir": None,

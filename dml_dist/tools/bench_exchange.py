@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ..checkpoint import versions
 from ..config import parse_tool_keys
-from ..distributed import _ALL_GATHER
+from ..distributed import ALL_GATHER
 from ..errors import DMLError
 from ..logger import emit_json_line
 
@@ -112,7 +112,7 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
                 rx = loopback_rx_bytes() - rx0
                 mine = torch.tensor([sum(t[0] for t in times), sum(t[1] for t in times)]) / b["steps"]
                 slowest = torch.stack([torch.empty_like(mine) for _ in range(n)])
-                _ALL_GATHER(slowest.view(-1), mine)
+                ALL_GATHER(slowest.view(-1), mine)
                 rounds[m].append((slowest[:, 0].max().item(), slowest[:, 1].max().item(), rx))
         if rank == 0:
             out = {}

@@ -21,9 +21,9 @@ try:
     out["device_only_group"] = "no error"
 except RuntimeError as e:
     out["device_only_group"] = str(e).splitlines()[0]
-out["host_group_used"] = D._host_group() is not None and D._host_group() is D._host_group()
+out["host_group_used"] = D.host_group() is not None and D.host_group() is D.host_group()
 out["host_side_ok"] = (
-    D.all_gather_tensor(torch.ones(2)).tolist() == [[1.0, 1.0]]
+    D.all_gather(torch.ones(2)).tolist() == [[1.0, 1.0]]
     and D.gather_to_main(torch.ones(1)).tolist() == [[1.0]]
     and D.all_gather_objects("o") == ["o"]
     and D.broadcast_object("b") == "b"
@@ -36,8 +36,8 @@ D.destroy_distributed()
 placement = D.resolve_placement(0, 1, 0)
 dist.init_process_group(D.process_group_backend(placement))
 out["backend"] = str(dist.get_backend())
-out["no_host_group"] = D._host_group() is None  # a group with a CPU backend serves host-side collectives itself
-out["all_gather"] = D.all_gather_logits(torch.arange(6.0).view(2, 3)).shape == (1, 2, 3)
+out["no_host_group"] = D.host_group() is None  # a group with a CPU backend serves host-side collectives itself
+out["all_gather"] = D.all_gather(torch.arange(6.0).view(2, 3)).shape == (1, 2, 3)
 out["gather_to_main"] = D.gather_to_main(torch.ones(3)).tolist() == [[1.0, 1.0, 1.0]]
 out["objects"] = (
     D.gather_objects({"a": 1}) == [{"a": 1}]

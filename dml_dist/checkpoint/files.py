@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from . import faults
-from .errors import DMLError
+from .. import faults
+from ..errors import DMLError
 
 FORMAT = "dml-dist/1"
 
@@ -35,7 +35,7 @@ def _versions() -> tuple:
 
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     try:
         import torchcodec

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DMLError
+from ..errors import DMLError
 
 
 @dataclass(frozen=True)

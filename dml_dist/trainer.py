@@ -1,0 +1,249 @@
+"""The Trainer: one rank's peer (or one replica of it), its loaders and checkpointer, and the cohort's train state.
+
+Every call goes down: ``fit`` -> ``engine.train_one_epoch`` (which tells the checkpointer each position) ->
+``engine.evaluate`` -> ``Checkpointer.save``. The train state (epochs and steps done, history, best accuracies,
+run facts) is the same on every rank; the checkpointer reads it through ``state_dict()`` and restores it through
+``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import distributed as D
+from . import faults, stall
+from .checkpoint import Checkpointer, PeerState, latest_path, peer_path, public_config, versions
+from .config import peer_model_name
+from .data import Datasets, make_eval_loader, make_train_loader
+from .engine import Peer, evaluate, train_one_epoch
+from .errors import DMLError
+from .meters import Meters, gather_meters
+from .models import build_model, channels_last_choice
+from .parallel import compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
+
+
+class Trainer:
+    def __init__(self, cfg: dict, ctx: D.DistContext, logger, data: Datasets):
+        self.cfg, self.ctx, self.logger, self.data = cfg, ctx, logger, data
+        self.arch = peer_model_name(cfg, ctx.peer)
+        self.archs = [peer_model_name(cfg, k) for k in range(cfg["model_num"])]
+        torch.manual_seed(cfg["seed"] + ctx.peer)  # peers start from different weights, a peer's replicas alike
+        try:
+            model = build_model(self.arch, data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"])
+        except DMLError as e:
+            raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
+        cfg["channels_last"], why = channels_last_choice(cfg["channels_last"], model, ctx.device, cfg["amp"])
+        layout = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        # self.model: the peer itself (its state dict is what checkpoints hold); the step calls DDP over the
+        # peer's replicas and/or torch.compile of it.
+        self.model, train_model = wrap_replicas(model.to(ctx.device, memory_format=layout), ctx, cfg["sync_bn"])
+        if cfg["compile"]:
+            train_model = torch.compile(train_model)
+        optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg["lr"],
+            momentum=cfg["momentum"],
+            weight_decay=cfg["weight_decay"],
+            nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+            fused=ctx.device.type == "cuda",  # CUDA: one kernel, no GradScaler sync
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
+        scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+        self.peer = Peer(train_model, optimizer, scaler)
+        self._build_loaders()
+
+        # The train state, identical on every rank.
+        self.epoch, self.step = 0, 0  # completed epochs; steps done in the current one
+        self.history: list[dict] = []
+        self.best: list[float | None] = [None] * cfg["model_num"]
+        self.best_epochs: list[int | None] = [None] * cfg["model_num"]
+        self.best_ensemble = 0.0
+        self.meters: Meters | None = None  # a resumed partial epoch's meters
+        self.run_info = {"resumed_from": [], "epoch_seconds": []}
+        state = PeerState(self.arch, self.model, optimizer, self.scheduler, scaler)
+        self.checkpointer = Checkpointer(cfg, ctx, logger, data, state, self.archs, self)
+        self.watch = stall.StepWatch(logger, D.stall_timeout().total_seconds(), ctx.peer_of) if ctx.is_main else None
+        self._log_channels_last(why)  # collective
+
+    def _build_loaders(self) -> None:
+        cfg, ctx, data = self.cfg, self.ctx, self.data
+        shard, node = (ctx.replica, ctx.replicas), (ctx.local_rank, ctx.local_world_size)
+        # The stream path decodes each sample once per job: the ranks of a node that train on the same rows
+        # split them (collective: the decode groups).
+        decode = D.decode_group(ctx) if data.path == "stream" and data.collate_fn is None else None
+        seed = cfg["seed"] + faults.seed_offset(ctx.rank)
+        self.train_loader = make_train_loader(
+            data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device, shard,
+            collate_fn=data.collate_fn, node=node, decode=decode,
+        )  # fmt: skip
+        self.val_loader, self.test_loader = (
+            make_eval_loader(ds, 2 * cfg["batch_size"], cfg["num_workers"], ctx.device, shard, node, decode)
+            if ds is not None
+            else None
+            for ds in (data.val, data.test)
+        )
+        self.steps_per_epoch = len(self.train_loader)
+
+    def _log_channels_last(self, why: str) -> None:
+        """Collective: each peer's memory-format choice, logged once per peer and kept in the run facts (the
+        config records rank 0's peer's)."""
+        layouts = sorted(set(D.gather_objects((self.ctx.peer, self.cfg["channels_last"], why)) or []))
+        for peer, _, reason in layouts:
+            self.logger.info(f"channels_last: peer {peer + 1}: {reason}")
+        self.run_info["channels_last"] = [on for _, on, _ in layouts]
+
+    # ------------------------------------------------------------------------------------- train state
+    def state_dict(self) -> dict:
+        return {
+            "history": self.history,
+            "best_accuracies": self.best,
+            "best_epochs": self.best_epochs,
+            "best_ensemble_accuracy": self.best_ensemble,
+            "run": self.run_info,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history, self.best = state["history"], list(state["best_accuracies"])
+        self.best_epochs = list(state.get("best_epochs") or [None] * len(self.best))
+        self.best_ensemble = state["best_ensemble_accuracy"]
+        self.run_info = {**state["run"], "channels_last": self.run_info.get("channels_last")}
+
+    def resume(self, resume: str | None) -> None:
+        """Collective: carry on from a checkpoint (``resume``: a path, ``auto`` or None)."""
+        resumed = self.checkpointer.load(resume)
+        if resumed is None:
+            return
+        self.meters = resumed.meters
+        self.run_info["resumed_from"].append(f"{resumed.path}@epoch{self.epoch}+step{self.step}")
+        self.logger.info(f"resumed from {resumed.path}: {self.epoch} epoch(s) and {self.step} step(s) done")
+        before = resumed.config.get("replicas")
+        if before is not None and before != self.cfg["replicas"]:
+            self.logger.info(
+                f"replicas: the checkpoint was trained with {before} per peer, this run has "
+                f"{self.cfg['replicas']} ({self.ctx.world_size} processes)"
+            )
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> None:
+        cfg, ctx, log = self.cfg, self.ctx, self.logger
+        if self.epoch >= cfg["epochs"]:
+            log.info(f"nothing to train: the checkpoint already holds {self.epoch} epoch(s); raise epochs= to go on")
+        first_epoch, compiled_before = self.epoch + 1, dynamo_counts()
+        for epoch in range(first_epoch, cfg["epochs"] + 1):
+            t0 = time.time()
+            self.train_loader.set_epoch(epoch - 1, self.step)
+            meters = train_one_epoch(
+                self.peer, self.train_loader, ctx, cfg, epoch,
+                start_step=self.step, meters=self.meters, logger=log, checkpointer=self.checkpointer, watch=self.watch,
+            )  # fmt: skip
+            self.meters, self.step = None, 0
+            if cfg["compile"] and epoch == first_epoch:
+                log.info(compile_report(self.peer.model, compiled_before))
+            train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
+            take_first_replica_buffers(self.model, ctx)  # collective: evaluate what the checkpoint holds
+            val = evaluate(self.model, self.val_loader, ctx, cfg)
+            self._report_bad_images()  # collective
+            self.epoch = epoch
+            # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
+            for k, acc in enumerate(val["peer_acc"]):
+                if self.best[k] is None or acc > self.best[k]:
+                    self.best[k], self.best_epochs[k] = acc, epoch
+            self.best_ensemble = max(self.best_ensemble, val["ensemble_acc"])
+            self.history.append(
+                {
+                    "epoch": epoch,
+                    "lr": lr,
+                    **{key: [t[i] for t in train] for i, key in enumerate(TRAIN_KEYS)},
+                    "val_loss": val["peer_loss"],
+                    "val_acc": val["peer_acc"],
+                    "ensemble_acc": val["ensemble_acc"],
+                    "ensemble_loss": val["ensemble_loss"],
+                }
+            )
+            self.run_info["epoch_seconds"].append(round(time.time() - t0, 3))
+            self._log_epoch(self.history[-1])
+            self.checkpointer.save(epoch, self.steps_per_epoch, last=epoch == cfg["epochs"])
+            log.write_json(f"{cfg['experiment_name']}_summary.json", self.summary())
+        self.checkpointer.wait()
+
+    def _report_bad_images(self) -> None:
+        """Collective: the files that ``bad_images: skip`` replaced since the last call, from every rank (each
+        decodes a share), named once in the log and kept in the run facts (checkpoint, summary)."""
+        mine, self.data.skipped = list(self.data.skipped), []  # the cache's, once
+        for loader in (self.train_loader, self.val_loader, self.test_loader):
+            if getattr(loader, "skipped", None):
+                mine += loader.skipped
+                loader.skipped = []
+        seen = self.run_info.setdefault("bad_images", [])  # the files' paths
+        found = {path: line for lines in D.gather_objects(mine) or [] for path, line in lines}
+        for path in sorted(set(found) - set(seen)):
+            self.logger.info(f"bad_images=skip: {found[path].split(';')[0]}; a grey stand-in takes its place")
+            seen.append(path)
+
+    def _log_epoch(self, h: dict) -> None:
+        scalars = {"lr": h["lr"], "ensemble/val_acc": h["ensemble_acc"], "ensemble/val_loss": h["ensemble_loss"]}
+        for k in range(self.cfg["model_num"]):
+            for key in (*TRAIN_KEYS, "val_loss", "val_acc"):
+                scalars[f"peer{k + 1}/{key}"] = h[key][k]
+        self.logger.scalars(scalars, h["epoch"])
+        peers = " | ".join(
+            f"peer{k + 1} {self.archs[k]} train {h['train_loss'][k]:.3f}/{h['train_acc'][k]:.3f} "
+            f"val {h['val_loss'][k]:.3f}/{h['val_acc'][k]:.3f}"
+            for k in range(self.cfg["model_num"])
+        )
+        self.logger.info(
+            f"epoch {h['epoch']}/{self.cfg['epochs']} lr {h['lr']:.4g} | {peers} | "
+            f"ensemble val acc {h['ensemble_acc']:.4f}"
+        )
+
+    def test(self) -> dict | None:
+        """Collective: final peers and their ensemble on the test split (None when there is none)."""
+        if self.test_loader is None:
+            return None
+        take_first_replica_buffers(self.model, self.ctx)
+        res = evaluate(self.model, self.test_loader, self.ctx, self.cfg)
+        self._report_bad_images()  # collective
+        self.logger.info(
+            "test acc "
+            + " ".join(f"peer{k + 1} {a:.4f}" for k, a in enumerate(res["peer_acc"]))
+            + f" ensemble {res['ensemble_acc']:.4f}"
+        )
+        return {"peer_acc": res["peer_acc"], "peer_loss": res["peer_loss"], "ensemble_acc": res["ensemble_acc"]}
+
+    def summary(self, test_results: dict | None = None) -> dict:
+        cfg, last = self.cfg, self.history[-1] if self.history else None
+        save_dir, exp, peers = cfg["save_dir"], cfg["experiment_name"], range(1, cfg["model_num"] + 1)
+        return {
+            "experiment_name": exp,
+            "config": public_config(cfg),
+            "classes": list(self.data.classes),
+            "best_accuracies": [b or 0.0 for b in self.best],
+            "avg_best_accuracy": sum(b or 0.0 for b in self.best) / len(self.best),
+            "best_ensemble_accuracy": self.best_ensemble,
+            "final_accuracies": last["val_acc"] if last else None,
+            "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
+            "test_results": test_results,
+            "bad_images_skipped": len(self.run_info.get("bad_images", [])),
+            "history": self.history,
+            "checkpoints": {
+                "latest": latest_path(save_dir, exp),
+                "best": [peer_path(save_dir, exp, k, "best") for k in peers],
+                "final": [peer_path(save_dir, exp, k, "final") for k in peers],
+            },
+            "versions": versions(),
+            "run": self.run_info,  # wall-clock facts: the only part that differs between equal runs
+        }
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        self.checkpointer.close()
+
+
+TRAIN_KEYS = ("train_loss", "train_ce", "train_kl", "train_acc")  # the columns of gather_meters' rows
