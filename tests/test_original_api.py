@@ -122,11 +122,11 @@ def test_defect7_key_value_pairs_on_both_sides_of_config():
 
 
 def test_defect6_peers_start_from_the_weights_the_readme_seed_rule_gives(tmp_path):
-    """README: peer k (counted from 1) starts from weights seeded ``seed + k - 1``. With lr=0 the weights
+    """docs/configuration.md: peer k (counted from 1) starts from weights seeded ``seed + k - 1``. With lr=0 the weights
     never move (momentum and weight decay only scale a zero step), so the final checkpoints hold each
     peer's initial parameters."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "peer k (counted from 1) starts from weights seeded `seed + k - 1`" in readme
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert "peer k (counted from 1) starts from weights seeded `seed + k - 1`" in doc
     data = make_image_folder(tmp_path / "data", n_train=3, n_val=1)  # 9 images: one step of 8
     r = torchrun(2, base_args(tmp_path, data, lr=0, epochs=1, seed=7))
     assert r.returncode == 0, r.stderr[-3000:]
