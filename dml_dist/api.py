@@ -13,7 +13,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
-from .config import DEFAULT_CONFIG, build_config, default_model_num, finalize_config, validate_config, world_size_for
+from .config import DEFAULT_CONFIG, build_config, validate_config
 from .data import (
     Datasets,
     FileImageDataset,
@@ -30,6 +30,7 @@ from .engine import forward, peer_update
 from .errors import DMLError
 from .evaluate import load_dml_models, resolve_device
 from .launcher import DMLTrainingError, launch_local
+from .world import default_model_num, finalize_config, world_size_for
 
 __all__ = ["DMLTrainingError", "prepare_dataloaders", "train_dml", "train_epoch_dml"]
 

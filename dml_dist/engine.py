@@ -90,11 +90,13 @@ def peer_update(
 
 class Peer(NamedTuple):
     """What a training step updates: the model it calls (DDP over the peer's replicas and/or compiled), its
-    optimizer and, with fp16, the GradScaler."""
+    optimizer and, with fp16, the GradScaler; and how its forward runs."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None = None
+    amp: str = "off"  # as resolved (``Resolved.amp``)
+    channels_last: bool = False  # this peer's memory format, as resolved
 
 
 def train_one_epoch(
@@ -102,6 +104,7 @@ def train_one_epoch(
     loader,
     ctx: D.DistContext,
     cfg: dict,
+    exchange_mode: str,
     epoch: int,
     *,
     start_step: int = 0,
@@ -155,10 +158,12 @@ def train_one_epoch(
                     getattr(loader, "last_source", None),
                     meters.data_error or getattr(loader, "error", None),
                 )
-            logits = forward(peer.model, x, cfg["amp"], cfg["channels_last"])
-            stall.report_progress(epoch, step, EXCHANGE_WAIT[cfg["exchange"]])  # heartbeat (host, no device sync)
+            logits = forward(peer.model, x, peer.amp, peer.channels_last)
+            stall.report_progress(epoch, step, EXCHANGE_WAIT[exchange_mode])  # heartbeat (host, no device sync)
             c0 = clock.mark()
-            all_logits = exchange(logits, ctx, cfg)  # sync point: the step's one collective
+            all_logits = exchange(
+                logits, ctx, exchange_mode, cfg["temperature"]
+            )  # sync point: the step's one collective
             spans.append((c0, clock.mark()))
             w = kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], steps, epoch, step)  # the warm-up, per step
             stats, finite = peer_update(
@@ -248,11 +253,11 @@ def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def evaluate(model, loader, ctx: D.DistContext, cfg: dict) -> dict:
+def evaluate(model, loader, ctx: D.DistContext, amp: str = "off", channels_last: bool = False) -> dict:
     """Collective: each rank scores its loader (replica r of a peer: its part r of the set, the indices
     ``loader.positions``); rank 0 gathers every rank's logits, labels and positions, puts each peer's logits
     back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank."""
-    logits, labels = predict(model, loader, ctx.device, cfg["amp"], cfg["channels_last"])
+    logits, labels = predict(model, loader, ctx.device, amp, channels_last)
     positions = torch.as_tensor(loader.positions, device=labels.device)[: len(labels)]
     sizes = [int(v) for v in D.all_gather(torch.tensor([len(labels)])).flatten()]
     pad = max(sizes) - len(labels)  # gather needs equal shapes: pad every share to the largest

@@ -41,7 +41,10 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
     for path in checkpoint_paths:
         ckpt = load_checkpoint(path)
         entries = ckpt["peers"] if ckpt.get("kind") == "cohort" else [ckpt]
-        for entry in entries:
+        ran = ckpt.get("resolved") or {}  # how the run ran them (amp, memory format), beside the config as given
+        for i, entry in enumerate(entries):
+            k = ckpt.get("peer", i + 1) - 1
+            as_run = {"amp": ran["amp"], "channels_last": ran["channels_last"][k]} if ran else {}
             model = build_model(
                 entry["arch"],
                 ckpt["num_classes"],
@@ -57,6 +60,7 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
             configs.append(
                 {
                     **ckpt["config"],
+                    **as_run,
                     "arch": entry["arch"],
                     "classes": ckpt["classes"],
                     "num_classes": ckpt["num_classes"],

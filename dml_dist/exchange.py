@@ -30,7 +30,7 @@ class PeerSums(NamedTuple):
     own: torch.Tensor | None = None
 
 
-# auto's crossover, measured with ``dml-bench --exchange`` (README "The exchange"): from 3 peers on, the
+# auto's crossover, measured with ``dml-bench --exchange`` (docs/benchmarks.md, "The exchange"): from 3 peers on, the
 # all-reduce moves fewer bytes (2 (N-1)/N x B(C+1) against (N-1) x BC per rank) and the exchange plus its loss
 # took less time; with 2 it moves the same bytes in two phases (slower), and all_gather keeps the results of
 # earlier releases bit for bit.
@@ -49,20 +49,20 @@ def resolve_exchange(cfg: dict) -> tuple[str, str]:
     return "all_gather", f"auto: {n} peer(s) < {ALL_REDUCE_FROM_PEERS}, one all-gather of the same bytes"
 
 
-def exchange(logits: torch.Tensor, ctx: D.DistContext, cfg: dict):
-    """The step's one collective over this rank's peer group (sync point): ``all_gather`` -> the peers'
+def exchange(logits: torch.Tensor, ctx: D.DistContext, mode: str, temperature: float):
+    """The step's one collective over this rank's peer group (sync point): ``mode`` ``all_gather`` -> the peers'
     logits [N, B, C]; ``all_reduce`` -> ``PeerSums`` (B x (C + 1) numbers whatever N; see loss.py)."""
     if ctx.uniform:
-        if cfg["exchange"] == "all_reduce":
-            own = exchange_payload(logits, cfg["temperature"])
+        if mode == "all_reduce":
+            own = exchange_payload(logits, temperature)
             return PeerSums(D.all_reduce_sum(own, ctx.peer_group), D.group_size(ctx.peer_group), own)
         return D.all_gather(logits, ctx.peer_group)
     # A layout that is not a rectangle (replicas: [1, 3]): peers split the batch B into different shares,
     # so the exchange runs over the world by batch rows; each rank keeps exactly its own rows.
     batch = logits.shape[0] * ctx.replicas  # training batches are full (the samplers drop the last)
     lo, hi = ctx.rows(batch)
-    if cfg["exchange"] == "all_reduce":
-        own = exchange_payload(logits, cfg["temperature"])
+    if mode == "all_reduce":
+        own = exchange_payload(logits, temperature)
         full = own.new_zeros(batch, own.shape[1])
         full[lo:hi] = own  # every peer's rows add up once: S and H for the whole batch
         return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own)

@@ -24,8 +24,8 @@ import time
 import uuid
 from typing import TextIO
 
-from .config import world_size_for
 from .errors import DMLError
+from .world import world_size_for
 
 
 class DMLTrainingError(DMLError):

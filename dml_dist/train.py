@@ -1,47 +1,23 @@
-"""Train a cohort of peers with Deep Mutual Learning, one process per peer.
+"""The training entry point: parse, build, train, close. One process per peer under torchrun, or without
+torchrun a local cohort started by this process (``dml-train``; commands in the README).
 
-    # this machine, no torchrun: starts model_num (default 2) peer processes itself
-    python -m dml_dist.train --config configs/quickstart.yaml
-    python -m dml_dist.train --config configs/quickstart.yaml model_num=1      # one model, plain cross-entropy
-
-    # one node under torchrun (CPU/gloo here, one GPU per peer with NCCL where there are GPUs)
-    torchrun --standalone --nproc_per_node=2 -m dml_dist.train --config configs/quickstart.yaml epochs=3
-
-    # two nodes, 4 peers each (run on both nodes; NODE_RANK=0 on the first, 1 on the second)
-    torchrun --nnodes=2 --nproc_per_node=4 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER_ADDR:29500 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=8
-
-    # an 8-GPU node, 2 peers x 4 data-parallel replicas (DDP within each peer)
-    torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/cifar10_resnet32.yaml model_num=2 replicas=4
-
-    # a mixed pair on an 8-GPU node: the ResNet-32 on one GPU, the 75x costlier WRN-28-10 on seven
-    torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/paper_cifar100_resnet32.yaml model=[resnet32,wrn28_10] replicas=[1,7] batch_size=56
-
-    # ImageNet-sized folders: 2 ResNet-50 peers x 4 replicas, each batch decoded once per node (stream path)
-    torchrun --standalone --nproc_per_node=8 -m dml_dist.train --config configs/imagenet_resnet50.yaml replicas=4 data_dir=/data/imagenet
-
-    # a worker dies -> torchrun restarts the group, which resumes from <exp>_latest.pth by itself
-    torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m dml_dist.train --config configs/quickstart.yaml
-
-Every rank draws the same batches (shared-seed sampler), runs its own peer, all-gathers the logits and
+Every rank draws the same batches (shared-seed sampler), runs its own peer, exchanges predictions and
 computes its DML loss locally. Rank 0 evaluates the ensemble, logs and writes every peer's checkpoints.
-"""  # noqa: E501 - command lines
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 from . import distributed as D
 from . import faults, stall
 from .checkpoint import remove_stale_temp_files
-from .config import build_config, default_model_num, finalize_config, parse_overrides, peer_model_name, world_size_for
-from .data import Datasets, build_datasets
-from .engine import resolve_amp
+from .config import build_config, parse_overrides
+from .data import Datasets
 from .errors import (
     DMLError,
     Stopped,
@@ -52,11 +28,11 @@ from .errors import (
     sigterm_received,
     stop_on_sigterm,
 )
-from .exchange import resolve_exchange
 from .launcher import DMLTrainingError, launch_local
 from .logger import NullLogger, make_logger
 from .report import report_error, report_lost_contact
 from .trainer import Trainer
+from .world import default_model_num, finalize_config, world_size_for
 
 
 def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
@@ -69,47 +45,17 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
     try:
         asked_replicas = cfg["replicas"]
         cfg = finalize_config(cfg, ctx.world_size)
-        if cfg["resume"] is None and ctx.restart_count > 0:
-            cfg["resume"] = "auto"  # torchrun restarted the group after a failure: carry on from the checkpoint
         faults.at_setup(ctx.rank)
-        cfg["amp"] = resolve_amp(cfg["amp"], ctx.device)
-        cfg["exchange"], exchange_why = resolve_exchange(cfg)
         if ctx.device.type == "cuda" and created_group:
             # Fixed-shape training: let cuDNN pick the fastest convolution algorithms once per shape (only in
             # processes this package started: a user's own process keeps its global setting).
             torch.backends.cudnn.benchmark = True
         logger = make_logger(ctx.is_main, cfg, stream)
-        started = time.strftime("%Y-%m-%dT%H:%M:%S")
         log_setup(cfg, ctx, logger, asked_replicas)  # collective
-        if data is None:  # collective: one folder scan per job, one cache build or CIFAR download per node
-            data = build_datasets(cfg, ctx.device, logger.info)
-        logger.info(
-            f"data: {len(data.train)} train / {len(data.val)} val"
-            + (f" / {len(data.test)} test" if data.test is not None else "")
-            + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
-            + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"]))
-        )
-        logger.info(f"data path: {data.path} ({data.why})")
-        logger.info(f"exchange: {cfg['exchange']} ({exchange_why})")
-        trainer = Trainer(cfg, ctx, logger, data)
-        trainer.resume(cfg["resume"])
-        t0 = time.time()
+        trainer = Trainer(cfg, ctx, logger, data)  # collective: datasets, peer, loaders, what the run resolves
+        trainer.resume()
         trainer.fit()
-        test_results = trainer.test()
-        finished = time.strftime("%Y-%m-%dT%H:%M:%S")
-        trainer.run_info.update(
-            {"started_at": started, "finished_at": finished, "elapsed_s": round(time.time() - t0, 3)}
-        )
-        trainer.run_info["restarts"] = ctx.restart_count
-        summary = trainer.summary(test_results)
-        summary_path = os.path.join(cfg["log_dir"], f"{cfg['experiment_name']}_summary.json")
-        logger.write_json(os.path.basename(summary_path), summary)
-        best = [f"{a:.4f}" for a in summary["best_accuracies"]]
-        logger.info(
-            f"done: best acc {best} (avg {summary['avg_best_accuracy']:.4f}), "
-            f"best ensemble {trainer.best_ensemble:.4f}; summary in {summary_path}"
-        )
-        return {**summary, "model": trainer.model.cpu(), "rank": ctx.rank, "summary_path": summary_path}
+        return trainer.finish()
     # Our own entry points report an error here, before the cleanup below: rank 0 may spend long draining
     # its checkpoint writes, and torchrun stops every rank once one has exited.
     except DMLError as e:
@@ -146,7 +92,7 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
 def log_setup(cfg: dict, ctx: D.DistContext, logger, asked_replicas) -> None:
     """Collective: what start-up decided (restart, layout, placement of every rank) and the stale temp files."""
     if ctx.restart_count > 0:
-        logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume']}")
+        logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume'] or 'auto'}")
     shared_store = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and shared_store:
         logger.info(

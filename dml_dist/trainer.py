@@ -8,6 +8,7 @@ run facts) is the same on every rank; the checkpointer reads it through ``state_
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -15,27 +16,36 @@ import torch
 from . import distributed as D
 from . import faults, stall
 from .checkpoint import Checkpointer, PeerState, latest_path, peer_path, public_config, versions
-from .config import peer_model_name
-from .data import Datasets, make_eval_loader, make_train_loader
-from .engine import Peer, evaluate, train_one_epoch
+from .data import Datasets, build_datasets, make_eval_loader, make_train_loader
+from .engine import Peer, evaluate, resolve_amp, train_one_epoch
 from .errors import DMLError
+from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice
 from .parallel import compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
+from .resolved import Resolved
+from .world import peer_model_name
 
 
 class Trainer:
-    def __init__(self, cfg: dict, ctx: D.DistContext, logger, data: Datasets):
-        self.cfg, self.ctx, self.logger, self.data = cfg, ctx, logger, data
+    def __init__(self, cfg: dict, ctx: D.DistContext, logger, data: Datasets | None = None):
+        """Collective: builds the datasets (unless given: the API's custom loaders), this rank's peer, its loaders
+        and checkpointer, and resolves what the config leaves to the run (``self.run``)."""
+        self.cfg, self.ctx, self.logger = cfg, ctx, logger
+        self.started = self.fit_started = time.time()
+        self.data = data if data is not None else build_datasets(cfg, ctx.device, logger.info)  # collective
+        self._log_data()
         self.arch = peer_model_name(cfg, ctx.peer)
         self.archs = [peer_model_name(cfg, k) for k in range(cfg["model_num"])]
         torch.manual_seed(cfg["seed"] + ctx.peer)  # peers start from different weights, a peer's replicas alike
         try:
-            model = build_model(self.arch, data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"])
+            model = build_model(
+                self.arch, self.data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"]
+            )
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
-        cfg["channels_last"], why = channels_last_choice(cfg["channels_last"], model, ctx.device, cfg["amp"])
-        layout = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        self.run = self._resolve(model)  # collective
+        layout = torch.channels_last if self.run.channels_last[ctx.peer] else torch.contiguous_format
         # self.model: the peer itself (its state dict is what checkpoints hold); the step calls DDP over the
         # peer's replicas and/or torch.compile of it.
         self.model, train_model = wrap_replicas(model.to(ctx.device, memory_format=layout), ctx, cfg["sync_bn"])
@@ -50,8 +60,8 @@ class Trainer:
             fused=ctx.device.type == "cuda",  # CUDA: one kernel, no GradScaler sync
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
-        scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-        self.peer = Peer(train_model, optimizer, scaler)
+        scaler = torch.amp.GradScaler("cuda") if self.run.amp == "fp16" else None
+        self.peer = Peer(train_model, optimizer, scaler, self.run.amp, self.run.channels_last[ctx.peer])
         self._build_loaders()
 
         # The train state, identical on every rank.
@@ -63,9 +73,43 @@ class Trainer:
         self.meters: Meters | None = None  # a resumed partial epoch's meters
         self.run_info = {"resumed_from": [], "epoch_seconds": []}
         state = PeerState(self.arch, self.model, optimizer, self.scheduler, scaler)
-        self.checkpointer = Checkpointer(cfg, ctx, logger, data, state, self.archs, self)
+        self.checkpointer = Checkpointer(cfg, ctx, logger, self.data, state, self.archs, self)
         self.watch = stall.StepWatch(logger, D.stall_timeout().total_seconds(), ctx.peer_of) if ctx.is_main else None
-        self._log_channels_last(why)  # collective
+
+    def _resolve(self, model) -> Resolved:
+        """Collective: what this run does with the config (every rank gets the same record); logged once."""
+        cfg, ctx = self.cfg, self.ctx
+        amp = resolve_amp(cfg["amp"], ctx.device)
+        exchange, exchange_why = resolve_exchange(cfg)
+        mine = (ctx.peer, *channels_last_choice(cfg["channels_last"], model, ctx.device, amp))
+        layouts = sorted(set(D.all_gather_objects(mine)))  # one entry per peer
+        resume = cfg["resume"] if cfg["resume"] is not None or ctx.restart_count == 0 else "auto"
+        run = Resolved(
+            amp=amp,
+            exchange=exchange,
+            exchange_why=exchange_why,
+            channels_last=tuple(on for _, on, _ in layouts),
+            channels_last_why=tuple(why for _, _, why in layouts),
+            resume=resume,  # torchrun restarted the group after a failure: carry on from the checkpoint
+            data_path=self.data.path,
+            data_why=self.data.why,
+            layout=tuple(ctx.layout),
+            rank_order=ctx.order,
+        )
+        self.logger.info(f"exchange: {run.exchange} ({run.exchange_why})")
+        for k, why in enumerate(run.channels_last_why):
+            self.logger.info(f"channels_last: peer {k + 1}: {why}")
+        return run
+
+    def _log_data(self) -> None:
+        data, cfg = self.data, self.cfg
+        self.logger.info(
+            f"data: {len(data.train)} train / {len(data.val)} val"
+            + (f" / {len(data.test)} test" if data.test is not None else "")
+            + f" images, {data.num_classes} classes; {cfg['model_num']} peers: "
+            + ", ".join(peer_model_name(cfg, r) for r in range(cfg["model_num"]))
+        )
+        self.logger.info(f"data path: {data.path} ({data.why})")
 
     def _build_loaders(self) -> None:
         cfg, ctx, data = self.cfg, self.ctx, self.data
@@ -86,14 +130,6 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.train_loader)
 
-    def _log_channels_last(self, why: str) -> None:
-        """Collective: each peer's memory-format choice, logged once per peer and kept in the run facts (the
-        config records rank 0's peer's)."""
-        layouts = sorted(set(D.gather_objects((self.ctx.peer, self.cfg["channels_last"], why)) or []))
-        for peer, _, reason in layouts:
-            self.logger.info(f"channels_last: peer {peer + 1}: {reason}")
-        self.run_info["channels_last"] = [on for _, on, _ in layouts]
-
     # ------------------------------------------------------------------------------------- train state
     def state_dict(self) -> dict:
         return {
@@ -109,11 +145,11 @@ class Trainer:
         self.history, self.best = state["history"], list(state["best_accuracies"])
         self.best_epochs = list(state.get("best_epochs") or [None] * len(self.best))
         self.best_ensemble = state["best_ensemble_accuracy"]
-        self.run_info = {**state["run"], "channels_last": self.run_info.get("channels_last")}
+        self.run_info = state["run"]
 
-    def resume(self, resume: str | None) -> None:
-        """Collective: carry on from a checkpoint (``resume``: a path, ``auto`` or None)."""
-        resumed = self.checkpointer.load(resume)
+    def resume(self) -> None:
+        """Collective: carry on from a checkpoint as ``resume`` says (a path, ``auto`` or None)."""
+        resumed = self.checkpointer.load(self.run.resume)
         if resumed is None:
             return
         self.meters = resumed.meters
@@ -129,6 +165,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> None:
         cfg, ctx, log = self.cfg, self.ctx, self.logger
+        self.fit_started = time.time()
         if self.epoch >= cfg["epochs"]:
             log.info(f"nothing to train: the checkpoint already holds {self.epoch} epoch(s); raise epochs= to go on")
         first_epoch, compiled_before = self.epoch + 1, dynamo_counts()
@@ -136,7 +173,7 @@ class Trainer:
             t0 = time.time()
             self.train_loader.set_epoch(epoch - 1, self.step)
             meters = train_one_epoch(
-                self.peer, self.train_loader, ctx, cfg, epoch,
+                self.peer, self.train_loader, ctx, cfg, self.run.exchange, epoch,
                 start_step=self.step, meters=self.meters, logger=log, checkpointer=self.checkpointer, watch=self.watch,
             )  # fmt: skip
             self.meters, self.step = None, 0
@@ -147,7 +184,7 @@ class Trainer:
             self.scheduler.step()
             stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
             take_first_replica_buffers(self.model, ctx)  # collective: evaluate what the checkpoint holds
-            val = evaluate(self.model, self.val_loader, ctx, cfg)
+            val = evaluate(self.model, self.val_loader, ctx, self.peer.amp, self.peer.channels_last)
             self._report_bad_images()  # collective
             self.epoch = epoch
             # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
@@ -207,7 +244,7 @@ class Trainer:
         if self.test_loader is None:
             return None
         take_first_replica_buffers(self.model, self.ctx)
-        res = evaluate(self.model, self.test_loader, self.ctx, self.cfg)
+        res = evaluate(self.model, self.test_loader, self.ctx, self.peer.amp, self.peer.channels_last)
         self._report_bad_images()  # collective
         self.logger.info(
             "test acc "
@@ -222,6 +259,7 @@ class Trainer:
         return {
             "experiment_name": exp,
             "config": public_config(cfg),
+            "resolved": self.run.record(),
             "classes": list(self.data.classes),
             "best_accuracies": [b or 0.0 for b in self.best],
             "avg_best_accuracy": sum(b or 0.0 for b in self.best) / len(self.best),
@@ -239,6 +277,27 @@ class Trainer:
             "versions": versions(),
             "run": self.run_info,  # wall-clock facts: the only part that differs between equal runs
         }
+
+    def finish(self) -> dict:
+        """Collective: the test split, the summary (written by rank 0) and the results, on every rank."""
+        test_results = self.test()
+        self.run_info.update(
+            {
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "elapsed_s": round(time.time() - self.fit_started, 3),
+                "restarts": self.ctx.restart_count,
+            }
+        )
+        summary = self.summary(test_results)
+        path = os.path.join(self.cfg["log_dir"], f"{self.cfg['experiment_name']}_summary.json")
+        self.logger.write_json(os.path.basename(path), summary)
+        best = [f"{a:.4f}" for a in summary["best_accuracies"]]
+        self.logger.info(
+            f"done: best acc {best} (avg {summary['avg_best_accuracy']:.4f}), "
+            f"best ensemble {self.best_ensemble:.4f}; summary in {path}"
+        )
+        return {**summary, "model": self.model.cpu(), "rank": self.ctx.rank, "summary_path": path}
 
     def close(self) -> None:
         if self.watch is not None:

@@ -19,7 +19,7 @@ from conftest import (
 from dml_dist import DMLError
 from dml_dist.data import BatchPlan
 from dml_dist.data.folders import files_changed, manifest_path, scan
-from dml_dist.data.stream import FileImageDataset, _Shares
+from dml_dist.data.shares import FileImageDataset, Shares
 
 
 def _break(path):
@@ -58,20 +58,20 @@ def test_skip_stand_in_is_deterministic_grey_on_both_decode_paths(tmp_path):
     ds = FileImageDataset(files, 16)
     ds.bad_images = "skip"
     plan = BatchPlan(len(ds), 8, seed=0)
-    share, _, error, indices, skipped = _Shares(ds, plan, 8, (0, 1))[0]
+    share, _, error, indices, skipped = Shares(ds, plan, 8, (0, 1))[0]
     assert error is None and sorted(indices) == list(range(8))
     assert sorted(p.rsplit("/", 2)[1] + "/" + p.rsplit("/", 1)[1] for p, _ in skipped) == ["a/0002.png", "b/0001.png"]
     bad = [j for j, i in enumerate(plan.indices(0, 0).tolist()) if files.relpath(i) in ("a/0002.png", "b/0001.png")]
     assert len(bad) == 2 and all(bool((share[j] == 128).all()) for j in bad)
     ds.decode_device = "cuda"  # the workers read (and decode what is not a JPEG); decode_share decodes the rest
-    from dml_dist.data.stream import decode_share
+    from dml_dist.data.shares import decode_share
 
-    raws, _, error, _, in_worker = _Shares(ds, plan, 8, (0, 1))[0]
+    raws, _, error, _, in_worker = Shares(ds, plan, 8, (0, 1))[0]
     again = []
     assert torch.equal(decode_share(*raws[:2], ds, torch.device("cpu"), 8, again), share)
     assert [p.rsplit("/", 1)[1] for p, _ in in_worker] == ["0001.png"] and len(again) == 1  # the PNG; the empty file
     ds.bad_images = "stop"  # and without skip each is one clear line, not a traceback
-    item = _Shares(ds, plan, 8, (0, 1))[0]
+    item = Shares(ds, plan, 8, (0, 1))[0]
     assert "cannot read image" in item[2] and "0001.png" in item[2]  # the worker met the PNG
     ((path, _),) = [(p, d) for p, d in in_worker]
     kept = [(p, d) for p, d in raws[0] if p != path]  # without it, the rank meets the empty file

@@ -1,7 +1,8 @@
 import pytest
 
 from dml_dist import DEFAULT_CONFIG, DMLError, create_dml_config
-from dml_dist.config import build_config, finalize_config, parse_overrides
+from dml_dist.config import build_config, parse_overrides
+from dml_dist.world import finalize_config
 
 
 def test_defaults_validate_and_names_are_canonical():

@@ -328,8 +328,9 @@ def test_amp_and_channels_last_leave_cpu_results_unchanged(tmp_path, image_folde
         r = torchrun(2, base_args(tmp_path / name, image_folder, epochs=1, **extra))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = tmp_path / name
-    assert read_summary(runs["amp"])["config"]["amp"] == "off"  # the config records what was applied
-    assert read_summary(runs["amp"])["config"]["channels_last"] is False
+    s = read_summary(runs["amp"])  # the config as given, and what the run applied beside it
+    assert s["config"]["amp"] == "bf16" and s["config"]["channels_last"] is True
+    assert s["resolved"]["amp"] == "off" and s["resolved"]["channels_last"] == [False, False]
     for k in (1, 2):
         a = torch.load(runs["plain"] / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
         b = torch.load(runs["amp"] / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
@@ -370,10 +371,10 @@ def test_throughput_benchmark_prints_the_whole_loop_figures(tmp_path):
     assert result["versions"]["torch"] and "git" in result["versions"]
     # the op count: the model's share against the same model's forward and backward counted here
     from dml_dist.models import build_model
-    from dml_dist.tools.bench import _OpCounter
+    from dml_dist.tools.ops import OpCounter
 
     model = build_model("resnet20", 10, image_size=16)
-    with _OpCounter() as here:
+    with OpCounter() as here:
         model(torch.zeros(8, 3, 16, 16)).sum().backward()
     ops = result["ops_per_step"]
     assert ops["model_forward_backward"] == pytest.approx(here.ops, rel=0.1), (ops, here.ops)

@@ -108,8 +108,9 @@ def test_a_replica_list_that_does_not_fit_is_one_line(tmp_path, folder):
 
 
 def test_replicas_auto_follows_the_world_and_refuses_what_does_not_fit():
-    from dml_dist.config import build_config, finalize_config
+    from dml_dist.config import build_config
     from dml_dist.errors import DMLError
+    from dml_dist.world import finalize_config
 
     cfg = build_config(overrides={"replicas": "auto", "model_num": 2, "batch_size": 8})
     assert [finalize_config(cfg, w)["replicas"] for w in (2, 4, 8)] == [1, 2, 4]
@@ -131,8 +132,9 @@ def test_replicas_auto_follows_the_world_and_refuses_what_does_not_fit():
     ],
 )
 def test_replica_list_config_errors(replicas, model_num, batch, needle):
-    from dml_dist.config import build_config, finalize_config
+    from dml_dist.config import build_config
     from dml_dist.errors import DMLError
+    from dml_dist.world import finalize_config
 
     with pytest.raises(DMLError, match=re.escape(needle)):
         cfg = build_config(overrides={"replicas": replicas, "model_num": model_num, "batch_size": batch})

@@ -18,8 +18,9 @@ from torchvision.transforms import v2
 from dml_dist import DMLError, create_dml_config
 from dml_dist.data import build_datasets, make_eval_loader, make_train_loader
 from dml_dist.data.cache import cached_images
-from dml_dist.data.folders import RRC_TRIES, center_resize, decode_file, resized_crop, rrc_boxes, scan
-from dml_dist.data.stream import FileImageDataset
+from dml_dist.data.folders import scan
+from dml_dist.data.images import RRC_TRIES, center_resize, decode_file, resized_crop, rrc_boxes
+from dml_dist.data.shares import FileImageDataset
 
 STREAM = dict(loader="stream", image_size=16, crop_fraction=0.875, batch_size=12)
 
@@ -434,8 +435,8 @@ def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
     call on the rank's device; on the CPU the same function must give the worker path's bytes. The worker
     decides per file from its header: a PNG named .JPEG and a CMYK JPEG are decoded in the worker, and the
     other files of their shares stay on the batched call (counted)."""
-    from dml_dist.data.folders import jpeg_batchable
-    from dml_dist.data.stream import _Shares, decode_share
+    from dml_dist.data.images import jpeg_batchable
+    from dml_dist.data.shares import Shares, decode_share
 
     data = make_jpeg_folder(tmp_path / "data", classes=2, per_class=6)
     Image.fromarray(np.full((30, 20, 3), 99, np.uint8)).save(data / "train" / "c1" / "zz.JPEG", "PNG")
@@ -452,9 +453,9 @@ def test_device_decode_path_cpu_twin_equals_the_worker_path(tmp_path):
     names = []
     for step in range(len(plan)):
         for unit in (0, 1):
-            cpu = _Shares(ds, plan, 6, (unit, 2))[step]
+            cpu = Shares(ds, plan, 6, (unit, 2))[step]
             ds.decode_device = "cuda"  # what the workers do then: read the files only
-            raw = _Shares(ds, plan, 6, (unit, 2))[step]
+            raw = Shares(ds, plan, 6, (unit, 2))[step]
             ds.decode_device = "cpu"
             assert cpu[2] is None and raw[2] is None
             counts = {}
@@ -496,9 +497,10 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     import threading
 
     from dml_dist.data import cache as C
+    from dml_dist.data import cache_upkeep as U
 
-    monkeypatch.setattr(C, "STALE_S", 3)
-    monkeypatch.setattr(C, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(U, "STALE_S", 3)
+    monkeypatch.setattr(U, "HEARTBEAT_S", 0.2)
     files, cache, log = scan(str(jpeg_dir / "train")), str(tmp_path / "cache"), []
     entry = C.entry_path(cache, files, "train", "train/", 16, 1.0, files.key(16, 1.0))
     os.makedirs(cache)
@@ -511,7 +513,7 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     other = str(tmp_path / "other")
     entry = C.entry_path(other, files, "train", "train/", 16, 1.0, files.key(16, 1.0))
     os.makedirs(other)
-    lock = C.BuildLock(entry, lambda: False, lambda s: None)
+    lock = U.BuildLock(entry, lambda: False, lambda s: None)
     assert lock.acquire()
     log.clear()
     done = threading.Event()

@@ -133,7 +133,7 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
     assert summary["config"]["model"] == ["resnet20", "mobilenet", "resnet20"]
     assert summary["config"]["mutual"] == "ensemble"
     # 3 peers: auto takes the all-reduce of the softmax sums (tests/test_exchange.py: the same numbers)
-    assert "exchange: all_reduce (auto: 3 peers >= 3" in r.stdout and summary["config"]["exchange"] == "all_reduce"
+    assert "exchange: all_reduce (auto: 3 peers >= 3" in r.stdout and summary["resolved"]["exchange"] == "all_reduce"
     assert all(h["train_kl"][k] > 0 for h in summary["history"] for k in range(3))
     ck = torch.load(tmp_path / "ckpt" / "t_model2_best.pth", weights_only=True)
     assert ck["arch"] == "mobilenet"

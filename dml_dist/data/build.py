@@ -10,22 +10,20 @@ the host's on CPU, where the node's ranks share one mapped copy) and stream othe
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .. import distributed as D
 from ..errors import DMLError
 from .cache import cached_images, default_cache_dir
-from .folders import FileList, center_resize, decode_file, scan, scan_shared
-from .memory import EVAL_BATCH, DeviceEvalLoader, DeviceTrainLoader, TensorImageDataset
-from .plan import shard_range
-from .sampler import SampleLoader, sample_dataloader
-from .stream import FileImageDataset, StreamEvalLoader, StreamTrainLoader
+from .cifar import load_cifar
+from .folders import FileList, scan, scan_shared
+from .images import center_resize, decode_file
+from .memory import TensorImageDataset
+from .shares import FileImageDataset
 
 DEFAULTS = {
     "loader": "auto",
@@ -36,23 +34,6 @@ DEFAULTS = {
     "rrc_ratio": [3 / 4, 4 / 3],
     "decode_device": "cpu",
 }
-
-
-def _check_decode_device(dataset, device) -> None:
-    if getattr(dataset, "decode_device", "cpu") != "cuda":
-        return
-    if torch.device(device).type != "cuda":
-        raise DMLError(
-            "decode_device=cuda decodes on the training GPU, but this rank trains on the CPU; "
-            "use decode_device=cpu (or train on GPUs)"
-        )
-    try:
-        from torchcodec.decoders import decode_jpeg  # noqa: F401 - importable with its native library
-    except Exception as e:  # noqa: BLE001
-        raise DMLError(
-            f"decode_device=cuda needs TorchCodec ({type(e).__name__}: {str(e)[:80]}); install its CUDA "
-            f"build (README, 'Requirements') or use decode_device=cpu"
-        ) from None
 
 
 @dataclass
@@ -107,62 +88,6 @@ def load_image_folder(root: str, image_size: int = 32, augment=(), crop_fraction
         [center_resize(decode_file(files.path(i)), image_size, crop_fraction) for i in range(len(files))]
     )
     return TensorImageDataset(images, torch.from_numpy(files.labels), files.classes, augment)
-
-
-def _load_cifar(data_dir: str, name: str, image_size: int, download: bool):
-    """CIFAR-10/100 in the original python format (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
-    folder, train_files, test_files, meta, label_key, names_key = {
-        "cifar10": (
-            "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            ["test_batch"],
-            "batches.meta",
-            "labels",
-            "label_names",
-        ),
-        "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
-    }[name]
-    base = os.path.join(data_dir, folder)
-    if not os.path.isdir(base) and download:
-        import torchvision
-
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            cls(data_dir, train=True, download=True)
-        except Exception as e:  # no network, disk full, ...
-            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            raise DMLError(
-                f"{name} is not in {base} and could not be downloaded ({first}); download it there on "
-                f"a machine with network, or train on an image folder instead (dataset=imagefolder "
-                f"data_dir=..., e.g. the shared subset ../shared/data/cifar10-small)"
-            ) from None
-    if not os.path.isdir(base):
-        raise DMLError(f"{name} not found: expected {base}/ in the CIFAR python format")
-
-    def read(fname):
-        path = os.path.join(base, fname)
-        try:
-            with open(path, "rb") as f:
-                return pickle.load(f, encoding="latin1")  # the CIFAR format is a pickle by design
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            raise DMLError(f"cannot read {path} ({type(e).__name__}); re-download {name}") from None
-
-    classes = list(read(meta)[names_key])
-
-    def build(files):
-        parts = [read(f) for f in files]
-        x = torch.cat([torch.as_tensor(p["data"], dtype=torch.uint8).view(-1, 3, 32, 32) for p in parts])
-        y = torch.cat([torch.as_tensor(p[label_key], dtype=torch.int64) for p in parts])
-        if image_size != 32:
-            x = (
-                F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
-                .round()
-                .clamp(0, 255)
-                .to(torch.uint8)
-            )
-        return TensorImageDataset(x, y, classes)
-
-    return build(train_files), build(test_files)
 
 
 def memory_budget(cfg: dict, device: torch.device | None) -> tuple[float, str]:
@@ -315,7 +240,7 @@ def _cifar_datasets(cfg: dict) -> Datasets:
     rank with its one line (none waits, none reports "lost contact")."""
 
     def build() -> Datasets:
-        train, test = _load_cifar(cfg["data_dir"], cfg["dataset"], cfg["image_size"], cfg.get("download", True))
+        train, test = load_cifar(cfg["data_dir"], cfg["dataset"], cfg["image_size"], cfg.get("download", True))
         train.augment = cfg["augment"]
         train, val = split_train_val(train, cfg["val_fraction"], cfg["seed"])
         train = take_subset(train, cfg.get("train_subset", 0), cfg["seed"])
@@ -331,60 +256,3 @@ def _cifar_datasets(cfg: dict) -> Datasets:
     if failed:
         raise DMLError(failed[0])
     return data if data is not None else build()
-
-
-def make_train_loader(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    num_workers: int = 0,
-    device="cpu",
-    shard: tuple[int, int] = (0, 1),
-    collate_fn=None,
-    node=(0, 1),
-    decode=None,
-):
-    """The memory path for decoded sets, the stream path for file sets, the per-sample path (DataLoader)
-    for any other dataset or when a custom ``collate_fn`` must see the samples. Stream path: ``decode``,
-    this rank's decode unit ``(group, part, rows)`` (``distributed.decode_group``); without it the node
-    (``node=(l, L)``: this rank's index in its node and the node's size) decodes each whole batch.
-    Collective for file sets (the groups are created on first use)."""
-    if isinstance(dataset, TensorImageDataset) and collate_fn is None:
-        return DeviceTrainLoader(dataset, batch_size, seed, torch.device(device), shard)
-    if isinstance(dataset, FileImageDataset) and collate_fn is None:
-        _check_decode_device(dataset, device)
-        group, part, rows = decode if decode is not None else (D.node_group(node[1]), node, (0, 1))
-        return StreamTrainLoader(dataset, batch_size, seed, device, part, group, num_workers, shard, rows)
-    return SampleLoader(
-        sample_dataloader(
-            dataset, batch_size, seed, num_workers, shard, collate_fn, pin_memory=torch.device(device).type == "cuda"
-        ),
-        device,
-    )
-
-
-def make_eval_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int = 0,
-    device=None,
-    shard: tuple[int, int] = (0, 1),
-    node=(0, 1),
-    decode=None,
-):
-    """Sequential order: every rank scores the same samples in the same order. With ``device``, decoded
-    sets are scored from device-resident tensors (``shard=(r, R)``: contiguous part r of R) and file sets
-    decoded by the decode unit (``decode``, as for ``make_train_loader``; each batch split by rows between
-    the replicas). ``loader.positions``: the set's indices the loader yields, in order."""
-    if device is not None and isinstance(dataset, TensorImageDataset):
-        return DeviceEvalLoader(dataset, device, max(EVAL_BATCH, batch_size), shard)
-    if device is not None and isinstance(dataset, FileImageDataset):
-        _check_decode_device(dataset, device)
-        group, part, rows = decode if decode is not None else (D.node_group(node[1]), node, (0, 1))
-        return StreamEvalLoader(dataset, device, part, group, num_workers, max(EVAL_BATCH, batch_size), shard, rows)
-    lo, hi = shard_range(len(dataset), shard)
-    if shard[1] > 1:
-        dataset = torch.utils.data.Subset(dataset, range(lo, hi))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    loader.positions = torch.arange(lo, hi)
-    return loader

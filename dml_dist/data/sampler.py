@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import DMLError
 from .memory import TensorImageDataset
 from .plan import epoch_generator
-from .stream import FileImageDataset
+from .shares import FileImageDataset
 
 
 class SeededDataset(Dataset):

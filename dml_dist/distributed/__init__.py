@@ -31,7 +31,7 @@ from .collectives import (
     gather_to_main,
     scatter_objects,
 )
-from .context import DistContext
+from .context import DistContext, ranks_of
 from .groups import (
     collective_timeout,
     decode_group,
@@ -46,7 +46,7 @@ from .groups import (
     stall_margin,
     stall_timeout,
 )
-from .layout import choose_rank_order, decodes_per_sample, layout_groups, ranks_of, replica_layout
+from .layout import choose_rank_order, decodes_per_sample, layout_groups, replica_layout
 from .setup import agree_restart_count, destroy_distributed, init_distributed, ranks_on_my_gpu, under_launcher
 
 __all__ = [

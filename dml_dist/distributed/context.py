@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .layout import ranks_of
 from .placement import Placement
 
 
@@ -119,3 +118,11 @@ class DistContext:
             "threads": self.placement.threads,
             "rank_order": self.order,
         }
+
+
+def ranks_of(layout: tuple, order: str, peer: int) -> list[int]:
+    """The ranks of ``peer``'s replicas under rank ``order`` (``peer``- or ``replica``-major), replica 0 first."""
+    if order == "replica":
+        return [i * len(layout) + peer for i in range(layout[peer])]
+    first = sum(layout[:peer])
+    return list(range(first, first + layout[peer]))

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from ..errors import DMLError
-
-if TYPE_CHECKING:
-    from .context import DistContext
+from .context import DistContext
 
 DEFAULT_TIMEOUT_S = 600
 

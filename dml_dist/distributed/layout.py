@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..errors import DMLError
+from .context import ranks_of
 from .groups import group_timeout
 
 
@@ -23,14 +24,6 @@ def replica_layout(cfg: dict, world: int | None = None) -> tuple[int, ...] | Non
     if isinstance(r, list):
         return tuple(r) if sum(r) == world else None
     return (r,) * (world // r) if world % r == 0 else None
-
-
-def ranks_of(layout: tuple, order: str, peer: int) -> list[int]:
-    """The ranks of ``peer``'s replicas under rank ``order`` (``peer``- or ``replica``-major), replica 0 first."""
-    if order == "replica":
-        return [i * len(layout) + peer for i in range(layout[peer])]
-    first = sum(layout[:peer])
-    return list(range(first, first + layout[peer]))
 
 
 def decodes_per_sample(layout: tuple, order: str, local_world_size: int) -> float:

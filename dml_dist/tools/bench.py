@@ -35,19 +35,20 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import distributed as D
 from ..checkpoint import versions
-from ..config import build_config, finalize_config, parse_overrides, peer_model_name
+from ..config import build_config, parse_overrides
 from ..data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
-from ..engine import forward, peer_update
+from ..engine import Peer, forward, peer_update, resolve_amp
 from ..errors import DMLError
 from ..exchange import exchange, resolve_exchange
 from ..logger import emit_json_line
 from ..meters import DeviceClock
 from ..models import build_model, channels_last_choice
 from ..parallel import wrap_replicas
+from ..world import finalize_config, peer_model_name
+from .ops import ops_per_step
 
 BENCH_KEYS = {"steps": 10, "rounds": 3, "warmup": 5, "loader_images": 2048, "out": None}
 
@@ -78,7 +79,7 @@ def _batches(loader: DeviceTrainLoader):
         epoch += 1
 
 
-def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scaler=None) -> tuple[float, float]:
+def _time_steps(peer: Peer, batches, ctx, cfg, mode: str, n: int, mutual: bool) -> tuple[float, float]:
     """Seconds per step and the seconds per step spent in the exchange, over ``n`` steps."""
     clock, gathers = DeviceClock(ctx.device), []
     D.barrier()
@@ -86,59 +87,27 @@ def _time_steps(model, optimizer, batches, ctx, cfg, n: int, mutual: bool, scale
     start = clock.mark()
     for _ in range(n):
         x, y = next(batches)
-        logits = forward(model, x, cfg["amp"], cfg["channels_last"])
+        logits = forward(peer.model, x, peer.amp, peer.channels_last)
         if mutual:
             g0 = clock.mark()
-            all_logits = exchange(logits, ctx, cfg)  # sync point, as in training
+            all_logits = exchange(logits, ctx, mode, cfg["temperature"])  # sync point, as in training
             gathers.append((g0, clock.mark()))
             index = ctx.peer
         else:
             all_logits, index = logits.detach().unsqueeze(0), 0  # no peers: plain cross-entropy
         peer_update(
-            logits, all_logits, index, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"], scaler
+            logits,
+            all_logits,
+            index,
+            y,
+            peer.optimizer,
+            cfg["temperature"],
+            cfg["kl_weight"],
+            cfg["mutual"],
+            peer.scaler,
         )
     elapsed = clock.seconds(start, clock.mark())
     return elapsed / n, sum(clock.seconds(a, b) for a, b in gathers) / n
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched while it is active (each one a kernel launch on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.collectives = 0, []  # collectives: the c10d operations, by name, in order
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        if str(func).startswith("c10d."):
-            self.collectives.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _ops_per_step(model, plain, optimizer, batches, ctx, cfg, scaler=None) -> dict:
-    """ATen operations of one steady-state DML step (batch, augmentation and upload, forward, exchange,
-    loss, backward, optimizer, meters, DDP's gradient buckets), and of the peer's own module (``plain``: no DDP, not
-    compiled) forward and backward on the same kind of batch (``logits.sum().backward()``): the difference is what the
-    step adds around the model, the part that fusing and compiling can remove. ``collectives``: the c10d operations the
-    step ran (which exchange ran, seen where it happens)."""
-    with _OpCounter() as step:
-        x, y = next(batches)
-        logits = forward(model, x, cfg["amp"], cfg["channels_last"])
-        all_logits = exchange(logits, ctx, cfg)
-        peer_update(
-            logits, all_logits, ctx.peer, y, optimizer, cfg["temperature"], cfg["kl_weight"], cfg["mutual"], scaler
-        )
-    x, _ = next(batches)
-    with _OpCounter() as alone:
-        forward(plain, x, cfg["amp"], cfg["channels_last"]).float().sum().backward()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "step": step.ops,
-        "model_forward_backward": alone.ops,
-        "outside_model": step.ops - alone.ops,
-        "collectives": sorted(set(step.collectives)),
-        "counted": "eager" if cfg["compile"] else "as run",
-    }  # dynamo runs no compiled code under a dispatch mode
 
 
 def _loader_rates(ds: TensorImageDataset, cfg: dict, device: torch.device, n_images: int) -> dict:
@@ -207,35 +176,30 @@ def run(cfg: dict, bench: dict) -> dict | None:
     ctx = D.init_distributed(cfg)
     try:
         cfg = finalize_config(cfg, ctx.world_size)
-        cfg["exchange"] = resolve_exchange(cfg)[0]
-        if ctx.device.type != "cuda":
-            cfg["amp"], cfg["channels_last"] = "off", False
-        else:
+        mode, amp = resolve_exchange(cfg)[0], resolve_amp(cfg["amp"], ctx.device)  # as the trainer resolves them
+        if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as the trainer: the fastest algorithms for the fixed shapes
-            if cfg["amp"] == "auto":
-                cfg["amp"] = "bf16" if torch.cuda.is_bf16_supported() else "off"
         ds, source = _dataset(cfg)
         torch.manual_seed(cfg["seed"] + ctx.peer)
         model = build_model(peer_model_name(cfg, ctx.peer), len(ds.classes), image_size=cfg["image_size"])
-        cfg["channels_last"] = channels_last_choice(cfg["channels_last"], model, ctx.device, cfg["amp"])[0]
-        model = model.to(
-            ctx.device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-        )
+        channels_last = channels_last_choice(cfg["channels_last"], model, ctx.device, amp)[0]
+        model = model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
         if cfg["compile"]:
             train_model = torch.compile(train_model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=ctx.device.type == "cuda")
-        scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None  # as the trainer does
+        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the trainer does
+        peer = Peer(train_model, optimizer, scaler, amp, channels_last)
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
-        _time_steps(train_model, optimizer, batches, ctx, cfg, warm, True, scaler)  # warm-up (and compile)
+        _time_steps(peer, batches, ctx, cfg, mode, warm, True)  # warm-up (and compile)
         # Alternating rounds, median of each phase: a noisy neighbour hits both phases alike.
         alone, dml = [], []
         for _ in range(bench["rounds"]):
-            alone.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, False, scaler))
-            dml.append(_time_steps(train_model, optimizer, batches, ctx, cfg, n, True, scaler))
-        ops = _ops_per_step(train_model, model, optimizer, batches, ctx, cfg, scaler)  # collective (the exchange)
+            alone.append(_time_steps(peer, batches, ctx, cfg, mode, n, False))
+            dml.append(_time_steps(peer, batches, ctx, cfg, mode, n, True))
+        ops = ops_per_step(peer, model, batches, ctx, cfg, mode)  # collective (the exchange)
         alone_s = sorted(a[0] for a in alone)[len(alone) // 2]
         dml_s, gather_s = sorted(dml)[len(dml) // 2]
         per_rank = D.gather_objects(
@@ -258,7 +222,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
             "image_size": cfg["image_size"],
             "peers": cfg["model_num"],
             "replicas": cfg["replicas"],
-            "amp": cfg["amp"],
+            "amp": amp,
             "compile": cfg["compile"],
             "data": source,
             "steps": n,
@@ -267,7 +231,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
             "dml_step_ms": slowest["dml_ms"],
             "alone_step_ms": alone,
             "dml_tax": round(slowest["dml_ms"] / alone, 3),
-            "exchange": cfg["exchange"],
+            "exchange": mode,
             "exchange_share": round(slowest["exchange_ms"] / slowest["dml_ms"], 3),
             "per_peer": _per_peer(per_rank, cfg, ctx),
             "ops_per_step": ops,

@@ -23,11 +23,12 @@ import time
 import torch
 
 from .. import distributed as D
-from ..config import build_config, finalize_config, parse_overrides
-from ..data.build import build_datasets, make_eval_loader, make_train_loader
+from ..config import build_config, parse_overrides
+from ..data import build_datasets, make_eval_loader, make_train_loader
 from ..data.fingerprint import batch_fingerprint
 from ..errors import DMLError
 from ..logger import emit_json_line
+from ..world import finalize_config
 
 PROBE_KEYS = {"epoch": 0, "start_step": 0, "steps": 10, "eval": False, "hash": True, "out": None}
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dml_dist import distributed as D
+from dml_dist.distributed.placement import process_group_backend, resolve_placement
 
 out = {}
 dist.init_process_group("cuda:gloo")
@@ -33,8 +34,8 @@ out["host_side_ok"] = (
 D.barrier()
 D.destroy_distributed()
 
-placement = D.resolve_placement(0, 1, 0)
-dist.init_process_group(D.process_group_backend(placement))
+placement = resolve_placement(0, 1, 0)
+dist.init_process_group(process_group_backend(placement))
 out["backend"] = str(dist.get_backend())
 out["no_host_group"] = D.host_group() is None  # a group with a CPU backend serves host-side collectives itself
 out["all_gather"] = D.all_gather(torch.arange(6.0).view(2, 3)).shape == (1, 2, 3)

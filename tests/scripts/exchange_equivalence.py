@@ -35,11 +35,10 @@ def train(n: int, mode: str, mutual: str, kl: float = KL):
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ctx = SimpleNamespace(peer_group=groups[n], uniform=True)  # one replica per peer
-    cfg = {"exchange": mode, "temperature": T}
     stats = []
     for step, (x, y) in enumerate(batches):
         logits = model(x)
-        got = exchange(logits, ctx, cfg)
+        got = exchange(logits, ctx, mode, T)
         w = kl_ramp(kl, 1, STEPS // 2, 1 + step // (STEPS // 2), step % (STEPS // 2))  # warm-up over 3 steps
         s, _ = peer_update(logits, got, rank, y, opt, T, w, mutual)
         stats.append(s[:3] / s[4])  # loss, ce, kl
