@@ -1,6 +1,6 @@
 """Configuration: defaults < YAML file < ``key=value`` overrides, validated where it is built.
 
-Every key is listed in ``DEFAULT_CONFIG`` (the README has the table). Unknown keys, wrong types and
+Every key is listed in ``DEFAULT_CONFIG`` (docs/configuration.md has the table). Unknown keys, wrong types and
 impossible values raise a DMLError that names the key and the fix.
 """
 
@@ -22,7 +22,7 @@ DEFAULT_LOCAL_PEERS = 2  # peers that dml-train / train_dml start without torchr
 
 DEFAULT_CONFIG: dict[str, Any] = {
     # The original single-process module's keys keep its values (batch 32, no augmentation, ...); the DML
-    # paper's schedule (batch 64, Nesterov, crop+flip) lives in configs/ and the README's examples.
+    # paper's schedule (batch 64, Nesterov, crop+flip) lives in configs/ and the README's commands.
     # model / cohort
     "model": "ResNet32",  # one name for every peer (case-insensitive), or a list, one per peer
     "model_num": 2,  # peers; when a config leaves it unset: the world size under torchrun, else 2
@@ -72,7 +72,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "kl_weight": 1.0,  # 0 trains the peers independently (the baseline)
     "kl_warmup_epochs": 0,  # ramp the mutual term's weight from 0 to kl_weight over this many epochs
     "exchange": "auto",  # all_gather (every peer's logits) | all_reduce (their softmax sums: bytes
-    # constant in N) | auto (all_reduce from 3 peers on; README "The exchange")
+    # constant in N) | auto (all_reduce from 3 peers on; docs/benchmarks.md, "The exchange")
     # runtime
     "seed": 42,
     "device": "auto",  # auto | cpu | cuda

@@ -1,4 +1,4 @@
-"""Documented fault-injection hook for tests and drills (README, "Testing failures").
+"""Documented fault-injection hook for tests and drills (docs/troubleshooting.md).
 
 ``DML_FAULT="action=<a>,rank=<r>[,epoch=<e>][,step=<s>]"`` (epoch counts from 1, step from 0):
 

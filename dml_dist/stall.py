@@ -1,6 +1,6 @@
 """A stalled rank: heartbeats to the process group's store, rank 0's watch over a step that takes far
 longer than usual, and the one line that names the rank that stopped answering when a collective times
-out (README, "Troubleshooting").
+out (docs/troubleshooting.md).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="dml-train", description=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="YAML file with config keys (see README); CLI key=value pairs override it")
+    p.add_argument("--config", help="YAML file of config keys (docs/configuration.md); key=value pairs override it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
     # Intermixed: key=value pairs may stand on both sides of --config.
     return p.parse_intermixed_args(argv)

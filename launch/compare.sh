@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DML against independent training (kl_weight=0), SEEDS seeds each, then dml-compare's table and curves.
-# This is how the README's measured comparison was made (2 CPU cores: about 12 minutes per run).
+# This is how docs/results.md's measured comparison was made (2 CPU cores: about 12 minutes per run).
 #
 #   launch/compare.sh [key=value ...]      # extra overrides apply to every run
 #

@@ -10,7 +10,7 @@
 #   NNODES          number of nodes (required); "MIN:MAX" for an elastic range
 #   NPROC_PER_NODE  processes per node (default: 1); the cohort has NNODES * NPROC_PER_NODE / REPLICAS peers
 #   REPLICAS        data-parallel replicas per peer (default: 1), or auto (the world size / model_num: an elastic
-#                   NNODES=1:2 job that loses a node goes on with fewer); rank_order places them (README, "Data")
+#                   NNODES=1:2 job that loses a node goes on with fewer); rank_order places them (docs/data.md)
 #   RDZV_ENDPOINT   host:port of the rendezvous, reachable from every node (required), e.g. the first node
 #   RDZV_ID         job id shared by all nodes of one job (default: dml-dist)
 #   NODE_RANK       fixes this node's rank (optional; without it ranks follow arrival order)

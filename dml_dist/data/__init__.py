@@ -1,4 +1,4 @@
-"""Datasets and the training data paths (README, "Data"). Every rank must see the same batches, byte for byte.
+"""Datasets and the training data paths (docs/data.md). Every rank must see the same batches, byte for byte.
 
 - ``plan``: the batch plan (what each step holds, from ``(seed, epoch, step)``) and row shards.
 - ``augment``: the batch augmentations, on the device.

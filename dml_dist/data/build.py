@@ -215,7 +215,7 @@ def _folder_datasets(cfg: dict, device, log) -> Datasets:
 def build_datasets(
     cfg: dict, device: torch.device | None = None, log: Callable[[str], None] = lambda s: None
 ) -> Datasets:
-    """train / val / test datasets as the config asks (README, "Data"). Collective under torchrun (the file
+    """train / val / test datasets as the config asks (docs/data.md). Collective under torchrun (the file
     list is scanned by rank 0, the cache built or CIFAR downloaded by one rank per node). ``device``: the
     training device, for the memory budget."""
     cfg = {**DEFAULTS, **cfg}

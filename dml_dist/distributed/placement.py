@@ -1,6 +1,6 @@
-"""Where a rank runs and which backend its process group uses (the placement rule; README, "Launching
-anywhere"). Pure functions of the launcher's numbers and the GPUs' identities, so the tests check every
-case on CPU.
+"""Where a rank runs and which backend its process group uses (the placement rule; docs/launching.md).
+
+Pure functions of the launcher's numbers and the GPUs' identities, so the tests check every case on CPU.
 """
 
 from __future__ import annotations
