@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Resolved:
-    amp: str  # off | bf16 | fp16: mixed precision applies on GPUs only
+    amp: str  # off | bf16 | fp16 (rank 0's): mixed precision applies on GPUs only
     exchange: str  # all_gather | all_reduce
     exchange_why: str
     channels_last: tuple[bool, ...]  # per peer: its model's memory format

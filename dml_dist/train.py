@@ -8,14 +8,12 @@ computes its DML loss locally. Rank 0 evaluates the ensemble, logs and writes ev
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from . import distributed as D
 from . import faults, stall
-from .checkpoint import remove_stale_temp_files
 from .config import build_config, parse_overrides
 from .data import Datasets
 from .errors import (
@@ -51,7 +49,7 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
             # processes this package started: a user's own process keeps its global setting).
             torch.backends.cudnn.benchmark = True
         logger = make_logger(ctx.is_main, cfg, stream)
-        log_setup(cfg, ctx, logger, asked_replicas)  # collective
+        D.log_start(ctx, logger.info, cfg, asked_replicas)  # collective
         trainer = Trainer(cfg, ctx, logger, data)  # collective: datasets, peer, loaders, what the run resolves
         trainer.resume()
         trainer.fit()
@@ -87,31 +85,6 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
                 logger.close()
                 if created_group and not sigterm_received():  # stopping: no teardown with peers gone
                     D.destroy_distributed()
-
-
-def log_setup(cfg: dict, ctx: D.DistContext, logger, asked_replicas) -> None:
-    """Collective: what start-up decided (restart, layout, placement of every rank) and the stale temp files."""
-    if ctx.restart_count > 0:
-        logger.info(f"torchrun restart {ctx.restart_count}: resume={cfg['resume'] or 'auto'}")
-    shared_store = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and shared_store:
-        logger.info(
-            "warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
-            "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun"
-        )
-    if asked_replicas == "auto":
-        logger.info(
-            f"replicas: auto = {cfg['replicas']} per peer ({ctx.world_size} processes, {cfg['model_num']} peers)"
-        )
-    logger.info(f"rank order: {ctx.order} ({ctx.order_why})")
-    for p in D.gather_objects(ctx.describe()) or []:
-        logger.info(
-            "placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
-            "backend {backend} group {group} threads {threads}".format(**p)
-        )
-    if ctx.is_main:
-        for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
-            logger.info(f"removed {stale}: a temp file left by a process killed while saving")
 
 
 def parse_args(argv=None):

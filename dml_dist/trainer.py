@@ -44,8 +44,8 @@ class Trainer:
             )
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
-        self.run = self._resolve(model)  # collective
-        layout = torch.channels_last if self.run.channels_last[ctx.peer] else torch.contiguous_format
+        self.run, amp, channels_last = self._resolve(model)  # collective; this rank's own choices too
+        layout = torch.channels_last if channels_last else torch.contiguous_format
         # self.model: the peer itself (its state dict is what checkpoints hold); the step calls DDP over the
         # peer's replicas and/or torch.compile of it.
         self.model, train_model = wrap_replicas(model.to(ctx.device, memory_format=layout), ctx, cfg["sync_bn"])
@@ -60,8 +60,8 @@ class Trainer:
             fused=ctx.device.type == "cuda",  # CUDA: one kernel, no GradScaler sync
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
-        scaler = torch.amp.GradScaler("cuda") if self.run.amp == "fp16" else None
-        self.peer = Peer(train_model, optimizer, scaler, self.run.amp, self.run.channels_last[ctx.peer])
+        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last)
         self._build_loaders()
 
         # The train state, identical on every rank.
@@ -76,20 +76,24 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, ctx, logger, self.data, state, self.archs, self)
         self.watch = stall.StepWatch(logger, D.stall_timeout().total_seconds(), ctx.peer_of) if ctx.is_main else None
 
-    def _resolve(self, model) -> Resolved:
-        """Collective: what this run does with the config (every rank gets the same record); logged once."""
+    def _resolve(self, model) -> tuple[Resolved, str, bool]:
+        """Collective: what this run does with the config, the same record on every rank (a peer's choices as
+        its replica 0 made them, AMP as rank 0's GPU takes it), logged once; and this rank's own AMP mode and
+        memory format, which its step uses (they differ only on a job that mixes GPU kinds)."""
         cfg, ctx = self.cfg, self.ctx
         amp = resolve_amp(cfg["amp"], ctx.device)
         exchange, exchange_why = resolve_exchange(cfg)
-        mine = (ctx.peer, *channels_last_choice(cfg["channels_last"], model, ctx.device, amp))
-        layouts = sorted(set(D.all_gather_objects(mine)))  # one entry per peer
+        on, why = channels_last_choice(cfg["channels_last"], model, ctx.device, amp)
+        ranks = D.all_gather_objects((ctx.peer, amp, on, why))  # rank order: a peer's replica 0 comes first
+        first = {peer: (a, o, w) for peer, a, o, w in reversed(ranks)}  # the lowest rank of each peer wins
+        layouts = [first[k] for k in range(ctx.peers)]
         resume = cfg["resume"] if cfg["resume"] is not None or ctx.restart_count == 0 else "auto"
         run = Resolved(
-            amp=amp,
+            amp=ranks[0][1],
             exchange=exchange,
             exchange_why=exchange_why,
-            channels_last=tuple(on for _, on, _ in layouts),
-            channels_last_why=tuple(why for _, _, why in layouts),
+            channels_last=tuple(o for _, o, _ in layouts),
+            channels_last_why=tuple(w for _, _, w in layouts),
             resume=resume,  # torchrun restarted the group after a failure: carry on from the checkpoint
             data_path=self.data.path,
             data_why=self.data.why,
@@ -97,9 +101,9 @@ class Trainer:
             rank_order=ctx.order,
         )
         self.logger.info(f"exchange: {run.exchange} ({run.exchange_why})")
-        for k, why in enumerate(run.channels_last_why):
-            self.logger.info(f"channels_last: peer {k + 1}: {why}")
-        return run
+        for k, reason in enumerate(run.channels_last_why):
+            self.logger.info(f"channels_last: peer {k + 1}: {reason}")
+        return run, amp, on
 
     def _log_data(self) -> None:
         data, cfg = self.data, self.cfg

@@ -124,8 +124,8 @@ else:
     same = (all(len(set(ts)) == 1 for ts in by_replica.values()) and texts[0].count("\n") >= 8
             and (len(texts) == 1 or max(map(len, by_replica.values())) >= 2))
 group = [l.split(" group ")[1].split(" ")[0] for l in log if "placement:" in l][0]
-applied = ("nccl" in group) == (want_backend == "nccl") and s["config"]["amp"] == want_amp
-print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['config']['amp']} compile={s['config']['compile']} "
+applied = ("nccl" in group) == (want_backend == "nccl") and s["resolved"]["amp"] == want_amp
+print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['resolved']['amp']} compile={s['config']['compile']} "
       f"ranks={len(fps)} batches-identical={same} acc={['%.2f' % a for a in s['best_accuracies']]}")
 PY
 ) || info="MISMATCH the verdict script failed (see $work/$name.log)"

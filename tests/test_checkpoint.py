@@ -62,6 +62,8 @@ def _summary(workdir: Path, ignore_config=()) -> dict:
     s.pop("run")  # wall-clock times and resume records: the only part allowed to differ
     for k in ignore_config:
         s["config"].pop(k)
+    if "loader" in ignore_config:  # another data path on purpose: what start-up resolved says so
+        s["resolved"].pop("data_path"), s["resolved"].pop("data_why")
     return s
 
 

@@ -30,6 +30,7 @@ from .files import (
     load_checkpoint,
     peer_path,
     prune_epoch_checkpoints,
+    remove_stale_temp_files,
     versions,
 )
 
@@ -98,6 +99,9 @@ class Checkpointer:
         self.steps_per_epoch = trainer.steps_per_epoch
         self.writer = CheckpointWriter(enabled=ctx.is_main)
         self._files: dict | None = None
+        if ctx.is_main:
+            for stale in remove_stale_temp_files(cfg["save_dir"], cfg["experiment_name"]):
+                logger.info(f"removed {stale}: a temp file left by a process killed while saving")
 
     # ------------------------------------------------------------------------------------------ save
     def due(self, epoch: int, step: int) -> bool:

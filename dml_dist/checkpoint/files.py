@@ -63,7 +63,7 @@ def _git_commit() -> str | None:
     install), None for an installed copy."""
     import subprocess
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above dml_dist/
     try:
         out = subprocess.run(
             ["git", "-C", repo, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=5

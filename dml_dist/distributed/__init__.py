@@ -47,7 +47,14 @@ from .groups import (
     stall_timeout,
 )
 from .layout import choose_rank_order, decodes_per_sample, layout_groups, replica_layout
-from .setup import agree_restart_count, destroy_distributed, init_distributed, ranks_on_my_gpu, under_launcher
+from .setup import (
+    agree_restart_count,
+    destroy_distributed,
+    init_distributed,
+    log_start,
+    ranks_on_my_gpu,
+    under_launcher,
+)
 
 __all__ = [
     "ALL_GATHER",
@@ -74,6 +81,7 @@ __all__ = [
     "is_active",
     "layout_groups",
     "local_rank",
+    "log_start",
     "long_group",
     "node_group",
     "rank",

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .collectives import all_gather
+from .collectives import all_gather, gather_objects
 from .context import DistContext
 from .groups import _GROUPS, collective_timeout, stall_margin
 from .layout import choose_rank_order, layout_groups, replica_layout
@@ -84,3 +84,24 @@ def destroy_distributed() -> None:
     _GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def log_start(ctx: DistContext, log, cfg: dict, asked_replicas) -> None:
+    """Collective: what start-up decided (a restart, the replicas, the rank order, every rank's placement)."""
+    if ctx.restart_count > 0:
+        resume = "auto" if cfg["resume"] is None else cfg["resume"]
+        log(f"torchrun restart {ctx.restart_count}: resume={resume}")
+    shared_store = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and shared_store:
+        log(
+            "warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo "
+            "workers can fail to connect (pytorch/pytorch#135712); export it before torchrun"
+        )
+    if asked_replicas == "auto":
+        log(f"replicas: auto = {cfg['replicas']} per peer ({ctx.world_size} processes, {cfg['model_num']} peers)")
+    log(f"rank order: {ctx.order} ({ctx.order_why})")
+    for p in gather_objects(ctx.describe()) or []:
+        log(
+            "placement: rank {rank} (peer {peer}, replica {replica}) host {host} device {device} "
+            "backend {backend} group {group} threads {threads}".format(**p)
+        )
