@@ -70,20 +70,20 @@ def model_bytes(mode: str, n: int, b: int, c: int) -> int:
     return round(2 * (n - 1) / n * b * (c + 1) * 4)
 
 
-def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, cfg: dict, ctx) -> tuple[float, float]:
+def _step_tail(mode: str, z: torch.Tensor, y: torch.Tensor, temperature: float, ctx) -> tuple[float, float]:
     """One step's exchange and mutual-term forward+backward, timed: (exchange s, loss s)."""
     from ..exchange import PeerSums, exchange
     from ..loss import compute_dml_loss, loss_from_sums
 
     logits = z.clone().requires_grad_()
     t0 = time.perf_counter()
-    got = exchange(logits, ctx, cfg)  # sync point, as in training
+    got = exchange(logits, ctx, mode, temperature)  # sync point, as in training
     t1 = time.perf_counter()
     if isinstance(got, PeerSums):
-        loss = loss_from_sums(logits, got.summed, got.peers, y, cfg["temperature"], own=got.own)
+        loss = loss_from_sums(logits, got.summed, got.peers, y, temperature, own=got.own)
     else:
         r = ctx.rank
-        loss = compute_dml_loss(logits, torch.cat([got[:r], got[r + 1 :]]), y, cfg["temperature"])
+        loss = compute_dml_loss(logits, torch.cat([got[:r], got[r + 1 :]]), y, temperature)
     loss.total.backward()
     return t1 - t0, time.perf_counter() - t1
 
@@ -100,10 +100,10 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
         rounds = {m: [] for m in MODES}
         for m in MODES:  # warm-up: connections, allocator
             for _ in range(3):
-                _step_tail(m, z, y, {"exchange": m, "temperature": b["temperature"]}, ctx)
+                _step_tail(m, z, y, b["temperature"], ctx)
         for _ in range(b["rounds"]):
             for m in MODES:
-                cfg = {"exchange": m, "temperature": b["temperature"]}
+                cfg = b["temperature"]
                 dist.barrier()
                 rx0 = loopback_rx_bytes()
                 dist.barrier()  # nobody sends a step's bytes before rank 0 has read the counter

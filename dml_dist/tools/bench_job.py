@@ -181,17 +181,7 @@ def eval_decode(b: dict) -> dict:
 
 def probe_run(nproc: int, **kw) -> dict:
     """One ``dml_dist.tools.probe`` run under torchrun on this node."""
-    args = [f"{k}={v}" for k, v in kw.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "dml_dist.tools.probe",
-        *args,
-    ]
+    (cmd,) = _probe_cmds(1, nproc, kw)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
         raise DMLError(f"probe with {nproc} rank(s) failed: {r.stderr.strip().splitlines()[-1][:300]}")
