@@ -22,7 +22,8 @@ from conftest import (
     torchrun,
 )
 
-from dml_dist import load_dml_models
+from dml_dist import DMLError, load_dml_models
+from dml_dist.checkpoint.files import check_cohort_checkpoint, load_checkpoint
 
 EPOCHS = 4
 
@@ -186,10 +187,21 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line_on_every_rank(tmp_path, data_dir, reference):
+    """The whole path once, under torchrun: rank 0 reads and checks the file, every rank stops with its line."""
+    bad = tmp_path / "bad.pth"
+    shutil.copy(reference / "save" / "t_latest.pth", bad)
+    r = _launch(tmp_path / "w", data_dir, resume=str(bad), model="resnet32")
+    assert r.returncode != 0
+    errs = error_lines(r.stderr)
+    needle = "peer 1 is resnet20 but this run builds resnet32; set model=resnet20"
+    assert len(errs) == 1 and needle in errs[0] and str(bad) in errs[0], r.stderr[-3000:]
+    assert_no_worker_traceback(r.stderr)
+
+
 @pytest.mark.parametrize(
     "case,needle",
     [
-        ("architecture", "peer 1 is resnet20 but this run builds resnet32; set model=resnet20"),
         ("peers", "holds 2 peers but this run has model_num=3"),
         ("truncated", "is truncated or corrupt"),
         ("pickled_code", "holds pickled objects other than tensors and plain values; refused"),
@@ -197,16 +209,14 @@ class _Evil:
         ("classes", "has 3 classes but the data has 4; use the data it was trained on"),
     ],
 )
-def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
-    src = reference / "save" / "t_latest.pth"
-    bad = tmp_path / "bad.pth"
-    nproc, extra = 2, {}
-    if case == "architecture":
+def test_refused_checkpoints(tmp_path, reference, case, needle):
+    """The checks a resume makes (rank 0, before any state is handed out), in-process: the launch above shows
+    that a refusal ends every rank with its one line."""
+    src, bad = reference / "save" / "t_latest.pth", tmp_path / "bad.pth"
+    cfg, archs, classes = {"model_num": 2}, ["resnet20"] * 2, 3
+    if case == "peers":
         shutil.copy(src, bad)
-        extra = {"model": "resnet32"}
-    elif case == "peers":
-        shutil.copy(src, bad)
-        nproc = 3
+        cfg, archs = {"model_num": 3}, ["resnet20"] * 3
     elif case == "truncated":
         data = src.read_bytes()
         bad.write_bytes(data[: len(data) // 2])
@@ -218,12 +228,10 @@ def test_refused_checkpoints(tmp_path, data_dir, reference, case, needle):
         shutil.copy(reference / "save" / "t_model1_best.pth", bad)
     elif case == "classes":
         shutil.copy(src, bad)
-        data_dir = make_image_folder(tmp_path / "data4", classes=("cat", "dog", "frog", "bird"), n_train=4, n_val=2)
-    r = _launch(tmp_path / "w", data_dir, nproc=nproc, resume=str(bad), **extra)
-    assert r.returncode != 0
-    errs = error_lines(r.stderr)
-    assert len(errs) == 1 and needle in errs[0] and str(bad) in errs[0], r.stderr[-3000:]
-    assert_no_worker_traceback(r.stderr)
+        classes = 4
+    with pytest.raises(DMLError) as e:
+        check_cohort_checkpoint(load_checkpoint(str(bad)), str(bad), cfg, archs, classes)
+    assert needle in str(e.value) and str(bad) in str(e.value)
     assert not (tmp_path / "pwned").exists()
 
 

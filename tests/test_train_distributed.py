@@ -139,18 +139,21 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
     assert ck["arch"] == "mobilenet"
 
 
-def test_single_process_without_torchrun_is_plain_cross_entropy(tmp_path, image_folder):
-    r = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "dml_dist.train",
-            *base_args(tmp_path, image_folder, epochs=1, model_num=1, progress_bar=True),
-        ]
-    )
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    """One plain process, model_num=1, no torchrun (and a progress bar asked for, off a terminal): run once,
+    read by the two tests below."""
+    w = tmp_path_factory.mktemp("solo")
+    data = make_image_folder(w / "data")
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(w, data, epochs=1, model_num=1, progress_bar=True)])
     assert r.returncode == 0, r.stderr[-3000:]
+    return w, r
+
+
+def test_single_process_without_torchrun_is_plain_cross_entropy(solo):
+    w, r = solo
     assert "epoch 1 [" in r.stdout and "%|" not in r.stderr + r.stdout  # progress_bar: only on a terminal
-    summary = read_summary(tmp_path)
+    summary = read_summary(w)
     _check_summary(summary, peers=1, epochs=1)
     assert summary["history"][0]["train_kl"] == [0.0]
     assert summary["history"][0]["train_loss"] == summary["history"][0]["train_ce"]
@@ -251,22 +254,20 @@ def test_consistency_check_can_be_turned_off(tmp_path, image_folder):
     assert list(fp.iterdir()) == []
 
 
-def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder):
+def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder, solo):
     r = torchrun(2, base_args(tmp_path / "cohort", image_folder, epochs=1, kl_weight=0))
     assert r.returncode == 0, r.stderr[-3000:]
     h = read_summary(tmp_path / "cohort")["history"][0]
     assert h["train_loss"] == pytest.approx(h["train_ce"]) and all(k > 0 for k in h["train_kl"])
-    # Peer 1 trains as if alone: a model_num=1 run (one plain process, same seed) ends with its weights.
-    r = run_cmd(
-        [sys.executable, "-m", "dml_dist.train", *base_args(tmp_path / "solo", image_folder, epochs=1, model_num=1)]
+    # Peer 1 trains as if alone: the model_num=1 run (one plain process, same seed, same images) ends with its
+    # weights.
+    peer1, alone = (
+        torch.load(d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
+        for d in (tmp_path / "cohort", solo[0])
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    peer1, solo = (
-        torch.load(tmp_path / d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"] for d in ("cohort", "solo")
-    )
-    for k in solo:
-        assert torch.allclose(peer1[k].double(), solo[k].double(), atol=1e-5, rtol=0), k
-    assert read_summary(tmp_path / "solo")["history"][0]["val_loss"][0] == pytest.approx(h["val_loss"][0], abs=1e-5)
+    for k in alone:
+        assert torch.allclose(peer1[k].double(), alone[k].double(), atol=1e-5, rtol=0), k
+    assert read_summary(solo[0])["history"][0]["val_loss"][0] == pytest.approx(h["val_loss"][0], abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -287,39 +288,24 @@ def test_diverging_rank_is_caught_by_the_consistency_check(tmp_path, image_folde
 
 def _break(tmp_path, kind):
     d = make_image_folder(tmp_path / "data", n_train=6, n_val=2)
-    extra = {}
     if kind == "missing_data_dir":
-        d = tmp_path / "missing"
-    elif kind == "empty_class_folder":
-        for f in (d / "train" / "dog").iterdir():
-            f.unlink()
-    elif kind == "unreadable_image":
-        (d / "val" / "frog" / "0000.png").write_bytes(b"\x89PNG garbage")
-    elif kind == "mismatched_classes":
-        (d / "val" / "bird").mkdir()
-        (d / "val" / "cat" / "0000.png").rename(d / "val" / "bird" / "0000.png")
-    elif kind == "unknown_key":
-        extra = {"learning_rate": 0.1}
-    elif kind == "model_num_mismatch":
-        extra = {"model_num": 3}
-    return base_args(tmp_path, d, **extra)
+        return base_args(tmp_path, tmp_path / "missing")
+    return base_args(tmp_path, d, learning_rate=0.1)  # unknown_key
 
 
 @pytest.mark.parametrize(
     "kind,needle",
     [
         ("missing_data_dir", "does not exist"),
-        ("empty_class_folder", "holds no images"),
-        ("unreadable_image", "cannot read image"),
-        ("mismatched_classes", "class folders of train/ and val/ differ"),
         ("unknown_key", "unknown config key(s): 'learning_rate' (did you mean 'lr'?)"),
-        ("model_num_mismatch", "model_num=3 but 2 process(es) were started"),
     ],
 )
 def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
-    # Two cases with rank 0 slow to print (a loaded machine): before a process group exists (unknown key) and
-    # after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0 before its line.
-    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=6"} if kind in ("missing_data_dir", "unknown_key") else None
+    """Bad input under torchrun, with rank 0 slow to print (a loaded machine): before a process group exists
+    (unknown key) and after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0
+    before its line. The other bad inputs raise the same DMLError on the same path, checked in-process
+    (tests/test_data.py: empty, unreadable, mismatched folders; tests/test_config.py: model_num against the world)."""
+    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=6"}
     r = torchrun(2, _break(tmp_path, kind), timeout=120, env=slow)
     assert r.returncode != 0
     errs = error_lines(r.stderr)

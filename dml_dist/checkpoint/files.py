@@ -15,9 +15,12 @@ Everything is plain tensors and Python values, loadable with ``torch.load(..., w
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import os
 import pickle
 import re
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -29,25 +32,33 @@ from ..errors import DMLError
 FORMAT = "dml-dist/1"
 
 
+def _package_version(name: str) -> str | None:
+    """A package's ``__version__`` without importing it (importing torchvision costs seconds at every start):
+    its generated ``version.py``, read as text; None when the package is missing."""
+    if name in sys.modules:
+        return str(sys.modules[name].__version__)
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
+    except OSError:
+        found = None
+    return found.group(1) if found else importlib.metadata.version(name)
+
+
 @functools.cache
 def _versions() -> tuple:
     import platform
 
-    import torchvision
-
     from .. import __version__
 
-    try:
-        import torchcodec
-
-        codec = str(torchcodec.__version__)
-    except Exception:  # noqa: BLE001 - missing, or its native library does not load: PIL decodes
-        codec = None
     return (
         ("dml_dist", __version__),
         ("torch", str(torch.__version__)),
-        ("torchvision", str(torchvision.__version__)),
-        ("torchcodec", codec),
+        ("torchvision", _package_version("torchvision")),
+        ("torchcodec", _package_version("torchcodec")),
         ("python", platform.python_version()),
         ("git", _git_commit()),
     )

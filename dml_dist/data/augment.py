@@ -25,8 +25,6 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 AUGMENTATIONS = ("crop", "flip", "rotate", "jitter")
 PAD = 4  # crop: zero padding on each side, offsets in [0, 2 * PAD]
@@ -154,6 +152,9 @@ def augment_batch(x: torch.Tensor, p: AugParams, ops: Sequence[str]) -> torch.Te
 # ------------------------------------------------------------------------------------------- per sample
 def augment_one(img: torch.Tensor, p: AugParams, ops: Sequence[str]) -> torch.Tensor:
     """The reference: one uint8 CHW image, one sample's parameters (``params[k]``), torchvision ops."""
+    from torchvision.transforms.v2 import InterpolationMode  # here: importing torchvision takes seconds
+    from torchvision.transforms.v2 import functional as TF
+
     _, h, w = img.shape
     if "crop" in ops:
         i, j = int(p.crop_i), int(p.crop_j)

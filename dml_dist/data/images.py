@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DMLError
 
@@ -44,7 +44,7 @@ def _pil_decode(data: bytes) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # raises on a truncated file (PIL would otherwise pad it silently on convert)
-        return TF.pil_to_tensor(im.convert("RGB"))
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
@@ -129,6 +129,8 @@ def load_image(
 def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if img.shape[-2:] == (h, w):
         return img
+    from torchvision.transforms.v2 import functional as TF  # here: importing torchvision takes seconds
+
     return TF.resize(img, [h, w], antialias=True)
 
 
