@@ -1,8 +1,10 @@
 """dml-compare on small fake summaries: grouping, the table's numbers, the DML gain, the curves."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,24 @@ def test_bad_input_is_one_line(tmp_path):
         r.returncode != 0
         and r.stderr.strip() == f"dml-compare: error: {bad} is not a dml-dist summary (no config/history)"
     )
+
+
+def test_launch_compare_sh_runs_the_grid_then_reports_and_skips_what_is_done(tmp_path):
+    """launch/compare.sh (README promise), at the smallest scale: one seed, DML and kl_weight=0 on a generated
+    folder, then dml-compare's report; a second call finds both summaries and only reports."""
+    from conftest import REPO, _env, make_image_folder
+
+    data = make_image_folder(tmp_path / "data")
+    keys = ["device=cpu", "model=resnet20", "image_size=16", "batch_size=8", "epochs=1", "num_workers=0"]
+    env = _env({"SEEDS": "1", "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "report")})
+    env["CONFIG"] = str(REPO / "configs" / "quickstart.yaml")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dml-train and dml-compare
+    cmd = ["bash", str(REPO / "launch" / "compare.sh"), f"data_dir={data}", *keys]
+    for call in (1, 2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("epoch 1/1" in r.stdout) == (call == 1), r.stdout[-2000:]  # the second call trains nothing
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "DML gain over `kl_weight=0.0`" in md and (tmp_path / "report" / "curves.png").stat().st_size > 0
+    names = sorted(p.name for p in (tmp_path / "runs" / "logs").glob("*_summary.json"))
+    assert names == ["resnet20_kl0_seed1_summary.json", "resnet20_kl1_seed1_summary.json"]

@@ -66,10 +66,18 @@ def test_model_num_defaults_to_world_and_must_match():
 
 
 def test_shipped_configs_validate():
+    """Every file in configs/ builds, and what it sets is what the run gets (numbers and switches as written)."""
     from pathlib import Path
 
-    for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
-        build_config(str(f))
+    import yaml
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {"quickstart.yaml", "imagenet_resnet18.yaml", "paper_cifar100_resnet32.yaml"} <= {f.name for f in files}
+    for f in files:
+        given, cfg = yaml.safe_load(f.read_text()) or {}, build_config(str(f))
+        for k, v in given.items():
+            if isinstance(v, (int, float, bool)) and isinstance(cfg[k], (int, float, bool)):
+                assert cfg[k] == v, (f.name, k)
 
 
 def test_timeout_comes_from_the_config_then_the_environment_then_600(monkeypatch):

@@ -107,9 +107,9 @@ def test_identical_predictions_give_zero_kl():
     assert compute_dml_loss(z, [z.clone(), z.clone()], torch.zeros(4, dtype=torch.long)).kl.abs().item() < 1e-6
 
 
-# Issue 11: the paper's mixed cohorts. Counts with 100 classes (CIFAR-100); WRN-28-10 is the paper's 36.5M.
+# Issue 11: the paper's mixed cohorts. Counts with 100 classes (CIFAR-100). WRN-28-10 (the paper's 36.5M:
+# 36,536,884) is counted by the models table's test above; building it a third time adds nothing but seconds.
 COUNTS_100 = {
-    "wrn28_10": 36_536_884,
     "wrn16_4": 2_772_020,
     "wrn28_2": 1_479_220,
     "mobilenet": 3_309_476,
@@ -122,10 +122,7 @@ COUNTS_100 = {
 def test_mixed_cohort_parameter_counts_with_100_classes(name, expected):
     model = build_model(name, 100)
     assert count_parameters(model) == expected
-    if name != "wrn28_10":  # the big one's forward pass is slow on 2 cores; its count says enough
-        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 100)
-    else:
-        assert round(count_parameters(model) / 1e6, 1) == 36.5  # the DML paper's figure
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
 def test_names_are_case_insensitive_for_every_family():

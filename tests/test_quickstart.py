@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cmd
+from conftest import REPO, assert_no_worker_traceback, error_lines, run_cmd
 from test_data import write_tiny_cifar10
 
 
@@ -53,3 +53,18 @@ def test_defect5_every_peer_gets_a_best_checkpoint_even_at_zero_accuracy(fallbac
     for path in s["checkpoints"]["best"]:
         ck = torch.load(w / path, weights_only=True)
         assert ck["epoch"] == 1  # written on the first epoch, unconditionally
+
+
+def test_without_the_subset_and_without_a_network_the_quick_start_is_one_line(tmp_path):
+    """README: with neither the shared subset nor a network, the quick start stops with one line naming both
+    options. The network is made unreachable for the download alone (a proxy on a closed local port)."""
+    env = {"PYTHON": sys.executable, "DML_SHARED_DATA": str(tmp_path / "no-shared-subset")}
+    env.update(
+        {"https_proxy": "http://127.0.0.1:1", "http_proxy": "http://127.0.0.1:1", "no_proxy": "", "NO_PROXY": ""}
+    )
+    r = run_cmd(["bash", str(REPO / "launch" / "local.sh"), "2", "epochs=1"], env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1 and "could not be downloaded" in errs[0], r.stderr[-3000:]
+    assert "download it there on a machine with network" in errs[0] and "../shared/data/cifar10-small" in errs[0]
+    assert_no_worker_traceback(r.stderr)

@@ -104,7 +104,8 @@ def test_transforms_agree_with_torchvision(jpeg_dir):
     img, pil = decode_file(str(path)), Image.open(path).convert("RGB")
     ref = v2.functional.pil_to_tensor(v2.CenterCrop(32)(v2.Resize(36)(pil)))  # 36 = floor(32 / 0.875)
     ours = center_resize(img, 32, 0.875)
-    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 2.0  # PIL resamples a bit apart
+    # PIL resamples a little apart from torchvision's tensor kernels: up to 0.03 grey levels on these files
+    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 0.1
     # torchvision's own tensor ops, exactly: its output size rule and its centre-crop rounding, for any shape
     for h, w in ((347, 500), (500, 281), (29, 38), (37, 37), (300, 301)):
         x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
@@ -141,8 +142,10 @@ def test_transforms_agree_with_torchvision(jpeg_dir):
     assert rrc_boxes(torch.ones(RRC_TRIES, 4), 100, 400, (0.9, 1.0), (1.0, 1.0)) == (0, 150, 100, 100)
     u = torch.rand(RRC_TRIES, 4, generator=g)
     t, left, h, w = rrc_boxes(u, img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3))
+    ours = resized_crop(img, u, 16, (0.08, 1.0), (3 / 4, 4 / 3))
+    assert torch.equal(ours, v2.functional.resized_crop(img, t, left, h, w, [16, 16], antialias=True))  # exactly
     ref = v2.functional.pil_to_tensor(v2.functional.resized_crop(pil, t, left, h, w, [16, 16], antialias=True))
-    assert (resized_crop(img, u, 16, (0.08, 1.0), (3 / 4, 4 / 3)).float() - ref.float()).abs().mean() < 3.0
+    assert (ours.float() - ref.float()).abs().mean() < 0.5  # PIL: up to 0.26 grey levels on these files
 
 
 def test_real_world_files_decode_and_a_truncated_jpeg_is_named(tmp_path):
@@ -281,6 +284,8 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
         run: [line for line in res["ranks"][0]["log"] if line.startswith("files:")]
         for run, res in (("cold", cold), ("warm", warm))
     }
+    # rank 0 alone lists the folders (README promise); the others receive its list
+    assert all(not line.startswith("files:") for res in (cold, warm) for line in res["ranks"][1]["log"])
     assert len(files["cold"]) == 1 and "listed 36" in files["cold"][0]
     assert len(files["warm"]) == 1 and "36 in" in files["warm"][0] and "from the manifest" in files["warm"][0]
     assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]

@@ -243,15 +243,24 @@ def test_cifar10_python_format_under_torchrun(tmp_path):
 
 
 def test_consistency_check_can_be_turned_off(tmp_path, image_folder):
+    """Also the README's warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every other
+    test sets it) is one line at the start; the run itself needs no restart."""
     fp = tmp_path / "fp"
     fp.mkdir()
     r = torchrun(
         2,
         base_args(tmp_path, image_folder, epochs=1, consistency_check_every=0),
-        env={"DML_FAULT": "action=seed_offset,rank=1", "DML_FINGERPRINT_DIR": str(fp)},
+        env={
+            "DML_FAULT": "action=seed_offset,rank=1",
+            "DML_FINGERPRINT_DIR": str(fp),
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "",
+        },
+        torchrun_args=["--max-restarts=1"],
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(fp.iterdir()) == []
+    warning = "warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo workers"
+    assert r.stdout.count(warning) == 1, r.stdout[-2000:]
 
 
 def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder, solo):
