@@ -200,3 +200,28 @@ def read_summary(tmp_path: Path, name="t") -> dict:
 def assert_no_worker_traceback(stderr: str) -> None:
     """Workers exit with one line; the only traceback allowed is torchrun's own ChildFailedError report."""
     assert "dml_dist/" not in stderr and "[rank0]:" not in stderr and "[rank1]:" not in stderr, stderr[-3000:]
+
+
+# The suite runs on two pytest-xdist workers, one test file at a time each (setup.cfg: -n 2 --dist loadfile, so
+# a file's module-scoped runs are shared by its tests). The files that take longest go first, so that no long
+# file starts last and runs alone; the rest keep their order.
+LONGEST_FIRST = (
+    "test_stream.py",
+    "test_train_distributed.py",
+    "test_checkpoint.py",
+    "test_launch.py",
+    "test_api.py",
+    "test_slurm.py",
+    "test_replicas.py",
+    "test_end_to_end.py",
+    "test_engine.py",
+    "test_replica_lists.py",
+    "test_bad_files.py",
+    "test_callers.py",
+    "test_elastic.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
