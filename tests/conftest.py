@@ -172,21 +172,16 @@ def run_cmd(cmd: list[str], env=None, timeout=TIMEOUT, cwd=None, stdin=None) -> 
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def torchrun_cmd(nproc: int, args: list[str], torchrun_args=(), module="dml_dist.train") -> list[str]:
+    """A standalone torchrun of ``module`` on ``nproc`` local ranks, as a command line."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, *torchrun_args, "-m", module, *args]
+
+
 def torchrun(
     nproc: int, args: list[str], env=None, timeout=TIMEOUT, torchrun_args=(), module="dml_dist.train", cwd=None
 ):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *torchrun_args,
-        "-m",
-        module,
-        *args,
-    ]
-    return run_cmd(cmd, env, timeout, cwd)
+    return run_cmd(torchrun_cmd(nproc, args, torchrun_args, module), env, timeout, cwd)
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -160,6 +160,10 @@ def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, har
     assert "data path: custom" in (tmp_path / "logs" / "ing.log").read_text()
 
 
+def _dml_eval(*args):
+    return run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *args])
+
+
 def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
     r = torchrun(
         2,
@@ -179,19 +183,7 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "logs" / "ev_summary.json").read_text())
     ckpts = [str(tmp_path / "ckpt" / f"ev_model{k}_best.pth") for k in (1, 2)]
-    r = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "dml_dist.evaluate",
-            "--checkpoints",
-            *ckpts,
-            "--data-dir",
-            str(hard_folder),
-            "--split",
-            "val",
-        ]
-    )
+    r = _dml_eval(*ckpts, "--data-dir", str(hard_folder), "--split", "val")
     assert r.returncode == 0, r.stderr
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(model\d|ensemble)\s+\S+\s+([\d.]+)", r.stdout, re.M)}
     assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)
@@ -203,23 +195,9 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
         len(list((hard_folder / "test").rglob("*.png"))),
     )
     for split, n in (("test", n_test), ("train", n_train)):
-        r = run_cmd(
-            [
-                sys.executable,
-                "-m",
-                "dml_dist.evaluate",
-                "--checkpoints",
-                *ckpts,
-                "--data-dir",
-                str(hard_folder),
-                "--split",
-                split,
-            ]
-        )
+        r = _dml_eval(*ckpts, "--data-dir", str(hard_folder), "--split", split)
         assert r.returncode == 0 and r.stdout.startswith(f"{split}: {n} images"), (split, r.stdout, r.stderr[-1000:])
-    r = run_cmd(
-        [sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", ckpts[0], "--data-dir", str(tmp_path / "nope")]
-    )
+    r = _dml_eval(ckpts[0], "--data-dir", str(tmp_path / "nope"))
     assert r.returncode == 1 and r.stderr.startswith("dml-dist: error: data_dir") and "Traceback" not in r.stderr
 
 

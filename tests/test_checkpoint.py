@@ -6,7 +6,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,24 @@ from conftest import (
     kill_tree,
     make_image_folder,
     torchrun,
+    torchrun_cmd,
 )
 
 from dml_dist import DMLError, load_dml_models
 from dml_dist.checkpoint.files import check_cohort_checkpoint, load_checkpoint
 
 EPOCHS = 4
+# Every run of this module; kl_warmup_epochs: every resume test also proves that the warm-up ramp survives it.
+RUN = dict(
+    epochs=EPOCHS,
+    save_freq=1,
+    keep_last=2,
+    augment=True,
+    step_size=2,
+    save_dir="save",
+    log_dir="log",
+    kl_warmup_epochs=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +48,7 @@ def _launch(workdir: Path, data_dir, nproc=2, env=None, torchrun_args=(), **extr
     """torchrun from ``workdir`` with relative save/log dirs, so runs in different folders report
     identical configs."""
     workdir.mkdir(parents=True, exist_ok=True)
-    # kl_warmup_epochs: every resume test below also proves that the warm-up ramp survives a resume.
-    cfg = dict(
-        epochs=EPOCHS,
-        save_freq=1,
-        keep_last=2,
-        augment=True,
-        step_size=2,
-        save_dir="save",
-        log_dir="log",
-        kl_warmup_epochs=2,
-    )
-    cfg.update(extra)
+    cfg = {**RUN, **extra}
     return torchrun(nproc, base_args(workdir, data_dir, **cfg), env=env, torchrun_args=torchrun_args, cwd=workdir)
 
 
@@ -267,27 +267,7 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
     within torchrun's grace period, die of the signal, and ``resume=auto`` then reproduces the reference."""
     w = tmp_path / "w"
     w.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "dml_dist.train",
-        *base_args(
-            w,
-            data_dir,
-            epochs=EPOCHS,
-            save_freq=1,
-            keep_last=2,
-            augment=True,
-            step_size=2,
-            save_dir="save",
-            log_dir="log",
-            kl_warmup_epochs=2,
-        ),
-    ]
+    cmd = torchrun_cmd(2, base_args(w, data_dir, **RUN))
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
             cmd,

@@ -29,6 +29,7 @@ from conftest import (
     read_summary,
     run_cmd,
     torchrun,
+    torchrun_cmd,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -328,18 +329,7 @@ def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_p
     slow step; at the timeout it prints one line from the heartbeats naming the stalled peer and rank, where it waited
     and the fix (issue 22: before the collectives' own timeout, a margin later). torchrun then restarts the group, which
     resumes from the epoch-1 checkpoint and finishes."""
-    args = base_args(tmp_path, image_folder, epochs=3, timeout=20)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--max-restarts=1",
-        "-m",
-        "dml_dist.train",
-        *args,
-    ]
+    cmd = torchrun_cmd(2, base_args(tmp_path, image_folder, epochs=3, timeout=20), torchrun_args=["--max-restarts=1"])
     out_file = tmp_path / "stdout.txt"
     with open(out_file, "w") as out:
         proc = subprocess.Popen(
