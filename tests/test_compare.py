@@ -106,16 +106,18 @@ def test_bad_input_is_one_line(tmp_path):
 def test_launch_compare_sh_runs_the_grid_then_reports_and_skips_what_is_done(tmp_path):
     """launch/compare.sh (README promise), at the smallest scale: one seed, DML and kl_weight=0 on a generated
     folder, then dml-compare's report; a second call finds both summaries and only reports."""
-    from conftest import REPO, _env, make_image_folder
+    from conftest import REPO, make_image_folder, run_cmd
 
     data = make_image_folder(tmp_path / "data")
     keys = ["device=cpu", "model=resnet20", "image_size=16", "batch_size=8", "epochs=1", "num_workers=0"]
-    env = _env({"SEEDS": "1", "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "report")})
+    env = {"SEEDS": "1", "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "report")}
     env["CONFIG"] = str(REPO / "configs" / "quickstart.yaml")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # dml-train and dml-compare
+    bin_dir = Path(sys.executable).parent  # this environment's dml-train and dml-compare, first on PATH
+    assert (bin_dir / "dml-train").is_file() and (bin_dir / "dml-compare").is_file()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     cmd = ["bash", str(REPO / "launch" / "compare.sh"), f"data_dir={data}", *keys]
     for call in (1, 2):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        r = run_cmd(cmd, env=env, cwd=tmp_path, timeout=600)  # a hang kills the whole tree
         assert r.returncode == 0, r.stderr[-3000:]
         assert ("epoch 1/1" in r.stdout) == (call == 1), r.stdout[-2000:]  # the second call trains nothing
     md = (tmp_path / "report" / "report.md").read_text()

@@ -149,3 +149,13 @@ def test_make_imagenet_folder_writes_the_shape_it_promises(tmp_path):
         with Image.open(tmp_path / "a" / p) as im:
             assert im.format == "JPEG" and 400 <= im.width <= 600 and 300 <= im.height <= 450
         assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()
+
+
+def test_the_trainer_starts_without_importing_torchvision():
+    """Importing torchvision (and the torch._dynamo it pulls in) costs every process seconds at start: the
+    trainer imports it only where a transform needs it (a resize to another size, the per-sample reference)."""
+    import subprocess
+    import sys
+
+    code = "import sys, dml_dist.train, dml_dist.api; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -104,8 +104,9 @@ def test_transforms_agree_with_torchvision(jpeg_dir):
     img, pil = decode_file(str(path)), Image.open(path).convert("RGB")
     ref = v2.functional.pil_to_tensor(v2.CenterCrop(32)(v2.Resize(36)(pil)))  # 36 = floor(32 / 0.875)
     ours = center_resize(img, 32, 0.875)
-    # PIL resamples a little apart from torchvision's tensor kernels: up to 0.03 grey levels on these files
-    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 0.1
+    # PIL resamples a little apart from torchvision's tensor kernels: up to 0.03 grey levels on these files here
+    # (another decoder build may differ a little more; the exact check below is against torchvision's tensor ops)
+    assert ours.shape == (3, 32, 32) and (ours.float() - ref.float()).abs().mean() < 0.5
     # torchvision's own tensor ops, exactly: its output size rule and its centre-crop rounding, for any shape
     for h, w in ((347, 500), (500, 281), (29, 38), (37, 37), (300, 301)):
         x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
@@ -145,7 +146,7 @@ def test_transforms_agree_with_torchvision(jpeg_dir):
     ours = resized_crop(img, u, 16, (0.08, 1.0), (3 / 4, 4 / 3))
     assert torch.equal(ours, v2.functional.resized_crop(img, t, left, h, w, [16, 16], antialias=True))  # exactly
     ref = v2.functional.pil_to_tensor(v2.functional.resized_crop(pil, t, left, h, w, [16, 16], antialias=True))
-    assert (ours.float() - ref.float()).abs().mean() < 0.5  # PIL: up to 0.26 grey levels on these files
+    assert (ours.float() - ref.float()).abs().mean() < 1.0  # PIL: up to 0.26 grey levels on these files here
 
 
 def test_real_world_files_decode_and_a_truncated_jpeg_is_named(tmp_path):

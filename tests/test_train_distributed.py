@@ -300,22 +300,32 @@ def _break(tmp_path, kind):
     d = make_image_folder(tmp_path / "data", n_train=6, n_val=2)
     if kind == "missing_data_dir":
         return base_args(tmp_path, tmp_path / "missing")
-    return base_args(tmp_path, d, learning_rate=0.1)  # unknown_key
+    if kind == "empty_class_folder":
+        for f in (d / "train" / "dog").iterdir():
+            f.unlink()
+    elif kind == "unreadable_image":
+        (d / "val" / "frog" / "0000.png").write_bytes(b"\x89PNG garbage")
+    elif kind == "unknown_key":
+        return base_args(tmp_path, d, learning_rate=0.1)
+    return base_args(tmp_path, d)
 
 
 @pytest.mark.parametrize(
     "kind,needle",
     [
         ("missing_data_dir", "does not exist"),
+        ("empty_class_folder", "holds no images"),
+        ("unreadable_image", "cannot read image"),
         ("unknown_key", "unknown config key(s): 'learning_rate' (did you mean 'lr'?)"),
     ],
 )
 def test_bad_input_is_a_one_line_error_on_every_launch(tmp_path, kind, needle):
-    """Bad input under torchrun, with rank 0 slow to print (a loaded machine): before a process group exists
-    (unknown key) and after it is gone (missing data_dir), rank 1 must not exit first, or torchrun stops rank 0
-    before its line. The other bad inputs raise the same DMLError on the same path, checked in-process
-    (tests/test_data.py: empty, unreadable, mismatched folders; tests/test_config.py: model_num against the world)."""
-    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=6"}
+    """Bad input under torchrun. An empty class folder and an unreadable image are found by rank 0 (the scan, the
+    cache build) and reach the other ranks through a collective. Two cases have rank 0 slow to print (a loaded
+    machine): before a process group exists (unknown key) and after it is gone (missing data_dir); rank 1 must not
+    exit first, or torchrun stops rank 0 before its line. Mismatched class folders and model_num against the world
+    are raised on every rank alike: checked in-process (tests/test_data.py, tests/test_config.py)."""
+    slow = {"DML_FAULT": "action=slow_report,rank=0,seconds=6"} if kind in ("missing_data_dir", "unknown_key") else None
     r = torchrun(2, _break(tmp_path, kind), timeout=120, env=slow)
     assert r.returncode != 0
     errs = error_lines(r.stderr)

@@ -45,7 +45,12 @@ def _package_version(name: str) -> str | None:
             found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
     except OSError:
         found = None
-    return found.group(1) if found else importlib.metadata.version(name)
+    if found:
+        return found.group(1)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # a version is a record: it must never stop a save
+        return None
 
 
 @functools.cache
