@@ -32,7 +32,7 @@ class Trainer:
         """Collective: builds the datasets (unless given: the API's custom loaders), this rank's peer, its loaders
         and checkpointer, and resolves what the config leaves to the run (``self.run``)."""
         self.cfg, self.ctx, self.logger = cfg, ctx, logger
-        self.started = self.fit_started = time.time()
+        self.started = time.time()
         self.data = data if data is not None else build_datasets(cfg, ctx.device, logger.info)  # collective
         self._log_data()
         self.arch = peer_model_name(cfg, ctx.peer)
@@ -100,6 +100,8 @@ class Trainer:
             layout=tuple(ctx.layout),
             rank_order=ctx.order,
         )
+        if ctx.restart_count > 0:
+            self.logger.info(f"torchrun restart {ctx.restart_count}: resume={run.resume}")
         self.logger.info(f"exchange: {run.exchange} ({run.exchange_why})")
         for k, reason in enumerate(run.channels_last_why):
             self.logger.info(f"channels_last: peer {k + 1}: {reason}")

@@ -87,10 +87,7 @@ def destroy_distributed() -> None:
 
 
 def log_start(ctx: DistContext, log, cfg: dict, asked_replicas) -> None:
-    """Collective: what start-up decided (a restart, the replicas, the rank order, every rank's placement)."""
-    if ctx.restart_count > 0:
-        resume = "auto" if cfg["resume"] is None else cfg["resume"]
-        log(f"torchrun restart {ctx.restart_count}: resume={resume}")
+    """Collective: what start-up decided (the replicas, the rank order, every rank's placement)."""
     shared_store = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and shared_store:
         log(
