@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import os
 import pickle
+import random
 import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -245,3 +246,33 @@ class CheckpointWriter:
             finally:
                 self.pool.shutdown(wait=True)
                 self.pool = None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, keeping this run's implementation choice (``fused``, ``foreach``): a
+    state saved on a GPU (fused SGD) resumes on a CPU and the other way round."""
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, impl):
+        group.update(keep)
+
+
+def public_config(cfg: dict) -> dict:
+    """The config as trained: ``resume`` says how a process started, not what was trained, so it is left
+    out (a resumed run and an uninterrupted one then report the same config)."""
+    return {k: v for k, v in cfg.items() if k != "resume"}
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states; the CUDA generator too on a GPU (dropout in mobilenetv2, torchvision.*)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
