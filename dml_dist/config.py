@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .data.augment import AUGMENTATIONS
+from .data.memory import STATISTICS
 from .errors import DMLError
 from .models import canonical_model_name
 
@@ -32,7 +33,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "sync_bn": False,  # replicas > 1: SyncBatchNorm within each peer's replicas (never across peers)
     "rank_order": "auto",  # replicas > 1: peer (a peer's replicas on consecutive ranks) | replica (the peers
     # of one replica index together: each node decodes only its rows) | auto
-    "pretrained": False,  # torchvision.<name> models only: start from torchvision's weights
+    "pretrained": False,  # torchvision.<name> / timm.<name> models: start from the library's weights
+    "init_from": None,  # one per peer: a dml-dist peer checkpoint or a plain state_dict file, or null
+    "frozen": None,  # one bool per peer: a frozen peer (a teacher) only predicts; needs init_from or pretrained
+    "mutual_weights": None,  # one number > 0 per peer: how much its prediction counts in the others' mutual term
+    "normalize": "cifar10",  # input statistics: cifar10 | imagenet | [[mean x3], [std x3]]; a peer started
+    # from pretrained weights takes theirs
     # data
     "dataset": "imagefolder",  # imagefolder | cifar10 | cifar100
     "data_dir": "data",
@@ -92,6 +98,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "log_dir": "logs",
     "experiment_name": None,  # None = dml_<model>_<N>peers
     "resume": None,  # path | auto | None
+    "loggers": ["tensorboard"],  # any of tensorboard, mlflow ($MLFLOW_TRACKING_URI), wandb ($WANDB_MODE)
 }
 
 _CHOICES = {
@@ -177,6 +184,7 @@ def validate_config(cfg: dict) -> dict:
         if c[k] < lo:
             raise DMLError(f"{k} must be >= {lo}, got {c[k]}")
     c["replicas"] = _replicas(c["replicas"])
+    _per_peer_keys(c)
     for k, (lo, inclusive) in _FLOAT_MIN.items():
         if isinstance(c[k], bool) or not isinstance(c[k], (int, float)):
             raise DMLError(f"{k} must be a number, got {c[k]!r}")
@@ -237,6 +245,63 @@ def validate_config(cfg: dict) -> dict:
     else:
         raise DMLError(f"model must be a name or a list of names, got {c['model']!r}")
     return c
+
+
+LOGGERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _number_list(v, length: int | None = None) -> bool:
+    return (
+        isinstance(v, (list, tuple))
+        and (length is None or len(v) == length)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    )
+
+
+def _per_peer_keys(c: dict) -> None:
+    """``init_from``, ``frozen``, ``mutual_weights`` (one entry per peer or null), ``normalize``, ``loggers``."""
+    v = c["init_from"]
+    if isinstance(v, str):
+        c["init_from"] = v = [v]
+    if v is not None and not (
+        isinstance(v, (list, tuple)) and v and all(p is None or (isinstance(p, str) and p) for p in v)
+    ):
+        raise DMLError(f"init_from must be a list with one checkpoint path (or null) per peer, got {v!r}")
+    v = c["frozen"]
+    if v is not None and not (isinstance(v, (list, tuple)) and v and all(isinstance(x, bool) for x in v)):
+        raise DMLError(f"frozen must be a list with one true/false per peer (true: a teacher), got {v!r}")
+    if v is not None and all(v):
+        raise DMLError(f"frozen={list(v)}: every peer is frozen, so nothing would train; leave one false")
+    v = c["mutual_weights"]
+    if v is not None and not (_number_list(v) and v and all(x > 0 for x in v)):
+        raise DMLError(f"mutual_weights must be a list with one number > 0 per peer, got {v!r}")
+    if v is not None:
+        c["mutual_weights"] = [float(x) for x in v]
+    for k in ("init_from", "frozen"):
+        if c[k] is not None:
+            c[k] = list(c[k])
+    n = c["normalize"]
+    if isinstance(n, str):
+        if n.lower() not in STATISTICS:
+            raise DMLError(
+                f"normalize must be {', '.join(STATISTICS)} or [[mean, mean, mean], [std, std, std]], got {n!r}"
+            )
+        c["normalize"] = n.lower()
+    elif not (
+        isinstance(n, (list, tuple)) and len(n) == 2 and _number_list(n[0], 3) and _number_list(n[1], 3)
+        and all(s > 0 for s in n[1])
+    ):  # fmt: skip
+        raise DMLError(
+            f"normalize must be {', '.join(STATISTICS)} or [[mean, mean, mean], [std, std, std]] (std > 0), got {n!r}"
+        )
+    else:
+        c["normalize"] = [[float(x) for x in n[0]], [float(x) for x in n[1]]]
+    lg = c["loggers"]
+    if isinstance(lg, str):
+        lg = [x.strip() for x in lg.split(",") if x.strip()]
+    if not isinstance(lg, (list, tuple)) or not all(isinstance(x, str) and x in LOGGERS for x in lg):
+        raise DMLError(f"loggers must be a list of {', '.join(LOGGERS)} (or [] for none), got {c['loggers']!r}")
+    c["loggers"] = list(dict.fromkeys(lg))
 
 
 def _augmentations(value) -> list[str]:

@@ -60,27 +60,32 @@ def peer_update(
     kl_weight: float,
     mutual: str = "dml",
     scaler=None,
+    weights: list[float] | None = None,
 ):
     """The training step shared by the distributed engine and the single-process ``train_epoch_dml``:
-    peer ``index``'s loss against the other rows of ``all_logits`` (detached peers), or against the
-    all-reduced ``PeerSums``, backward, optimizer step. Returns ``(stats, finite)`` on the device without a
-    host sync: stats = float64 ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was
-    finite."""
+    peer ``index``'s loss against the other rows of ``all_logits`` (detached peers, weighted by ``weights``,
+    every peer's ``mutual_weights``, when given), or against the all-reduced ``PeerSums``, backward, optimizer
+    step. A frozen peer (``optimizer`` None) only scores its prediction. Returns ``(stats, finite)`` on the
+    device without a host sync: stats = float64 ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether
+    the loss was finite."""
     if isinstance(all_logits, PeerSums):
         loss = loss_from_sums(
-            logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual, own=all_logits.own
-        )
+            logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual,
+            own=all_logits.own, rest_weight=all_logits.rest_weight,
+        )  # fmt: skip
     else:
         peers = torch.cat([all_logits[:index], all_logits[index + 1 :]])
-        loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.total.backward()
-        optimizer.step()
+        others = None if weights is None else weights[:index] + weights[index + 1 :]
+        loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual, weights=others)
+    if optimizer is not None:  # a frozen peer only scores
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.total.backward()
+            optimizer.step()
     n = y.shape[0]
     parts = torch.stack([loss.total.detach(), loss.ce.detach(), loss.kl.detach()]).double() * n
     correct = (logits.detach().argmax(1) == y).sum().double().view(1)
@@ -90,10 +95,11 @@ def peer_update(
 
 class Peer(NamedTuple):
     """What a training step updates: the model it calls (DDP over the peer's replicas and/or compiled), its
-    optimizer and, with fp16, the GradScaler; and how its forward runs."""
+    optimizer (None: a frozen peer, which predicts in eval mode under ``inference_mode`` and never steps) and,
+    with fp16, the GradScaler; and how its forward runs."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler | None = None
     amp: str = "off"  # as resolved (``Resolved.amp``)
     channels_last: bool = False  # this peer's memory format, as resolved
@@ -119,7 +125,9 @@ def train_one_epoch(
 
     No host sync inside a step: the meters live on the device and are read at ``print_freq`` boundaries.
     """
-    peer.model.train()
+    frozen = peer.optimizer is None
+    peer.model.train(not frozen)
+    weights = cfg.get("mutual_weights")
     logger = logger or NullLogger()
     meters = meters or Meters(ctx.device)
     meters.unchecked_from = start_step
@@ -158,17 +166,19 @@ def train_one_epoch(
                     getattr(loader, "last_source", None),
                     meters.data_error or getattr(loader, "error", None),
                 )
-            logits = forward(peer.model, x, peer.amp, peer.channels_last)
-            stall.report_progress(epoch, step, EXCHANGE_WAIT[exchange_mode])  # heartbeat (host, no device sync)
-            c0 = clock.mark()
-            all_logits = exchange(
-                logits, ctx, exchange_mode, cfg["temperature"]
-            )  # sync point: the step's one collective
-            spans.append((c0, clock.mark()))
-            w = kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], steps, epoch, step)  # the warm-up, per step
-            stats, finite = peer_update(
-                logits, all_logits, ctx.peer, y, peer.optimizer, cfg["temperature"], w, cfg["mutual"], peer.scaler
-            )
+            with torch.inference_mode() if frozen else nullcontext():
+                logits = forward(peer.model, x, peer.amp, peer.channels_last)
+                stall.report_progress(epoch, step, EXCHANGE_WAIT[exchange_mode])  # heartbeat (host, no device sync)
+                c0 = clock.mark()
+                all_logits = exchange(
+                    logits, ctx, exchange_mode, cfg["temperature"], weights
+                )  # sync point: the step's one collective
+                spans.append((c0, clock.mark()))
+                w = kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], steps, epoch, step)  # the warm-up, per step
+                stats, finite = peer_update(
+                    logits, all_logits, ctx.peer, y, peer.optimizer, cfg["temperature"], w, cfg["mutual"],
+                    peer.scaler, weights,
+                )  # fmt: skip
             meters.add(stats, finite)
             meters.data_error = meters.data_error or getattr(loader, "error", None)
             meters.data_time += data_time
@@ -233,6 +243,23 @@ def predict(model, loader, device: torch.device, amp: str = "off", channels_last
     return logits[0], labels
 
 
+def agreement(all_logits: torch.Tensor) -> dict:
+    """What the cohort agrees on, from [N, n, C] peer logits: ``agreement``, the share of samples on which every
+    peer predicts the same class, and ``pairwise_kl``, the mean of KL(p_j || p_i) over ordered peer pairs
+    (softmax at T = 1, nats per sample); 1 and 0 for one peer."""
+    preds = all_logits.argmax(-1)  # [N, n]
+    agree = (preds == preds[:1]).all(0).double().mean().item()
+    n = all_logits.shape[0]
+    if n < 2:
+        return {"agreement": agree, "pairwise_kl": 0.0}
+    log_p = all_logits.double().log_softmax(-1)
+    # per sample, sum_{i,j} KL(p_j || p_i) = N sum_j sum_c p_j log p_j - sum_c (sum_j p_j)(sum_i log p_i);
+    # the pairs i == j add zero, so the mean over ordered pairs divides by N (N - 1)
+    p = log_p.exp()
+    total = n * (p * log_p).sum((0, 2)) - (p.sum(0) * log_p.sum(0)).sum(-1)  # [n samples]
+    return {"agreement": agree, "pairwise_kl": (total.mean() / (n * (n - 1))).item()}
+
+
 def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """[N, n, C] peer logits -> per-peer loss/accuracy and the ensemble (mean of peer softmaxes)."""
     all_logits, labels = all_logits.float().cpu(), labels.cpu()
@@ -243,6 +270,8 @@ def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     ens_loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     n = len(labels)
     return {
+        **agreement(all_logits),
+        "ensemble_gain": ens_correct / n - max(peer_correct) / n,
         "peer_loss": peer_loss,
         "peer_acc": [c / n for c in peer_correct],
         "peer_correct": peer_correct,
@@ -253,11 +282,19 @@ def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def evaluate(model, loader, ctx: D.DistContext, amp: str = "off", channels_last: bool = False) -> dict:
+def evaluate(
+    model, loader, ctx: D.DistContext, amp: str = "off", channels_last: bool = False, memo: dict | None = None
+) -> dict:
     """Collective: each rank scores its loader (replica r of a peer: its part r of the set, the indices
     ``loader.positions``); rank 0 gathers every rank's logits, labels and positions, puts each peer's logits
-    back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank."""
-    logits, labels = predict(model, loader, ctx.device, amp, channels_last)
+    back in dataset order, scores every peer and the ensemble, and broadcasts the metrics to every rank.
+    ``memo``: where a frozen peer keeps its first prediction (it cannot change)."""
+    if memo is not None and "predicted" in memo:
+        logits, labels = memo["predicted"]
+    else:
+        logits, labels = predict(model, loader, ctx.device, amp, channels_last)
+        if memo is not None:
+            memo["predicted"] = logits, labels
     positions = torch.as_tensor(loader.positions, device=labels.device)[: len(labels)]
     sizes = [int(v) for v in D.all_gather(torch.tensor([len(labels)])).flatten()]
     pad = max(sizes) - len(labels)  # gather needs equal shapes: pad every share to the largest

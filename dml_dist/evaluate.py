@@ -17,6 +17,7 @@ from .data import build_datasets, make_eval_loader
 from .engine import predict_many, score_logits
 from .errors import DMLError
 from .models import build_model, channels_last_choice
+from .weights import apply_statistics
 
 
 def resolve_device(device="auto") -> torch.device:
@@ -56,7 +57,10 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
                 raise DMLError(
                     f"checkpoint {path}: weights do not fit {entry['arch']} ({str(e).splitlines()[0][:160]})"
                 ) from None
-            models.append(model.to(dev).eval())
+            model = model.to(dev).eval()
+            if ran.get("normalize"):  # the statistics its inputs were normalised with
+                apply_statistics(model, *ran["normalize"][k], dev)
+            models.append(model)
             configs.append(
                 {
                     **ckpt["config"],

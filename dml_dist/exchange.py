@@ -28,6 +28,7 @@ class PeerSums(NamedTuple):
     summed: torch.Tensor
     peers: int
     own: torch.Tensor | None = None
+    rest_weight: float | None = None  # the other peers' mutual_weights summed, when the payloads are weighted
 
 
 # auto's crossover, measured with ``dml-bench --exchange`` (docs/benchmarks.md, "The exchange"): from 3 peers on, the
@@ -49,23 +50,27 @@ def resolve_exchange(cfg: dict) -> tuple[str, str]:
     return "all_gather", f"auto: {n} peer(s) < {ALL_REDUCE_FROM_PEERS}, one all-gather of the same bytes"
 
 
-def exchange(logits: torch.Tensor, ctx: D.DistContext, mode: str, temperature: float):
+def exchange(
+    logits: torch.Tensor, ctx: D.DistContext, mode: str, temperature: float, weights: list[float] | None = None
+):
     """The step's one collective over this rank's peer group (sync point): ``mode`` ``all_gather`` -> the peers'
-    logits [N, B, C]; ``all_reduce`` -> ``PeerSums`` (B x (C + 1) numbers whatever N; see loss.py)."""
+    logits [N, B, C]; ``all_reduce`` -> ``PeerSums`` (B x (C + 1) numbers whatever N; see loss.py), each peer's
+    payload weighted by its entry of ``weights`` (``mutual_weights``) when given."""
+    w, rest = (None, None) if weights is None else (weights[ctx.peer], sum(weights) - weights[ctx.peer])
     if ctx.uniform:
         if mode == "all_reduce":
-            own = exchange_payload(logits, temperature)
-            return PeerSums(D.all_reduce_sum(own, ctx.peer_group), D.group_size(ctx.peer_group), own)
+            own = exchange_payload(logits, temperature, w)
+            return PeerSums(D.all_reduce_sum(own, ctx.peer_group), D.group_size(ctx.peer_group), own, rest)
         return D.all_gather(logits, ctx.peer_group)
     # A layout that is not a rectangle (replicas: [1, 3]): peers split the batch B into different shares,
     # so the exchange runs over the world by batch rows; each rank keeps exactly its own rows.
     batch = logits.shape[0] * ctx.replicas  # training batches are full (the samplers drop the last)
     lo, hi = ctx.rows(batch)
     if mode == "all_reduce":
-        own = exchange_payload(logits, temperature)
+        own = exchange_payload(logits, temperature, w)
         full = own.new_zeros(batch, own.shape[1])
         full[lo:hi] = own  # every peer's rows add up once: S and H for the whole batch
-        return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own)
+        return PeerSums(D.all_reduce_sum(full)[lo:hi], ctx.peers, own, rest)
     width = batch // min(ctx.layout)  # the largest share; gather needs equal shapes
     shares = D.all_gather(F.pad(logits.detach(), (0, 0, 0, width - logits.shape[0])))  # [world, width, C]
     return torch.stack(

@@ -18,16 +18,23 @@ class DMLLoss(NamedTuple):
     kl: torch.Tensor
 
 
-def _mutual_term(logits: torch.Tensor, peers: torch.Tensor, t: float, mutual: str) -> torch.Tensor:
+def _mutual_term(
+    logits: torch.Tensor, peers: torch.Tensor, t: float, mutual: str, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``weights`` [N-1] (the other peers' ``mutual_weights``, summing to 1): a weighted mean over the peers
+    instead of the plain one (None: the plain mean, today's loss bit for bit)."""
     log_p_i = F.log_softmax(logits.float() / t, dim=-1)  # [B, C]
     log_p_j = F.log_softmax(peers.float() / t, dim=-1)  # [N-1, B, C]
     if mutual == "ensemble":
         # KDCL's naive ensemble teacher: the mean of the other peers' softened probabilities.
-        q = log_p_j.exp().mean(0)
+        q = log_p_j.exp().mean(0) if weights is None else torch.einsum("j,jbc->bc", weights, log_p_j.exp())
         log_q = q.clamp_min(1e-30).log()
         return (q * (log_q - log_p_i)).sum(-1).mean() * (t * t)
     # KL(p_j || p_i) = sum_c p_j (log p_j - log p_i), per sample, then mean over batch and peers.
-    return (log_p_j.exp() * (log_p_j - log_p_i.unsqueeze(0))).sum(-1).mean() * (t * t)
+    kl = (log_p_j.exp() * (log_p_j - log_p_i.unsqueeze(0))).sum(-1)  # [N-1, B]
+    if weights is None:
+        return kl.mean() * (t * t)
+    return (weights @ kl).mean() * (t * t)
 
 
 def _loss(
@@ -37,6 +44,7 @@ def _loss(
     temperature: float = 1.0,
     kl_weight: float = 1.0,
     mutual: str = "dml",
+    weights=None,
 ) -> DMLLoss:
     if mutual not in MUTUAL:
         raise ValueError(f"mutual must be one of {MUTUAL}, got {mutual!r}")
@@ -50,7 +58,10 @@ def _loss(
     if peers.shape[0] == 0:
         kl = torch.zeros((), dtype=logits.dtype, device=logits.device)
     else:
-        kl = _mutual_term(logits, peers, float(temperature), mutual)
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=logits.device)
+            weights = weights / weights.sum()
+        kl = _mutual_term(logits, peers, float(temperature), mutual, weights)
     return DMLLoss(ce + kl_weight * kl, ce, kl)
 
 
@@ -67,15 +78,19 @@ def _loss(
 # value also needs the B-vector H. The ``ensemble`` target (S - q_i) / (N - 1) needs S alone. So one
 # all-reduce of the packed [B, C + 1] tensor (S | H), fp32, replaces the all-gather of N x B x C logits:
 # the same loss and the same gradient, up to float rounding (S - q_i cancels this rank's own term).
+#
+# With ``mutual_weights`` w_k, peer k adds w_k (q_k | h_k) instead: the weighted sums S_w and H_w, and
+# (S_w - w_i q_i) / (W - w_i), W = sum_k w_k, is the others' weighted mean, as (S - q_i) / (N - 1) is the plain one.
 # ---------------------------------------------------------------------------------------------------
 
 
-def exchange_payload(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """This peer's share of the all-reduce: [B, C + 1] float32 = (q | h), detached (the peers' sums are
-    targets; no gradient crosses the exchange)."""
+def exchange_payload(logits: torch.Tensor, temperature: float, weight: float | None = None) -> torch.Tensor:
+    """This peer's share of the all-reduce: [B, C + 1] float32 = (q | h), times its ``mutual_weights`` entry
+    when given; detached (the peers' sums are targets; no gradient crosses the exchange)."""
     log_q = F.log_softmax(logits.detach().float() / float(temperature), dim=-1)
     q = log_q.exp()
-    return torch.cat([q, (q * log_q).sum(-1, keepdim=True)], dim=-1)
+    payload = torch.cat([q, (q * log_q).sum(-1, keepdim=True)], dim=-1)
+    return payload if weight is None else payload * weight
 
 
 def loss_from_sums(
@@ -87,11 +102,13 @@ def loss_from_sums(
     kl_weight: float = 1.0,
     mutual: str = "dml",
     own: torch.Tensor | None = None,
+    rest_weight: float | None = None,
 ) -> DMLLoss:
     """``compute_dml_loss`` for a cohort of ``peers`` peers from the all-reduced ``exchange_payload``s
     (``summed`` [B, C + 1]: S and H) instead of the other peers' logits: the same value and gradient up
     to float rounding (not bit for bit). ``own``: this rank's payload as it went into the sum (computed
-    here when not given)."""
+    here when not given). ``rest_weight``: the other peers' ``mutual_weights`` summed (W - w_i), when the
+    payloads were weighted; None: N - 1."""
     if mutual not in MUTUAL:
         raise ValueError(f"mutual must be one of {MUTUAL}, got {mutual!r}")
     ce = F.cross_entropy(logits, targets)
@@ -100,7 +117,7 @@ def loss_from_sums(
     t = float(temperature)
     log_p_i = F.log_softmax(logits.float() / t, dim=-1)  # [B, C], with gradient
     own = exchange_payload(logits, t) if own is None else own
-    rest = (summed - own) / (peers - 1)  # mean over the other peers: (q | h)
+    rest = (summed - own) / (peers - 1 if rest_weight is None else rest_weight)  # the others' mean: (q | h)
     q_rest = rest[:, :-1].clamp_min(0.0)  # rounding can leave -1e-9 after the cancel
     if mutual == "ensemble":
         log_q = q_rest.clamp_min(1e-30).log()

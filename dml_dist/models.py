@@ -7,7 +7,9 @@
 - ``mobilenet``: MobileNet v1 (Howard et al. 2017) with a stride-1 stem for 32x32 inputs;
 - ``mobilenetv2``: torchvision's MobileNetV2 with a stride-1 stem for 32x32 inputs;
 - ``torchvision.<name>``: any torchvision classification builder (``image_size`` >= 64), with
-  ``num_classes`` from the data; torchvision's weights when ``pretrained`` (classifier replaced).
+  ``num_classes`` from the data; torchvision's weights when ``pretrained`` (classifier replaced);
+- ``timm.<name>``: any timm model (``pip install 'dml-dist[timm]'``), ``num_classes`` from the data, timm's
+  weights from its cache when ``pretrained``.
 """
 
 from __future__ import annotations
@@ -188,8 +190,49 @@ def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     return model
 
 
+TIMM_MISSING = "timm is not installed; pip install 'dml-dist[timm]' (or pip install timm)"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise DMLError(f"model timm.<name>: {TIMM_MISSING}") from None
+    return timm
+
+
+def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    timm = _timm()
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except Exception as e:  # no network and not in the cache: OSError, LocalEntryNotFoundError, ...
+        if not pretrained:
+            raise
+        raise DMLError(
+            f"pretrained weights for timm.{name} are not in timm's cache (the Hugging Face hub cache) and could "
+            f"not be downloaded ({type(e).__name__}); download them where there is a network, or set pretrained: false"
+        ) from None
+
+
+def pretrained_statistics(name: str) -> tuple[list[float], list[float]] | None:
+    """The input (mean, std) that ``name``'s pretrained weights expect, from their own metadata (torchvision's
+    weights' transforms, timm's ``pretrained_cfg``); None for models without pretrained weights."""
+    if name.startswith("torchvision."):
+        import torchvision
+
+        preset = torchvision.models.get_model_weights(name.split(".", 1)[1]).DEFAULT.transforms()
+        return [float(v) for v in preset.mean], [float(v) for v in preset.std]
+    if name.startswith("timm."):
+        cfg = _timm().models.get_pretrained_cfg(name.split(".", 1)[1])
+        if cfg is not None and getattr(cfg, "mean", None) is not None:
+            return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    return None
+
+
 MODEL_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
-EXAMPLE_NAMES = (*MODEL_DEPTHS, "wrn16_4", "wrn28_2", "wrn28_10", "mobilenet", "mobilenetv2", "torchvision.resnet18")
+EXAMPLE_NAMES = (
+    *MODEL_DEPTHS, "wrn16_4", "wrn28_2", "wrn28_10", "mobilenet", "mobilenetv2", "torchvision.resnet18", "timm.resnet18"
+)  # fmt: skip
 
 
 def available_models() -> list[str]:
@@ -214,6 +257,11 @@ def canonical_model_name(name: str) -> str:
                 f"(see torchvision.models.list_models())"
             )
         return f"torchvision.{tv}"
+    if raw.lower().startswith("timm."):
+        name = raw.split(".", 1)[1]
+        if not _timm().is_model(name):
+            raise DMLError(f"unknown model {name!r}: timm has no model {name!r} (see timm.list_models())")
+        return f"timm.{name}"
     key = raw.lower().replace("-", "_")
     wrn = re.fullmatch(r"wrn_?(\d+)_(\d+)", key)
     if wrn:
@@ -223,7 +271,8 @@ def canonical_model_name(name: str) -> str:
         return key
     raise DMLError(
         f"unknown model {name!r}; choose one of: {', '.join(MODEL_DEPTHS)}, wrn<depth>_<width> "
-        f"(e.g. wrn28_10), mobilenet, mobilenetv2, torchvision.<name> (e.g. torchvision.resnet18)"
+        f"(e.g. wrn28_10), mobilenet, mobilenetv2, torchvision.<name> (e.g. torchvision.resnet18), "
+        f"timm.<name> (e.g. timm.resnet18)"
     )
 
 
@@ -232,8 +281,13 @@ def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: b
     if int(num_classes) < 1:
         raise DMLError(f"num_classes must be >= 1, got {num_classes}")
     key, n = canonical_model_name(name), int(num_classes)
-    if pretrained and not key.startswith("torchvision."):
-        raise DMLError(f"pretrained weights exist only for torchvision.<name> models, not {key}; set pretrained: false")
+    if pretrained and not key.startswith(("torchvision.", "timm.")):
+        raise DMLError(
+            f"pretrained weights exist only for torchvision.<name> and timm.<name> models, not {key}; "
+            f"set pretrained: false, or start it from a checkpoint with init_from"
+        )
+    if key.startswith("timm."):
+        return _timm_model(key.split(".", 1)[1], n, pretrained)
     if key.startswith("torchvision."):
         if image_size < 64:
             raise DMLError(

@@ -85,13 +85,16 @@ def separate_replica_group(ctx: DistContext):
     return groups[ctx.peer]
 
 
-def wrap_replicas(model: nn.Module, ctx: DistContext, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
-    """-> (model to keep: its state dict is the peer's, model to train with). With one replica both are
-    ``model``; otherwise the second is DDP over the replica group."""
+def wrap_replicas(
+    model: nn.Module, ctx: DistContext, sync_bn: bool, frozen: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """-> (model to keep: its state dict is the peer's, model to train with). With one replica, or for a
+    frozen peer (no gradients to average), both are ``model``; otherwise the second is DDP over the replica
+    group."""
     group = ctx.replica_group
     if sync_bn and max(ctx.layout) > 1 and ctx.device.type == "cpu":
         group = separate_replica_group(ctx)  # collective: every rank, a peer with one replica too
-    if ctx.replicas == 1:
+    if ctx.replicas == 1 or frozen:
         return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

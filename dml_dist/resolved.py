@@ -22,6 +22,10 @@ class Resolved:
     data_why: str
     layout: tuple[int, ...]  # replicas per peer
     rank_order: str  # peer | replica
+    normalize: tuple = ()  # per peer: [mean, std] its inputs are normalised with
+    normalize_why: tuple[str, ...] = ()
+    init_from: tuple = ()  # per peer: where its weights came from (weights.load_init's record), or None
+    frozen: tuple[bool, ...] = ()  # per peer: a teacher that predicts and never steps
 
     def record(self) -> dict:
         """The summary's and the checkpoints' form: plain lists and strings. ``resume`` says how a process

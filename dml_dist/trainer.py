@@ -24,6 +24,7 @@ from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice
 from .parallel import compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
 from .resolved import Resolved
+from .weights import apply_statistics, load_init, peer_statistics
 from .world import peer_model_name
 
 
@@ -37,31 +38,39 @@ class Trainer:
         self._log_data()
         self.arch = peer_model_name(cfg, ctx.peer)
         self.archs = [peer_model_name(cfg, k) for k in range(cfg["model_num"])]
+        self.frozen = bool(cfg["frozen"] and cfg["frozen"][ctx.peer])  # a teacher: predicts, never steps
         torch.manual_seed(cfg["seed"] + ctx.peer)  # peers start from different weights, a peer's replicas alike
+        init = (cfg["init_from"] or [None] * cfg["model_num"])[ctx.peer]
         try:
             model = build_model(
                 self.arch, self.data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"]
             )
+            self.init_record = load_init(init, model, self.arch, self.data.num_classes) if init else None
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
         self.run, amp, channels_last = self._resolve(model)  # collective; this rank's own choices too
         layout = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(ctx.device, memory_format=layout).requires_grad_(not self.frozen)
+        apply_statistics(model, *self.run.normalize[ctx.peer], ctx.device)
         # self.model: the peer itself (its state dict is what checkpoints hold); the step calls DDP over the
         # peer's replicas and/or torch.compile of it.
-        self.model, train_model = wrap_replicas(model.to(ctx.device, memory_format=layout), ctx, cfg["sync_bn"])
+        self.model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"], frozen=self.frozen)
         if cfg["compile"]:
             train_model = torch.compile(train_model)
-        optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=cfg["lr"],
-            momentum=cfg["momentum"],
-            weight_decay=cfg["weight_decay"],
-            nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
-            fused=ctx.device.type == "cuda",  # CUDA: one kernel, no GradScaler sync
-        )
-        self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
-        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        optimizer, self.scheduler, scaler = None, None, None
+        if not self.frozen:
+            optimizer = torch.optim.SGD(
+                self.model.parameters(),
+                lr=cfg["lr"],
+                momentum=cfg["momentum"],
+                weight_decay=cfg["weight_decay"],
+                nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+                fused=ctx.device.type == "cuda",  # CUDA: one kernel, no GradScaler sync
+            )
+            self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
+            scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         self.peer = Peer(train_model, optimizer, scaler, amp, channels_last)
+        self.predicted: dict = {}  # a frozen peer's evaluation logits, per split: they never change
         self._build_loaders()
 
         # The train state, identical on every rank.
@@ -72,7 +81,7 @@ class Trainer:
         self.best_ensemble = 0.0
         self.meters: Meters | None = None  # a resumed partial epoch's meters
         self.run_info = {"resumed_from": [], "epoch_seconds": []}
-        state = PeerState(self.arch, self.model, optimizer, self.scheduler, scaler)
+        state = PeerState(self.arch, self.model, optimizer, self.scheduler, scaler, self.init_record)
         self.checkpointer = Checkpointer(cfg, ctx, logger, self.data, state, self.archs, self)
         self.watch = stall.StepWatch(logger, D.stall_timeout().total_seconds(), ctx.peer_of) if ctx.is_main else None
 
@@ -84,16 +93,22 @@ class Trainer:
         amp = resolve_amp(cfg["amp"], ctx.device)
         exchange, exchange_why = resolve_exchange(cfg)
         on, why = channels_last_choice(cfg["channels_last"], model, ctx.device, amp)
-        ranks = D.all_gather_objects((ctx.peer, amp, on, why))  # rank order: a peer's replica 0 comes first
-        first = {peer: (a, o, w) for peer, a, o, w in reversed(ranks)}  # the lowest rank of each peer wins
+        stats, stats_why = peer_statistics(cfg, self.arch, self.init_record)
+        mine = (amp, on, why, stats, stats_why, self.init_record)
+        ranks = D.all_gather_objects((ctx.peer, *mine))  # rank order: a peer's replica 0 comes first
+        first = {peer: rest for peer, *rest in reversed(ranks)}  # the lowest rank of each peer wins
         layouts = [first[k] for k in range(ctx.peers)]
         resume = cfg["resume"] if cfg["resume"] is not None or ctx.restart_count == 0 else "auto"
         run = Resolved(
             amp=ranks[0][1],
             exchange=exchange,
             exchange_why=exchange_why,
-            channels_last=tuple(o for _, o, _ in layouts),
-            channels_last_why=tuple(w for _, _, w in layouts),
+            channels_last=tuple(p[1] for p in layouts),
+            channels_last_why=tuple(p[2] for p in layouts),
+            normalize=tuple(p[3] for p in layouts),
+            normalize_why=tuple(p[4] for p in layouts),
+            init_from=tuple(p[5] for p in layouts),
+            frozen=tuple(bool(cfg["frozen"] and cfg["frozen"][k]) for k in range(ctx.peers)),
             resume=resume,  # torchrun restarted the group after a failure: carry on from the checkpoint
             data_path=self.data.path,
             data_why=self.data.why,
@@ -105,6 +120,13 @@ class Trainer:
         self.logger.info(f"exchange: {run.exchange} ({run.exchange_why})")
         for k, reason in enumerate(run.channels_last_why):
             self.logger.info(f"channels_last: peer {k + 1}: {reason}")
+        for k, (record, frozen) in enumerate(zip(run.init_from, run.frozen)):
+            mean, std = run.normalize[k]
+            origin = f"from {record['path']} ({record['kind']})" if record else "from its initialisation"
+            self.logger.info(
+                f"peer {k + 1}: {'frozen (a teacher: predicts, never steps), ' if frozen else ''}starts {origin}; "
+                f"inputs normalised with mean {mean} std {std} ({run.normalize_why[k]})"
+            )
         return run, amp, on
 
     def _log_data(self) -> None:
@@ -123,6 +145,7 @@ class Trainer:
         # The stream path decodes each sample once per job: the ranks of a node that train on the same rows
         # split them (collective: the decode groups).
         decode = D.decode_group(ctx) if data.path == "stream" and data.collate_fn is None else None
+        self.shared_decode = decode is not None
         seed = cfg["seed"] + faults.seed_offset(ctx.rank)
         self.train_loader = make_train_loader(
             data.train, cfg["batch_size"], seed, cfg["num_workers"], ctx.device, shard,
@@ -186,11 +209,12 @@ class Trainer:
             if cfg["compile"] and epoch == first_epoch:
                 log.info(compile_report(self.peer.model, compiled_before))
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+            lr = cfg["lr"] * cfg["gamma"] ** ((epoch - 1) // cfg["step_size"])  # StepLR's, also on a frozen rank 0
+            if self.scheduler is not None:
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
             stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
-            take_first_replica_buffers(self.model, ctx)  # collective: evaluate what the checkpoint holds
-            val = evaluate(self.model, self.val_loader, ctx, self.peer.amp, self.peer.channels_last)
+            val = self._evaluate("val", self.val_loader)
             self._report_bad_images()  # collective
             self.epoch = epoch
             # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
@@ -207,6 +231,7 @@ class Trainer:
                     "val_acc": val["peer_acc"],
                     "ensemble_acc": val["ensemble_acc"],
                     "ensemble_loss": val["ensemble_loss"],
+                    **{key: val[key] for key in COHORT_KEYS},
                 }
             )
             self.run_info["epoch_seconds"].append(round(time.time() - t0, 3))
@@ -214,6 +239,14 @@ class Trainer:
             self.checkpointer.save(epoch, self.steps_per_epoch, last=epoch == cfg["epochs"])
             log.write_json(f"{cfg['experiment_name']}_summary.json", self.summary())
         self.checkpointer.wait()
+
+    def _evaluate(self, split: str, loader) -> dict:
+        """Collective: ``engine.evaluate`` of what the checkpoint holds (replica 0's buffers); a frozen peer
+        predicts each split once."""
+        take_first_replica_buffers(self.model, self.ctx)
+        # (not where the node's ranks decode evaluation batches together: every rank must iterate its loader)
+        memo = self.predicted.setdefault(split, {}) if self.frozen and not self.shared_decode else None
+        return evaluate(self.model, loader, self.ctx, self.peer.amp, self.peer.channels_last, memo=memo)
 
     def _report_bad_images(self) -> None:
         """Collective: the files that ``bad_images: skip`` replaced since the last call, from every rank (each
@@ -231,26 +264,33 @@ class Trainer:
 
     def _log_epoch(self, h: dict) -> None:
         scalars = {"lr": h["lr"], "ensemble/val_acc": h["ensemble_acc"], "ensemble/val_loss": h["ensemble_loss"]}
+        scalars.update({f"cohort/{key}": h[key] for key in COHORT_KEYS})
+        frozen = self.run.frozen
         for k in range(self.cfg["model_num"]):
             for key in (*TRAIN_KEYS, "val_loss", "val_acc"):
                 scalars[f"peer{k + 1}/{key}"] = h[key][k]
         self.logger.scalars(scalars, h["epoch"])
-        peers = " | ".join(
-            f"peer{k + 1} {self.archs[k]} train {h['train_loss'][k]:.3f}/{h['train_acc'][k]:.3f} "
-            f"val {h['val_loss'][k]:.3f}/{h['val_acc'][k]:.3f}"
-            for k in range(self.cfg["model_num"])
-        )
+
+        def peer(k: int) -> str:
+            if frozen[k] and len(self.history) > 1:  # a teacher's accuracy cannot change: logged once
+                return f"peer{k + 1} {self.archs[k]} frozen"
+            return (
+                f"peer{k + 1} {self.archs[k]}{' frozen' if frozen[k] else ''} train "
+                f"{h['train_loss'][k]:.3f}/{h['train_acc'][k]:.3f} val {h['val_loss'][k]:.3f}/{h['val_acc'][k]:.3f}"
+            )
+
         self.logger.info(
-            f"epoch {h['epoch']}/{self.cfg['epochs']} lr {h['lr']:.4g} | {peers} | "
-            f"ensemble val acc {h['ensemble_acc']:.4f}"
+            f"epoch {h['epoch']}/{self.cfg['epochs']} lr {h['lr']:.4g} | "
+            + " | ".join(peer(k) for k in range(self.cfg["model_num"]))
+            + f" | ensemble val acc {h['ensemble_acc']:.4f} | agreement {h['agreement']:.4f} "
+            f"pairwise KL {h['pairwise_kl']:.4f} ensemble gain {h['ensemble_gain']:+.4f}"
         )
 
     def test(self) -> dict | None:
         """Collective: final peers and their ensemble on the test split (None when there is none)."""
         if self.test_loader is None:
             return None
-        take_first_replica_buffers(self.model, self.ctx)
-        res = evaluate(self.model, self.test_loader, self.ctx, self.peer.amp, self.peer.channels_last)
+        res = self._evaluate("test", self.test_loader)
         self._report_bad_images()  # collective
         self.logger.info(
             "test acc "
@@ -272,6 +312,7 @@ class Trainer:
             "best_ensemble_accuracy": self.best_ensemble,
             "final_accuracies": last["val_acc"] if last else None,
             "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
+            "cohort": {key: last[key] for key in COHORT_KEYS} if last else None,  # what the peers agree on
             "test_results": test_results,
             "bad_images_skipped": len(self.run_info.get("bad_images", [])),
             "history": self.history,
@@ -312,3 +353,4 @@ class Trainer:
 
 
 TRAIN_KEYS = ("train_loss", "train_ce", "train_kl", "train_acc")  # the columns of gather_meters' rows
+COHORT_KEYS = ("agreement", "pairwise_kl", "ensemble_gain")  # engine.score_logits' figures of the cohort

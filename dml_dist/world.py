@@ -12,8 +12,8 @@ def default_model_num(cfg: dict) -> int:
     """``model_num`` outside torchrun: as set, else one per listed replica count or model, else 2."""
     if cfg["model_num"] is not None:
         return cfg["model_num"]
-    for k in ("replicas", "model"):
-        if isinstance(cfg[k], list):
+    for k in ("replicas", "model", "init_from", "frozen", "mutual_weights"):
+        if isinstance(cfg.get(k), list):
             return len(cfg[k])
     return DEFAULT_LOCAL_PEERS
 
@@ -77,6 +77,15 @@ def finalize_config(cfg: dict, world_size: int) -> dict:
             )
     if isinstance(c["model"], list) and len(c["model"]) != m:
         raise DMLError(f"model lists {len(c['model'])} architectures for {m} peers; give one per peer")
+    for k in ("init_from", "frozen", "mutual_weights"):
+        if c.get(k) is not None and len(c[k]) != m:
+            raise DMLError(f"{k} lists {len(c[k])} entries for {m} peers; give one per peer (or leave it unset)")
+    for k, frozen in enumerate(c.get("frozen") or []):
+        if frozen and not (c["init_from"] and c["init_from"][k]) and not c["pretrained"]:
+            raise DMLError(
+                f"peer {k + 1} is frozen but would start from random weights; give it init_from (a checkpoint) "
+                f"or pretrained: true"
+            )
     if not c["experiment_name"]:
         arch = c["model"] if isinstance(c["model"], str) else "-".join(c["model"])
         c["experiment_name"] = f"dml_{arch}_{m}peers"

@@ -43,9 +43,10 @@ class PeerState(NamedTuple):
 
     arch: str
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer | None  # None (and no scheduler): a frozen peer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
+    init_from: dict | None = None  # where its weights came from (weights.load_init's record)
 
 
 class Resumed(NamedTuple):
@@ -109,13 +110,14 @@ class Checkpointer:
         accs = train["history"][-1]["val_acc"] if train["history"] else [None] * cfg["model_num"]
         new_best = [k for k, e in enumerate(train["best_epochs"]) if end and e == epoch]
         epoch_file = end and cfg["save_freq"] and epoch % cfg["save_freq"] == 0
+        frozen = cfg["frozen"] or [False] * cfg["model_num"]
 
         def write():
             faults.before_write()
             for k, state in enumerate(states):
                 if k in new_best:
                     self._peer_file(k, state, "best", accs[k], meta)
-                if epoch_file:
+                if epoch_file and not frozen[k]:  # a frozen peer's weights never change: its _best and _final
                     self._peer_file(k, state, f"epoch_{epoch}", accs[k], meta)
                     prune_epoch_checkpoints(cfg["save_dir"], cfg["experiment_name"], k + 1, cfg["keep_last"])
                 if last:
@@ -147,8 +149,9 @@ class Checkpointer:
             {
                 "arch": p.arch,
                 "model": p.model.state_dict(),
-                "optimizer": p.optimizer.state_dict(),
-                "scheduler": p.scheduler.state_dict(),
+                "optimizer": p.optimizer.state_dict() if p.optimizer is not None else None,
+                "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
+                "init_from": p.init_from,
                 "scaler": p.scaler.state_dict() if p.scaler is not None else None,
                 "rng": rng_state(self.ctx.device),
                 "meters": meter_sums,
@@ -194,6 +197,8 @@ class Checkpointer:
                 "classes": meta["classes"],
                 "image_size": self.cfg["image_size"],
                 "model": state["model"],
+                "frozen": state["optimizer"] is None,
+                "init_from": state.get("init_from"),
                 "epoch": meta["epoch"],
                 "accuracy": accuracy,
                 "best_accuracy": meta["best_accuracies"][k],
@@ -274,9 +279,13 @@ class Checkpointer:
         meta = D.broadcast_object({k: v for k, v in ckpt.items() if k not in ("peers", "files")} if ckpt else None)
         p = self.peer
         try:
+            if (p.optimizer is None) != (state["optimizer"] is None):
+                was = "frozen" if state["optimizer"] is None else "a learner"
+                raise ValueError(f"it was {was} there; keep frozen as it was, or start a new experiment")
             p.model.load_state_dict(state["model"])
-            load_optimizer_state(p.optimizer, state["optimizer"])
-            p.scheduler.load_state_dict(state["scheduler"])
+            if p.optimizer is not None:
+                load_optimizer_state(p.optimizer, state["optimizer"])
+                p.scheduler.load_state_dict(state["scheduler"])
             if p.scaler is not None and state["scaler"]:
                 p.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:

@@ -22,9 +22,11 @@ from torch.utils.data import Dataset
 from .augment import AUGMENTATIONS, AugParams, augment_batch, augment_one
 from .plan import BatchPlan, shard_range, shard_rows
 
-# CIFAR-10 channel statistics; used for every dataset so a checkpoint always expects the same inputs.
+# CIFAR-10 channel statistics: every data path normalises with them. A peer whose inputs need others
+# (``normalize``, pretrained weights) re-normalises in front of its model (``weights.apply_statistics``).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+STATISTICS = {"cifar10": (MEAN, STD), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # (mean, std)
 EVAL_BATCH = 512  # evaluation batch on the device path (BN is in eval mode: results do not depend on it)
 
 
