@@ -18,6 +18,7 @@ from .data.augment import AUGMENTATIONS
 from .data.memory import STATISTICS
 from .errors import DMLError
 from .models import canonical_model_name
+from .trackers import check_installed
 
 DEFAULT_LOCAL_PEERS = 2  # peers that dml-train / train_dml start without torchrun when nothing says otherwise
 
@@ -302,6 +303,7 @@ def _per_peer_keys(c: dict) -> None:
     if not isinstance(lg, (list, tuple)) or not all(isinstance(x, str) and x in LOGGERS for x in lg):
         raise DMLError(f"loggers must be a list of {', '.join(LOGGERS)} (or [] for none), got {c['loggers']!r}")
     c["loggers"] = list(dict.fromkeys(lg))
+    check_installed(c["loggers"])
 
 
 def _augmentations(value) -> list[str]:

@@ -272,6 +272,7 @@ def score_logits(all_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     return {
         **agreement(all_logits),
         "ensemble_gain": ens_correct / n - max(peer_correct) / n,
+        "predictions": torch.cat([all_logits.argmax(-1), probs.argmax(1)[None]]).int(),  # [N + 1, n]: the classes
         "peer_loss": peer_loss,
         "peer_acc": [c / n for c in peer_correct],
         "peer_correct": peer_correct,

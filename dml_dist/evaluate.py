@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import build_datasets, make_eval_loader
+from .data import MEAN, STD, build_datasets, make_eval_loader
 from .engine import predict_many, score_logits
 from .errors import DMLError
 from .models import build_model, channels_last_choice
@@ -29,12 +29,14 @@ def resolve_device(device="auto") -> torch.device:
     return torch.device(device)
 
 
-def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> dict:
+def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto", renormalize: bool = True) -> dict:
     """Rebuild each peer from the architecture recorded in its checkpoint.
 
     Accepts per-peer files (``<exp>_model<k>_best|final|epoch_<e>.pth``) and cohort files
     (``<exp>_latest.pth``, which yields every peer). Returns ``{'models', 'configs', 'device'}``; the
-    models are in eval mode on ``device``. Files are read with ``weights_only=True``."""
+    models are in eval mode on ``device``; each config's ``statistics`` is the [mean, std] its inputs were
+    normalised with, which the model applies itself to the data path's inputs unless ``renormalize`` is
+    False. Files are read with ``weights_only=True``."""
     if isinstance(checkpoint_paths, str):
         checkpoint_paths = [checkpoint_paths]
     dev = resolve_device(device)
@@ -58,8 +60,9 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
                     f"checkpoint {path}: weights do not fit {entry['arch']} ({str(e).splitlines()[0][:160]})"
                 ) from None
             model = model.to(dev).eval()
-            if ran.get("normalize"):  # the statistics its inputs were normalised with
-                apply_statistics(model, *ran["normalize"][k], dev)
+            stats = ran["normalize"][k] if ran.get("normalize") else [list(MEAN), list(STD)]  # older: CIFAR-10's
+            if renormalize:
+                apply_statistics(model, *stats, dev)
             models.append(model)
             configs.append(
                 {
@@ -69,6 +72,7 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto") -> di
                     "classes": ckpt["classes"],
                     "num_classes": ckpt["num_classes"],
                     "checkpoint": str(path),
+                    "statistics": stats,
                 }
             )
     return {"models": models, "configs": configs, "device": dev}

@@ -1,4 +1,5 @@
-"""Rank-0 side effects: console + text log, TensorBoard scalars, progress bar, summary JSON.
+"""Rank-0 side effects: console + text log, TensorBoard scalars and the other trackers (``trackers.py``), progress
+bar, summary JSON.
 
 Non-logging ranks get a ``NullLogger`` with the same methods, so call sites never branch on rank.
 """
@@ -11,10 +12,15 @@ import sys
 import time
 from collections.abc import Iterable
 
+from .errors import DMLError
+from .trackers import make_trackers
+
 
 class NullLogger:
     def info(self, msg: str) -> None: ...
+    def start_run(self, config: dict, resolved: dict) -> None: ...
     def scalars(self, values: dict, step: int) -> None: ...
+    def artifacts(self, paths: list[str]) -> None: ...
     def progress(self, iterable: Iterable, total: int, desc: str):
         return _NullBar(iterable)
 
@@ -34,17 +40,39 @@ class _NullBar:
 
 
 class RunLogger(NullLogger):
-    """Writes ``log_dir/<exp>.log``, TensorBoard events under ``log_dir/<exp>/`` and JSON files."""
+    """Writes ``log_dir/<exp>.log``, TensorBoard events under ``log_dir/<exp>/`` (``loggers`` lists tensorboard),
+    JSON files, and feeds the other ``loggers`` (MLflow, wandb)."""
 
-    def __init__(self, log_dir: str, experiment: str, progress_bar: bool = True, stream=None):
+    def __init__(self, log_dir: str, experiment: str, progress_bar: bool = True, stream=None, loggers=("tensorboard",)):
         os.makedirs(log_dir, exist_ok=True)
         self.log_dir, self.experiment = log_dir, experiment
         self.stream = stream or sys.stdout
         self.file = open(os.path.join(log_dir, f"{experiment}.log"), "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
+        self.tb = None
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(log_dir, experiment))
+            self.tb = SummaryWriter(os.path.join(log_dir, experiment))
+        self.trackers, self.started = make_trackers(loggers, log_dir, experiment), []
         self.progress_bar = progress_bar
+
+    def start_run(self, config: dict, resolved: dict) -> None:
+        """The trackers' run: the config as given and as resolved (once, after start-up resolved it)."""
+        for tracker in self.trackers:
+            try:
+                tracker.start(config, resolved)
+            except Exception as e:  # noqa: BLE001  (a server that does not answer, a login missing, ...)
+                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                raise DMLError(
+                    f"loggers: {tracker.name} could not start a run ({why}); "
+                    f"check its settings (docs/outputs.md, Trackers) or leave {tracker.name} out of loggers",
+                    all_ranks=False,
+                ) from None
+            self.started.append(tracker)
+
+    def artifacts(self, paths: list[str]) -> None:
+        for tracker in self.started:
+            tracker.artifacts(paths)
 
     def info(self, msg: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -52,9 +80,12 @@ class RunLogger(NullLogger):
         self.file.write(line + "\n")
 
     def scalars(self, values: dict, step: int) -> None:
-        for tag, v in values.items():
-            self.tb.add_scalar(tag, v, step)
-        self.tb.flush()
+        if self.tb is not None:
+            for tag, v in values.items():
+                self.tb.add_scalar(tag, v, step)
+            self.tb.flush()
+        for tracker in self.started:
+            tracker.metrics(values, step)
 
     def progress(self, iterable: Iterable, total: int, desc: str):
         # Off a terminal (CI, log files) the progress lines (print_freq) say the same without carriage returns.
@@ -72,14 +103,17 @@ class RunLogger(NullLogger):
         os.replace(tmp, path)
 
     def close(self) -> None:
-        self.tb.close()
+        for tracker in self.started:
+            tracker.close()
+        if self.tb is not None:
+            self.tb.close()
         self.file.close()
 
 
 def make_logger(is_main: bool, cfg: dict, stream=None) -> NullLogger:
     if not is_main:
         return NullLogger()
-    return RunLogger(cfg["log_dir"], cfg["experiment_name"], cfg["progress_bar"], stream)
+    return RunLogger(cfg["log_dir"], cfg["experiment_name"], cfg["progress_bar"], stream, cfg["loggers"])
 
 
 def format_eta(seconds: float | None) -> str:

@@ -49,6 +49,7 @@ class Trainer:
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
         self.run, amp, channels_last = self._resolve(model)  # collective; this rank's own choices too
+        logger.start_run(public_config(cfg), self.run.record())  # rank 0: the trackers' run
         layout = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(ctx.device, memory_format=layout).requires_grad_(not self.frozen)
         apply_statistics(model, *self.run.normalize[ctx.peer], ctx.device)
@@ -71,6 +72,7 @@ class Trainer:
             scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         self.peer = Peer(train_model, optimizer, scaler, amp, channels_last)
         self.predicted: dict = {}  # a frozen peer's evaluation logits, per split: they never change
+        self.predictions: torch.Tensor | None = None
         self._build_loaders()
 
         # The train state, identical on every rank.
@@ -215,6 +217,7 @@ class Trainer:
                 self.scheduler.step()
             stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
             val = self._evaluate("val", self.val_loader)
+            self.predictions = val["predictions"]  # the last evaluation's classes, for dml-compare's churn
             self._report_bad_images()  # collective
             self.epoch = epoch
             # The first epoch always sets a best (so every peer has a _best.pth), later ones when higher.
@@ -313,6 +316,8 @@ class Trainer:
             "final_accuracies": last["val_acc"] if last else None,
             "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
             "cohort": {key: last[key] for key in COHORT_KEYS} if last else None,  # what the peers agree on
+            # the classes predicted on val/ at the last evaluation, in dataset order: peers, then the ensemble
+            "final_predictions": self.predictions.tolist() if self.predictions is not None else None,
             "test_results": test_results,
             "bad_images_skipped": len(self.run_info.get("bad_images", [])),
             "history": self.history,
@@ -339,6 +344,7 @@ class Trainer:
         summary = self.summary(test_results)
         path = os.path.join(self.cfg["log_dir"], f"{self.cfg['experiment_name']}_summary.json")
         self.logger.write_json(os.path.basename(path), summary)
+        self.logger.artifacts([path, *(p for p in summary["checkpoints"]["best"] if p)])
         best = [f"{a:.4f}" for a in summary["best_accuracies"]]
         self.logger.info(
             f"done: best acc {best} (avg {summary['avg_best_accuracy']:.4f}), "

@@ -47,13 +47,45 @@ def test_all_reduce_trains_like_all_gather_over_gloo():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert sorted((x["peers"], x["mutual"], x["rank"]) for x in rows) == sorted(
-        [(3, m, k) for m in ("dml", "ensemble") for k in range(3)]
-        + [(4, m, k) for m in ("dml", "ensemble") for k in range(4)]
+    assert sorted((x["peers"], x["mutual"], x["weighted"], x["rank"]) for x in rows) == sorted(
+        [(n, m, w, k) for n in (3, 4) for m in ("dml", "ensemble") for w in (False, True) for k in range(n)]
     )
     for x in rows:
         assert x["loss_diff"] <= 1e-5 and x["weight_diff"] <= 1e-5, x
         assert x["kl_min"] > 1e-3 and x["moved"] > 1e-2 and x["control_diff"] > 1e-3, x
+
+
+@pytest.mark.parametrize("mutual", ["dml", "ensemble"])
+def test_mutual_weights_weigh_each_peer_in_both_forms(mutual):
+    """``mutual_weights``: the mutual term is the weights' mean over the other peers (a direct computation),
+    the weighted sums give the same value and gradient, and no weights is the plain mean bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    n, t, w = 4, 2.0, [1.0, 0.5, 3.0, 1.5]
+    z = torch.randn(n, 10, 6, generator=g) * 3
+    y = torch.randint(0, 6, (10,), generator=g)
+    summed = sum(exchange_payload(z[k], t, w[k]) for k in range(n))
+    log_p = (z / t).log_softmax(-1)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        ow = torch.tensor([w[j] for j in others]) / sum(w[j] for j in others)
+        if mutual == "dml":
+            kls = torch.stack([(log_p[j].exp() * (log_p[j] - log_p[i])).sum(-1).mean() for j in others])
+            want = (ow * kls).sum() * t * t
+        else:
+            q = sum(ow[m] * log_p[j].exp() for m, j in enumerate(others))
+            want = (q * (q.log() - log_p[i])).sum(-1).mean() * t * t
+        a, b = z[i].clone().requires_grad_(), z[i].clone().requires_grad_()
+        la = compute_dml_loss(a, z[others], y, t, 1.0, mutual, weights=[w[j] for j in others])
+        lb = loss_from_sums(b, summed, n, y, t, 1.0, mutual, own=exchange_payload(z[i], t, w[i]),
+                            rest_weight=sum(w) - w[i])  # fmt: skip
+        assert la.kl.item() == pytest.approx(want.item(), rel=1e-5)
+        assert lb.kl.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+        la.total.backward()
+        lb.total.backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), (a.grad - b.grad).abs().max()
+        plain = compute_dml_loss(z[i], z[others], y, t, 1.0, mutual)
+        assert abs(la.kl.item() - plain.kl.item()) > 1e-3  # the weights matter here
+        assert torch.equal(compute_dml_loss(z[i], z[others], y, t, 1.0, mutual, weights=None).kl, plain.kl)
 
 
 def test_auto_picks_all_reduce_from_three_peers_and_the_byte_model():

@@ -5,9 +5,13 @@
 Runs are grouped by their config, ignoring the seed and the keys that only name or file a run
 (``IGNORED``). ``report.md``: per group, each peer's best and final validation accuracy as mean ± std over
 the group's runs (seeds), the ensemble's, and the DML gain over the group that differs only by
-``kl_weight: 0`` (and the mutual term's own settings), when there is one. ``curves.png``: validation
-accuracy per epoch (mean over seeds), per peer and ensemble, one colour per group; it needs matplotlib
-(``pip install 'dml-dist[plot]'``), without which only ``report.md`` is written.
+``kl_weight: 0`` (and the mutual term's own settings), when there is one; what the cohort agrees on (the
+share of validation samples on which every peer predicts the same class, the mean KL between peer pairs, the
+ensemble's gain over the best peer); and the churn between the group's runs, which differ only by seed: the
+share of validation samples whose predicted class differs between two runs, per peer and for the ensemble
+(mean over pairs of runs). ``curves.png``: validation accuracy and agreement per epoch (mean over seeds), per
+peer and ensemble, one colour per group; it needs matplotlib (``pip install 'dml-dist[plot]'``), without which
+only ``report.md`` is written.
 """
 
 from __future__ import annotations
@@ -100,6 +104,19 @@ def group_stats(g: dict) -> dict:
     }
 
 
+def churn(runs: list[dict]) -> list[float] | None:
+    """Per peer and for the ensemble (last): the share of validation samples whose predicted class differs
+    between two runs, averaged over every pair of runs; None with fewer than two runs that recorded them."""
+    preds = [r["final_predictions"] for r in runs if r.get("final_predictions")]
+    if len(preds) < 2:
+        return None
+    pairs = [(a, b) for i, a in enumerate(preds) for b in preds[i + 1 :]]
+    out = []
+    for k in range(len(preds[0])):
+        out.append(sum(sum(x != y for x, y in zip(a[k], b[k])) / len(a[k]) for a, b in pairs) / len(pairs))
+    return out
+
+
 def baseline_of(g: dict, groups: list[dict]) -> dict | None:
     if float(g["config"].get("kl_weight", 1)) == 0:
         return None
@@ -150,6 +167,24 @@ def report(groups: list[dict]) -> str:
                 f"Final train accuracy (on augmented batches), peers' mean: {_fmt(train)}: "
                 f"the gap to the final validation accuracy shows how far the peers overfit.",
             ]
+        cohort = [r["history"][-1] for r in g["runs"]]
+        if all("agreement" in h for h in cohort):
+            lines += [
+                "",
+                f"What the cohort agrees on (final epoch, mean ± std over runs): agreement "
+                f"{_fmt([h['agreement'] for h in cohort])} %, pairwise KL "
+                f"{_mean_std([h['pairwise_kl'] for h in cohort])[0]:.4f} nats, ensemble gain over the best peer "
+                f"{_fmt([h['ensemble_gain'] for h in cohort])} points.",
+            ]
+        c = churn(g["runs"])
+        if c is not None:
+            lines += [
+                "",
+                "Churn between runs that differ only by seed (share of validation samples whose predicted class "
+                "differs, mean over pairs of runs): "
+                + ", ".join(f"peer {k + 1} {100 * v:.2f} %" for k, v in enumerate(c[:-1]))
+                + f", ensemble {100 * c[-1]:.2f} %.",
+            ]
         base = baseline_of(g, groups)
         if base is not None:
             b = stats[id(base)]
@@ -177,7 +212,7 @@ def plot(groups: list[dict], path: str) -> bool:
             file=sys.stderr,
         )
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, ax_agree) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["--", ":", "-.", (0, (3, 1, 1, 1))]
     for gi, g in enumerate(groups):
@@ -190,6 +225,12 @@ def plot(groups: list[dict], path: str) -> bool:
             ax.plot(x, y, color=c, linestyle=styles[k % len(styles)], linewidth=1, label=f"{g['label']}: peer {k + 1}")
         y = [sum(r["history"][e]["ensemble_acc"] for r in g["runs"]) / len(g["runs"]) for e in range(epochs)]
         ax.plot(x, y, color=c, linewidth=2.2, label=f"{g['label']}: ensemble")
+        if all("agreement" in r["history"][e] for r in g["runs"] for e in range(epochs)):
+            y = [sum(r["history"][e]["agreement"] for r in g["runs"]) / len(g["runs"]) for e in range(epochs)]
+            ax_agree.plot(x, y, color=c, linewidth=1.8, label=g["label"])
+    ax_agree.set_xlabel("epoch")
+    ax_agree.set_ylabel("agreement: every peer predicts the same class")
+    ax_agree.grid(alpha=0.3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (mean over seeds)")
     ax.grid(alpha=0.3)
