@@ -30,7 +30,7 @@ def load_init(path: str, model: nn.Module, arch: str, num_classes: int) -> dict:
     """Load ``path`` into ``model`` (strictly) -> the record of where the weights came from (``path``, ``kind``:
     peer | state_dict, and for a peer checkpoint its ``arch``, ``epoch`` and the ``statistics`` it was trained
     with). A file that does not fit is one line naming what differs."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, dml_only=False)
     record = {"path": str(path), "kind": "state_dict", "statistics": None}
     if isinstance(ckpt, dict) and ckpt.get("kind") == "cohort":
         raise DMLError(

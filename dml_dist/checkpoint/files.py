@@ -146,8 +146,9 @@ def remove_stale_temp_files(save_dir: str, experiment: str) -> list[str]:
     return stale
 
 
-def load_checkpoint(path: str) -> dict:
-    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated or unsafe files."""
+def load_checkpoint(path: str, dml_only: bool = True) -> dict:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated or unsafe files, and
+    (``dml_only``) for files dml-dist did not write."""
     if not os.path.isfile(path):
         raise DMLError(f"checkpoint {path} does not exist; check the path (or use resume=auto)")
     try:
@@ -163,7 +164,7 @@ def load_checkpoint(path: str) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DMLError(f"checkpoint {path} is truncated or corrupt ({first[:160]}); use another checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if dml_only and (not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT):
         raise DMLError(f"checkpoint {path} was not written by dml-dist ({FORMAT}); use a file from save_dir")
     return ckpt
 
