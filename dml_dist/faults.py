@@ -72,7 +72,9 @@ def at_step(rank: int, epoch: int, step: int) -> None:
 def before_write() -> None:
     spec = _spec()
     if _mine(spec, 0, "slow_save"):
-        time.sleep(float(spec.get("seconds", 2)))
+        seconds = float(spec.get("seconds", 2))
+        print(f"fault: slow_save: the checkpoint writer sleeps {seconds:g} s before this write", flush=True)
+        time.sleep(seconds)
 
 
 def before_error_report(rank: int) -> None:

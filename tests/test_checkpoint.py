@@ -280,9 +280,9 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
         )
         lines = []
         try:
-            for line in proc.stdout:  # epoch 2 has ended: the writer is still sleeping on epoch 1's files
+            for line in proc.stdout:  # the writer has begun its 3 s sleep on epoch 1's files: it is busy
                 lines.append(line)
-                if line.startswith("epoch 2/4"):
+                if line.startswith("fault: slow_save"):
                     proc.send_signal(signal.SIGTERM)
                     break
             out = "".join(lines) + proc.communicate(timeout=TIMEOUT)[0]

@@ -36,8 +36,10 @@ README_COUNTS = _readme_counts()
 
 
 def test_readme_table_lists_every_family():
-    assert len(README_COUNTS) == 11
-    assert {n for n, _, _ in README_COUNTS} >= {"resnet110", "wrn28_10", "mobilenetv2", "torchvision.resnet18"}
+    assert len(README_COUNTS) == 13
+    assert {n for n, _, _ in README_COUNTS} >= {
+        "resnet110", "wrn28_10", "mobilenetv2", "torchvision.resnet18", "timm.resnet18"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name,n10,n100", README_COUNTS, ids=[r[0] for r in README_COUNTS])
