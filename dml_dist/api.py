@@ -7,6 +7,7 @@ trained peers in the caller's process; the original single-process module's call
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 
@@ -71,7 +72,8 @@ def prepare_dataloaders(
 # ------------------------------------------------------------------------------- single-process building blocks
 def _read_opts(config, temperature, kl_weight, print_freq) -> dict:
     """The original form passes a config dict; the project's form passes numbers."""
-    base = {"temperature": 1.0, "kl_weight": 1.0, "print_freq": 0, "mutual": "dml"}
+    base = {"temperature": 1.0, "kl_weight": 1.0, "print_freq": 0, "mutual": "dml", "mutual_weights": None,
+            "frozen": None}  # fmt: skip
     if isinstance(config, dict):
         base.update({k: config[k] for k in base if k in config and config[k] is not None})
     elif isinstance(config, (int, float)):
@@ -110,15 +112,22 @@ def train_epoch_dml(
     dev = resolve_device(device)
     sums = [torch.zeros(5, dtype=torch.float64, device=dev) for _ in models]
     finite = torch.ones((), dtype=torch.bool, device=dev)
-    for m in models:
-        m.to(dev).train()
+    frozen = opts["frozen"] or [False] * len(models)  # a frozen model predicts in eval mode and never steps
+    for m, f in zip(models, frozen):
+        m.to(dev).train(not f)
     sampler = getattr(loader, "batch_sampler", None)
     for step, (x, y) in enumerate(loader):
         x, y = x.to(dev, non_blocking=True), torch.as_tensor(y).to(dev, non_blocking=True)
-        logits = [forward(m, x) for m in models]
+        logits = []
+        for m, f in zip(models, frozen):
+            with torch.no_grad() if f else contextlib.nullcontext():
+                logits.append(forward(m, x))
         all_logits = torch.stack([z.detach() for z in logits])
         for i, (opt, z) in enumerate(zip(optimizers, logits)):
-            stats, ok = peer_update(z, all_logits, i, y, opt, opts["temperature"], opts["kl_weight"], opts["mutual"])
+            stats, ok = peer_update(
+                z, all_logits, i, y, None if frozen[i] else opt, opts["temperature"], opts["kl_weight"],
+                opts["mutual"], weights=opts["mutual_weights"],
+            )  # fmt: skip
             sums[i] += stats
             finite &= ok
         if opts["print_freq"] and (step + 1) % opts["print_freq"] == 0:

@@ -262,8 +262,6 @@ def _number_list(v, length: int | None = None) -> bool:
 def _per_peer_keys(c: dict) -> None:
     """``init_from``, ``frozen``, ``mutual_weights`` (one entry per peer or null), ``normalize``, ``loggers``."""
     v = c["init_from"]
-    if isinstance(v, str):
-        c["init_from"] = v = [v]
     if v is not None and not (
         isinstance(v, (list, tuple)) and v and all(p is None or (isinstance(p, str) and p) for p in v)
     ):

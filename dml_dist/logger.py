@@ -12,13 +12,12 @@ import sys
 import time
 from collections.abc import Iterable
 
-from .errors import DMLError
 from .trackers import make_trackers
 
 
 class NullLogger:
     def info(self, msg: str) -> None: ...
-    def start_run(self, config: dict, resolved: dict) -> None: ...
+    def start_run(self, config: dict, resolved: dict, resumed: bool = False) -> str | None: ...
     def scalars(self, values: dict, step: int) -> None: ...
     def artifacts(self, paths: list[str]) -> None: ...
     def progress(self, iterable: Iterable, total: int, desc: str):
@@ -56,23 +55,32 @@ class RunLogger(NullLogger):
         self.trackers, self.started = make_trackers(loggers, log_dir, experiment), []
         self.progress_bar = progress_bar
 
-    def start_run(self, config: dict, resolved: dict) -> None:
-        """The trackers' run: the config as given and as resolved (once, after start-up resolved it)."""
+    def start_run(self, config: dict, resolved: dict, resumed: bool = False) -> str | None:
+        """The trackers' run: the config as given and as resolved (once, after start-up resolved it and the
+        checkpointer resumed, or not) -> None, or the line saying which tracker could not start."""
         for tracker in self.trackers:
             try:
-                tracker.start(config, resolved)
+                tracker.start(config, resolved, resumed)
             except Exception as e:  # noqa: BLE001  (a server that does not answer, a login missing, ...)
-                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-                raise DMLError(
-                    f"loggers: {tracker.name} could not start a run ({why}); "
-                    f"check its settings (docs/outputs.md, Trackers) or leave {tracker.name} out of loggers",
-                    all_ranks=False,
-                ) from None
+                return (
+                    f"loggers: {tracker.name} could not start a run ({_why(e)}); check its settings "
+                    f"(docs/outputs.md, Trackers) or leave {tracker.name} out of loggers"
+                )
             self.started.append(tracker)
+        return None
+
+    def _each_tracker(self, call) -> None:
+        """``call(tracker)`` for every started tracker; one that fails is named once and left out from then on
+        (a tracker must not stop training)."""
+        for tracker in list(self.started):
+            try:
+                call(tracker)
+            except Exception as e:  # noqa: BLE001
+                self.started.remove(tracker)
+                self.info(f"loggers: {tracker.name} failed ({_why(e)}); it gets nothing more from this run")
 
     def artifacts(self, paths: list[str]) -> None:
-        for tracker in self.started:
-            tracker.artifacts(paths)
+        self._each_tracker(lambda t: t.artifacts(paths))
 
     def info(self, msg: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -84,8 +92,7 @@ class RunLogger(NullLogger):
             for tag, v in values.items():
                 self.tb.add_scalar(tag, v, step)
             self.tb.flush()
-        for tracker in self.started:
-            tracker.metrics(values, step)
+        self._each_tracker(lambda t: t.metrics(values, step))
 
     def progress(self, iterable: Iterable, total: int, desc: str):
         # Off a terminal (CI, log files) the progress lines (print_freq) say the same without carriage returns.
@@ -103,11 +110,15 @@ class RunLogger(NullLogger):
         os.replace(tmp, path)
 
     def close(self) -> None:
-        for tracker in self.started:
-            tracker.close()
+        failed = sys.exc_info()[0] is not None  # closed while an error unwinds: the trackers' run failed
+        self._each_tracker(lambda t: t.close(failed))
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def make_logger(is_main: bool, cfg: dict, stream=None) -> NullLogger:

@@ -151,6 +151,7 @@ def compute_dml_loss(*args, **kwargs):
       in knowledge distillation). Peer predictions are targets: detached, gradients reach only ``logits``.
       KL is summed over classes and averaged over the batch. ``mutual="ensemble"`` replaces the mean of
       KLs by one KL from the mean of the other peers' softened probabilities (KDCL's naive ensemble).
+      ``weights=[w_j]`` (one per other peer, ``mutual_weights``) makes both means weighted ones.
     - ``compute_dml_loss(models, x, y, model_idx, temperature=1.0, kl_weight=1.0)`` (the original API) ->
       the total loss tensor of ``models[model_idx]`` on batch ``x, y``; the other models run under
       ``no_grad``.

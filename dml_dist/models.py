@@ -229,6 +229,18 @@ def pretrained_statistics(name: str) -> tuple[list[float], list[float]] | None:
     return None
 
 
+def pretrained_classes(name: str) -> int | None:
+    """How many classes ``name``'s pretrained classifier predicts (None: no pretrained weights)."""
+    if name.startswith("torchvision."):
+        import torchvision
+
+        return len(torchvision.models.get_model_weights(name.split(".", 1)[1]).DEFAULT.meta["categories"])
+    if name.startswith("timm."):
+        cfg = _timm().models.get_pretrained_cfg(name.split(".", 1)[1])
+        return getattr(cfg, "num_classes", None) if cfg is not None else None
+    return None
+
+
 MODEL_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 EXAMPLE_NAMES = (
     *MODEL_DEPTHS, "wrn16_4", "wrn28_2", "wrn28_10", "mobilenet", "mobilenetv2", "torchvision.resnet18", "timm.resnet18"

@@ -42,7 +42,12 @@ class _Tracker:
         self.id_file = os.path.join(log_dir, f"{experiment}.{self.name}_run")
         self.log_dir, self.experiment = log_dir, experiment
 
-    def _run_id(self) -> str | None:
+    def _run_id(self, resumed: bool) -> str | None:
+        """The run to continue: a resumed job's (kept in ``id_file``); a fresh start forgets it."""
+        if not resumed:
+            if os.path.isfile(self.id_file):
+                os.remove(self.id_file)
+            return None
         return open(self.id_file).read().strip() if os.path.isfile(self.id_file) else None
 
     def _keep_id(self, run_id: str) -> None:
@@ -53,12 +58,12 @@ class _Tracker:
 class MLflowTracker(_Tracker):
     name = "mlflow"
 
-    def start(self, config: dict, resolved: dict) -> None:
+    def start(self, config: dict, resolved: dict, resumed: bool) -> None:
         import mlflow
 
         self.mlflow = mlflow
+        run_id = self._run_id(resumed)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "dml-dist"))
-        run_id = self._run_id()
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.experiment)
         self._keep_id(self.run.info.run_id)
         if run_id is None:  # parameters are write-once in MLflow
@@ -74,18 +79,18 @@ class MLflowTracker(_Tracker):
             if os.path.isfile(path):
                 self.mlflow.log_artifact(path)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 class WandbTracker(_Tracker):
     name = "wandb"
 
-    def start(self, config: dict, resolved: dict) -> None:
+    def start(self, config: dict, resolved: dict, resumed: bool) -> None:
         import wandb
 
         self.wandb = wandb
-        run_id = self._run_id() or secrets.token_hex(4)
+        run_id = self._run_id(resumed) or secrets.token_hex(4)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "dml-dist"),
             name=self.experiment,
@@ -107,8 +112,8 @@ class WandbTracker(_Tracker):
                 artifact.add_file(path)
             self.run.log_artifact(artifact)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 TRACKERS = {"mlflow": MLflowTracker, "wandb": WandbTracker}

@@ -21,7 +21,7 @@ from .engine import Peer, evaluate, resolve_amp, train_one_epoch
 from .errors import DMLError
 from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
-from .models import build_model, channels_last_choice
+from .models import build_model, channels_last_choice, pretrained_classes
 from .parallel import compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
 from .resolved import Resolved
 from .weights import apply_statistics, load_init, peer_statistics
@@ -46,10 +46,15 @@ class Trainer:
                 self.arch, self.data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"]
             )
             self.init_record = load_init(init, model, self.arch, self.data.num_classes) if init else None
+            if self.frozen and init is None and pretrained_classes(self.arch) != self.data.num_classes:
+                raise DMLError(
+                    f"it is frozen with {self.arch}'s pretrained weights, whose classifier predicts "
+                    f"{pretrained_classes(self.arch)} classes, not this data's {self.data.num_classes}: its new "
+                    f"classifier would stay random; give it init_from (a checkpoint trained on these classes)"
+                )
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
         self.run, amp, channels_last = self._resolve(model)  # collective; this rank's own choices too
-        logger.start_run(public_config(cfg), self.run.record())  # rank 0: the trackers' run
         layout = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(ctx.device, memory_format=layout).requires_grad_(not self.frozen)
         apply_statistics(model, *self.run.normalize[ctx.peer], ctx.device)
@@ -181,6 +186,7 @@ class Trainer:
     def resume(self) -> None:
         """Collective: carry on from a checkpoint as ``resume`` says (a path, ``auto`` or None)."""
         resumed = self.checkpointer.load(self.run.resume)
+        self._start_trackers(resumed is not None)
         if resumed is None:
             return
         self.meters = resumed.meters
@@ -192,6 +198,14 @@ class Trainer:
                 f"replicas: the checkpoint was trained with {before} per peer, this run has "
                 f"{self.cfg['replicas']} ({self.ctx.world_size} processes)"
             )
+
+    def _start_trackers(self, resumed: bool) -> None:
+        """Collective: rank 0 starts the trackers' run (a resumed one continues its run); a tracker that cannot
+        start stops every rank with its line."""
+        error = self.logger.start_run(public_config(self.cfg), self.run.record(), resumed)
+        error = D.broadcast_object(error)
+        if error:
+            raise DMLError(error)
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> None:
@@ -315,7 +329,7 @@ class Trainer:
             "best_ensemble_accuracy": self.best_ensemble,
             "final_accuracies": last["val_acc"] if last else None,
             "final_ensemble_accuracy": last["ensemble_acc"] if last else None,
-            "cohort": {key: last[key] for key in COHORT_KEYS} if last else None,  # what the peers agree on
+            "cohort": {key: last.get(key) for key in COHORT_KEYS} if last else None,  # what the peers agree on
             # the classes predicted on val/ at the last evaluation, in dataset order: peers, then the ensemble
             "final_predictions": self.predictions.tolist() if self.predictions is not None else None,
             "test_results": test_results,

@@ -206,6 +206,7 @@ LONGEST_FIRST = (
     "test_checkpoint.py",
     "test_launch.py",
     "test_api.py",
+    "test_cohort.py",
     "test_slurm.py",
     "test_replicas.py",
     "test_end_to_end.py",

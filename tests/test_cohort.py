@@ -257,6 +257,59 @@ def test_the_exported_ensemble_runs_without_dml_dist_and_scores_as_dml_eval(runs
     ]
 
 
+@requires_timm
+def test_the_trainer_weighs_the_mutual_term_with_mutual_weights(runs, cohort, tmp_path):
+    """Without ``mutual_weights`` the same cohort's first epoch has other mutual terms than with [1, 1, 2]: the
+    trainer hands the weights to the step (the all_gather/all_reduce comparison cannot see a dropped key)."""
+    r = torchrun(3, cohort_args(runs, tmp_path, exchange="all_gather", epochs=1, mutual_weights="null"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain, weighted = read_summary(tmp_path)["history"][0], cohort["summary"]["history"][0]
+    assert plain["train_ce"][2] == pytest.approx(weighted["train_ce"][2], rel=1e-6)  # the same teacher
+    for k in (0, 1):
+        assert abs(plain["train_kl"][k] - weighted["train_kl"][k]) > 1e-3 * weighted["train_kl"][k], (plain, weighted)
+
+
+def test_a_resume_keeps_the_statistics_and_the_frozen_flags(runs):
+    """A resume whose peers would get other input statistics, or other frozen flags, than the checkpoint's is
+    refused on rank 0 in one line (the batches would mean something else to the peers)."""
+    from dml_dist.checkpoint.files import check_cohort_checkpoint, load_checkpoint
+    from dml_dist.config import build_config
+    from dml_dist.world import finalize_config
+
+    path = str(runs["teacher"] / "ckpt" / "a_latest.pth")
+    ckpt = load_checkpoint(path)
+    cfg = finalize_config(build_config(model="resnet20"), 2)
+    run = dict(ckpt["resolved"])
+    check_cohort_checkpoint(ckpt, path, cfg, ["resnet20"] * 2, 3, run)  # as it ran
+    imagenet = {**run, "normalize": [[[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]] * 2,
+                "normalize_why": ["normalize=imagenet"] * 2}  # fmt: skip
+    with pytest.raises(DMLError, match=r"peer 1 was trained on inputs normalised with mean \[0.4914") as e:
+        check_cohort_checkpoint(ckpt, path, cfg, ["resnet20"] * 2, 3, imagenet)
+    assert "normalize=imagenet" in str(e.value) and "\n" not in str(e.value)
+    old = {k: v for k, v in ckpt.items() if k != "resolved"}  # a checkpoint from before these fields: CIFAR-10's
+    check_cohort_checkpoint({**old, "resolved": {}}, path, cfg, ["resnet20"] * 2, 3, run)
+    with pytest.raises(DMLError, match="peer 2 was a learner there; set frozen as the run had it"):
+        check_cohort_checkpoint(ckpt, path, cfg, ["resnet20"] * 2, 3, {**run, "frozen": [False, True]})
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_a_fresh_run_forgets_the_old_run_id(tmp_path, monkeypatch):
+    if not HAVE["mlflow"]:
+        pytest.skip("mlflow is not installed")
+    from dml_dist.logger import RunLogger
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    (tmp_path / "t.mlflow_run").write_text("an-old-run")
+    log = RunLogger(str(tmp_path), "t", progress_bar=False, loggers=["mlflow"])
+    try:
+        error = log.start_run({"lr": 0.1}, {"amp": "off"}, resumed=False)
+    finally:
+        log.close()
+    assert error.startswith("loggers: mlflow could not start a run (") and "leave mlflow out of loggers" in error
+    assert "\n" not in error and not (tmp_path / "t.mlflow_run").exists()  # a fresh start: not the old run
+
+
 # ------------------------------------------------------------------------------------------------- trackers
 def _free_port() -> int:
     with socket.socket() as s:

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, run_cmd
 
 from dml_dist.exchange import resolve_exchange
@@ -85,7 +86,14 @@ def test_mutual_weights_weigh_each_peer_in_both_forms(mutual):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), (a.grad - b.grad).abs().max()
         plain = compute_dml_loss(z[i], z[others], y, t, 1.0, mutual)
         assert abs(la.kl.item() - plain.kl.item()) > 1e-3  # the weights matter here
-        assert torch.equal(compute_dml_loss(z[i], z[others], y, t, 1.0, mutual, weights=None).kl, plain.kl)
+        # no weights: the loss before mutual_weights existed, bit for bit (that release's formula, copied)
+        log_i, log_j = F.log_softmax(z[i] / t, dim=-1), F.log_softmax(z[others] / t, dim=-1)
+        if mutual == "dml":
+            before = (log_j.exp() * (log_j - log_i.unsqueeze(0))).sum(-1).mean() * (t * t)
+        else:
+            q = log_j.exp().mean(0)
+            before = (q * (q.clamp_min(1e-30).log() - log_i)).sum(-1).mean() * (t * t)
+        assert torch.equal(plain.kl, before)
 
 
 def test_auto_picks_all_reduce_from_three_peers_and_the_byte_model():

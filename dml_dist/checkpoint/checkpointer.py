@@ -264,7 +264,9 @@ class Checkpointer:
                 path = self._resume_path(resume)
                 if path is not None:
                     ckpt = load_checkpoint(path)
-                    check_cohort_checkpoint(ckpt, path, self.cfg, self.archs, self.data.num_classes)
+                    check_cohort_checkpoint(
+                        ckpt, path, self.cfg, self.archs, self.data.num_classes, self.trainer.run.record()
+                    )
                     self._check_files(ckpt, path)
             except DMLError as e:
                 error = str(e)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .. import faults
+from ..data.memory import STATISTICS
 from ..errors import DMLError
 
 FORMAT = "dml-dist/1"
@@ -169,8 +170,11 @@ def load_checkpoint(path: str, dml_only: bool = True) -> dict:
     return ckpt
 
 
-def check_cohort_checkpoint(ckpt: dict, path: str, cfg: dict, archs: list[str], num_classes: int) -> None:
-    """Refuse a cohort checkpoint that does not fit this run, naming what differs."""
+def check_cohort_checkpoint(
+    ckpt: dict, path: str, cfg: dict, archs: list[str], num_classes: int, run: dict | None = None
+) -> None:
+    """Refuse a cohort checkpoint that does not fit this run, naming what differs; ``run``: this run's
+    ``Resolved.record()`` (the peers' input statistics and frozen flags must be the checkpoint's)."""
     if ckpt.get("kind") != "cohort":
         raise DMLError(
             f"checkpoint {path} holds a single peer, not a cohort; resume from <experiment>_latest.pth (or resume=auto)"
@@ -192,6 +196,26 @@ def check_cohort_checkpoint(ckpt: dict, path: str, cfg: dict, archs: list[str], 
             f"checkpoint {path} has {ckpt['num_classes']} classes but the data has {num_classes}; "
             f"use the data it was trained on"
         )
+    if run is None:
+        return
+    before = ckpt.get("resolved") or {}
+    n = len(peers)
+    stats = before.get("normalize") or [[list(v) for v in STATISTICS["cifar10"]]] * n  # older: CIFAR-10's
+    frozen = before.get("frozen") or [False] * n
+    for k in range(n):
+        if [list(v) for v in stats[k]] != [list(v) for v in run["normalize"][k]]:
+            raise DMLError(
+                f"checkpoint {path}: peer {k + 1} was trained on inputs normalised with mean {stats[k][0]} std "
+                f"{stats[k][1]}, this run gives it mean {run['normalize'][k][0]} std {run['normalize'][k][1]} "
+                f"({run['normalize_why'][k]}); set normalize (or init_from, pretrained) as the run had them, or "
+                f"start a new experiment"
+            )
+        if bool(frozen[k]) != bool(run["frozen"][k]):
+            was = "frozen" if frozen[k] else "a learner"
+            raise DMLError(
+                f"checkpoint {path}: peer {k + 1} was {was} there; set frozen as the run had it, or start a new "
+                f"experiment"
+            )
 
 
 def latest_path(save_dir: str, experiment: str) -> str:

@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+from ..config import DEFAULT_CONFIG
+
 # Keys that say how a run was named, filed, logged or launched, not what was trained (``exchange``: the same
 # loss and gradient either way, up to float rounding).
 IGNORED = (
@@ -39,8 +41,9 @@ IGNORED = (
     "num_workers",
     "download",
     "exchange",
+    "loggers",
 )
-MUTUAL_KEYS = ("kl_weight", "temperature", "mutual", "kl_warmup_epochs")
+MUTUAL_KEYS = ("kl_weight", "temperature", "mutual", "kl_warmup_epochs", "mutual_weights")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,6 +59,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def _key(cfg: dict, drop=()) -> str:
+    cfg = {**DEFAULT_CONFIG, **cfg}  # a summary from before a key existed ran with its default
     return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in IGNORED and k not in drop}, sort_keys=True)
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -79,9 +81,20 @@ def export(checkpoints: list[str], out: str, fmt: str = "pt2", peer: int | None 
     size = meta["image_size"]
     example = (torch.zeros(2, 3, size, size, dtype=torch.uint8),)
     batch = {"images": {0: torch.export.Dim("batch", min=1, max=65536)}}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    stem, ext = os.path.splitext(out)
-    tmp = f"{stem}.tmp{os.getpid()}{ext}"  # written whole, then renamed
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".dml-export-", dir=folder)  # written whole, then renamed
+    tmp = os.path.join(staging, os.path.basename(out))  # ONNX's external data (> 2 GB) lands beside it
+    try:
+        _write(module, example, batch, meta, tmp, fmt)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _write(module: Ensemble, example: tuple, batch: dict, meta: dict, tmp: str, fmt: str) -> None:
     with torch.no_grad():
         if fmt == "pt2":
             program = torch.export.export(module, example, dynamic_shapes=batch)
@@ -95,8 +108,6 @@ def export(checkpoints: list[str], out: str, fmt: str = "pt2", peer: int | None 
             program = torch.onnx.export(module, example, dynamic_shapes=batch, input_names=["images"], dynamo=True)
             program.model.metadata_props["dml_dist"] = json.dumps(meta)
             program.save(tmp)
-    os.replace(tmp, out)
-    return meta
 
 
 def main(argv=None) -> int:
