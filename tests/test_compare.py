@@ -124,3 +124,28 @@ def test_launch_compare_sh_runs_the_grid_then_reports_and_skips_what_is_done(tmp
     assert "DML gain over `kl_weight=0.0`" in md and (tmp_path / "report" / "curves.png").stat().st_size > 0
     names = sorted(p.name for p in (tmp_path / "runs" / "logs").glob("*_summary.json"))
     assert names == ["resnet20_kl0_seed1_summary.json", "resnet20_kl1_seed1_summary.json"]
+
+
+def test_agreement_and_churn_between_seeds(tmp_path):
+    """The cohort's agreement figures (mean over runs) and the churn between two seeds of one config: the
+    share of validation samples whose predicted class differs, per peer and for the ensemble."""
+    paths = []
+    preds = {
+        1: [[0, 1, 2, 3, 0], [0, 1, 2, 3, 1], [0, 1, 2, 3, 0]],  # peer 1, peer 2, ensemble
+        2: [[0, 1, 2, 0, 0], [1, 1, 2, 3, 1], [0, 1, 2, 3, 0]],
+    }
+    for seed, agree in ((1, 0.8), (2, 0.6)):
+        p = Path(_summary(tmp_path / f"s{seed}.json", seed, 1.0, [0.6, 0.6], [(0.5, 0.5)], [0.55]))
+        s = json.loads(p.read_text())
+        s["history"][-1].update(agreement=agree, pairwise_kl=0.1 * seed, ensemble_gain=0.01 * seed)
+        s["final_predictions"] = preds[seed]
+        p.write_text(json.dumps(s))
+        paths.append(str(p))
+    (group,) = group_runs(load_summaries(paths))
+    md = report([group])
+    assert "agreement 70.00 ± 14.14 %, pairwise KL 0.1500 nats, ensemble gain over the best peer 1.50 ± 0.71" in md
+    # peer 1 differs on 1 of 5 samples, peer 2 on 1 of 5, the ensemble on none
+    assert (
+        "(share of validation samples whose predicted class differs, mean over pairs of runs): peer 1 20.00 %, " in md
+    )
+    assert "peer 2 20.00 %, ensemble 0.00 %." in md
