@@ -85,6 +85,21 @@ def sigterm_deferred():
                 die_of_sigterm()
 
 
+@contextlib.contextmanager
+def sigterm_held():
+    """A few statements that a ``Stopped`` must not cut in half (queueing a checkpoint write: raised inside
+    ``ThreadPoolExecutor.submit``'s thread start, it leaves a write running that nobody waits for). SIGTERM is
+    blocked in the main thread meanwhile and delivered, as ``Stopped``, right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def in_entry_process() -> bool:
     """True in a process whose entry point installed ``stop_on_sigterm`` (dml-train under torchrun, the
     launcher's peers): that entry point reports errors on stderr, so ``train.run`` may report early."""

@@ -69,16 +69,16 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
             if in_entry_process():
                 report_error(err)
             raise err from None
-        if is_peer_loss(e) and in_entry_process():
+        if is_peer_loss(e) and in_entry_process() and not sigterm_received():  # not a peer stopped by a SIGTERM
             report_lost_contact(e)
-        raise
-    except Stopped:
-        if trainer is not None and trainer.checkpointer.writing():
-            logger.info("SIGTERM: finishing the queued checkpoint writes, then stopping")
         raise
     finally:
         with sigterm_deferred():  # a SIGTERM must not cut the writes short; the process dies of it afterwards
             try:
+                # Said whichever way the signal surfaced here: as Stopped, or as a collective that a peer
+                # stopped by the same SIGTERM broke first.
+                if trainer is not None and sigterm_received() and trainer.checkpointer.writing():
+                    logger.info("SIGTERM: finishing the queued checkpoint writes, then stopping")
                 if trainer is not None:
                     trainer.close()
             finally:

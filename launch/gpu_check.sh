@@ -5,6 +5,7 @@
 #              all-reduce of the softmax sums over NCCL)
 #   nccl2      2 peers, one GPU each (only with 2+ GPUs), fp16 with a GradScaler, the all-reduce exchange
 #   shared     2 peers sharing GPU 0 over gloo (the exchange's all-reduce staged through host memory), bf16
+#   teacher    2 peers sharing GPU 0, the second a frozen teacher from the shared run's checkpoint (bf16)
 #   compile    compile=true (torch.compile each peer)
 #   replicas   2 peers x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 4+ GPUs)
 #   layout     replicas=[1,2] (3+ GPUs): DDP for one peer only, the exchange over the world by batch rows
@@ -148,6 +149,9 @@ if [[ "$gpus" -ge 4 ]]; then  # 2 peers x 2 replicas: the peers of each replica 
     check replicas 4 nccl bf16 "model_num=2 replicas=2 sync_bn=true amp=bf16"
 fi
 check shared 2 gloo bf16 "amp=bf16 exchange=all_reduce" CUDA_VISIBLE_DEVICES="$first_gpu"
+# a frozen teacher (inference_mode under autocast, no optimizer) from the shared run's peer 1, weighted
+check teacher 2 gloo bf16 "amp=bf16 init_from=[null,$work/shared/ckpt/shared_model1_final.pth] frozen=[false,true] \
+mutual_weights=[1,2]" CUDA_VISIBLE_DEVICES="$first_gpu"
 if [[ "$gpus" -ge 3 ]]; then
     check layout 3 nccl bf16 "model=[resnet20,resnet32] replicas=[1,2] amp=bf16"
 fi

@@ -29,7 +29,7 @@ import torch
 
 from .. import faults
 from ..data.memory import STATISTICS
-from ..errors import DMLError
+from ..errors import DMLError, sigterm_held
 
 FORMAT = "dml-dist/1"
 
@@ -251,7 +251,8 @@ class CheckpointWriter:
         if self.pool is None:
             return
         self._reap()
-        self.pending.append(self.pool.submit(fn, *args))
+        with sigterm_held():  # the write is queued and counted, or not queued at all
+            self.pending.append(self.pool.submit(fn, *args))
 
     def _reap(self) -> None:
         done = [f for f in self.pending if f.done()]

@@ -79,4 +79,5 @@ if rank == 0:
         for row in rows:
             if row is not None:
                 print(json.dumps(row), flush=True)
+dist.barrier()  # every rank leaves together (rank 3 sat out the 3-peer cases)
 D.destroy_distributed()
