@@ -113,6 +113,9 @@ def train_epoch_dml(
     sums = [torch.zeros(5, dtype=torch.float64, device=dev) for _ in models]
     finite = torch.ones((), dtype=torch.bool, device=dev)
     frozen = opts["frozen"] or [False] * len(models)  # a frozen model predicts in eval mode and never steps
+    for key, value in (("frozen", frozen), ("mutual_weights", opts["mutual_weights"])):
+        if value is not None and len(value) != len(models):
+            raise DMLError(f"{key} lists {len(value)} entries for {len(models)} models; give one per model")
     for m, f in zip(models, frozen):
         m.to(dev).train(not f)
     sampler = getattr(loader, "batch_sampler", None)

@@ -88,16 +88,21 @@ def sigterm_deferred():
 @contextlib.contextmanager
 def sigterm_held():
     """A few statements that a ``Stopped`` must not cut in half (queueing a checkpoint write: raised inside
-    ``ThreadPoolExecutor.submit``'s thread start, it leaves a write running that nobody waits for). SIGTERM is
-    blocked in the main thread meanwhile and delivered, as ``Stopped``, right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    ``ThreadPoolExecutor.submit``'s thread start, it leaves a write running that nobody waits for). A SIGTERM
+    meanwhile is only recorded (the handler is disarmed; blocking the signal in this thread would not do, the
+    process's other threads would take it) and raised as ``Stopped`` right after the block."""
+    mine = _Sigterm.pid == os.getpid() and threading.current_thread() is threading.main_thread()
+    was = _Sigterm.armed
+    if mine:
+        _Sigterm.armed = False
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if mine and was:
+            _Sigterm.armed = True
+            if _Sigterm.received:
+                _Sigterm.armed = False
+                raise Stopped()
 
 
 def in_entry_process() -> bool:

@@ -24,7 +24,7 @@ class NullLogger:
         return _NullBar(iterable)
 
     def write_json(self, name: str, data: dict) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class _NullBar:
@@ -109,8 +109,8 @@ class RunLogger(NullLogger):
             json.dump(data, f, indent=2)
         os.replace(tmp, path)
 
-    def close(self) -> None:
-        failed = sys.exc_info()[0] is not None  # closed while an error unwinds: the trackers' run failed
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run did not finish (the trackers' run ends FAILED)."""
         self._each_tracker(lambda t: t.close(failed))
         if self.tb is not None:
             self.tb.close()

@@ -8,6 +8,7 @@ computes its DML loss locally. Rank 0 evaluates the ensemble, logs and writes ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -39,7 +40,7 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
     ``data_dir``. Raises DMLError on bad input."""
     created_group = not torch.distributed.is_initialized()
     ctx = D.init_distributed(cfg)
-    logger, trainer = NullLogger(), None
+    logger, trainer, finished = NullLogger(), None, False
     try:
         asked_replicas = cfg["replicas"]
         cfg = finalize_config(cfg, ctx.world_size)
@@ -53,7 +54,9 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
         trainer = Trainer(cfg, ctx, logger, data)  # collective: datasets, peer, loaders, what the run resolves
         trainer.resume()
         trainer.fit()
-        return trainer.finish()
+        results = trainer.finish()
+        finished = True
+        return results
     # Our own entry points report an error here, before the cleanup below: rank 0 may spend long draining
     # its checkpoint writes, and torchrun stops every rank once one has exited.
     except DMLError as e:
@@ -78,11 +81,12 @@ def run(cfg: dict, data: Datasets | None = None, stream=None) -> dict:
                 # Said whichever way the signal surfaced here: as Stopped, or as a collective that a peer
                 # stopped by the same SIGTERM broke first.
                 if trainer is not None and sigterm_received() and trainer.checkpointer.writing():
-                    logger.info("SIGTERM: finishing the queued checkpoint writes, then stopping")
+                    with contextlib.suppress(Exception):  # a closed pipe must not skip the drain below
+                        logger.info("SIGTERM: finishing the queued checkpoint writes, then stopping")
                 if trainer is not None:
                     trainer.close()
             finally:
-                logger.close()
+                logger.close(failed=not finished)
                 if created_group and not sigterm_received():  # stopping: no teardown with peers gone
                     D.destroy_distributed()
 

@@ -186,7 +186,7 @@ class Trainer:
     def resume(self) -> None:
         """Collective: carry on from a checkpoint as ``resume`` says (a path, ``auto`` or None)."""
         resumed = self.checkpointer.load(self.run.resume)
-        self._start_trackers(resumed is not None)
+        self._start_trackers(resumed is not None or self.ctx.restart_count > 0)  # a restart continues the run
         if resumed is None:
             return
         self.meters = resumed.meters

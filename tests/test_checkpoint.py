@@ -322,3 +322,33 @@ def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
     again = torch.optim.SGD(w, lr=0.1, momentum=0.9, fused=True)
     load_optimizer_state(again, plain.state_dict())
     assert again.param_groups[0]["fused"] is True
+
+
+def test_a_sigterm_while_a_write_is_queued_waits_until_it_is_counted():
+    """``sigterm_held`` (around ``CheckpointWriter.submit``): a SIGTERM inside the block, with other threads in
+    the process that could take it, raises ``Stopped`` only after the block, never inside it."""
+    import os
+    import threading
+    import time
+
+    from dml_dist import errors
+
+    before = signal.getsignal(signal.SIGTERM)
+    state = (errors._Sigterm.pid, errors._Sigterm.armed, errors._Sigterm.received)
+    busy = threading.Event()
+    other = threading.Thread(target=busy.wait, daemon=True)  # a thread the kernel may hand the signal to
+    other.start()
+    reached = []
+    try:
+        errors.stop_on_sigterm()
+        with pytest.raises(errors.Stopped):
+            with errors.sigterm_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(50):  # Python would run the handler in any of these bytecodes
+                    time.sleep(0.002)
+                reached.append("the block's end")
+        assert reached == ["the block's end"] and errors.sigterm_received()
+    finally:
+        busy.set()
+        signal.signal(signal.SIGTERM, before)
+        errors._Sigterm.pid, errors._Sigterm.armed, errors._Sigterm.received = state

@@ -287,6 +287,9 @@ def test_a_resume_keeps_the_statistics_and_the_frozen_flags(runs):
     check_cohort_checkpoint({**old, "resolved": {}}, path, cfg, ["resnet20"] * 2, 3, run)
     with pytest.raises(DMLError, match="peer 2 was a learner there; set frozen as the run had it"):
         check_cohort_checkpoint(ckpt, path, cfg, ["resnet20"] * 2, 3, {**run, "frozen": [False, True]})
+    teacher = {**ckpt, "resolved": {**ckpt["resolved"], "frozen": [False, True]}}
+    with pytest.raises(DMLError, match="peer 2 was frozen there"):
+        check_cohort_checkpoint(teacher, path, cfg, ["resnet20"] * 2, 3, {**run, "frozen": [False, False]})
 
 
 def test_a_tracker_that_cannot_start_is_one_line_and_a_fresh_run_forgets_the_old_run_id(tmp_path, monkeypatch):

@@ -270,6 +270,8 @@ class Checkpointer:
                     self._check_files(ckpt, path)
             except DMLError as e:
                 error = str(e)
+            except Exception as e:  # noqa: BLE001  (a malformed file: every rank must hear of it, none may wait)
+                error = f"checkpoint {path or resume} cannot be resumed from ({type(e).__name__}: {e}); use another"
         path, error = D.broadcast_object((path, error))
         if error:
             raise DMLError(error)

@@ -246,6 +246,8 @@ class CheckpointWriter:
     def __init__(self, enabled: bool):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if enabled else None
         self.pending: list[Future] = []
+        if self.pool is not None:  # its thread now, not inside the first submit (where a SIGTERM could land)
+            self.pool.submit(int).result()
 
     def submit(self, fn, *args) -> None:
         if self.pool is None:
