@@ -149,3 +149,17 @@ def test_agreement_and_churn_between_seeds(tmp_path):
         "(share of validation samples whose predicted class differs, mean over pairs of runs): peer 1 20.00 %, " in md
     )
     assert "peer 2 20.00 %, ensemble 0.00 %." in md
+
+
+def test_a_summary_from_before_a_key_existed_groups_with_its_defaults(tmp_path):
+    """An older summary lacks the keys added since (``normalize``, ``frozen``, ...): it ran with their defaults, so
+    it groups with a new run that states them; ``loggers`` only says where a run was logged."""
+    old = _summary(tmp_path / "old.json", 1, 1.0, [0.6, 0.6], [(0.5, 0.5)], [0.55])
+    new = Path(_summary(tmp_path / "new.json", 2, 1.0, [0.6, 0.6], [(0.5, 0.5)], [0.55]))
+    s = json.loads(new.read_text())
+    s["config"].update(normalize="cifar10", frozen=None, mutual_weights=None, loggers=["tensorboard", "mlflow"])
+    new.write_text(json.dumps(s))
+    assert len(group_runs(load_summaries([old, str(new)]))) == 1
+    s["config"]["normalize"] = "imagenet"
+    new.write_text(json.dumps(s))
+    assert len(group_runs(load_summaries([old, str(new)]))) == 2
