@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .data import MEAN, STD, build_datasets, make_eval_loader
+from .checkpoint.files import load_checkpoint, recorded_statistics
+from .data import build_datasets, make_eval_loader
 from .engine import predict_many, score_logits
 from .errors import DMLError
 from .models import build_model, channels_last_choice
@@ -60,7 +60,7 @@ def load_dml_models(checkpoint_paths: Sequence[str], device: str = "auto", renor
                     f"checkpoint {path}: weights do not fit {entry['arch']} ({str(e).splitlines()[0][:160]})"
                 ) from None
             model = model.to(dev).eval()
-            stats = ran["normalize"][k] if ran.get("normalize") else [list(MEAN), list(STD)]  # older: CIFAR-10's
+            stats = recorded_statistics(ckpt, k)
             if renormalize:
                 apply_statistics(model, *stats, dev)
             models.append(model)

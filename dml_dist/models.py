@@ -214,31 +214,26 @@ def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
         ) from None
 
 
-def pretrained_statistics(name: str) -> tuple[list[float], list[float]] | None:
-    """The input (mean, std) that ``name``'s pretrained weights expect, from their own metadata (torchvision's
-    weights' transforms, timm's ``pretrained_cfg``); None for models without pretrained weights."""
+def pretrained_meta(name: str) -> dict | None:
+    """What ``name``'s pretrained weights say about themselves, from their own metadata (torchvision's weights'
+    transforms and categories, timm's ``pretrained_cfg``): ``mean`` and ``std`` of their inputs (None when not
+    given) and ``classes``, their classifier's class count; None for models without pretrained weights."""
     if name.startswith("torchvision."):
         import torchvision
 
-        preset = torchvision.models.get_model_weights(name.split(".", 1)[1]).DEFAULT.transforms()
-        return [float(v) for v in preset.mean], [float(v) for v in preset.std]
-    if name.startswith("timm."):
+        weights = torchvision.models.get_model_weights(name.split(".", 1)[1]).DEFAULT
+        preset = weights.transforms()
+        mean, std, classes = preset.mean, preset.std, len(weights.meta["categories"])
+    elif name.startswith("timm."):
         cfg = _timm().models.get_pretrained_cfg(name.split(".", 1)[1])
-        if cfg is not None and getattr(cfg, "mean", None) is not None:
-            return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
-    return None
-
-
-def pretrained_classes(name: str) -> int | None:
-    """How many classes ``name``'s pretrained classifier predicts (None: no pretrained weights)."""
-    if name.startswith("torchvision."):
-        import torchvision
-
-        return len(torchvision.models.get_model_weights(name.split(".", 1)[1]).DEFAULT.meta["categories"])
-    if name.startswith("timm."):
-        cfg = _timm().models.get_pretrained_cfg(name.split(".", 1)[1])
-        return getattr(cfg, "num_classes", None) if cfg is not None else None
-    return None
+        if cfg is None:
+            return None
+        mean, std, classes = getattr(cfg, "mean", None), getattr(cfg, "std", None), getattr(cfg, "num_classes", None)
+    else:
+        return None
+    if mean is None or std is None:
+        return {"mean": None, "std": None, "classes": classes}
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "classes": classes}
 
 
 MODEL_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}

@@ -21,7 +21,7 @@ from .engine import Peer, evaluate, resolve_amp, train_one_epoch
 from .errors import DMLError
 from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
-from .models import build_model, channels_last_choice, pretrained_classes
+from .models import build_model, channels_last_choice, pretrained_meta
 from .parallel import compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
 from .resolved import Resolved
 from .weights import apply_statistics, load_init, peer_statistics
@@ -46,12 +46,14 @@ class Trainer:
                 self.arch, self.data.num_classes, image_size=cfg["image_size"], pretrained=cfg["pretrained"]
             )
             self.init_record = load_init(init, model, self.arch, self.data.num_classes) if init else None
-            if self.frozen and init is None and pretrained_classes(self.arch) != self.data.num_classes:
-                raise DMLError(
-                    f"it is frozen with {self.arch}'s pretrained weights, whose classifier predicts "
-                    f"{pretrained_classes(self.arch)} classes, not this data's {self.data.num_classes}: its new "
-                    f"classifier would stay random; give it init_from (a checkpoint trained on these classes)"
-                )
+            if self.frozen and init is None:  # a teacher from pretrained weights: their head must fit the data
+                head = (pretrained_meta(self.arch) or {}).get("classes")
+                if head != self.data.num_classes:
+                    raise DMLError(
+                        f"it is frozen with {self.arch}'s pretrained weights, whose classifier predicts {head} "
+                        f"classes, not this data's {self.data.num_classes}: its new classifier would stay random; "
+                        f"give it init_from (a checkpoint trained on these classes)"
+                    )
         except DMLError as e:
             raise DMLError(f"peer {ctx.peer + 1}: {e}", all_ranks=False) from None
         self.run, amp, channels_last = self._resolve(model)  # collective; this rank's own choices too
@@ -225,10 +227,11 @@ class Trainer:
             if cfg["compile"] and epoch == first_epoch:
                 log.info(compile_report(self.peer.model, compiled_before))
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
-            lr = cfg["lr"] * cfg["gamma"] ** ((epoch - 1) // cfg["step_size"])  # StepLR's, also on a frozen rank 0
             if self.scheduler is not None:
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
+            else:  # a frozen rank 0 has no scheduler: StepLR's value
+                lr = cfg["lr"] * cfg["gamma"] ** ((epoch - 1) // cfg["step_size"])
             stall.report_progress(epoch, self.steps_per_epoch, "evaluation")
             val = self._evaluate("val", self.val_loader)
             self.predictions = val["predictions"]  # the last evaluation's classes, for dml-compare's churn

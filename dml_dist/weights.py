@@ -15,7 +15,7 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint
 from .data.memory import MEAN, STATISTICS, STD
 from .errors import DMLError
-from .models import canonical_model_name, pretrained_statistics
+from .models import canonical_model_name, pretrained_meta
 
 
 def _state_dict_of(obj) -> dict | None:
@@ -74,9 +74,9 @@ def peer_statistics(cfg: dict, arch: str, record: dict | None) -> tuple[list[lis
     if record is not None and record["statistics"] is not None:
         return record["statistics"], f"those {record['path']} was trained with"
     if record is None and cfg["pretrained"]:
-        stats = pretrained_statistics(arch)
-        if stats is not None:
-            return [list(stats[0]), list(stats[1])], f"{arch}'s pretrained weights"
+        meta = pretrained_meta(arch)
+        if meta is not None and meta["mean"] is not None:
+            return [meta["mean"], meta["std"]], f"{arch}'s pretrained weights"
     n = cfg["normalize"]
     mean, std = STATISTICS[n] if isinstance(n, str) else n
     return [list(mean), list(std)], f"normalize={n if isinstance(n, str) else 'as given'}"

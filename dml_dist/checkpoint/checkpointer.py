@@ -110,7 +110,7 @@ class Checkpointer:
         accs = train["history"][-1]["val_acc"] if train["history"] else [None] * cfg["model_num"]
         new_best = [k for k, e in enumerate(train["best_epochs"]) if end and e == epoch]
         epoch_file = end and cfg["save_freq"] and epoch % cfg["save_freq"] == 0
-        frozen = cfg["frozen"] or [False] * cfg["model_num"]
+        frozen = self.trainer.run.frozen
 
         def write():
             faults.before_write()
@@ -283,10 +283,7 @@ class Checkpointer:
         meta = D.broadcast_object({k: v for k, v in ckpt.items() if k not in ("peers", "files")} if ckpt else None)
         p = self.peer
         try:
-            if (p.optimizer is None) != (state["optimizer"] is None):
-                was = "frozen" if state["optimizer"] is None else "a learner"
-                raise ValueError(f"it was {was} there; keep frozen as it was, or start a new experiment")
-            p.model.load_state_dict(state["model"])
+            p.model.load_state_dict(state["model"])  # frozen flags as the checkpoint's: check_cohort_checkpoint
             if p.optimizer is not None:
                 load_optimizer_state(p.optimizer, state["optimizer"])
                 p.scheduler.load_state_dict(state["scheduler"])

@@ -198,15 +198,13 @@ def check_cohort_checkpoint(
         )
     if run is None:
         return
-    before = ckpt.get("resolved") or {}
-    n = len(peers)
-    stats = before.get("normalize") or [[list(v) for v in STATISTICS["cifar10"]]] * n  # older: CIFAR-10's
-    frozen = before.get("frozen") or [False] * n
-    for k in range(n):
-        if [list(v) for v in stats[k]] != [list(v) for v in run["normalize"][k]]:
+    frozen = (ckpt.get("resolved") or {}).get("frozen") or [False] * len(peers)  # older: no frozen peers
+    for k in range(len(peers)):
+        stats = recorded_statistics(ckpt, k)
+        if stats != [list(v) for v in run["normalize"][k]]:
             raise DMLError(
-                f"checkpoint {path}: peer {k + 1} was trained on inputs normalised with mean {stats[k][0]} std "
-                f"{stats[k][1]}, this run gives it mean {run['normalize'][k][0]} std {run['normalize'][k][1]} "
+                f"checkpoint {path}: peer {k + 1} was trained on inputs normalised with mean {stats[0]} std "
+                f"{stats[1]}, this run gives it mean {run['normalize'][k][0]} std {run['normalize'][k][1]} "
                 f"({run['normalize_why'][k]}); set normalize (or init_from, pretrained) as the run had them, or "
                 f"start a new experiment"
             )
@@ -216,6 +214,13 @@ def check_cohort_checkpoint(
                 f"checkpoint {path}: peer {k + 1} was {was} there; set frozen as the run had it, or start a new "
                 f"experiment"
             )
+
+
+def recorded_statistics(ckpt: dict, k: int) -> list[list[float]]:
+    """Peer ``k``'s (from 0) input [mean, std] as the checkpoint's run recorded them; CIFAR-10's for a file from
+    before they were recorded (every run used those then)."""
+    stats = (ckpt.get("resolved") or {}).get("normalize")
+    return [list(v) for v in (stats[k] if stats else STATISTICS["cifar10"])]
 
 
 def latest_path(save_dir: str, experiment: str) -> str:
