@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -124,6 +125,17 @@ def die_of_sigterm() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.kill(os.getpid(), signal.SIGTERM)
     os._exit(128 + signal.SIGTERM)  # not reached unless the signal could not be delivered
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a ``python -m`` entry point with ``code``. ``gc.freeze()`` first: the interpreter's last collection
+    would otherwise walk every object torch created (about 0.6 s of CPU per process here). Everything these
+    entry points open is closed explicitly (loggers, trackers, the checkpoint writer) or by atexit handlers,
+    which still run; cyclic garbage left at exit is then not finalised."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
 
 
 # What a rank sees when another rank died mid-collective (gloo's TCP pairs, the c10d store).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 
 import torch
 
@@ -21,6 +20,7 @@ from .errors import (
     DMLError,
     Stopped,
     die_of_sigterm,
+    exit_process,
     in_entry_process,
     is_peer_loss,
     sigterm_deferred,
@@ -139,4 +139,4 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -70,4 +70,6 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dml_dist.errors import exit_process
+
+    exit_process(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, make_image_folder, requires, run_cmd, torchrun
+from conftest import REPO, SHARED_DATA, make_image_folder, processes_mentioning, requires, run_cmd, torchrun
 from torch.utils.data import DataLoader
 
 from dml_dist import DMLError, create_dml_config, train_dml
@@ -63,9 +63,15 @@ def test_train_dml_from_plain_process(tmp_path, hard_folder, model_num):
 
 
 def test_failing_peer_raises_in_the_caller(tmp_path, hard_folder):
-    res, _ = _api(tmp_path, hard_folder, 2, env={"DML_FAULT": "action=raise,rank=1,epoch=1,step=2"})
+    """The caller gets that peer's error; no peer is left, anywhere (the peers' temporary folder is under
+    TMPDIR: no live process names it)."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {"DML_FAULT": "action=raise,rank=1,epoch=1,step=2", "TMPDIR": str(tmpdir)}
+    res, _ = _api(tmp_path, hard_folder, 2, env=env)
     assert res["error"].startswith("DMLTrainingError: train_dml failed: peer 2 (rank 1): injected failure on rank 1")
     assert res["children"] == [] and res["handlers_restored"]
+    assert processes_mentioning(str(tmpdir)) == []
 
 
 def test_custom_loaders_use_the_shared_seed_sampler(tmp_path, hard_folder):
@@ -164,7 +170,7 @@ def _dml_eval(*args):
     return run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *args])
 
 
-def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
+def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder, capsys):
     r = torchrun(
         2,
         [
@@ -189,16 +195,21 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder):
     assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)
     assert rows["model2"] == pytest.approx(summary["best_accuracies"][1], abs=1e-4)
     assert "ensemble" in rows
-    # --split test (the default) and train: the trainer's own splits, counted (README promise)
+    # --split test (the default) and train: the trainer's own splits, counted (README promise); and a missing
+    # data_dir. In-process: the command line above is the CLI's, these are its arguments.
+    from dml_dist.evaluate import main as dml_eval
+
     n_train, n_test = (
         len(list((hard_folder / "train").rglob("*.png"))),
         len(list((hard_folder / "test").rglob("*.png"))),
     )
     for split, n in (("test", n_test), ("train", n_train)):
-        r = _dml_eval(*ckpts, "--data-dir", str(hard_folder), "--split", split)
-        assert r.returncode == 0 and r.stdout.startswith(f"{split}: {n} images"), (split, r.stdout, r.stderr[-1000:])
-    r = _dml_eval(ckpts[0], "--data-dir", str(tmp_path / "nope"))
-    assert r.returncode == 1 and r.stderr.startswith("dml-dist: error: data_dir") and "Traceback" not in r.stderr
+        code = dml_eval(["--checkpoints", *ckpts, "--data-dir", str(hard_folder), "--split", split])
+        out = capsys.readouterr().out
+        assert code == 0 and out.startswith(f"{split}: {n} images"), (split, out)
+    code = dml_eval(["--checkpoints", ckpts[0], "--data-dir", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("dml-dist: error: data_dir") and len(err.splitlines()) == 1
 
 
 @requires(SHARED_DATA.is_dir(), "../shared/data/cifar10-small is missing")
@@ -210,7 +221,7 @@ def test_example_notebook_runs_headless(tmp_path):
     import os
 
     os.environ["DML_EXAMPLE_EPOCHS"] = "1"
-    os.environ["DML_EXAMPLE_SUBSET"] = "1000"
+    os.environ["DML_EXAMPLE_SUBSET"] = "256"
     os.environ["DML_EXAMPLE_OUT"] = str(tmp_path)
     try:
         NotebookClient(

@@ -39,16 +39,6 @@ def test_skip_replaces_a_bad_file_names_it_once_and_counts_it(tmp_path):
     assert summary["bad_images_skipped"] == 1 and len(summary["history"]) == 2
 
 
-def test_stop_names_the_file_and_the_skip_option(tmp_path):
-    data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)
-    _break(data / "train" / "dog" / "0003.png")
-    r = torchrun(2, base_args(tmp_path, data, loader="stream", epochs=1))
-    lines = error_lines(r.stderr)
-    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
-    assert "cannot read image" in lines[0] and "0003.png" in lines[0] and "bad_images=skip" in lines[0]
-    assert_no_worker_traceback(r.stderr)
-
-
 def test_skip_stand_in_is_deterministic_grey_on_both_decode_paths(tmp_path):
     """The worker path and the device path's CPU twin put the same stand-in where the bad file was."""
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=4, n_val=0, splits=("train",))
@@ -159,9 +149,10 @@ def test_skip_on_the_memory_path_has_a_cache_entry_of_its_own_and_is_reported_ea
 
 
 def test_no_checkpoint_holds_a_step_trained_on_the_stand_in_zeros(tmp_path):
-    """bad_images=stop on the stream path: the rank that meets the file trains on zeros until the next check
-    (the meter gather before a save, at print_freq, at the end of the epoch). With a save after every step,
-    the job stops at the first save after the file's step, and the latest checkpoint is the one before it."""
+    """bad_images=stop (the default) on the stream path: one line naming the file and the skip option. The rank
+    that meets the file trains on zeros until the next check (the meter gather before a save, at print_freq, at
+    the end of the epoch). With a save after every step, the job stops at the first save after the file's step,
+    and the latest checkpoint is the one before it."""
     data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)  # 24 train images: 6 steps of 4
     files = scan(str(data / "train"))
     bad = files.path(int(BatchPlan(len(files), 4, seed=42).indices(0, 3)[0]))  # a file of step 3, epoch 1
@@ -175,5 +166,7 @@ def test_no_checkpoint_holds_a_step_trained_on_the_stand_in_zeros(tmp_path):
     )
     lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1 and os.path.basename(bad) in lines[0], r.stderr[-3000:]
+    assert "cannot read image" in lines[0] and "bad_images=skip" in lines[0]  # the file, and the option
+    assert_no_worker_traceback(r.stderr)
     latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
     assert latest["epoch"] == 0 and latest["step"] == 3, (latest["epoch"], latest["step"])  # steps 0-2, not 3

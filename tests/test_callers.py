@@ -1,7 +1,7 @@
 """train_dml from every kind of caller (issue 9 §2): a script without a main guard, `python -c`, a script
 piped on stdin (the notebook is tests/test_api.py's example notebook). The peers are fresh interpreters,
 so the caller's __main__ is never re-imported; no child outlives the call, after success, after a failing
-peer, or after Ctrl-C in the caller."""
+peer (tests/test_api.py), or after Ctrl-C in the caller."""
 
 import json
 import signal
@@ -80,7 +80,8 @@ def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
         assert "data: 43 train / 5 val images" in r.stdout  # val_fraction held out of the train dataset
 
 
-def test_no_child_outlives_ctrl_c_or_a_failing_peer(tmp_path, folder):
+def test_no_child_outlives_ctrl_c(tmp_path, folder):
+    """Ctrl-C in the caller mid-epoch: no peer is left (after a failing peer: tests/test_api.py)."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     (tmp_path / "caller.py").write_text(_code(tmp_path, folder, "default", epochs=50))
@@ -105,13 +106,4 @@ def test_no_child_outlives_ctrl_c_or_a_failing_peer(tmp_path, folder):
         kill_tree(proc.pid)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
     time.sleep(1)
-    assert processes_mentioning(str(tmpdir)) == []
-    # A failing peer: the caller gets that peer's error, and no peer is left either.
-    (tmp_path / "fail").mkdir()
-    r = run_cmd(
-        [sys.executable, "-c", _code(tmp_path / "fail", folder, "default")],
-        cwd=tmp_path,
-        env={"TMPDIR": str(tmpdir), "DML_FAULT": "action=raise,rank=1,epoch=1,step=2"},
-    )
-    assert r.returncode != 0 and "DMLTrainingError: train_dml failed: peer 2 (rank 1): injected failure" in r.stderr
     assert processes_mentioning(str(tmpdir)) == []

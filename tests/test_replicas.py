@@ -1,10 +1,26 @@
-"""Issue 10: peers x data-parallel replicas on CPU/gloo (DeviceMesh + DDP within a peer, never across)."""
+"""Issue 10: peers x data-parallel replicas on CPU/gloo (DeviceMesh + DDP within a peer, never across); issue 17:
+replicas per peer as a list (``replicas: [1, 2]``), a layout that is not a rectangle."""
 
+import re
 import shutil
+import sys
 
 import pytest
 import torch
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
+from conftest import (
+    REPO,
+    assert_no_worker_traceback,
+    base_args,
+    error_lines,
+    make_image_folder,
+    read_summary,
+    run_cmd,
+    torchrun,
+)
+
+# SyncBN makes a peer's replicas compute exactly its full-batch step (below), so every layout of the same cohort
+# must land on the same weights, up to float rounding. With one replica sync_bn changes nothing.
+COMMON = dict(epochs=2, augment=True, sync_bn=True, momentum=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -16,15 +32,15 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, folder):
     """The module's launches, each run once on first use (2 peers, augmentation, 6 steps an epoch):
-    ``r1``: 1 replica, 2 epochs, the reference; ``r2``: 2 replicas with SyncBN and ``exchange: all_reduce``
-    (over each replica index's peer group; r1 all-gathers), 1 epoch; ``r2_resumed``:
+    ``r1``: 1 replica, 2 epochs, the reference, run as one epoch and then resumed for the second (exact on CPU;
+    its first epoch's checkpoints are kept in ``r1_epoch1``); ``r2``: 2 replicas with SyncBN and
+    ``exchange: all_reduce`` (over each replica index's peer group; r1 all-gathers), 1 epoch; ``r2_resumed``:
     r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch;
     ``r2_replica_major``: the same with the peers of one replica index on consecutive ranks."""
     root = tmp_path_factory.mktemp("replica_runs")
     specs = {
-        "r1": (2, {"epochs": 2}),
-        "r2": (4, {"replicas": 2, "sync_bn": True, "exchange": "all_reduce"}),
-        "r2_resumed": (2, {"epochs": 2, "sync_bn": True, "resume": "auto"}),
+        "r2": (4, {"replicas": 2, "exchange": "all_reduce"}),
+        "r2_resumed": (2, {"resume": "auto"}),
         "r2_nosync": (4, {"replicas": 2, "sync_bn": False}),
         "r2_replica_major": (4, {"replicas": 2, "sync_bn": False, "rank_order": "replica"}),
     }
@@ -32,12 +48,19 @@ def runs(tmp_path_factory, folder):
 
     def get(name):
         if name not in done:
-            if name == "r2_resumed":
-                shutil.copytree(get("r2")[0] / "ckpt", root / name / "ckpt")
-            nproc, extra = specs[name]
-            r = torchrun(nproc, base_args(root / name, folder, **{"epochs": 1, "augment": True, **extra}))
+            w = root / name
+            if name == "r1":
+                r = torchrun(2, base_args(w, folder, **{**COMMON, "epochs": 1}))
+                assert r.returncode == 0, r.stderr[-3000:]
+                shutil.copytree(w / "ckpt", root / "r1_epoch1")
+                r = torchrun(2, base_args(w, folder, **COMMON, resume="auto"))
+            else:
+                if name == "r2_resumed":
+                    shutil.copytree(get("r2")[0] / "ckpt", w / "ckpt")
+                nproc, extra = specs[name]
+                r = torchrun(nproc, base_args(w, folder, **{**COMMON, "epochs": 1 if nproc == 4 else 2, **extra}))
             assert r.returncode == 0, r.stderr[-3000:]
-            done[name] = (root / name, r)
+            done[name] = (w, r)
         return done[name]
 
     return get
@@ -82,7 +105,8 @@ def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(runs):
     resumed = read_summary(other)["history"]
     assert [h["epoch"] for h in resumed] == [1, 2]
     # With SyncBN an epoch over 2 replicas is the full-batch epoch, so the run that switched from 2 replicas
-    # to 1 at the checkpoint ends where the uninterrupted 1-replica run ends.
+    # to 1 at the checkpoint ends where the 1-replica run resumed at the same boundary ends (a resume itself is
+    # bit-identical to an uninterrupted run: tests/test_checkpoint.py).
     ref = runs("r1")[0]
     _assert_same_weights(_weights(ref), _weights(other), atol=1e-4)
     for h1, h2 in zip(read_summary(ref)["history"], resumed):
@@ -138,16 +162,132 @@ def test_replicas_without_sync_bn_report_what_the_checkpoint_holds(runs, folder)
     assert rows[2]["loss"] == pytest.approx(last["ensemble_loss"], abs=1e-6)
 
 
+def _assert_close(a, b, atol=1e-4):
+    for k in (1, 2):
+        wa = torch.load(a / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
+        wb = torch.load(b / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.allclose(wa[key].double(), wb[key].double(), atol=atol, rtol=0), (k, key)
+    ha, hb = read_summary(a)["history"], read_summary(b)["history"]
+    for x, y in zip(ha, hb):  # meters per peer over its replicas, evaluation reassembled from the shares
+        for key in ("train_loss", "train_kl", "val_loss", "val_acc"):
+            assert y[key] == pytest.approx(x[key], abs=1e-4), key
+        assert y["ensemble_acc"] == x["ensemble_acc"]
+
+
+def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, folder, runs):
+    """[1, 2] (3 processes, all-reduce by rows; started by launch/local.sh with REPLICAS=[1,2]) for one
+    epoch, resumed as [1, 1]: the weights of [1, 1]."""
+    ref = runs("r1")[0]
+    w = tmp_path / "w"
+    (tmp_path / "empty.yaml").write_text("{}\n")  # defaults + the same overrides as the reference
+    r = run_cmd(
+        [
+            "bash",
+            str(REPO / "launch" / "local.sh"),
+            "2",
+            "--config",
+            str(tmp_path / "empty.yaml"),
+            *base_args(w, folder, **{**COMMON, "epochs": 1}),
+        ],
+        env={"REPLICAS": "[1,2]", "PYTHON": sys.executable},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank, (peer, replica) in enumerate([(1, 0), (2, 0), (2, 1)]):
+        assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
+    assert "exchange: all_reduce (auto: replicas [1, 2]" in r.stdout  # uneven counts: the sums by rows
+    # the log's per-peer compute / exchange-wait split (the idle share a layout is balanced by)
+    assert "compute/exchange ms p1 " in r.stdout and " p2 " in r.stdout.split("compute/exchange ms", 1)[1]
+    assert len(torch.load(w / "ckpt" / "t_latest.pth", weights_only=True)["peers"]) == 2
+    r = torchrun(2, base_args(w, folder, **COMMON, resume="auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 epoch(s) and 0 step(s) done" in r.stdout
+    assert read_summary(w)["config"]["replicas"] == 1
+    _assert_close(ref, w)
+
+
+def test_one_each_resumes_as_two_and_one_with_the_all_gather(tmp_path, folder, runs):
+    """The other way round: [1, 1]'s first epoch resumed as [2, 1] with exchange=all_gather (the logits by
+    rows, shares padded to the largest)."""
+    ref = runs("r1")[0]
+    w = tmp_path / "w"
+    shutil.copytree(ref.parent / "r1_epoch1", w / "ckpt")
+    r = torchrun(3, base_args(w, folder, **COMMON, resume="auto", replicas="[2,1]", exchange="all_gather"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exchange: all_gather (set in the config)" in r.stdout
+    assert read_summary(w)["config"]["replicas"] == [2, 1]
+    _assert_close(ref, w)
+
+
 @pytest.mark.parametrize(
-    "nproc,extra,needle",
+    "world,overrides,needle",
     [
         (3, {"replicas": 2}, "model_num=1 x replicas=2 needs 2 processes but 3 were started"),
         (4, {"replicas": 2, "batch_size": 9}, "batch_size=9 does not divide by replicas=2"),
+        (
+            2,
+            {"replicas": [1, 2]},
+            "replicas=[1, 2] needs 3 processes (their sum) but 2 were started; launch torchrun --nproc_per_node=3",
+        ),
     ],
 )
-def test_bad_layouts_are_one_line_errors(tmp_path, folder, nproc, extra, needle):
-    r = torchrun(nproc, base_args(tmp_path, folder, **extra), timeout=120)
+def test_a_layout_that_does_not_fit_the_world_is_one_line(world, overrides, needle):
+    """Raised by finalize_config from the config and the world size alone, so on every rank alike: checked
+    in-process; the process group is set up before it with no replica layout (replica_layout gives None for a
+    layout that does not fit). One such start is launched below."""
+    from dml_dist.config import build_config
+    from dml_dist.distributed.layout import replica_layout
+    from dml_dist.errors import DMLError
+    from dml_dist.world import finalize_config
+
+    cfg = build_config(overrides=overrides)
+    if "batch_size" not in overrides:
+        assert replica_layout(cfg, world) is None
+    with pytest.raises(DMLError, match=re.escape(needle)):
+        finalize_config(cfg, world)
+
+
+def test_a_replica_list_that_does_not_fit_is_one_line_under_torchrun(tmp_path, folder):
+    """The start with a layout that does not fit the world, launched: the group comes up without a replica
+    layout, and every rank stops with the one line, no traceback."""
+    r = torchrun(2, base_args(tmp_path, folder, epochs=1, replicas="[1,2]"), timeout=120)
     assert r.returncode != 0
     errs = error_lines(r.stderr)
+    needle = "replicas=[1, 2] needs 3 processes (their sum) but 2 were started; launch torchrun --nproc_per_node=3"
     assert len(errs) == 1 and needle in errs[0], r.stderr[-3000:]
     assert_no_worker_traceback(r.stderr)
+
+
+def test_replicas_auto_follows_the_world_and_refuses_what_does_not_fit():
+    from dml_dist.config import build_config
+    from dml_dist.errors import DMLError
+    from dml_dist.world import finalize_config
+
+    cfg = build_config(overrides={"replicas": "auto", "model_num": 2, "batch_size": 8})
+    assert [finalize_config(cfg, w)["replicas"] for w in (2, 4, 8)] == [1, 2, 4]
+    for overrides, world, needle in (
+        ({"model_num": None}, 4, "replicas=auto needs the number of peers"),
+        ({"model_num": 2}, 3, "replicas=auto: 3 processes do not split into 2 peers"),
+        ({"model_num": 2, "batch_size": 6}, 8, "batch_size=6 does not divide by replicas=4"),
+    ):
+        with pytest.raises(DMLError, match=re.escape(needle)):
+            finalize_config(build_config(overrides={"replicas": "auto", "batch_size": 8, **overrides}), world)
+
+
+@pytest.mark.parametrize(
+    "replicas,model_num,batch,needle",
+    [
+        ([1, 0], None, 8, "replicas must be an integer >= 1, auto (the world size / model_num), or a list of integers"),
+        ([1, 2, 1], 2, 8, "replicas lists 3 counts for 2 peers"),
+        ([1, 3], None, 8, "batch_size=8 does not divide by replicas=3"),
+    ],
+)
+def test_replica_list_config_errors(replicas, model_num, batch, needle):
+    from dml_dist.config import build_config
+    from dml_dist.errors import DMLError
+    from dml_dist.world import finalize_config
+
+    with pytest.raises(DMLError, match=re.escape(needle)):
+        cfg = build_config(overrides={"replicas": replicas, "model_num": model_num, "batch_size": batch})
+        finalize_config(cfg, sum(replicas))

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, _env, age_folders, assert_no_worker_traceback, error_lines, kill_tree, torchrun
+from conftest import REPO, _env, age_folders, assert_no_worker_traceback, error_lines, kill_tree, run_cmd, torchrun
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -292,8 +292,8 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
     assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]
 
 
-def two_node_probe(tmp_path, name, **kw):
-    """The data path alone on two torchrun agents (c10d rendezvous on localhost), 2 ranks each. The
+def two_node_probe(tmp_path, name, nproc_per_node=2, **kw):
+    """The data path alone on two torchrun agents (c10d rendezvous on localhost), 2 ranks each by default. The
     rendezvous store is held here on a port the OS picks (no bind-then-close race); both agents join it."""
     from datetime import timedelta
 
@@ -308,7 +308,7 @@ def two_node_probe(tmp_path, name, **kw):
         "-m",
         "torch.distributed.run",
         "--nnodes=2",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc_per_node}",
         "--rdzv_backend=c10d",
         f"--rdzv_endpoint=127.0.0.1:{port}",
         f"--rdzv_id={name}",
@@ -330,18 +330,21 @@ def two_node_probe(tmp_path, name, **kw):
         pytest.fail("two-node probe timed out")
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     result = json.loads(out.read_text())
-    assert result["world_size"] == 4 and sorted(r["node"] for r in result["ranks"]) == [0, 0, 1, 1]
+    assert result["world_size"] == 2 * nproc_per_node
+    assert sorted(r["node"] for r in result["ranks"]) == [0] * nproc_per_node + [1] * nproc_per_node
     return result
 
 
 @pytest.mark.parametrize("loader", ["stream", "memory"])
 def test_two_nodes_each_decode_every_batch_once(jpeg_dir, tmp_path, loader):
-    """Two nodes of 2 ranks, 4 peers (one replica each): the same batches on all 4 ranks. stream: each node
-    decodes 1 x every batch (each of its peers needs all of it). memory: each node's local rank 0 builds the
-    (shared) cache folder, the first to finish wins, and the other node uses it."""
+    """Two nodes, one peer per rank (one replica each): the same batches on every rank. stream, one rank per
+    node: each node decodes 1 x every batch (its peer needs all of it; how a node's ranks split that work is
+    tested above, and across nodes with replicas below). memory, 2 ranks per node: each node's local rank 0
+    builds the (shared) cache folder, the first to finish wins, and the other node uses it."""
     result = two_node_probe(
         tmp_path,
         loader,
+        nproc_per_node=1 if loader == "stream" else 2,
         data_dir=jpeg_dir,
         cache_dir=tmp_path / "cache",
         loader=loader,
@@ -551,3 +554,44 @@ def test_evaluation_batches_are_split_by_rows_and_positions_rebuild_the_set(tmp_
             assert len(batches) >= 2 and len(loader.positions) == sum(len(y) for _, y in batches)
             rebuilt[loader.positions] = torch.cat([x for x, _ in batches])
         assert torch.equal(rebuilt, whole), replicas
+
+
+def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_path):
+    """``dml-bench --data`` in a small form (docs/benchmarks.md): one cohort size, ``rss_dirs`` of two folders,
+    the evaluation decode, the one-core comparison; the job, start-up and first-step runs are off
+    (``job_steps=[]``, ``startup_files=0``, ``first_step=false``; the decode counts of larger cohorts are the
+    probes' own, tested above). The counts are checked against the folders and the batch. The RSS figures are
+    a smoke check that both folders were run and compared: at these sizes the peak is torch's own, so the
+    documented target (flat within 10 % at 9,000 and 36,000 files) is the benchmark's to show at scale."""
+    small = make_jpeg_folder(tmp_path / "small", per_class=6)
+    large = make_jpeg_folder(tmp_path / "large", per_class=30, seed=1)
+    out = tmp_path / "bench.jsonl"
+    keys = {
+        "data_dir": small,
+        "image_size": 16,
+        "batch_size": 4,
+        "steps": 2,
+        "cohorts": "[1]",
+        "anchor_images": 8,
+        "rss_dirs": f"[{small},{large}]",
+        "first_step": "false",
+        "job_steps": "[]",
+        "startup_files": 0,
+        "out": out,
+    }
+    r = run_cmd([sys.executable, "-m", "dml_dist.tools.bench", "--data", *(f"{k}={v}" for k, v in keys.items())])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text().splitlines()[-1])
+
+    def n_train(n):  # val_fraction 0.1 held out of train/ (no val/ folder)
+        return n - max(1, round(n * 0.1))
+
+    assert list(res["decode"]) == ["1"] and res["decode"]["1"]["images_decoded_per_batch"] == 4, res["decode"]
+    rss = res["rss"]
+    assert [rss[str(d)]["files"] for d in (small, large)] == [n_train(18), n_train(90)], rss
+    assert all(rss[str(d)]["rank_peak_rss_mb"] > 0 and rss[str(d)]["worker_peak_rss_mb"] > 0 for d in (small, large))
+    assert "growth" in rss  # the comparison of the two, not asserted here (see above)
+    ev = res["eval_decode"]
+    assert ev["val_images"] == 2 and ev["first_start_images_decoded"] == 2 and ev["restart_images_decoded"] == 0, ev
+    assert res["per_core"]["images"] == 8 and res["per_core"]["stream_images_per_s"] > 0
+    assert res["job_cpu"] is None and res["startup"] is None and res["first_step"] is None

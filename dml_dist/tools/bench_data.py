@@ -219,4 +219,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dml_dist.errors import exit_process
+
+    exit_process(main())
