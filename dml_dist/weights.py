@@ -50,7 +50,7 @@ def load_init(path: str, model: nn.Module, arch: str, num_classes: int) -> dict:
             )
         state = ckpt["model"]
         k = ckpt.get("peer", 1) - 1
-        stats = (ckpt.get("resolved") or {}).get("normalize")  # older checkpoints: CIFAR-10's, as they ran
+        stats = (ckpt.get("resolved") or {}).get("normalize")  # older files recorded none: normalize decides
         record.update(kind="peer", arch=trained, epoch=ckpt.get("epoch"), statistics=stats[k] if stats else None)
     else:
         state = _state_dict_of(ckpt)

@@ -163,12 +163,7 @@ def test_replicas_without_sync_bn_report_what_the_checkpoint_holds(runs, folder)
 
 
 def _assert_close(a, b, atol=1e-4):
-    for k in (1, 2):
-        wa = torch.load(a / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
-        wb = torch.load(b / "ckpt" / f"t_model{k}_final.pth", weights_only=True)["model"]
-        assert wa.keys() == wb.keys()
-        for key in wa:
-            assert torch.allclose(wa[key].double(), wb[key].double(), atol=atol, rtol=0), (k, key)
+    _assert_same_weights(_weights(a), _weights(b), atol)
     ha, hb = read_summary(a)["history"], read_summary(b)["history"]
     for x, y in zip(ha, hb):  # meters per peer over its replicas, evaluation reassembled from the shares
         for key in ("train_loss", "train_kl", "val_loss", "val_acc"):
