@@ -183,14 +183,14 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
     run = next(line for line in lines if line.startswith("RUN pip install") and " . " in line)  # the package's own step
     pip_args = [a for a in run.split("&&")[0].split("RUN pip install", 1)[1].split() if a != "\\"]
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)  # this pip installs into it (pip --python): no ensurepip
     py = env_dir / "bin" / "python"
     site = subprocess.run(
         [str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True, check=True
     ).stdout.strip()
     torch_site = str(Path(torch.__file__).parent.parent)
     Path(site, "base_image.pth").write_text(torch_site + "\n")  # the image's preinstalled packages
-    r = run_cmd([str(py), "-m", "pip", "install", *pip_args], cwd=ctx, timeout=300)
+    r = run_cmd([sys.executable, "-m", "pip", "--python", str(py), "install", *pip_args], cwd=ctx, timeout=300)
     offline = (
         "NewConnectionError",
         "Temporary failure in name resolution",
