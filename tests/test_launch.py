@@ -171,7 +171,8 @@ def test_dockerfile_passes_hadolint():
 
 def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
     """No Docker engine here: rebuild the image's context from its COPY lines and run its pip step in a
-    fresh venv that sees this environment's torch/torchvision (as the base image provides them)."""
+    fresh venv that sees this environment's packages (as the base image provides torch/torchvision), with this
+    environment's pip (``pip --python``: pip 22.3 or newer, which .ci/run installs)."""
     lines = (REPO / "docker" / "Dockerfile").read_text().splitlines()
     ctx = tmp_path / "ctx"
     ctx.mkdir()

@@ -19,9 +19,10 @@ SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")
 @pytest.mark.parametrize("nodes", [2])
 def test_sbatch_trains_is_requeued_and_resumes(nodes):
     """2 peers, 4 short epochs; `scontrol requeue` after epoch 1; the requeued run resumes from its
-    checkpoint and finishes, and the job's output (--open-mode=append) holds both runs."""
+    checkpoint and finishes, each run with its own rendezvous (<job>.0, <job>.1), and the job's output
+    (--open-mode=append) holds both runs."""
     r = run_cmd(
-        ["bash", str(REPO / "launch" / "slurm_local.sh"), str(nodes)], env={"PYTHON": sys.executable}, timeout=600
+        ["bash", str(REPO / "launch" / "slurm_local.sh"), str(nodes)], env={"PYTHON": sys.executable}, timeout=720
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"slurm_local: PASS {nodes} node(s)" in r.stdout and "(2 runs in" in r.stdout
