@@ -134,16 +134,19 @@ for _ in $(seq 480); do  # the requeued run: up to 4 minutes (3 epochs; slower o
     sleep 0.5
 done
 [[ "${state:-}" == COMPLETED ]] || fail "job $job ended $state: $(grep -m 10 -E 'slurm.sbatch:|dml-dist: error|Error|srun: error|resumed from|^epoch [0-9]/' "$out" | tr '\n' ' ') | slurmctld: $(grep -E "JobId=$job" "$tmp/log/slurmctld.log" | tail -n 6 | tr '\n' ' ')"
-resumed=$(grep -Eo "resumed from .*quickstart_latest.pth: [0-9]+ epoch\(s\) and [0-9]+ step\(s\)" "$out" | head -n 1)
-# A requeue that reaches the job only after its last epoch leaves a rerun that resumes with every epoch done:
-# the job outran the requeue (slurmctld or this machine was slow), which is not a failure to resume.
-[[ "$resumed" =~ :\ $epochs\ epoch ]] && fail "the requeue reached the job only after its last epoch ($resumed): nothing was left to resume"
-[[ "$resumed" =~ :\ [1-$((epochs - 1))]\ epoch ]] || fail "the requeued run did not resume from its checkpoint (KEEP=1 keeps $out)"
-grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (KEEP=1 keeps $out)"
 runs=$(grep -c "placement: rank 0" "$out")
-[[ "$runs" -ge 2 ]] || fail "the output holds $runs run(s): the first attempt's output was lost"
+[[ "$runs" -ge 2 ]] || fail "the output holds $runs run(s): the requeue started no second run, or the first run's output was lost (KEEP=1 keeps $out)"
 # Each run of the job has a rendezvous ID of its own (slurm.sbatch: <job>.<restarts>).
 if ! grep -qF "rendezvous $job.0 at " "$out" || ! grep -qF "rendezvous $job.1 at " "$out"; then
     fail "the runs did not rendezvous as $job.0 and $job.1: $(grep 'slurm.sbatch:' "$out" | tr '\n' ' ')"
 fi
+resumed=$(grep -Eo "resumed from .*quickstart_latest.pth: [0-9]+ epoch\(s\) and [0-9]+ step\(s\)" "$out" | head -n 1)
+done_epochs=${resumed#*: }
+done_epochs=${done_epochs%% *}
+[[ $done_epochs =~ ^[0-9]+$ ]] || fail "the requeued run did not resume from its checkpoint (KEEP=1 keeps $out)"
+# A requeue that reaches the job only after its last epoch leaves a rerun that resumes with every epoch done:
+# the job outran the requeue (slurmctld or this machine was slow), which is not a failure to resume.
+((done_epochs < epochs)) || fail "the requeue reached the job only after its last epoch ($resumed): nothing was left to resume"
+((done_epochs >= 1)) || fail "the requeued run resumed before epoch 1's checkpoint ($resumed)"
+grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (KEEP=1 keeps $out)"
 echo "slurm_local: PASS $nodes node(s): job $job trained 2 peers, was requeued mid-run, resumed from its checkpoint (${resumed##*: }) and finished ($runs runs in $(basename "$out"))"

@@ -1,5 +1,6 @@
 """Placement, launch scripts, the two-node localhost run, Docker lint and install steps, AMP on CPU."""
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -183,6 +184,9 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
                 (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, ctx / s)
     run = next(line for line in lines if line.startswith("RUN pip install") and " . " in line)  # the package's own step
     pip_args = [a for a in run.split("&&")[0].split("RUN pip install", 1)[1].split() if a != "\\"]
+    pip = tuple(int(x) for x in importlib.metadata.version("pip").split(".")[:2])
+    if pip < (22, 3):
+        (pytest.fail if CI else pytest.skip)(f"pip {pip} has no --python (22.3 or newer; .ci/run upgrades pip)")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)  # this pip installs into it (pip --python): no ensurepip
     py = env_dir / "bin" / "python"
