@@ -166,10 +166,6 @@ def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, har
     assert "data path: custom" in (tmp_path / "logs" / "ing.log").read_text()
 
 
-def _dml_eval(*args):
-    return run_cmd([sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *args])
-
-
 def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder, capsys):
     r = torchrun(
         2,
@@ -189,7 +185,8 @@ def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "logs" / "ev_summary.json").read_text())
     ckpts = [str(tmp_path / "ckpt" / f"ev_model{k}_best.pth") for k in (1, 2)]
-    r = _dml_eval(*ckpts, "--data-dir", str(hard_folder), "--split", "val")
+    cli = [sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *ckpts, "--data-dir", str(hard_folder)]
+    r = run_cmd([*cli, "--split", "val"])
     assert r.returncode == 0, r.stderr
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(model\d|ensemble)\s+\S+\s+([\d.]+)", r.stdout, re.M)}
     assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)

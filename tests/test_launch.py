@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CI, REPO, _env, base_args, kill_tree, read_summary, run_cmd, torchrun
+from conftest import CI, REPO, _env, base_args, kill_tree, read_summary, requires, run_cmd, torchrun
 
 from dml_dist import DMLError
 from dml_dist.distributed.placement import (
@@ -170,6 +170,10 @@ def test_dockerfile_passes_hadolint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+PIP_HAS_PYTHON = tuple(int(x) for x in importlib.metadata.version("pip").split(".")[:2]) >= (22, 3)
+
+
+@requires(PIP_HAS_PYTHON, "this pip has no --python (22.3 or newer; .ci/run upgrades pip)")
 def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
     """No Docker engine here: rebuild the image's context from its COPY lines and run its pip step in a
     fresh venv that sees this environment's packages (as the base image provides torch/torchvision), with this
@@ -184,9 +188,6 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
                 (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, ctx / s)
     run = next(line for line in lines if line.startswith("RUN pip install") and " . " in line)  # the package's own step
     pip_args = [a for a in run.split("&&")[0].split("RUN pip install", 1)[1].split() if a != "\\"]
-    pip = tuple(int(x) for x in importlib.metadata.version("pip").split(".")[:2])
-    if pip < (22, 3):
-        (pytest.fail if CI else pytest.skip)(f"pip {pip} has no --python (22.3 or newer; .ci/run upgrades pip)")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)  # this pip installs into it (pip --python): no ensurepip
     py = env_dir / "bin" / "python"
