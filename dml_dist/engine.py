@@ -103,6 +103,7 @@ class Peer(NamedTuple):
     scaler: torch.amp.GradScaler | None = None
     amp: str = "off"  # as resolved (``Resolved.amp``)
     channels_last: bool = False  # this peer's memory format, as resolved
+    cudagraphs: bool = False  # compiled with reduce-overhead: each step begins a new CUDA-graph iteration
 
 
 def train_one_epoch(
@@ -166,6 +167,8 @@ def train_one_epoch(
                     getattr(loader, "last_source", None),
                     meters.data_error or getattr(loader, "error", None),
                 )
+            if peer.cudagraphs:  # a new CUDA-graph iteration: nothing reads the last step's logits any more
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.inference_mode() if frozen else nullcontext():
                 logits = forward(peer.model, x, peer.amp, peer.channels_last)
                 stall.report_progress(epoch, step, EXCHANGE_WAIT[exchange_mode])  # heartbeat (host, no device sync)

@@ -26,6 +26,8 @@ class Resolved:
     normalize_why: tuple[str, ...] = ()
     init_from: tuple = ()  # per peer: where its weights came from (weights.load_init's record), or None
     frozen: tuple[bool, ...] = ()  # per peer: a teacher that predicts and never steps
+    compile: tuple = ()  # per peer: torch.compile's mode, or None (eager)
+    compile_why: tuple[str, ...] = ()
 
     def record(self) -> dict:
         """The summary's and the checkpoints' form: plain lists and strings. ``resume`` says how a process

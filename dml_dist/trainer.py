@@ -22,7 +22,7 @@ from .errors import DMLError
 from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice, pretrained_meta
-from .parallel import compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
+from .parallel import compile_choice, compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
 from .resolved import Resolved
 from .weights import apply_statistics, load_init, peer_statistics
 from .world import peer_model_name
@@ -63,8 +63,9 @@ class Trainer:
         # self.model: the peer itself (its state dict is what checkpoints hold); the step calls DDP over the
         # peer's replicas and/or torch.compile of it.
         self.model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"], frozen=self.frozen)
-        if cfg["compile"]:
-            train_model = torch.compile(train_model)
+        mode = self.run.compile[ctx.peer]
+        if mode is not None:
+            train_model = torch.compile(train_model, mode=mode)
         optimizer, self.scheduler, scaler = None, None, None
         if not self.frozen:
             optimizer = torch.optim.SGD(
@@ -73,11 +74,11 @@ class Trainer:
                 momentum=cfg["momentum"],
                 weight_decay=cfg["weight_decay"],
                 nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
-                fused=ctx.device.type == "cuda",  # CUDA: one kernel, no GradScaler sync
+                fused=True,  # one kernel for all parameters on every device; on CUDA also no GradScaler sync
             )
             self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
             scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last)
+        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=mode == "reduce-overhead")
         self.predicted: dict = {}  # a frozen peer's evaluation logits, per split: they never change
         self.predictions: torch.Tensor | None = None
         self._build_loaders()
@@ -103,7 +104,8 @@ class Trainer:
         exchange, exchange_why = resolve_exchange(cfg)
         on, why = channels_last_choice(cfg["channels_last"], model, ctx.device, amp)
         stats, stats_why = peer_statistics(cfg, self.arch, self.init_record)
-        mine = (amp, on, why, stats, stats_why, self.init_record)
+        mode, mode_why = compile_choice(cfg["compile"], ctx.device, ctx.replicas)
+        mine = (amp, on, why, stats, stats_why, self.init_record, mode, mode_why)
         ranks = D.all_gather_objects((ctx.peer, *mine))  # rank order: a peer's replica 0 comes first
         first = {peer: rest for peer, *rest in reversed(ranks)}  # the lowest rank of each peer wins
         layouts = [first[k] for k in range(ctx.peers)]
@@ -117,6 +119,8 @@ class Trainer:
             normalize=tuple(p[3] for p in layouts),
             normalize_why=tuple(p[4] for p in layouts),
             init_from=tuple(p[5] for p in layouts),
+            compile=tuple(p[6] for p in layouts),
+            compile_why=tuple(p[7] for p in layouts),
             frozen=tuple(bool(cfg["frozen"] and cfg["frozen"][k]) for k in range(ctx.peers)),
             resume=resume,  # torchrun restarted the group after a failure: carry on from the checkpoint
             data_path=self.data.path,
@@ -129,6 +133,9 @@ class Trainer:
         self.logger.info(f"exchange: {run.exchange} ({run.exchange_why})")
         for k, reason in enumerate(run.channels_last_why):
             self.logger.info(f"channels_last: peer {k + 1}: {reason}")
+        if cfg["compile"] is not False:
+            for k, reason in enumerate(run.compile_why):
+                self.logger.info(f"compile: peer {k + 1}: {reason}")
         for k, (record, frozen) in enumerate(zip(run.init_from, run.frozen)):
             mean, std = run.normalize[k]
             origin = f"from {record['path']} ({record['kind']})" if record else "from its initialisation"
@@ -224,8 +231,8 @@ class Trainer:
                 start_step=self.step, meters=self.meters, logger=log, checkpointer=self.checkpointer, watch=self.watch,
             )  # fmt: skip
             self.meters, self.step = None, 0
-            if cfg["compile"] and epoch == first_epoch:
-                log.info(compile_report(self.peer.model, compiled_before))
+            if self.run.compile[ctx.peer] is not None and epoch == first_epoch:
+                log.info(compile_report(self.peer.model, compiled_before, self.run.compile[ctx.peer]))
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             if self.scheduler is not None:
                 lr = self.scheduler.get_last_lr()[0]

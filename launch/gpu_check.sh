@@ -6,7 +6,7 @@
 #   nccl2      2 peers, one GPU each (only with 2+ GPUs), fp16 with a GradScaler, the all-reduce exchange
 #   shared     2 peers sharing GPU 0 over gloo (the exchange's all-reduce staged through host memory), bf16
 #   teacher    2 peers sharing GPU 0, the second a frozen teacher from the shared run's checkpoint (bf16)
-#   compile    compile=true (torch.compile each peer)
+#   compile    compile=reduce-overhead (torch.compile with CUDA graphs, one rank: no DDP)
 #   replicas   2 peers x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 4+ GPUs)
 #   layout     replicas=[1,2] (3+ GPUs): DDP for one peer only, the exchange over the world by batch rows
 # (multi-rank all-gathers over NCCL: stream2 and replicas)
@@ -126,7 +126,7 @@ else:
             and (len(texts) == 1 or max(map(len, by_replica.values())) >= 2))
 group = [l.split(" group ")[1].split(" ")[0] for l in log if "placement:" in l][0]
 applied = ("nccl" in group) == (want_backend == "nccl") and s["resolved"]["amp"] == want_amp
-print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['resolved']['amp']} compile={s['config']['compile']} "
+print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['resolved']['amp']} compile={s['resolved']['compile']} "
       f"ranks={len(fps)} batches-identical={same} acc={['%.2f' % a for a in s['best_accuracies']]}")
 PY
 ) || info="MISMATCH the verdict script failed (see $work/$name.log)"
@@ -155,15 +155,17 @@ mutual_weights=[1,2]" CUDA_VISIBLE_DEVICES="$first_gpu"
 if [[ "$gpus" -ge 3 ]]; then
     check layout 3 nccl bf16 "model=[resnet20,resnet32] replicas=[1,2] amp=bf16"
 fi
-check compile 1 nccl bf16 "compile=true amp=bf16"
-# and the compile report proves it: at least one graph, and no graph break in ResNet-20's step
-report=$(grep -oE "compile: [A-Za-z]+, [0-9]+ graph\(s\) compiled, [0-9]+ graph break\(s\)" "$work/compile/logs/compile.log" \
-    2>/dev/null | head -n 1)
-if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ graph ]] \
-    && [[ "${BASH_REMATCH[1]}" -ge 1 && "${BASH_REMATCH[2]}" -eq 0 ]]; then
+check compile 1 nccl bf16 "compile=reduce-overhead amp=bf16"
+# and the compile report proves it: at least one graph, no graph break in ResNet-20's step, and every graph
+# ran as a CUDA graph (inductor's skips counted)
+report=$(grep -oE "compile: [A-Za-z]+, [0-9]+ graph\(s\) compiled, [0-9]+ graph break\(s\) in the first epoch, [0-9]+ CUDA-graph skip\(s\)" \
+    "$work/compile/logs/compile.log" 2>/dev/null | head -n 1)
+if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ graph\ break.*,\ ([0-9]+)\ CUDA ]] \
+    && [[ "${BASH_REMATCH[1]}" -ge 1 && "${BASH_REMATCH[2]}" -eq 0 && "${BASH_REMATCH[3]}" -eq 0 ]] \
+    && grep -qF "compile: peer 1: compile=reduce-overhead: CUDA graphs" "$work/compile/logs/compile.log"; then
     verdicts+=("compile report: ok ($report)")
 else
-    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks: got '${report:-none}'")
+    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks, 0 CUDA-graph skips, mode reduce-overhead: got '${report:-none}'")
     status=1
 fi
 stream_keys="data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 amp=bf16"

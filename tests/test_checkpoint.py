@@ -110,6 +110,7 @@ def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(refere
     for peer in latest["peers"]:
         group = peer["optimizer"]["param_groups"][0]
         assert group["nesterov"] is True and group["momentum"] == 0.9
+        assert group["fused"] is True  # the fused kernel on CPU too: what a GPU step runs
         assert group["lr"] == pytest.approx(0.0005, rel=1e-12)  # after epoch 4's step: the next epoch's lr
     # load_dml_models on the cohort file gives every peer, with the final weights
     loaded = load_dml_models([str(reference / "save" / "t_latest.pth")], "cpu")["models"]
@@ -297,8 +298,9 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
 
 
 def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
-    """The trainer uses fused SGD on CUDA only; a checkpoint's param groups carry ``fused``, which a plain
-    ``load_state_dict`` would copy over this run's choice (a GPU run's fused kernel on a CPU resume)."""
+    """A checkpoint's param groups carry ``fused``, which a plain ``load_state_dict`` would copy over this run's
+    choice: the trainer's fused SGD (on every device) resumes a checkpoint of an older, unfused CPU run,
+    and a plain optimizer (the API's) takes a fused run's state, each keeping its own kernel."""
     from dml_dist.checkpoint import load_optimizer_state
 
     w = [torch.nn.Parameter(torch.randn(4))]

@@ -29,6 +29,7 @@ def test_defaults_validate_and_names_are_canonical():
         ({"dataset": "mnist"}, "dataset must be one of imagefolder|cifar10|cifar100"),
         ({"model": "resnet18"}, "unknown model 'resnet18'; choose one of"),
         ({"model": ["resnet20", "resnet32"], "model_num": 3}, "model lists 2 architectures"),
+        ({"compile": "fast"}, "compile must be false, true .* reduce-overhead .* or max-autotune, got 'fast'"),
     ],
 )
 def test_bad_values_are_one_line_errors(kwargs, match):

@@ -229,3 +229,20 @@ def test_channels_last_auto_is_on_for_convolutional_peers_under_amp_on_cuda_only
     assert channels_last_choice("auto", vit_like, cuda, "bf16") == (False, "auto: off, not a convolutional model")
     assert channels_last_choice(True, vit_like, cuda, "off")[0] is True  # asked for: as asked
     assert channels_last_choice(True, resnet, cpu, "bf16") == (False, "off on CPU")  # CPU results never change
+
+
+def test_compile_reduce_overhead_only_where_cuda_graphs_can_run():
+    """CUDA graphs need a CUDA device and a peer without DDP; elsewhere the peer compiles in the default mode, and
+    the reason is what the log prints."""
+    from dml_dist.parallel import compile_choice
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert compile_choice(False, cuda, 1) == (None, "off")
+    assert compile_choice(True, cpu, 2) == ("default", "compile=default")
+    assert compile_choice("max-autotune", cuda, 2) == ("max-autotune", "compile=max-autotune")
+    assert compile_choice("reduce-overhead", cuda, 1) == ("reduce-overhead", "compile=reduce-overhead: CUDA graphs")
+    assert compile_choice("reduce-overhead", cuda, 2) == (
+        "default",
+        "reduce-overhead: not over DDP (2 replicas): the default mode",
+    )
+    assert compile_choice("reduce-overhead", cpu, 1)[0] == "default"

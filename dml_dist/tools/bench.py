@@ -46,7 +46,7 @@ from ..exchange import exchange, resolve_exchange
 from ..logger import emit_json_line
 from ..meters import DeviceClock
 from ..models import build_model, channels_last_choice
-from ..parallel import wrap_replicas
+from ..parallel import compile_choice, wrap_replicas
 from ..world import finalize_config, peer_model_name
 from .ops import ops_per_step
 
@@ -87,6 +87,8 @@ def _time_steps(peer: Peer, batches, ctx, cfg, mode: str, n: int, mutual: bool) 
     start = clock.mark()
     for _ in range(n):
         x, y = next(batches)
+        if peer.cudagraphs:  # as the training step
+            torch.compiler.cudagraph_mark_step_begin()
         logits = forward(peer.model, x, peer.amp, peer.channels_last)
         if mutual:
             g0 = clock.mark()
@@ -185,11 +187,12 @@ def run(cfg: dict, bench: dict) -> dict | None:
         channels_last = channels_last_choice(cfg["channels_last"], model, ctx.device, amp)[0]
         model = model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model, train_model = wrap_replicas(model, ctx, cfg["sync_bn"])
-        if cfg["compile"]:
-            train_model = torch.compile(train_model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=ctx.device.type == "cuda")
+        compile_mode = compile_choice(cfg["compile"], ctx.device, ctx.replicas)[0]  # as the trainer
+        if compile_mode is not None:
+            train_model = torch.compile(train_model, mode=compile_mode)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as the trainer
         scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the trainer does
-        peer = Peer(train_model, optimizer, scaler, amp, channels_last)
+        peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=compile_mode == "reduce-overhead")
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
@@ -223,7 +226,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
             "peers": cfg["model_num"],
             "replicas": cfg["replicas"],
             "amp": amp,
-            "compile": cfg["compile"],
+            "compile": compile_mode,
             "data": source,
             "steps": n,
             "rounds": bench["rounds"],

@@ -9,14 +9,17 @@ from ..exchange import exchange
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched while it is active (each one a kernel launch on a GPU)."""
+    """Counts the ATen operations dispatched while it is active (each one a kernel launch on a GPU), per
+    ``phase`` (set it between the parts of a step)."""
 
     def __init__(self):
         super().__init__()
         self.ops, self.collectives = 0, []  # collectives: the c10d operations, by name, in order
+        self.phase, self.by_phase = "", {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + 1
         if str(func).startswith("c10d."):
             self.collectives.append(str(func))
         return func(*args, **(kwargs or {}))
@@ -29,9 +32,13 @@ def ops_per_step(peer: Peer, plain, batches, ctx, cfg, mode: str) -> dict:
     step adds around the model, the part that fusing and compiling can remove. ``collectives``: the c10d operations the
     step ran (which exchange ran, seen where it happens)."""
     with OpCounter() as step:
+        step.phase = "batch"  # sampling, augmentation, upload
         x, y = next(batches)
+        step.phase = "forward"
         logits = forward(peer.model, x, peer.amp, peer.channels_last)
+        step.phase = "exchange"
         all_logits = exchange(logits, ctx, mode, cfg["temperature"])
+        step.phase = "update"  # loss, backward, optimizer, the step's meters
         peer_update(
             logits,
             all_logits,
@@ -51,6 +58,7 @@ def ops_per_step(peer: Peer, plain, batches, ctx, cfg, mode: str) -> dict:
         "step": step.ops,
         "model_forward_backward": alone.ops,
         "outside_model": step.ops - alone.ops,
+        "phases": step.by_phase,  # forward + update - model_forward_backward: the loss, optimizer, meters
         "collectives": sorted(set(step.collectives)),
         "counted": "eager" if cfg["compile"] else "as run",
     }  # dynamo runs no compiled code under a dispatch mode
