@@ -87,7 +87,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "timeout": None,  # seconds a collective waits for the slowest rank; None = $DML_DIST_TIMEOUT or 600
     "amp": "auto",  # auto (bf16 on GPUs that support it, off on CPU) | bf16 | fp16 | off
     "channels_last": "auto",
-    "compile": False,  # torch.compile each peer's model: false | true (default mode) | reduce-overhead | max-autotune
+    "compile": False,  # torch.compile each peer's model: false | true (default mode) | one of COMPILE_MODES
     "consistency_check_every": 100,  # steps between batch fingerprint checks (and the first step); 0 = off
     # logging and checkpoints
     "print_freq": 10,
@@ -140,6 +140,8 @@ _FLOAT_MIN = {  # float keys: (min, inclusive?)
     "crop_fraction": (0.0, False),
     "cache_keep_days": (0.0, True),
 }
+# torch.compile's modes (``compile: true`` is "default"); parallel.compile_choice decides where CUDA graphs run
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _BOOL = ("nesterov", "progress_bar", "download", "sync_bn", "pretrained", "allow_data_change", "cache_eval")
 _STR_OR_NONE = ("experiment_name", "resume", "cache_dir")
 
@@ -203,10 +205,10 @@ def validate_config(cfg: dict) -> dict:
             f"channels_last must be true, false or auto (on for convolutional peers under AMP on "
             f"CUDA), got {c['channels_last']!r}"
         )
-    if c["compile"] not in (False, True, "default", "reduce-overhead", "max-autotune"):
+    if not isinstance(c["compile"], bool) and c["compile"] not in COMPILE_MODES:  # 0 and 1 are not booleans here
         raise DMLError(
-            f"compile must be false, true (torch.compile's default mode), reduce-overhead (CUDA graphs) or "
-            f"max-autotune, got {c['compile']!r}"
+            f"compile must be false, true (torch.compile's default mode), reduce-overhead (CUDA graphs), "
+            f"max-autotune or max-autotune-no-cudagraphs, got {c['compile']!r}"
         )
     t = c["timeout"]
     if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 5):

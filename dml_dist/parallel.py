@@ -116,50 +116,52 @@ def take_first_replica_buffers(model: nn.Module, ctx: DistContext) -> None:
         dist.broadcast(buf, src, group=ctx.replica_group)
 
 
+# torch.compile's modes that replay the compiled graphs as CUDA graphs, and what each becomes where they cannot
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 def compile_choice(setting, device: torch.device, replicas: int) -> tuple[str | None, str]:
     """``compile`` as it runs for one peer, and why: None (eager) or torch.compile's mode. ``reduce-overhead``
-    replays each step's kernels as CUDA graphs (one launch where a CIFAR ResNet makes hundreds); it needs a CUDA
-    device, and a peer without DDP (one replica): DDP's gradient hooks and its bucketed all-reduces run between
-    the graphs of the backward. Elsewhere that peer compiles in the default mode, and the log says so."""
+    (and ``max-autotune``) replay each step's kernels as CUDA graphs (one launch where a CIFAR ResNet makes
+    hundreds); that needs a CUDA device, and a peer without DDP (``replicas``: the replicas that DDP averages):
+    DDP's gradient hooks and its bucketed all-reduces run between the graphs of the backward. Elsewhere the
+    peer compiles in the same mode without CUDA graphs, and the log says so."""
     if setting is False:
         return None, "off"
     mode = "default" if setting is True else setting
-    if mode != "reduce-overhead":
+    if mode not in CUDA_GRAPH_MODES:
         return mode, f"compile={mode}"
+    fallback = CUDA_GRAPH_MODES[mode]
     if device.type != "cuda":
-        return "default", "reduce-overhead needs CUDA graphs (a CUDA device): the default mode"
+        return fallback, f"{mode}: CUDA graphs need a CUDA device; mode {fallback} instead"
     if replicas > 1:
-        return "default", f"reduce-overhead: not over DDP ({replicas} replicas): the default mode"
-    return mode, "compile=reduce-overhead: CUDA graphs"
+        return fallback, f"{mode}: CUDA graphs are not used over DDP ({replicas} replicas); mode {fallback} instead"
+    return mode, f"compile={mode}: CUDA graphs"
 
 
-def dynamo_counts() -> tuple[int, int]:
-    """(graphs compiled, graph breaks) so far in this process, from dynamo's private counters; (0, 0) when
-    they cannot be read (a log line must never stop training)."""
+def dynamo_counts() -> tuple[int, int, int]:
+    """(graphs compiled, graph breaks, inductor's CUDA-graph skip events: a forward or backward graph, compiled or
+    loaded from its cache, that runs without the CUDA graphs its mode asked for) so far in this process, from
+    dynamo's private counters; zeros when they cannot be read (a log line must never stop training)."""
     try:
         from torch._dynamo.utils import counters
 
-        return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+        return (
+            int(counters["stats"]["unique_graphs"]),
+            int(sum(counters["graph_break"].values())),
+            int(counters["inductor"]["cudagraph_skips"]),
+        )
     except Exception:  # noqa: BLE001
-        return 0, 0
+        return 0, 0, 0
 
 
-def compile_report(model, before: tuple[int, int], mode: str | None = None) -> str:
+def compile_report(model, before: tuple[int, int, int], mode: str | None = None) -> str:
     """What torch.compile did in the first epoch (dynamo's counters since ``before``, so a caller's own
-    compiled graphs do not count): proof that the peer really runs compiled, and how often dynamo fell back
-    to eager."""
-    graphs, breaks = (now - then for now, then in zip(dynamo_counts(), before))
+    compiled graphs do not count): proof that the peer really runs compiled, how often dynamo fell back to
+    eager, and with CUDA graphs, inductor's skip events (a graph it partitions around an operation CUDA graphs
+    cannot take is not one)."""
+    graphs, breaks, skips = (now - then for now, then in zip(dynamo_counts(), before))
     line = f"compile: {type(model).__name__}, {graphs} graph(s) compiled, {breaks} graph break(s) in the first epoch"
-    if mode == "reduce-overhead":  # a graph that CUDA graphs could not take runs without them, and says it only here
-        line += f", {cudagraph_skips()} CUDA-graph skip(s)"
+    if mode in CUDA_GRAPH_MODES:
+        line += f", {skips} CUDA-graph skip(s)"
     return line
-
-
-def cudagraph_skips() -> int:
-    """Compiled graphs that inductor ran without CUDA graphs in this process (its private counter; 0 unread)."""
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"]["cudagraph_skips"])
-    except Exception:  # noqa: BLE001
-        return 0

@@ -22,7 +22,14 @@ from .errors import DMLError
 from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice, pretrained_meta
-from .parallel import compile_choice, compile_report, dynamo_counts, take_first_replica_buffers, wrap_replicas
+from .parallel import (
+    CUDA_GRAPH_MODES,
+    compile_choice,
+    compile_report,
+    dynamo_counts,
+    take_first_replica_buffers,
+    wrap_replicas,
+)
 from .resolved import Resolved
 from .weights import apply_statistics, load_init, peer_statistics
 from .world import peer_model_name
@@ -78,7 +85,7 @@ class Trainer:
             )
             self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
             scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=mode == "reduce-overhead")
+        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=mode in CUDA_GRAPH_MODES)
         self.predicted: dict = {}  # a frozen peer's evaluation logits, per split: they never change
         self.predictions: torch.Tensor | None = None
         self._build_loaders()
@@ -104,7 +111,7 @@ class Trainer:
         exchange, exchange_why = resolve_exchange(cfg)
         on, why = channels_last_choice(cfg["channels_last"], model, ctx.device, amp)
         stats, stats_why = peer_statistics(cfg, self.arch, self.init_record)
-        mode, mode_why = compile_choice(cfg["compile"], ctx.device, ctx.replicas)
+        mode, mode_why = compile_choice(cfg["compile"], ctx.device, 1 if self.frozen else ctx.replicas)  # no DDP
         mine = (amp, on, why, stats, stats_why, self.init_record, mode, mode_why)
         ranks = D.all_gather_objects((ctx.peer, *mine))  # rank order: a peer's replica 0 comes first
         first = {peer: rest for peer, *rest in reversed(ranks)}  # the lowest rank of each peer wins

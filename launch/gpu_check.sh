@@ -7,6 +7,7 @@
 #   shared     2 peers sharing GPU 0 over gloo (the exchange's all-reduce staged through host memory), bf16
 #   teacher    2 peers sharing GPU 0, the second a frozen teacher from the shared run's checkpoint (bf16)
 #   compile    compile=reduce-overhead (torch.compile with CUDA graphs, one rank: no DDP)
+#   compile_ddp  the same over DDP, 1 peer x 2 replicas (only with 2+ GPUs): the default mode, as its log says
 #   replicas   2 peers x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 4+ GPUs)
 #   layout     replicas=[1,2] (3+ GPUs): DDP for one peer only, the exchange over the world by batch rows
 # (multi-rank all-gathers over NCCL: stream2 and replicas)
@@ -26,14 +27,14 @@
 #   WORKDIR  scratch folder for data, logs and checkpoints (default: a new temp folder)
 #   STEP_TIMEOUT  seconds allowed per run (default: 90)
 #   TOTAL_TIMEOUT seconds for the whole check: later runs get what is left, so it ends in time even when
-#                 a run hangs (default: 480)
+#                 a run hangs (default: 540)
 #   CUDA_VISIBLE_DEVICES  kept as a scheduler set it; the shared-GPU runs use its first device
 set -uo pipefail
 
 py=${PYTHON:-python}
 work=${WORKDIR:-$(mktemp -d)}
 limit=${STEP_TIMEOUT:-90}
-deadline=$((SECONDS + ${TOTAL_TIMEOUT:-480}))
+deadline=$((SECONDS + ${TOTAL_TIMEOUT:-540}))
 first_gpu=${CUDA_VISIBLE_DEVICES:-0}
 first_gpu=${first_gpu%%,*}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 PYTHONUNBUFFERED=1
@@ -122,8 +123,9 @@ else:
     for k, t in texts.items():
         by_replica.setdefault(slot[k], []).append(t)
     # with 2+ ranks, at least one replica index held by 2+ ranks (2+ peers), else nothing was compared
+    # one peer: each replica index holds one rank, so there is nothing to compare (its rows differ by design)
     same = (all(len(set(ts)) == 1 for ts in by_replica.values()) and texts[0].count("\n") >= 8
-            and (len(texts) == 1 or max(map(len, by_replica.values())) >= 2))
+            and (len(texts) == 1 or s["config"]["model_num"] == 1 or max(map(len, by_replica.values())) >= 2))
 group = [l.split(" group ")[1].split(" ")[0] for l in log if "placement:" in l][0]
 applied = ("nccl" in group) == (want_backend == "nccl") and s["resolved"]["amp"] == want_amp
 print(("" if same and applied else "MISMATCH ") + f"want backend={want_backend} amp={want_amp}: group={group} amp={s['resolved']['amp']} compile={s['resolved']['compile']} "
@@ -167,6 +169,17 @@ if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ gr
 else
     verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks, 0 CUDA-graph skips, mode reduce-overhead: got '${report:-none}'")
     status=1
+fi
+if [[ "$gpus" -ge 2 ]]; then  # the default mode over DDP: CUDA graphs are not used there, and the log says so
+    check compile_ddp 2 nccl bf16 "model_num=1 replicas=2 compile=reduce-overhead amp=bf16"
+    if grep -qF "compile: peer 1: reduce-overhead: CUDA graphs are not used over DDP (2 replicas); mode default instead" \
+        "$work/compile_ddp/logs/compile_ddp.log" 2>/dev/null \
+        && grep -qE "compile: OptimizedModule, [1-9][0-9]* graph\(s\) compiled" "$work/compile_ddp/logs/compile_ddp.log"; then
+        verdicts+=("compile over DDP: ok (default mode, >= 1 graph)")
+    else
+        verdicts+=("compile over DDP: FAILED want the default-mode fallback line and >= 1 compiled graph")
+        status=1
+    fi
 fi
 stream_keys="data_dir=$work/jpeg loader=stream decode_device=cuda augment=rrc,flip image_size=128 amp=bf16"
 check stream 1 nccl bf16 "$stream_keys num_workers=4"

@@ -2,10 +2,11 @@
 # A throwaway SLURM cluster on this machine, to run launch/slurm.sbatch for real without a cluster:
 # munged, slurmctld and NODES slurmd (several slurmd on one host fake several nodes) in a temporary
 # folder, on free localhost ports. It submits launch/slurm.sbatch for 2 peers and 4 short epochs on the
-# shared CIFAR-10 subset, requeues the job (scontrol requeue) once the first epoch is saved, waits for the
-# requeued run to resume from the checkpoint and finish, checks the job's output, then cancels whatever
-# job is left and stops only the daemons it started (by their PIDs). Every wait is bounded: at most about
-# 9 minutes in all (about 70 s when it passes on an idle machine). Needs root and Debian's slurmctld,
+# shared CIFAR-10 subset, requeues the job (scontrol requeue) once the first epoch is saved, has another
+# process take the first run's rendezvous port, waits for the requeued run to resume from the checkpoint and
+# finish, checks the job's output, then cancels whatever job is left and stops only the daemons it started
+# (by their PIDs). Every wait is bounded: at most about
+# 11 minutes in all (about 70 s when it passes on an idle machine). Needs root and Debian's slurmctld,
 # slurmd, slurm-client and munge.
 #
 #   launch/slurm_local.sh        # 1 node, 2 processes
@@ -107,7 +108,7 @@ done
 work="$tmp/work"
 mkdir -p "$work"
 epochs=4
-job=$(cd "$work" && NPROC_PER_NODE=$((2 / nodes)) RDZV_PORT=$(free_port) MAX_RESTARTS=0 PYTHON="$py" \
+job=$(cd "$work" && env -u RDZV_PORT NPROC_PER_NODE=$((2 / nodes)) MAX_RESTARTS=0 PYTHON="$py" \
     CONFIG="$repo/configs/quickstart.yaml" \
     sbatch --parsable --nodes="$nodes" --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
     data_dir="$data" train_subset=512 epochs="$epochs" batch_size=64 save_dir="$work/ckpt" log_dir="$work/logs" \
@@ -121,6 +122,32 @@ done
 grep -q "^epoch 1/$epochs" "$out" 2>/dev/null || fail "the job did not finish epoch 1: $(tail -n 5 "$out" 2>/dev/null | tr '\n' ' ')"
 for _ in $(seq 100); do [[ -s "$work/ckpt/quickstart_latest.pth" ]] && break; sleep 0.2; done
 scontrol requeue "$job" || fail "scontrol requeue $job failed"
+# Another process takes the first run's rendezvous port before the rerun starts, as another job's store on the
+# batch host would: the rerun must rendezvous on a port of its own (slurm.sbatch picks one free per run).
+port0=$(grep -oE "rendezvous $job\.0 at [^ ]+" "$out" | head -n 1)
+port0=${port0##*:}
+[[ $port0 =~ ^[0-9]+$ ]] || fail "no rendezvous port for run $job.0 in the output: $(grep 'slurm.sbatch:' "$out" | tr '\n' ' ')"
+"$py" -c '
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+for _ in range(1150):  # the first run'"'"'s store closes once SLURM has stopped it
+    try:
+        s.bind(("", int(sys.argv[1])))
+        s.listen(16)
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit(1)
+open(sys.argv[2], "w").close()
+time.sleep(600)
+' "$port0" "$tmp/port0-taken" &
+holder=$!
+pids+=("$holder")
+for _ in $(seq 1200); do [[ -e "$tmp/port0-taken" ]] && break; kill -0 "$holder" 2>/dev/null || break; sleep 0.1; done
+[[ -e "$tmp/port0-taken" ]] || fail "no process could take the first run's rendezvous port $port0 within 2 minutes of the requeue"
+! grep -q "rendezvous $job\.1 at " "$out" || fail "the requeued run started before the first run's port $port0 was held"
 # SLURM holds a requeued job for about two minutes (its begin time): once it is pending, start it now.
 for _ in $(seq 150); do
     if scontrol show job "$job" 2>/dev/null | grep -q 'JobState=PENDING'; then
@@ -128,12 +155,20 @@ for _ in $(seq 150); do
     fi
     sleep 0.2
 done
+# The rerun's rendezvous line comes before its agents start: it must name a port of its own.
+for _ in $(seq 120); do grep -q "rendezvous $job\.1 at " "$out" 2>/dev/null && break; sleep 0.5; done
+port1=$(grep -oE "rendezvous $job\.1 at [^ ]+" "$out" | head -n 1)
+port1=${port1##*:}
+[[ $port1 =~ ^[0-9]+$ ]] || fail "the requeued run printed no rendezvous line within a minute: $(tail -n 3 "$out" | tr '\n' ' ')"
+[[ $port1 != "$port0" ]] || fail "the requeued run rendezvous on the first run's port $port0, which another process holds"
 for _ in $(seq 480); do  # the requeued run: up to 4 minutes (3 epochs; slower on a loaded machine)
     state=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
     [[ "$state" =~ ^(PENDING|RUNNING|REQUEUED|CONFIGURING|COMPLETING|RESIZING|REQUEUE_HOLD)?$ ]] || break
     sleep 0.5
 done
-[[ "${state:-}" == COMPLETED ]] || fail "job $job ended $state: $(grep -m 10 -E 'slurm.sbatch:|dml-dist: error|Error|srun: error|resumed from|^epoch [0-9]/' "$out" | tr '\n' ' ') | slurmctld: $(grep -E "JobId=$job" "$tmp/log/slurmctld.log" | tail -n 6 | tr '\n' ' ')"
+how="ended ${state:-with no state}"
+[[ "${state:-}" =~ ^(PENDING|RUNNING|REQUEUED|CONFIGURING|COMPLETING|RESIZING|REQUEUE_HOLD)$ ]] && how="is still $state after 4 minutes"
+[[ "${state:-}" == COMPLETED ]] || fail "job $job $how: $(grep -m 10 -E 'slurm.sbatch:|dml-dist: error|Error|srun: error|resumed from|^epoch [0-9]/' "$out" | tr '\n' ' ') | slurmctld: $(grep -E "JobId=$job" "$tmp/log/slurmctld.log" | tail -n 6 | tr '\n' ' ')"
 runs=$(grep -c "placement: rank 0" "$out")
 [[ "$runs" -ge 2 ]] || fail "the output holds $runs run(s): the requeue started no second run, or the first run's output was lost (KEEP=1 keeps $out)"
 # Each run of the job has a rendezvous ID of its own (slurm.sbatch: <job>.<restarts>).
@@ -149,4 +184,5 @@ done_epochs=${done_epochs%% *}
 ((done_epochs < epochs)) || fail "the requeue reached the job only after its last epoch ($resumed): nothing was left to resume"
 ((done_epochs >= 1)) || fail "the requeued run resumed before epoch 1's checkpoint ($resumed)"
 grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (KEEP=1 keeps $out)"
-echo "slurm_local: PASS $nodes node(s): job $job trained 2 peers, was requeued mid-run, resumed from its checkpoint (${resumed##*: }) and finished ($runs runs in $(basename "$out"))"
+kill -0 "$holder" 2>/dev/null || fail "the process holding the first run's port $port0 ended before the rerun did"
+echo "slurm_local: PASS $nodes node(s): job $job trained 2 peers, was requeued mid-run, resumed from its checkpoint (${resumed##*: }) and finished ($runs runs in $(basename "$out"), on port $port1 while another process held the first run's port $port0)"

@@ -29,7 +29,12 @@ def test_defaults_validate_and_names_are_canonical():
         ({"dataset": "mnist"}, "dataset must be one of imagefolder|cifar10|cifar100"),
         ({"model": "resnet18"}, "unknown model 'resnet18'; choose one of"),
         ({"model": ["resnet20", "resnet32"], "model_num": 3}, "model lists 2 architectures"),
-        ({"compile": "fast"}, "compile must be false, true .* reduce-overhead .* or max-autotune, got 'fast'"),
+        (
+            {"compile": "fast"},
+            "compile must be false, true .* reduce-overhead .* max-autotune-no-cudagraphs, got 'fast'",
+        ),
+        ({"compile": 0}, "compile must be false, true .*, got 0"),  # not eager: torch.compile(mode=0) compiles
+        ({"compile": 1}, "compile must be false, true .*, got 1"),
     ],
 )
 def test_bad_values_are_one_line_errors(kwargs, match):

@@ -239,10 +239,33 @@ def test_compile_reduce_overhead_only_where_cuda_graphs_can_run():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert compile_choice(False, cuda, 1) == (None, "off")
     assert compile_choice(True, cpu, 2) == ("default", "compile=default")
-    assert compile_choice("max-autotune", cuda, 2) == ("max-autotune", "compile=max-autotune")
     assert compile_choice("reduce-overhead", cuda, 1) == ("reduce-overhead", "compile=reduce-overhead: CUDA graphs")
     assert compile_choice("reduce-overhead", cuda, 2) == (
         "default",
-        "reduce-overhead: not over DDP (2 replicas): the default mode",
+        "reduce-overhead: CUDA graphs are not used over DDP (2 replicas); mode default instead",
     )
     assert compile_choice("reduce-overhead", cpu, 1)[0] == "default"
+    # max-autotune replays CUDA graphs too: where they cannot run, the same autotuning without them
+    assert compile_choice("max-autotune", cuda, 1) == ("max-autotune", "compile=max-autotune: CUDA graphs")
+    assert compile_choice("max-autotune", cuda, 2)[0] == "max-autotune-no-cudagraphs"
+    assert compile_choice("max-autotune", cpu, 1)[0] == "max-autotune-no-cudagraphs"
+
+
+def test_compile_report_counts_cuda_graph_skips_since_the_run_began_and_only_with_cuda_graphs():
+    """The report's figures are this run's (counters since ``before``), and the CUDA-graph skips appear only for a mode
+    that asked for CUDA graphs (a CPU run never reaches that branch: its modes fall back)."""
+    from torch._dynamo.utils import counters
+
+    from dml_dist.parallel import compile_report, dynamo_counts
+
+    counters["inductor"]["cudagraph_skips"] += 3  # a caller's earlier compile
+    before = dynamo_counts()
+    counters["stats"]["unique_graphs"] += 1
+    counters["inductor"]["cudagraph_skips"] += 2
+    try:
+        line = compile_report(torch.nn.Linear(1, 1), before, "max-autotune")
+        assert line == "compile: Linear, 1 graph(s) compiled, 0 graph break(s) in the first epoch, 2 CUDA-graph skip(s)"
+        assert compile_report(torch.nn.Linear(1, 1), before, "default").endswith("graph break(s) in the first epoch")
+    finally:
+        counters["stats"]["unique_graphs"] -= 1
+        counters["inductor"]["cudagraph_skips"] -= 5

@@ -46,7 +46,7 @@ from ..exchange import exchange, resolve_exchange
 from ..logger import emit_json_line
 from ..meters import DeviceClock
 from ..models import build_model, channels_last_choice
-from ..parallel import compile_choice, wrap_replicas
+from ..parallel import CUDA_GRAPH_MODES, compile_choice, wrap_replicas
 from ..world import finalize_config, peer_model_name
 from .ops import ops_per_step
 
@@ -192,7 +192,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
             train_model = torch.compile(train_model, mode=compile_mode)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as the trainer
         scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the trainer does
-        peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=compile_mode == "reduce-overhead")
+        peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=compile_mode in CUDA_GRAPH_MODES)
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
