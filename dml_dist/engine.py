@@ -103,7 +103,7 @@ class Peer(NamedTuple):
     scaler: torch.amp.GradScaler | None = None
     amp: str = "off"  # as resolved (``Resolved.amp``)
     channels_last: bool = False  # this peer's memory format, as resolved
-    cudagraphs: bool = False  # compiled with reduce-overhead: each step begins a new CUDA-graph iteration
+    cudagraphs: bool = False  # compiled in a CUDA-graph mode: each step begins a new CUDA-graph iteration
 
 
 def train_one_epoch(

@@ -5,9 +5,8 @@
 # shared CIFAR-10 subset, requeues the job (scontrol requeue) once the first epoch is saved, has another
 # process take the first run's rendezvous port, waits for the requeued run to resume from the checkpoint and
 # finish, checks the job's output, then cancels whatever job is left and stops only the daemons it started
-# (by their PIDs). Every wait is bounded: at most about
-# 11 minutes in all (about 70 s when it passes on an idle machine). Needs root and Debian's slurmctld,
-# slurmd, slurm-client and munge.
+# (by their PIDs). Every wait is bounded: at most about 11 minutes in all (about 70 s when it passes on an
+# idle machine). Needs root and Debian's slurmctld, slurmd, slurm-client and munge.
 #
 #   launch/slurm_local.sh        # 1 node, 2 processes
 #   launch/slurm_local.sh 2      # 2 fake nodes, 1 process each (the c10d rendezvous crosses "nodes")
@@ -124,8 +123,12 @@ for _ in $(seq 100); do [[ -s "$work/ckpt/quickstart_latest.pth" ]] && break; sl
 scontrol requeue "$job" || fail "scontrol requeue $job failed"
 # Another process takes the first run's rendezvous port before the rerun starts, as another job's store on the
 # batch host would: the rerun must rendezvous on a port of its own (slurm.sbatch picks one free per run).
-port0=$(grep -oE "rendezvous $job\.0 at [^ ]+" "$out" | head -n 1)
-port0=${port0##*:}
+rdzv_port() {  # the port that run $1 of the job rendezvous on (slurm.sbatch prints it first)
+    local line
+    line=$(grep -oE "rendezvous $job\.$1 at [^ ]+" "$out" | head -n 1)
+    echo "${line##*:}"
+}
+port0=$(rdzv_port 0)
 [[ $port0 =~ ^[0-9]+$ ]] || fail "no rendezvous port for run $job.0 in the output: $(grep 'slurm.sbatch:' "$out" | tr '\n' ' ')"
 "$py" -c '
 import socket, sys, time
@@ -157,8 +160,7 @@ for _ in $(seq 150); do
 done
 # The rerun's rendezvous line comes before its agents start: it must name a port of its own.
 for _ in $(seq 120); do grep -q "rendezvous $job\.1 at " "$out" 2>/dev/null && break; sleep 0.5; done
-port1=$(grep -oE "rendezvous $job\.1 at [^ ]+" "$out" | head -n 1)
-port1=${port1##*:}
+port1=$(rdzv_port 1)
 [[ $port1 =~ ^[0-9]+$ ]] || fail "the requeued run printed no rendezvous line within a minute: $(tail -n 3 "$out" | tr '\n' ' ')"
 [[ $port1 != "$port0" ]] || fail "the requeued run rendezvous on the first run's port $port0, which another process holds"
 for _ in $(seq 480); do  # the requeued run: up to 4 minutes (3 epochs; slower on a loaded machine)

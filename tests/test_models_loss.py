@@ -232,8 +232,8 @@ def test_channels_last_auto_is_on_for_convolutional_peers_under_amp_on_cuda_only
 
 
 def test_compile_reduce_overhead_only_where_cuda_graphs_can_run():
-    """CUDA graphs need a CUDA device and a peer without DDP; elsewhere the peer compiles in the default mode, and
-    the reason is what the log prints."""
+    """CUDA graphs need a CUDA device and a peer without DDP; elsewhere the peer compiles in the same mode without
+    them (reduce-overhead: the default mode), and the reason is what the log prints."""
     from dml_dist.parallel import compile_choice
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
