@@ -2,6 +2,7 @@
 file-list check at resume, the manifest of the file list."""
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from conftest import (
 )
 
 from dml_dist import DMLError
+from dml_dist.checkpoint.checkpointer import Checkpointer, check_file_list
+from dml_dist.config import build_config
 from dml_dist.data import BatchPlan
 from dml_dist.data.folders import files_changed, manifest_path, scan
 from dml_dist.data.shares import FileImageDataset, Shares
@@ -76,15 +79,19 @@ def test_resume_on_a_changed_folder_is_one_line_unless_allowed(tmp_path):
     os.remove(data / "train" / "cat" / "0000.png")
     for name in ("extra1.png", "extra2.png"):
         (data / "train" / "frog" / name).write_bytes((data / "train" / "frog" / "0001.png").read_bytes())
-    r = torchrun(2, base_args(tmp_path, data, epochs=2, resume="auto"))
-    lines = error_lines(r.stderr)
-    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
-    assert (
-        "training file list changed" in lines[0]
-        and "2 file(s) added, 1 removed" in lines[0]
-        and "allow_data_change=true" in lines[0]
-    )
-    assert os.path.isfile(tmp_path / "ckpt" / "t_latest.pth")  # the checkpoint is kept
+    # The check rank 0's checkpointer makes before a resume, in-process on the real checkpoint, the changed folder's
+    # list and the default config (that a refusal ends every rank with its line under torchrun, and keeps the file:
+    # tests/test_checkpoint.py, the other architecture)
+    latest = tmp_path / "ckpt" / "t_latest.pth"
+    ckpt = torch.load(latest, weights_only=True)
+    now = {"hashes": torch.from_numpy(scan(str(data / "train")).path_hashes())}
+    rank0 = SimpleNamespace(cfg=build_config(), _file_record=lambda: now, logger=None)
+    with pytest.raises(DMLError) as e:
+        Checkpointer._check_files(rank0, ckpt, str(latest))
+    line = str(e.value)
+    assert "training file list changed" in line and "2 file(s) added, 1 removed" in line, line
+    assert "allow_data_change=true" in line and "\n" not in line
+    assert check_file_list(ckpt["files"], ckpt["files"], str(latest), allow=False) is None  # nothing changed
     r = torchrun(2, base_args(tmp_path, data, epochs=2, resume="auto", allow_data_change=True))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "allow_data_change: the training file list changed" in r.stdout and "2 file(s) added, 1 removed" in r.stdout

@@ -140,35 +140,59 @@ def test_sigkilled_worker_is_restarted_and_finishes_identically(
     tmp_path, data_dir, reference, save_every_steps, resumed, loader
 ):
     """A resume at an epoch's boundary: test_defect3 below. The fingerprint check also runs on the first step
-    after the resume (README promise), which no check_every multiple would reach."""
+    after the resume (README promise), which no check_every multiple would reach. The first attempt's rank 0 says
+    in one line that it lost contact (the memory case: torchrun checks its workers every 5 s there, default 0.1 s,
+    so that it does not stop rank 0 before its line)."""
     w, fp = tmp_path / "killed", tmp_path / "fp"
     fp.mkdir()
     extra = {"loader": "stream", "num_workers": 1} if loader == "stream" else {}
     r = _launch(
         w,
         data_dir,
-        torchrun_args=["--max-restarts=1"],
+        torchrun_args=["--max-restarts=1", *(["--monitor-interval=5"] if loader == "memory" else [])],
         save_every_steps=save_every_steps,
         env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5", "DML_FINGERPRINT_DIR": str(fp)},
         **extra,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "(exitcode: -9) local_rank: 1" in r.stderr and "torchrun restart 1: resume=auto" in r.stdout
+    # torchrun names the first failure it sees: rank 1's SIGKILL, or (checking every 5 s) rank 0's exit after its line
+    first = ["(exitcode: -9) local_rank: 1", *(["(exitcode: 1) local_rank: 0"] if loader == "memory" else [])]
+    assert any(f in r.stderr for f in first) and "torchrun restart 1: resume=auto" in r.stdout, r.stderr[-3000:]
     found = re.search(resumed, r.stdout)
     assert found, r.stdout[-2000:]
     for rank in (0, 1):  # lines "epoch step labels-hash inputs-hash", the epoch counted from 1
         checked = [line.split()[:2] for line in (fp / f"fingerprints_rank{rank}.txt").read_text().splitlines()]
         assert ["2", found.group(1)] in checked, checked
     assert f"data path: {loader}" in r.stdout
+    if loader == "memory":
+        lines = error_lines(r.stderr)
+        assert len(lines) == 1, r.stderr[-3000:]
+        assert re.fullmatch(
+            r"dml-dist: error: \(rank 0\) lost contact with another rank \(.+\); see that rank's error", lines[0]
+        ), lines[0]
+        assert_no_worker_traceback(r.stderr)
     _assert_same_run(reference, w, ignore_config=["save_every_steps", *extra])
     assert _no_temp_files(w) == []
 
 
-def test_kill_between_temp_write_and_rename_keeps_previous_checkpoint(tmp_path, data_dir, reference):
-    w = tmp_path / "crash"
-    r = _launch(w, data_dir, env={"DML_FAULT": "action=kill_in_save,rank=0,epoch=2"})
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, data_dir):
+    """A fresh start with ``resume=auto`` (no checkpoint yet) whose rank 0 dies between a checkpoint's temp write
+    and its rename in epoch 2: ``save`` keeps epoch 1's files and the temp file. Epoch 1's ``_latest.pth`` is also
+    copied aside, as another experiment's checkpoint for test_defect3 (a launch fewer)."""
+    w = tmp_path_factory.mktemp("crash")
+    r = _launch(w, data_dir, resume="auto", env={"DML_FAULT": "action=kill_in_save,rank=0,epoch=2"})
     assert r.returncode != 0
+    assert "resume=auto: no checkpoint for this experiment yet, starting fresh" in r.stdout
+    assert "resumed from" not in r.stdout
     assert _no_temp_files(w), "the simulated crash should leave its temp file behind"
+    epoch1 = tmp_path_factory.mktemp("epoch1") / "t_latest.pth"
+    shutil.copy(w / "save" / "t_latest.pth", epoch1)
+    return w, epoch1
+
+
+def test_kill_between_temp_write_and_rename_keeps_previous_checkpoint(data_dir, reference, crashed):
+    w = crashed[0]
     latest = torch.load(w / "save" / "t_latest.pth", weights_only=True)
     assert latest["epoch"] == 1
     r = _launch(w, data_dir, resume="auto")
@@ -192,6 +216,9 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line_on_every_ra
     needle = "peer 1 is resnet20 but this run builds resnet32; set model=resnet20"
     assert len(errs) == 1 and needle in errs[0] and str(bad) in errs[0], r.stderr[-3000:]
     assert_no_worker_traceback(r.stderr)
+    # the refused file is kept as it was, and the refused run wrote nothing
+    assert bad.read_bytes() == (reference / "save" / "t_latest.pth").read_bytes()
+    assert not (tmp_path / "w" / "save").exists() or not any((tmp_path / "w" / "save").iterdir())
 
 
 @pytest.mark.parametrize(
@@ -230,26 +257,25 @@ def test_refused_checkpoints(tmp_path, reference, case, needle):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_defect3_restart_prefers_this_experiments_newer_latest_over_explicit_resume(tmp_path, data_dir, reference):
-    """resume=PATH, then a worker dies in epoch 3: torchrun's restart must continue from this experiment's own
-    _latest.pth (2 epochs), not reload PATH (1 epoch) and throw away the progress since. Resumes at an epoch's
-    boundary (from PATH, and after the restart) end bit-identical to the uninterrupted run; a new launch that
-    resumes (kill_in_save above) and one in mid-epoch (the sigkill cases) likewise."""
-    src = tmp_path / "src"
-    r = _launch(src, data_dir, epochs=1, resume="auto")  # no checkpoint yet: starts fresh (the reference's start)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resume=auto: no checkpoint for this experiment yet, starting fresh" in r.stdout
-    assert "resumed from" not in r.stdout
+def test_defect3_restart_prefers_this_experiments_newer_latest_over_explicit_resume(
+    tmp_path, data_dir, reference, crashed
+):
+    """resume=PATH (another experiment's epoch-1 checkpoint), then a worker dies in epoch 3: torchrun's restart
+    must continue from this experiment's own _latest.pth (2 epochs), not reload PATH (1 epoch) and throw away the
+    progress since. Resumes at an epoch's boundary (from PATH, and after the restart) end bit-identical to the
+    uninterrupted run; a new launch that resumes (kill_in_save above) and one in mid-epoch (the sigkill cases)
+    likewise."""
+    src = crashed[1]
     w = tmp_path / "w"
     r = _launch(
         w,
         data_dir,
-        resume=str(src / "save" / "t_latest.pth"),
+        resume=str(src),
         torchrun_args=["--max-restarts=1"],
         env={"DML_FAULT": "action=sigkill,rank=1,epoch=3,step=1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {src / 'save' / 't_latest.pth'}: 1 epoch(s)" in r.stdout
+    assert f"resumed from {src}: 1 epoch(s)" in r.stdout
     assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout, r.stdout[-2000:]
     _assert_same_run(reference, w)
 

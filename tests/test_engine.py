@@ -2,10 +2,19 @@
 the epoch and steps, no host sync in a step (meters on the device)."""
 
 import re
+import sys
 
 import pytest
 import torch
-from conftest import assert_no_worker_traceback, base_args, error_lines, make_image_folder, read_summary, torchrun
+from conftest import (
+    assert_no_worker_traceback,
+    base_args,
+    error_lines,
+    make_image_folder,
+    read_summary,
+    run_cmd,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +31,8 @@ def test_compile_applies_under_torchrun_and_trains_close_to_eager(tmp_path, tiny
     for name, extra in (("eager", {}), ("compiled", {"compile": "reduce-overhead"})):
         # wrn10_1: one block per stage, a third of ResNet-20's compile (CI starts with an empty inductor cache)
         keys = {"epochs": 1, "augment": "[crop,flip]", "model_num": 1, "model": "wrn10_1", **extra}
-        r = torchrun(1, base_args(tmp_path / name, tiny, **keys))
+        args = base_args(tmp_path / name, tiny, **keys)  # the eager reference as one plain process (no launcher)
+        r = torchrun(1, args) if name == "compiled" else run_cmd([sys.executable, "-m", "dml_dist.train", *args])
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = (r.stdout, read_summary(tmp_path / name))
     line = re.search(r"compile: (\w+), (\d+) graph\(s\) compiled, (\d+) graph break\(s\)", out["compiled"][0])

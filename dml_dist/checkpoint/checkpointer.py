@@ -239,19 +239,11 @@ class Checkpointer:
         return resume
 
     def _check_files(self, ckpt: dict, path: str) -> None:
-        """Rank 0: refuse a resume on a folder whose training file list changed since ``ckpt`` (every later
-        batch would differ), unless ``allow_data_change``; say how many files came and went either way."""
-        before, now = ckpt.get("files"), self._file_record()
-        if before is None or now is None or torch.equal(before["hashes"], now["hashes"]):
-            return
-        added, removed = files_changed(before["hashes"].numpy(), now["hashes"].numpy())
-        what = f"the training file list changed since {path}: {added} file(s) added, {removed} removed"
-        if not self.cfg.get("allow_data_change"):
-            raise DMLError(
-                f"{what}; restore the folder, start a new experiment, or set allow_data_change=true "
-                f"(the batches from here on then differ from the run's)"
-            )
-        self.logger.info(f"allow_data_change: {what}; the batches from here on differ from the run's")
+        """Rank 0: refuse a resume on a folder whose training file list changed since ``ckpt``; see
+        ``check_file_list``."""
+        note = check_file_list(ckpt.get("files"), self._file_record(), path, self.cfg.get("allow_data_change"))
+        if note:
+            self.logger.info(note)
 
     def load(self, resume: str | None) -> Resumed | None:
         """Collective: rank 0 reads and checks the cohort checkpoint, then hands each rank its peer's state; the
@@ -301,3 +293,19 @@ class Checkpointer:
             meters = Meters(self.ctx.device, state["meters"] if self.ctx.replica == 0 else None)
         self.trainer.load_state_dict(meta)
         return Resumed(path, meta["epoch"], meta["step"], meters, meta["config"])
+
+
+def check_file_list(before: dict | None, now: dict | None, path: str, allow: bool) -> str | None:
+    """Raise if the training file list recorded in the checkpoint at ``path`` (``before``) differs from this run's
+    (``now``: path hashes; every later batch would differ), unless ``allow`` (``allow_data_change``): then the
+    line to log, how many files came and went. None when nothing changed or either record is missing."""
+    if before is None or now is None or torch.equal(before["hashes"], now["hashes"]):
+        return None
+    added, removed = files_changed(before["hashes"].numpy(), now["hashes"].numpy())
+    what = f"the training file list changed since {path}: {added} file(s) added, {removed} removed"
+    if not allow:
+        raise DMLError(
+            f"{what}; restore the folder, start a new experiment, or set allow_data_change=true "
+            f"(the batches from here on then differ from the run's)"
+        )
+    return f"allow_data_change: {what}; the batches from here on differ from the run's"

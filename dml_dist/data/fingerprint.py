@@ -77,28 +77,33 @@ def check_batch_consistency(
     fps = D.all_gather(table)  # [world, chunks, 4]
     if bool(fps[:, :, 3].any()):
         raise DMLError(next(e for e in D.all_gather_objects(data_error) if e))
-    fps = fps[:, :, :3]
+    verdict = mismatch_verdict(fps[:, :, :3])
+    if verdict:
+        raise DMLError(
+            f"batch mismatch at epoch {epoch} step {step}: {verdict}; every rank must use the same seed, "
+            f"data and augmentation settings"
+        )
+
+
+def mismatch_verdict(fps: torch.Tensor) -> str | None:
+    """Who drew other batches, from the gathered fingerprints ``[world, chunks, 3]`` (per chunk: held, labels
+    hash, inputs hash), or None when every chunk looks the same on all its holders. The fingerprint most of a
+    chunk's holders share is right; without a majority (e.g. two peers) both sides are named, neither blamed."""
     bad, right, tied, what = set(), set(), set(), set()
-    for c in range(chunks):
+    for c in range(fps.shape[1]):
         holders = [k for k in range(fps.shape[0]) if fps[k, c, 0]]
         votes = Counter(tuple(fps[k, c].tolist()) for k in holders)
         if len(votes) == 1:
             continue
         ((majority, count),) = votes.most_common(1)
         what.add("labels" if len({v[1] for v in votes}) > 1 else "augmented inputs")
-        if 2 * count <= len(holders):  # no majority (e.g. two peers): name both sides, blame neither
+        if 2 * count <= len(holders):
             tied.update(holders)
             continue
         for k in holders:
             (right if tuple(fps[k, c].tolist()) == majority else bad).add(k)
-    if bad or tied:
-        who = (
-            f"rank(s) {sorted(bad)} drew different {' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}"
-            if bad
-            else f"rank(s) {sorted(tied)} drew different {' and '.join(sorted(what))} (no majority "
-            f"tells which is right)"
-        )
-        raise DMLError(
-            f"batch mismatch at epoch {epoch} step {step}: {who}; every rank must use the same seed, "
-            f"data and augmentation settings"
-        )
+    if bad:
+        return f"rank(s) {sorted(bad)} drew different {' and '.join(sorted(what))} than rank(s) {sorted(right - bad)}"
+    if tied:
+        return f"rank(s) {sorted(tied)} drew different {' and '.join(sorted(what))} (no majority tells which is right)"
+    return None
