@@ -5,7 +5,7 @@
 # shared CIFAR-10 subset, requeues the job (scontrol requeue) once the first epoch is saved, has another
 # process take the first run's rendezvous port, waits for the requeued run to resume from the checkpoint and
 # finish, checks the job's output, then cancels whatever job is left and stops only the daemons it started
-# (by their PIDs). Every wait is bounded: at most about 11 minutes in all (about 70 s when it passes on an
+# (by their PIDs). Every wait is bounded: at most about 11 minutes in all (about 45 s when it passes on an
 # idle machine). Needs root and Debian's slurmctld, slurmd, slurm-client and munge.
 #
 #   launch/slurm_local.sh        # 1 node, 2 processes
@@ -103,7 +103,7 @@ done
 
 # The job: 2 peers in all, 4 short epochs, checkpoints and logs in the temporary folder (shared by the fake
 # nodes, as a cluster's shared filesystem would be). The requeue is sent after epoch 1, so three epochs (about
-# 25 s here when idle) separate it from the job's end: a requeue that lands later finds nothing to resume.
+# 15 s here when idle) separate it from the job's end: a requeue that lands later finds nothing to resume.
 work="$tmp/work"
 mkdir -p "$work"
 epochs=4
@@ -186,5 +186,10 @@ done_epochs=${done_epochs%% *}
 ((done_epochs < epochs)) || fail "the requeue reached the job only after its last epoch ($resumed): nothing was left to resume"
 ((done_epochs >= 1)) || fail "the requeued run resumed before epoch 1's checkpoint ($resumed)"
 grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (KEEP=1 keeps $out)"
+# Each fake node has $per_node CPU(s) (slurm.conf) but no CPU binding (task/none): its ranks must take their
+# threads from the job step's --cpus-per-task, not from every core of the host the fake nodes share.
+threads=$(grep -m 1 -oE "^placement: rank 0 .* threads [0-9]+" "$out" | grep -oE "[0-9]+$")
+want=$((per_node / (2 / nodes) > 0 ? per_node / (2 / nodes) : 1))
+[[ "$threads" == "$want" ]] || fail "rank 0 computes with ${threads:-?} thread(s), not the $want that its node's $per_node CPU(s) give its $((2 / nodes)) process(es)"
 kill -0 "$holder" 2>/dev/null || fail "the process holding the first run's port $port0 ended before the rerun did"
 echo "slurm_local: PASS $nodes node(s): job $job trained 2 peers, was requeued mid-run, resumed from its checkpoint (${resumed##*: }) and finished ($runs runs in $(basename "$out"), on port $port1 while another process held the first run's port $port0)"

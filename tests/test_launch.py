@@ -20,6 +20,7 @@ from dml_dist.distributed.placement import (
     assign_gpus,
     exchange_identities,
     gpu_sharers,
+    host_cpus,
     process_group_backend,
     resolve_placement,
 )
@@ -48,6 +49,18 @@ LAUNCH_SCRIPTS = sorted((REPO / "launch").iterdir())
 )
 def test_placement(args, expected):
     assert resolve_placement(*args, cpu_count=8) == expected
+
+
+def test_cpus_are_the_affinity_mask_and_no_more_than_slurms_cpus_per_task(monkeypatch):
+    mask = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert host_cpus() == mask
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # a job step of 1 CPU on a node whose tasks are not bound
+    assert host_cpus() == 1 and resolve_placement(0, 1, 0).threads == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(mask + 8))  # an allocation never raises it above the mask
+    assert host_cpus() == mask
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    assert host_cpus() == mask
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,14 @@ class Placement:
 
 
 def host_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, and no more than a SLURM job step's ``--cpus-per-task``
+    where the cluster does not bind tasks to CPUs (``TaskPlugin=task/none`` leaves the mask at the whole node)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus
 
 
 def gpu_uuids() -> list[str]:
