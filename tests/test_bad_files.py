@@ -156,10 +156,11 @@ def test_skip_on_the_memory_path_has_a_cache_entry_of_its_own_and_is_reported_ea
 
 
 def test_no_checkpoint_holds_a_step_trained_on_the_stand_in_zeros(tmp_path):
-    """bad_images=stop (the default) on the stream path: one line naming the file and the skip option. The rank
-    that meets the file trains on zeros until the next check (the meter gather before a save, at print_freq, at
-    the end of the epoch). With a save after every step, the job stops at the first save after the file's step,
-    and the latest checkpoint is the one before it."""
+    """bad_images=stop (the default) on the stream path, the file met mid-epoch by a rank's loader worker: every
+    rank stops with one line naming the file and the skip option. The rank that meets the file trains on zeros
+    until the next check (the meter gather before a save, at print_freq, at the end of the epoch). With a save
+    after every step, the job stops at the first save after the file's step, and the latest checkpoint is the one
+    before it. (A truncated JPEG is named alike: tests/test_stream.py, in-process.)"""
     data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)  # 24 train images: 6 steps of 4
     files = scan(str(data / "train"))
     bad = files.path(int(BatchPlan(len(files), 4, seed=42).indices(0, 3)[0]))  # a file of step 3, epoch 1
@@ -168,7 +169,15 @@ def test_no_checkpoint_holds_a_step_trained_on_the_stand_in_zeros(tmp_path):
     r = torchrun(
         2,
         base_args(
-            tmp_path, data, loader="stream", batch_size=4, epochs=1, print_freq=100, save_every_steps=1, save_freq=0
+            tmp_path,
+            data,
+            loader="stream",
+            num_workers=1,
+            batch_size=4,
+            epochs=1,
+            print_freq=100,
+            save_every_steps=1,
+            save_freq=0,
         ),
     )
     lines = error_lines(r.stderr)

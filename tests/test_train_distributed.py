@@ -35,6 +35,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import dml_dist
 
+CIFAR = dict(dataset="cifar10", image_size=32, epochs=1)  # the tiny CIFAR-10 copy's runs
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
 
 
@@ -142,11 +143,14 @@ def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder
 
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory):
-    """One plain process, model_num=1, no torchrun (and a progress bar asked for, off a terminal): run once,
-    read by the two tests below."""
+    """One plain process, model_num=1, no torchrun (and a progress bar asked for, off a terminal), on a tiny copy
+    of CIFAR-10's python format: run once, read by the tests below."""
+    from test_data import write_tiny_cifar10
+
     w = tmp_path_factory.mktemp("solo")
-    data = make_image_folder(w / "data")
-    r = run_cmd([sys.executable, "-m", "dml_dist.train", *base_args(w, data, epochs=1, model_num=1, progress_bar=True)])
+    write_tiny_cifar10(w / "cifar")
+    args = base_args(w, w / "cifar", **CIFAR, model_num=1, progress_bar=True)
+    r = run_cmd([sys.executable, "-m", "dml_dist.train", *args])
     assert r.returncode == 0, r.stderr[-3000:]
     return w, r
 
@@ -214,19 +218,18 @@ def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, ima
     assert [p["optimizer"]["param_groups"][0]["nesterov"] for p in latest["peers"]] == [False, False]
 
 
-def test_consistency_check_can_be_turned_off_and_cifar10_python_format_trains(tmp_path):
-    """The consistency check turned off lets a rank with other batches run on (nothing fingerprinted). The
-    data is CIFAR-10's python format (a tiny copy), which trains under torchrun with its test split. Also the
-    README's warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every other test sets it)
-    is one line at the start; the run itself needs no restart."""
-    from test_data import write_tiny_cifar10
-
-    write_tiny_cifar10(tmp_path / "cifar")
+def test_consistency_check_off_kl_weight_zero_and_cifar10_python_format(tmp_path, solo):
+    """The consistency check turned off lets a rank with other batches run on (nothing fingerprinted); with
+    kl_weight=0 the peers train independently: peer 1 (rank 0, the shared seed's batches) ends with the weights of
+    the model_num=1 run (one plain process, same seed, same images), whatever rank 1 drew. The data is CIFAR-10's
+    python format (a tiny copy), which trains under torchrun with its test split. Also the README's warning:
+    --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every other test sets it) is one line at the
+    start; the run itself needs no restart."""
     fp = tmp_path / "fp"
     fp.mkdir()
     r = torchrun(
         2,
-        base_args(tmp_path, tmp_path / "cifar", dataset="cifar10", image_size=32, epochs=1, consistency_check_every=0),
+        base_args(tmp_path, solo[0] / "cifar", **CIFAR, consistency_check_every=0, kl_weight=0),
         env={
             "DML_FAULT": "action=seed_offset,rank=1",
             "DML_FINGERPRINT_DIR": str(fp),
@@ -240,18 +243,10 @@ def test_consistency_check_can_be_turned_off_and_cifar10_python_format_trains(tm
     assert r.stdout.count(warning) == 1, r.stdout[-2000:]
     s = read_summary(tmp_path)
     assert len(s["classes"]) == 10 and s["test_results"] is not None and len(s["test_results"]["peer_acc"]) == 2
-
-
-def test_kl_weight_zero_trains_peers_independently(tmp_path, image_folder, solo):
-    r = torchrun(2, base_args(tmp_path / "cohort", image_folder, epochs=1, kl_weight=0))
-    assert r.returncode == 0, r.stderr[-3000:]
-    h = read_summary(tmp_path / "cohort")["history"][0]
+    h = s["history"][0]
     assert h["train_loss"] == pytest.approx(h["train_ce"]) and all(k > 0 for k in h["train_kl"])
-    # Peer 1 trains as if alone: the model_num=1 run (one plain process, same seed, same images) ends with its
-    # weights.
     peer1, alone = (
-        torch.load(d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
-        for d in (tmp_path / "cohort", solo[0])
+        torch.load(d / "ckpt" / "t_model1_final.pth", weights_only=True)["model"] for d in (tmp_path, solo[0])
     )
     for k in alone:
         assert torch.allclose(peer1[k].double(), alone[k].double(), atol=1e-5, rtol=0), k
