@@ -109,7 +109,7 @@ mkdir -p "$work"
 epochs=4
 job=$(cd "$work" && env -u RDZV_PORT NPROC_PER_NODE=$((2 / nodes)) MAX_RESTARTS=0 PYTHON="$py" \
     CONFIG="$repo/configs/quickstart.yaml" \
-    sbatch --parsable --nodes="$nodes" --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
+    sbatch --parsable --nodes="$nodes" --exclusive --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
     data_dir="$data" train_subset=512 epochs="$epochs" batch_size=64 save_dir="$work/ckpt" log_dir="$work/logs" \
     cache_dir="$work/cache" progress_bar=false print_freq=4) || fail "sbatch refused the job"
 out="$work/slurm-$job.out"
@@ -186,8 +186,9 @@ done_epochs=${done_epochs%% *}
 ((done_epochs < epochs)) || fail "the requeue reached the job only after its last epoch ($resumed): nothing was left to resume"
 ((done_epochs >= 1)) || fail "the requeued run resumed before epoch 1's checkpoint ($resumed)"
 grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (KEEP=1 keeps $out)"
-# Each fake node has $per_node CPU(s) (slurm.conf) but no CPU binding (task/none): its ranks must take their
-# threads from the job step's --cpus-per-task, not from every core of the host the fake nodes share.
+# Each fake node has $per_node CPU(s) (slurm.conf; the job holds them all, --exclusive) but no CPU binding
+# (task/none): its ranks must take their threads from the CPUs SLURM gives the step on the node, not from every
+# core of the host the fake nodes share.
 threads=$(grep -m 1 -oE "^placement: rank 0 .* threads [0-9]+" "$out" | grep -oE "[0-9]+$")
 want=$((per_node / (2 / nodes) > 0 ? per_node / (2 / nodes) : 1))
 [[ "$threads" == "$want" ]] || fail "rank 0 computes with ${threads:-?} thread(s), not the $want that its node's $per_node CPU(s) give its $((2 / nodes)) process(es)"

@@ -51,15 +51,18 @@ def test_placement(args, expected):
     assert resolve_placement(*args, cpu_count=8) == expected
 
 
-def test_cpus_are_the_affinity_mask_and_no_more_than_slurms_cpus_per_task(monkeypatch):
+def test_cpus_are_the_affinity_mask_and_no_more_than_the_slurm_steps(monkeypatch):
     mask = len(os.sched_getaffinity(0))
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
     assert host_cpus() == mask
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # a job step of 1 CPU on a node whose tasks are not bound
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")  # a job step of 1 CPU on a node whose tasks are not bound
     assert host_cpus() == 1 and resolve_placement(0, 1, 0).threads == 1
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(mask + 8))  # an allocation never raises it above the mask
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # one task's CPUs: not what a torchrun in the batch step holds
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", str(mask))
     assert host_cpus() == mask
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", str(mask + 8))  # an allocation never raises it above the mask
+    assert host_cpus() == mask
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "")
     assert host_cpus() == mask
 
 

@@ -335,11 +335,31 @@ def two_node_probe(tmp_path, name, nproc_per_node=2, **kw):
     return result
 
 
+@pytest.mark.parametrize(
+    "world,local,layout,order,parts",
+    [
+        (2, 1, (1, 1), "peer", [(0, 1), (0, 1)]),  # one peer per node: each node decodes every row of the batch
+        (2, 2, (1, 1), "peer", [(0, 2), (1, 2)]),  # one node: its two ranks split the batch
+        (4, 2, (2, 2), "replica", [(0, 2), (1, 2)] * 2),  # a node per replica index: its peers split its rows
+        (4, 2, (2, 2), "peer", [(0, 1)] * 4),  # peer-major over two nodes: no two ranks of a node share rows
+    ],
+)
+def test_the_decode_unit_is_the_nodes_ranks_that_train_on_the_same_rows(world, local, layout, order, parts):
+    """Who decodes what on the stream path (``decode_group``, without a process group: the plan alone): the
+    ranks of one node that train on the same rows split them; a rank never counts on another node's decoding."""
+    from dml_dist.distributed import DistContext, decode_group
+    from dml_dist.distributed.placement import Placement
+
+    cpu = Placement("cpu", "gloo", 1, False)
+    units = [decode_group(DistContext(r, world, r % local, local, cpu, layout, order=order)) for r in range(world)]
+    assert [part for _, part, _ in units] == parts
+
+
 def test_two_nodes_build_the_shared_cache_once(jpeg_dir, tmp_path):
     """Two nodes of 2 ranks, one peer per rank, memory path: each node's local rank 0 builds the (shared) cache
     folder, the first to finish wins, and the other node uses it; the same batches on every rank. The stream path
-    across nodes (each node decodes only what its ranks train on) is the replicas case below, whose placement of
-    one replica's peers per node also proves that a node never counts on another node's decoding."""
+    across nodes: the replicas case below, and who decodes what for one peer per node (each node all of every
+    batch) in-process above."""
     result = two_node_probe(
         tmp_path, "memory", data_dir=jpeg_dir, cache_dir=tmp_path / "cache", loader="memory", augment="[crop,flip]"
     )

@@ -24,13 +24,14 @@ class Placement:
 
 
 def host_cpus() -> int:
-    """The CPUs this process may use: its affinity mask, and no more than a SLURM job step's ``--cpus-per-task``
-    where the cluster does not bind tasks to CPUs (``TaskPlugin=task/none`` leaves the mask at the whole node)."""
+    """The CPUs this process may use: its affinity mask, and no more than SLURM gives the job step on this node
+    (``SLURM_CPUS_ON_NODE``, set afresh for the batch step and every srun step) where the cluster does not bind
+    tasks to CPUs (``TaskPlugin=task/none`` leaves the mask at the whole node)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cpus = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    slurm = os.environ.get("SLURM_CPUS_ON_NODE", "")
     return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus
 
 
