@@ -5,7 +5,7 @@
 
 For each N it starts N processes on this machine (gloo over localhost, one thread each; no model, no
 data), gives each a fixed random [B, C] logit tensor and runs, for each mode in turn (``rounds``
-alternating rounds of ``steps`` steps; the median round counts), the trainer's own step tail:
+alternating rounds of ``steps`` steps; the median round's times count), the trainer's own step tail:
 
 - ``exchange``: ``exchange.exchange``, the call training makes: the logits all-gather, or this peer's
   softmax/entropy payload and its all-reduce;
@@ -13,9 +13,10 @@ alternating rounds of ``steps`` steps; the median round counts), the trainer's o
   softmax of N - 1 peers' logits, the all-reduce's of none).
 
 Times are per step of the slowest rank. Bytes each rank receives per step are measured (the loopback
-interface's receive counter across the timed steps, every rank together, divided by N and by the steps)
-and modelled (ring all-gather: (N - 1) B C 4; ring all-reduce: 2 (N - 1) / N B (C + 1) 4). It prints a
-table and one JSON line, and draws ``plot`` (bytes and time against N) when matplotlib is installed.
+interface's receive counter across the timed steps, every rank together, divided by N and by the steps; the
+smallest round counts, since other processes' localhost traffic only adds to it) and modelled (ring all-gather:
+(N - 1) B C 4; ring all-reduce: 2 (N - 1) / N B (C + 1) 4). It prints a table and one JSON line, and draws
+``plot`` (bytes and time against N) when matplotlib is installed.
 Keys: ``peers`` ([2, 4, 8, 16]), ``batch`` (256), ``classes`` (1000), ``steps`` (20), ``rounds`` (3),
 ``temperature`` (4.0), ``plot`` (exchange.png; empty: none), ``out`` (append the JSON line there).
 """
@@ -117,7 +118,8 @@ def _worker(rank: int, n: int, port: int, b: dict, results) -> None:
         if rank == 0:
             out = {}
             for m, rs in rounds.items():
-                ex, loss, rx = (statistics.median(r[i] for r in rs) for i in range(3))  # each on its own
+                ex, loss = (statistics.median(r[i] for r in rs) for i in range(2))  # each on its own
+                rx = min(r[2] for r in rs)  # the counter is machine-wide: anything else on lo only adds
                 out[m] = {
                     "exchange_ms": round(1000 * ex, 3),
                     "loss_ms": round(1000 * loss, 3),
