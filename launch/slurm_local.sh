@@ -17,6 +17,7 @@
 set -uo pipefail
 
 nodes=${1:-1}
+procs=$((2 / nodes))  # processes per node: 2 peers in all
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python}
 data=${DATA:-$repo/../shared/data/cifar10-small}
@@ -50,8 +51,11 @@ munged --force --key-file="$tmp/munge/munge.key" --socket="$tmp/munge/munge.sock
     || fail "munged did not start (see $tmp/log/munged.log)"
 pids+=("$(cat "$tmp/munge/munged.pid")")
 
-cpus=$(nproc)
-per_node=$((cpus / nodes > 0 ? cpus / nodes : 1))
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys them; the host's CPUs do not
+# Two fake nodes differ, as a cluster's may: node n has n x a third of the host's CPUs (1 and 2 on 2 cores, one
+# more than the host has), so a step that gives every node the batch node's count shows in the ranks' threads.
+node_cpus=("$cpus")
+((nodes == 1)) || node_cpus=($((cpus / 3 > 0 ? cpus / 3 : 1)) $((2 * (cpus / 3 > 0 ? cpus / 3 : 1))))
 conf="$tmp/slurm.conf"
 {
     echo "ClusterName=dmllocal"
@@ -79,7 +83,7 @@ conf="$tmp/slurm.conf"
     echo "AccountingStorageType=accounting_storage/none"
     echo "JobCompType=jobcomp/none"
     for n in $(seq 1 "$nodes"); do
-        echo "NodeName=node$n NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$per_node State=UNKNOWN"
+        echo "NodeName=node$n NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=$(free_port) CPUs=${node_cpus[n - 1]} State=UNKNOWN"
     done
     echo "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
 } >"$conf"
@@ -107,7 +111,7 @@ done
 work="$tmp/work"
 mkdir -p "$work"
 epochs=4
-job=$(cd "$work" && env -u RDZV_PORT NPROC_PER_NODE=$((2 / nodes)) MAX_RESTARTS=0 PYTHON="$py" \
+job=$(cd "$work" && env -u RDZV_PORT NPROC_PER_NODE="$procs" MAX_RESTARTS=0 PYTHON="$py" \
     CONFIG="$repo/configs/quickstart.yaml" \
     sbatch --parsable --nodes="$nodes" --exclusive --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
     data_dir="$data" train_subset=512 epochs="$epochs" batch_size=64 save_dir="$work/ckpt" log_dir="$work/logs" \
@@ -186,11 +190,11 @@ done_epochs=${done_epochs%% *}
 ((done_epochs < epochs)) || fail "the requeue reached the job only after its last epoch ($resumed): nothing was left to resume"
 ((done_epochs >= 1)) || fail "the requeued run resumed before epoch 1's checkpoint ($resumed)"
 grep -q "^done: best acc" "$out" || fail "the requeued run did not finish (KEEP=1 keeps $out)"
-# Each fake node has $per_node CPU(s) (slurm.conf; the job holds them all, --exclusive) but no CPU binding
-# (task/none): its ranks must take their threads from the CPUs SLURM gives the step on the node, not from every
-# core of the host the fake nodes share.
-threads=$(grep -m 1 -oE "^placement: rank 0 .* threads [0-9]+" "$out" | grep -oE "[0-9]+$")
-want=$((per_node / (2 / nodes) > 0 ? per_node / (2 / nodes) : 1))
-[[ "$threads" == "$want" ]] || fail "rank 0 computes with ${threads:-?} thread(s), not the $want that its node's $per_node CPU(s) give its $((2 / nodes)) process(es)"
+# Each fake node has the CPUs slurm.conf gives it (the job holds them all, --exclusive) but no CPU binding
+# (task/none): the ranks of the first run must take their threads from the CPUs SLURM gives the step on their
+# own node, not from every core of the host the fake nodes share, nor from the batch node's count.
+threads=$(grep -oE "^placement: rank [0-9]+ .* threads [0-9]+" "$out" | head -n 2 | grep -oE "[0-9]+$" | sort -n | xargs)
+want=$(for c in "${node_cpus[@]}"; do for _ in $(seq "$procs"); do echo $((c / procs > 0 ? c / procs : 1)); done; done | sort -n | xargs)
+[[ "$threads" == "$want" ]] || fail "the ranks compute with ${threads:-?} thread(s), not the $want that the nodes' ${node_cpus[*]} CPU(s) give their $procs process(es) each"
 kill -0 "$holder" 2>/dev/null || fail "the process holding the first run's port $port0 ended before the rerun did"
 echo "slurm_local: PASS $nodes node(s): job $job trained 2 peers, was requeued mid-run, resumed from its checkpoint (${resumed##*: }) and finished ($runs runs in $(basename "$out"), on port $port1 while another process held the first run's port $port0)"
