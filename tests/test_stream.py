@@ -336,15 +336,19 @@ def two_node_probe(tmp_path, name, nproc_per_node=2, **kw):
 
 
 @pytest.mark.parametrize(
-    "world,local,layout,order,parts",
-    [
-        (2, 1, (1, 1), "peer", [(0, 1), (0, 1)]),  # one peer per node: each node decodes every row of the batch
-        (2, 2, (1, 1), "peer", [(0, 2), (1, 2)]),  # one node: its two ranks split the batch
-        (4, 2, (2, 2), "replica", [(0, 2), (1, 2)] * 2),  # a node per replica index: its peers split its rows
-        (4, 2, (2, 2), "peer", [(0, 1)] * 4),  # peer-major over two nodes: no two ranks of a node share rows
+    "world,local,layout,order,parts,rows",
+    [  # parts: each rank's (g, G) of its unit's rows; rows: each rank's (r, R) of the batch
+        (2, 1, (1, 1), "peer", [(0, 1)] * 2, [(0, 1)] * 2),  # one peer per node: each node decodes every row
+        (2, 2, (1, 1), "peer", [(0, 2), (1, 2)], [(0, 1)] * 2),  # one node: its two ranks split the batch
+        # a node per replica index: its peers split their replica's rows
+        (4, 2, (2, 2), "replica", [(0, 2), (1, 2)] * 2, [(0, 2), (0, 2), (1, 2), (1, 2)]),
+        # peer-major over two nodes: no two ranks of a node share rows
+        (4, 2, (2, 2), "peer", [(0, 1)] * 4, [(0, 2), (1, 2)] * 2),
+        # uneven replica counts: a node's ranks decode the whole batch between them, each keeps its share
+        (4, 2, (1, 3), "peer", [(0, 2), (1, 2)] * 2, [(0, 1)] * 4),
     ],
 )
-def test_the_decode_unit_is_the_nodes_ranks_that_train_on_the_same_rows(world, local, layout, order, parts):
+def test_the_decode_unit_is_the_nodes_ranks_that_train_on_the_same_rows(world, local, layout, order, parts, rows):
     """Who decodes what on the stream path (``decode_group``, without a process group: the plan alone): the
     ranks of one node that train on the same rows split them; a rank never counts on another node's decoding."""
     from dml_dist.distributed import DistContext, decode_group
@@ -352,7 +356,7 @@ def test_the_decode_unit_is_the_nodes_ranks_that_train_on_the_same_rows(world, l
 
     cpu = Placement("cpu", "gloo", 1, False)
     units = [decode_group(DistContext(r, world, r % local, local, cpu, layout, order=order)) for r in range(world)]
-    assert [part for _, part, _ in units] == parts
+    assert [(part, row) for _, part, row in units] == list(zip(parts, rows))
 
 
 def test_two_nodes_build_the_shared_cache_once(jpeg_dir, tmp_path):

@@ -229,7 +229,7 @@ def test_consistency_check_off_kl_weight_zero_and_cifar10_python_format(tmp_path
     fp = tmp_path / "fp"
     fp.mkdir()
     args = base_args(tmp_path, solo[0] / "cifar", **CIFAR, consistency_check_every=0, kl_weight=0)
-    r = run_cmd(  # on 2 CPUs: 1 thread per rank, as the solo run has, on any machine (bit-for-bit comparable)
+    r = run_cmd(  # on 2 CPUs: 1 thread per rank, as the solo run has, on any machine (the same reductions)
         ["taskset", "-c", ",".join(map(str, CPUS)), *torchrun_cmd(2, args, torchrun_args=["--max-restarts=1"])],
         env={
             "DML_FAULT": "action=seed_offset,rank=1",
