@@ -17,6 +17,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-small"
 CI = os.environ.get("CI") == "true"
+TWO_CPUS = (sorted(os.sched_getaffinity(0)) * 2)[:2]  # for taskset: two CPUs (one twice on a 1-CPU machine)
 
 
 def requires(available: bool, reason: str):

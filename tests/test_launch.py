@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CI, REPO, _env, base_args, kill_tree, read_summary, requires, run_cmd, torchrun
+from conftest import CI, REPO, TWO_CPUS, _env, base_args, kill_tree, read_summary, requires, run_cmd, torchrun
 
 from dml_dist import DMLError
 from dml_dist.distributed.placement import (
@@ -257,9 +257,8 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
         }
     )
     args = base_args(tmp_path, image_folder, save_dir="ckpt", log_dir="logs", epochs=1)
-    cpus = (sorted(os.sched_getaffinity(0)) * 2)[:2]
     procs = []
-    for node, cpu in zip(("node_a", "node_b"), cpus):
+    for node, cpu in zip(("node_a", "node_b"), TWO_CPUS):
         (tmp_path / node).mkdir()
         procs.append(
             subprocess.Popen(
@@ -298,7 +297,7 @@ def test_two_nodes_on_localhost(tmp_path, image_folder):
         [
             "taskset",
             "-c",
-            ",".join(map(str, sorted(set(cpus)))),
+            ",".join(map(str, sorted(set(TWO_CPUS)))),
             sys.executable,
             "-m",
             "torch.distributed.run",

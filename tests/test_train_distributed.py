@@ -19,6 +19,7 @@ import torch
 import torchvision
 from conftest import (
     TIMEOUT,
+    TWO_CPUS,
     _env,
     assert_no_worker_traceback,
     base_args,
@@ -36,7 +37,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import dml_dist
 
 CIFAR = dict(dataset="cifar10", image_size=32, epochs=1)  # the tiny CIFAR-10 copy's runs
-CPUS = (sorted(os.sched_getaffinity(0)) * 2)[:2]  # two CPUs (one twice on a 1-CPU machine)
 PEER_TAGS = ("train_loss", "train_ce", "train_kl", "train_acc", "val_loss", "val_acc")
 
 
@@ -151,7 +151,7 @@ def solo(tmp_path_factory):
     w = tmp_path_factory.mktemp("solo")
     write_tiny_cifar10(w / "cifar")
     args = base_args(w, w / "cifar", **CIFAR, model_num=1, progress_bar=True)
-    r = run_cmd(["taskset", "-c", str(CPUS[0]), sys.executable, "-m", "dml_dist.train", *args])  # 1 thread
+    r = run_cmd(["taskset", "-c", str(TWO_CPUS[0]), sys.executable, "-m", "dml_dist.train", *args])  # 1 thread
     assert r.returncode == 0, r.stderr[-3000:]
     return w, r
 
@@ -230,7 +230,7 @@ def test_consistency_check_off_kl_weight_zero_and_cifar10_python_format(tmp_path
     fp.mkdir()
     args = base_args(tmp_path, solo[0] / "cifar", **CIFAR, consistency_check_every=0, kl_weight=0)
     r = run_cmd(  # on 2 CPUs: 1 thread per rank, as the solo run has, on any machine (the same reductions)
-        ["taskset", "-c", ",".join(map(str, CPUS)), *torchrun_cmd(2, args, torchrun_args=["--max-restarts=1"])],
+        ["taskset", "-c", ",".join(map(str, TWO_CPUS)), *torchrun_cmd(2, args, torchrun_args=["--max-restarts=1"])],
         env={
             "DML_FAULT": "action=seed_offset,rank=1",
             "DML_FINGERPRINT_DIR": str(fp),
