@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -50,6 +51,37 @@ def forward(model, x: torch.Tensor, amp: str = "off", channels_last: bool = Fals
         return model(x).float()
 
 
+def score_step(
+    logits: torch.Tensor,
+    all_logits,
+    index: int,
+    y: torch.Tensor,
+    temperature: float,
+    kl_weight: float,
+    mutual: str = "dml",
+    weights: list[float] | None = None,
+):
+    """Peer ``index``'s DML loss against the other rows of ``all_logits`` (detached peers, weighted by
+    ``weights``, every peer's ``mutual_weights``, when given) or against the all-reduced ``PeerSums``, with the
+    step's meter statistics. One function, so that with ``compile`` on the trainer compiles the loss and the
+    meters together (``Peer.score``). Returns ``(total, stats, finite)`` on the device: stats = float64
+    ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether the loss was finite."""
+    if isinstance(all_logits, PeerSums):
+        loss = loss_from_sums(
+            logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual,
+            own=all_logits.own, rest_weight=all_logits.rest_weight,
+        )  # fmt: skip
+    else:
+        peers = torch.cat([all_logits[:index], all_logits[index + 1 :]])
+        others = None if weights is None else weights[:index] + weights[index + 1 :]
+        loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual, weights=others)
+    n = y.shape[0]
+    parts = torch.stack([loss.total.detach(), loss.ce.detach(), loss.kl.detach()]).double() * n
+    correct = (logits.detach().argmax(1) == y).sum().double().view(1)
+    stats = torch.cat([parts, correct, correct.new_full((1,), float(n))])
+    return loss.total, stats, torch.isfinite(loss.total.detach())
+
+
 def peer_update(
     logits: torch.Tensor,
     all_logits,
@@ -61,42 +93,29 @@ def peer_update(
     mutual: str = "dml",
     scaler=None,
     weights: list[float] | None = None,
+    score=score_step,
 ):
-    """The training step shared by the distributed engine and the single-process ``train_epoch_dml``:
-    peer ``index``'s loss against the other rows of ``all_logits`` (detached peers, weighted by ``weights``,
-    every peer's ``mutual_weights``, when given), or against the all-reduced ``PeerSums``, backward, optimizer
-    step. A frozen peer (``optimizer`` None) only scores its prediction. Returns ``(stats, finite)`` on the
-    device without a host sync: stats = float64 ``[loss * n, ce * n, kl * n, correct, n]``, finite = whether
-    the loss was finite."""
-    if isinstance(all_logits, PeerSums):
-        loss = loss_from_sums(
-            logits, all_logits.summed, all_logits.peers, y, temperature, kl_weight, mutual,
-            own=all_logits.own, rest_weight=all_logits.rest_weight,
-        )  # fmt: skip
-    else:
-        peers = torch.cat([all_logits[:index], all_logits[index + 1 :]])
-        others = None if weights is None else weights[:index] + weights[index + 1 :]
-        loss = compute_dml_loss(logits, peers, y, temperature, kl_weight, mutual=mutual, weights=others)
+    """The training step shared by the distributed engine and the single-process ``train_epoch_dml``: the loss
+    and the meters' statistics (``score``: ``score_step`` or its compiled twin), backward, optimizer step. A
+    frozen peer (``optimizer`` None) only scores its prediction. Returns ``(stats, finite)`` on the device
+    without a host sync (``score_step``)."""
+    total, stats, finite = score(logits, all_logits, index, y, temperature, kl_weight, mutual, weights)
     if optimizer is not None:  # a frozen peer only scores
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss.total).backward()
+            scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.total.backward()
+            total.backward()
             optimizer.step()
-    n = y.shape[0]
-    parts = torch.stack([loss.total.detach(), loss.ce.detach(), loss.kl.detach()]).double() * n
-    correct = (logits.detach().argmax(1) == y).sum().double().view(1)
-    stats = torch.cat([parts, correct, correct.new_full((1,), float(n))])
-    return stats, torch.isfinite(loss.total.detach())
+    return stats, finite
 
 
 class Peer(NamedTuple):
     """What a training step updates: the model it calls (DDP over the peer's replicas and/or compiled), its
     optimizer (None: a frozen peer, which predicts in eval mode under ``inference_mode`` and never steps) and,
-    with fp16, the GradScaler; and how its forward runs."""
+    with fp16, the GradScaler; how its forward runs, and its loss (``score_step``, or its compiled twin)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None
@@ -104,6 +123,7 @@ class Peer(NamedTuple):
     amp: str = "off"  # as resolved (``Resolved.amp``)
     channels_last: bool = False  # this peer's memory format, as resolved
     cudagraphs: bool = False  # compiled in a CUDA-graph mode: each step begins a new CUDA-graph iteration
+    score: Callable = score_step  # the loss with the meters' statistics: compiled when the peer compiles
 
 
 def train_one_epoch(
@@ -180,7 +200,7 @@ def train_one_epoch(
                 w = kl_ramp(cfg["kl_weight"], cfg["kl_warmup_epochs"], steps, epoch, step)  # the warm-up, per step
                 stats, finite = peer_update(
                     logits, all_logits, ctx.peer, y, peer.optimizer, cfg["temperature"], w, cfg["mutual"],
-                    peer.scaler, weights,
+                    peer.scaler, weights, peer.score,
                 )  # fmt: skip
             meters.add(stats, finite)
             meters.data_error = meters.data_error or getattr(loader, "error", None)

@@ -16,14 +16,15 @@ import torch
 from . import distributed as D
 from . import faults, stall
 from .checkpoint import Checkpointer, PeerState, latest_path, peer_path, public_config, versions
-from .data import Datasets, build_datasets, make_eval_loader, make_train_loader
-from .engine import Peer, evaluate, resolve_amp, train_one_epoch
+from .data import Datasets, batch_transform, build_datasets, make_eval_loader, make_train_loader
+from .engine import Peer, evaluate, resolve_amp, score_step, train_one_epoch
 from .errors import DMLError
 from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice, pretrained_meta
 from .parallel import (
     CUDA_GRAPH_MODES,
+    CompiledPart,
     compile_choice,
     compile_report,
     dynamo_counts,
@@ -85,7 +86,11 @@ class Trainer:
             )
             self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
             scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=mode in CUDA_GRAPH_MODES)
+        # With compile on, the step's work around the model compiles too: the loss with the meters here, the
+        # augmentation with the normalisation in _build_loaders (CompiledPart: counted in the compile report).
+        self.compiled_parts = () if mode is None else (CompiledPart(score_step, mode, "loss and meters"),)
+        score = self.compiled_parts[0] if self.compiled_parts else score_step
+        self.peer = Peer(train_model, optimizer, scaler, amp, channels_last, mode in CUDA_GRAPH_MODES, score)
         self.predicted: dict = {}  # a frozen peer's evaluation logits, per split: they never change
         self.predictions: torch.Tensor | None = None
         self._build_loaders()
@@ -181,6 +186,10 @@ class Trainer:
             for ds in (data.val, data.test)
         )
         self.steps_per_epoch = len(self.train_loader)
+        mode = self.run.compile[ctx.peer]
+        if mode is not None and hasattr(self.train_loader, "transform"):  # the batched paths (not per-sample)
+            self.train_loader.transform = CompiledPart(batch_transform, mode, "batch transform")
+            self.compiled_parts = (self.train_loader.transform, *self.compiled_parts)
 
     # ------------------------------------------------------------------------------------- train state
     def state_dict(self) -> dict:
@@ -238,8 +247,9 @@ class Trainer:
                 start_step=self.step, meters=self.meters, logger=log, checkpointer=self.checkpointer, watch=self.watch,
             )  # fmt: skip
             self.meters, self.step = None, 0
-            if self.run.compile[ctx.peer] is not None and epoch == first_epoch:
-                log.info(compile_report(self.peer.model, compiled_before, self.run.compile[ctx.peer]))
+            mode = self.run.compile[ctx.peer]
+            if mode is not None and epoch == first_epoch:
+                log.info(compile_report(self.peer.model, compiled_before, mode, self.compiled_parts))
             train = gather_meters(meters, ctx, epoch, self.steps_per_epoch - 1)  # sync point
             if self.scheduler is not None:
                 lr = self.scheduler.get_last_lr()[0]

@@ -158,16 +158,18 @@ if [[ "$gpus" -ge 3 ]]; then
     check layout 3 nccl bf16 "model=[resnet20,resnet32] replicas=[1,2] amp=bf16"
 fi
 check compile 1 nccl bf16 "compile=reduce-overhead amp=bf16"
-# and the compile report proves it: at least one graph, no graph break in ResNet-20's step, and no CUDA-graph
-# skip event counted by inductor
-report=$(grep -oE "compile: [A-Za-z]+, [0-9]+ graph\(s\) compiled, [0-9]+ graph break\(s\) in the first epoch, [0-9]+ CUDA-graph skip\(s\)" \
+# and the compile report proves it: at least one graph, no graph break in ResNet-20's step, no CUDA-graph skip
+# event counted by inductor, and graphs of the step's work around the model (augmentation with normalisation,
+# the loss with the meters)
+report=$(grep -oE "compile: [A-Za-z]+, [0-9]+ graph\(s\) compiled, [0-9]+ graph break\(s\) in the first epoch, [0-9]+ CUDA-graph skip\(s\); of them batch transform [0-9]+, loss and meters [0-9]+" \
     "$work/compile/logs/compile.log" 2>/dev/null | head -n 1)
-if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ graph\ break.*,\ ([0-9]+)\ CUDA ]] \
+if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ graph\ break.*,\ ([0-9]+)\ CUDA-graph\ skip.*batch\ transform\ ([0-9]+),\ loss\ and\ meters\ ([0-9]+)$ ]] \
     && [[ "${BASH_REMATCH[1]}" -ge 1 && "${BASH_REMATCH[2]}" -eq 0 && "${BASH_REMATCH[3]}" -eq 0 ]] \
+    && [[ "${BASH_REMATCH[4]}" -ge 1 && "${BASH_REMATCH[5]}" -ge 1 ]] \
     && grep -qF "compile: peer 1: compile=reduce-overhead: CUDA graphs" "$work/compile/logs/compile.log"; then
     verdicts+=("compile report: ok ($report)")
 else
-    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks, 0 CUDA-graph skips, mode reduce-overhead: got '${report:-none}'")
+    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks, 0 CUDA-graph skips, >= 1 graph each for the batch transform and the loss, mode reduce-overhead: got '${report:-none}'")
     status=1
 fi
 if [[ "$gpus" -ge 2 ]]; then  # the default mode over DDP: CUDA graphs are not used there, and the log says so

@@ -36,6 +36,7 @@ from .memory import (
     DeviceTrainLoader,
     TensorImageDataset,
     augment_image,
+    batch_transform,
     normalize,
 )
 from .plan import BatchPlan
@@ -61,6 +62,7 @@ __all__ = [
     "StreamTrainLoader",
     "TensorImageDataset",
     "augment_image",
+    "batch_transform",
     "build_datasets",
     "choose_path",
     "decode_file",

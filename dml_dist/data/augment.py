@@ -92,6 +92,13 @@ def _crop(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     return windows[torch.arange(b, device=x.device), :, i, j]
 
 
+def device_constant(cached, *args):
+    """``cached(*args)``, a constant built once per device by a ``functools`` cache, in eager code; under
+    torch.compile the function it wraps, whose constant the compiler folds into its graph (dynamo would trace
+    through the cache anyway, with a warning each time)."""
+    return cached.__wrapped__(*args) if torch.compiler.is_compiling() else cached(*args)
+
+
 @functools.lru_cache(maxsize=16)
 def _base_grid(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel centres in normalised coordinates (``align_corners=False``), as ``affine_grid`` lays them.
@@ -110,7 +117,7 @@ def _flip_rotate(x: torch.Tensor, p: AugParams, flip: bool) -> torch.Tensor:
     a = p.angle.to(torch.float32) * (math.pi / 180)
     cos, sin = a.cos().view(b, 1, 1), a.sin().view(b, 1, 1)
     s = torch.where(p.flip, -1.0, 1.0).view(b, 1, 1) if flip else torch.ones_like(cos)
-    gx, gy = _base_grid(h, w, x.device)
+    gx, gy = device_constant(_base_grid, h, w, x.device)
     grid = torch.stack([s * (cos * gx - sin * (h / w) * gy), sin * (w / h) * gx + cos * gy], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -122,7 +129,7 @@ def _gray_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (x * _gray_weights(x.device, x.dtype)).sum(1, keepdim=True)
+    return (x * device_constant(_gray_weights, x.device, x.dtype)).sum(1, keepdim=True)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

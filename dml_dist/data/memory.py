@@ -19,7 +19,7 @@ from dataclasses import fields
 import torch
 from torch.utils.data import Dataset
 
-from .augment import AUGMENTATIONS, AugParams, augment_batch, augment_one
+from .augment import AUGMENTATIONS, AugParams, augment_batch, augment_one, device_constant
 from .plan import BatchPlan, shard_range, shard_rows
 
 # CIFAR-10 channel statistics: every data path normalises with them. A peer whose inputs need others
@@ -44,10 +44,17 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) image(s) -> float32 normalised with the CIFAR-10 statistics."""
-    mean, std = _mean_std(img.device)
+    mean, std = device_constant(_mean_std, img.device)
     if img.dtype == torch.uint8:
         return img.float().div_(255).sub_(mean).div_(std)  # in place on the fresh float copy
     return (img - mean).div_(std)
+
+
+def batch_transform(x: torch.Tensor, params: AugParams, ops: tuple[str, ...]) -> torch.Tensor:
+    """A training step's uint8 batch on the device -> its normalised float32 inputs: the augmentations
+    ``ops`` (``augment_batch``), then ``normalize``. One function, so that with ``compile`` on the trainer
+    compiles the two together (``TrainBatches.transform``)."""
+    return normalize(augment_batch(x, params, ops) if ops else x)
 
 
 class TensorImageDataset(Dataset):
@@ -132,7 +139,8 @@ class TrainBatches:
     """What both training loaders share (``for x, y in loader``: normalised float32 inputs and int64
     labels on ``device``): the step plan, the position (``set_epoch(e, start_step=s)``: step ``s`` of
     epoch ``e``), the one-copy upload, and a step's tail: the batch augmentations and normalisation on the
-    device, keeping what defines the batch for the fingerprint check (``last_source``).
+    device (``transform``: ``batch_transform`` or its compiled twin), keeping what defines the batch for the
+    fingerprint check (``last_source``).
 
     ``shard=(r, R)``: only part r of R of each batch (data-parallel replicas of one peer); every rank still
     draws the whole batch's indices and parameters, so shard r is the same on every peer."""
@@ -143,6 +151,7 @@ class TrainBatches:
         self.epoch, self.start_step = 0, 0
         self.last_source: tuple | None = None
         self.upload = StepUpload(self.ops, self.device)
+        self.transform = batch_transform  # the trainer swaps in a compiled twin when the peer compiles
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -161,9 +170,7 @@ class TrainBatches:
         idx, dev_params = self.upload(idx, params)  # one host-to-device copy
         x = images(idx)
         self.last_source = (x, params)  # what defines the batch: the fingerprint check hashes it
-        if self.ops:
-            x = augment_batch(x, dev_params, self.ops)
-        return normalize(x), self.labels[idx]
+        return self.transform(x, dev_params, self.ops), self.labels[idx]
 
 
 class DeviceTrainLoader(TrainBatches):

@@ -39,14 +39,14 @@ import torch
 from .. import distributed as D
 from ..checkpoint import versions
 from ..config import build_config, parse_overrides
-from ..data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
-from ..engine import Peer, forward, peer_update, resolve_amp
+from ..data import DeviceTrainLoader, TensorImageDataset, batch_transform, load_image_folder, sample_dataloader
+from ..engine import Peer, forward, peer_update, resolve_amp, score_step
 from ..errors import DMLError
 from ..exchange import exchange, resolve_exchange
 from ..logger import emit_json_line
 from ..meters import DeviceClock
 from ..models import build_model, channels_last_choice
-from ..parallel import CUDA_GRAPH_MODES, compile_choice, wrap_replicas
+from ..parallel import CUDA_GRAPH_MODES, CompiledPart, compile_choice, wrap_replicas
 from ..world import finalize_config, peer_model_name
 from .ops import ops_per_step
 
@@ -107,6 +107,7 @@ def _time_steps(peer: Peer, batches, ctx, cfg, mode: str, n: int, mutual: bool) 
             cfg["kl_weight"],
             cfg["mutual"],
             peer.scaler,
+            score=peer.score,
         )
     elapsed = clock.seconds(start, clock.mark())
     return elapsed / n, sum(clock.seconds(a, b) for a, b in gathers) / n
@@ -192,8 +193,13 @@ def run(cfg: dict, bench: dict) -> dict | None:
             train_model = torch.compile(train_model, mode=compile_mode)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as the trainer
         scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the trainer does
-        peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs=compile_mode in CUDA_GRAPH_MODES)
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
+        score = score_step
+        if compile_mode is not None:  # as the trainer: the loss with the meters, the augmentation with normalisation
+            score = CompiledPart(score_step, compile_mode, "loss and meters")
+            loader.transform = CompiledPart(batch_transform, compile_mode, "batch transform")
+        cudagraphs = compile_mode in CUDA_GRAPH_MODES
+        peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs, score)
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
         _time_steps(peer, batches, ctx, cfg, mode, warm, True)  # warm-up (and compile)

@@ -49,6 +49,7 @@ def ops_per_step(peer: Peer, plain, batches, ctx, cfg, mode: str) -> dict:
             cfg["kl_weight"],
             cfg["mutual"],
             peer.scaler,
+            score=peer.score,
         )
     x, _ = next(batches)
     with OpCounter() as alone:
