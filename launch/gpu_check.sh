@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU acceptance run (about 4 minutes on one GPU, never more than TOTAL_TIMEOUT): what CPU CI cannot see. Trains one short epoch on a
+# GPU acceptance run (about 5 minutes on one GPU (an estimate: it has not run on a GPU yet), never more than TOTAL_TIMEOUT): what CPU CI cannot see. Trains one short epoch on a
 # generated image folder through
 #   nccl1      NCCL in a world of one: real collectives (CPU fingerprints/meters over gloo, the exchange's
 #              all-reduce of the softmax sums over NCCL)
 #   nccl2      2 peers, one GPU each (only with 2+ GPUs), fp16 with a GradScaler, the all-reduce exchange
 #   shared     2 peers sharing GPU 0 over gloo (the exchange's all-reduce staged through host memory), bf16
-#   teacher    2 peers sharing GPU 0, the second a frozen teacher from the shared run's checkpoint (bf16)
+#   teacher    2 peers sharing GPU 0, the second a frozen teacher from the shared run's checkpoint (bf16, compiled)
+#   compile_fp16  2 compiled peers sharing GPU 0: fp16, the all-reduce exchange, the KL warm-up
 #   compile    compile=reduce-overhead (torch.compile with CUDA graphs, one rank: no DDP)
 #   compile_ddp  the same over DDP, 1 peer x 2 replicas (only with 2+ GPUs): the default mode, as its log says
 #   replicas   2 peers x 2 replicas: DDP + PyTorch's SyncBatchNorm over NCCL (only with 4+ GPUs)
@@ -151,9 +152,21 @@ if [[ "$gpus" -ge 4 ]]; then  # 2 peers x 2 replicas: the peers of each replica 
     check replicas 4 nccl bf16 "model_num=2 replicas=2 sync_bn=true amp=bf16"
 fi
 check shared 2 gloo bf16 "amp=bf16 exchange=all_reduce" CUDA_VISIBLE_DEVICES="$first_gpu"
-# a frozen teacher (inference_mode under autocast, no optimizer) from the shared run's peer 1, weighted
+# a frozen teacher (inference_mode under autocast, no optimizer) from the shared run's peer 1, weighted; compiled:
+# the loss compiles with its KL term against a peer and the weights
 check teacher 2 gloo bf16 "amp=bf16 init_from=[null,$work/shared/ckpt/shared_model1_final.pth] frozen=[false,true] \
-mutual_weights=[1,2]" CUDA_VISIBLE_DEVICES="$first_gpu"
+mutual_weights=[1,2] compile=true" CUDA_VISIBLE_DEVICES="$first_gpu"
+# 2 compiled peers with fp16's GradScaler, the all-reduce's sums and the KL warm-up (a new weight every step)
+check compile_fp16 2 gloo fp16 "amp=fp16 exchange=all_reduce kl_warmup_epochs=1 compile=true" CUDA_VISIBLE_DEVICES="$first_gpu"
+for name in teacher compile_fp16; do  # each part compiled, and not once per step (past 8, dynamo runs it eager)
+    parts=$(grep -oE "; of them batch transform [0-9]+, loss and meters [0-9]+" "$work/$name/logs/$name.log" 2>/dev/null | head -n 1)
+    if [[ "$parts" =~ transform\ ([12]),\ loss\ and\ meters\ ([12])$ ]]; then
+        verdicts+=("$name compiled parts: ok (${parts#; of them })")
+    else
+        verdicts+=("$name compiled parts: FAILED want 1 or 2 graphs each for the batch transform and the loss: got '${parts:-none}'")
+        status=1
+    fi
+done
 if [[ "$gpus" -ge 3 ]]; then
     check layout 3 nccl bf16 "model=[resnet20,resnet32] replicas=[1,2] amp=bf16"
 fi
@@ -165,11 +178,11 @@ report=$(grep -oE "compile: [A-Za-z]+, [0-9]+ graph\(s\) compiled, [0-9]+ graph 
     "$work/compile/logs/compile.log" 2>/dev/null | head -n 1)
 if [[ "$report" =~ ^compile:\ OptimizedModule,\ ([0-9]+)\ graph.*,\ ([0-9]+)\ graph\ break.*,\ ([0-9]+)\ CUDA-graph\ skip.*batch\ transform\ ([0-9]+),\ loss\ and\ meters\ ([0-9]+)$ ]] \
     && [[ "${BASH_REMATCH[1]}" -ge 1 && "${BASH_REMATCH[2]}" -eq 0 && "${BASH_REMATCH[3]}" -eq 0 ]] \
-    && [[ "${BASH_REMATCH[4]}" -ge 1 && "${BASH_REMATCH[5]}" -ge 1 ]] \
+    && [[ "${BASH_REMATCH[4]}" =~ ^[12]$ && "${BASH_REMATCH[5]}" =~ ^[12]$ ]] \
     && grep -qF "compile: peer 1: compile=reduce-overhead: CUDA graphs" "$work/compile/logs/compile.log"; then
     verdicts+=("compile report: ok ($report)")
 else
-    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks, 0 CUDA-graph skips, >= 1 graph each for the batch transform and the loss, mode reduce-overhead: got '${report:-none}'")
+    verdicts+=("compile report: FAILED want an OptimizedModule, >= 1 graph, 0 graph breaks, 0 CUDA-graph skips, 1 or 2 graphs each for the batch transform and the loss, mode reduce-overhead: got '${report:-none}'")
     status=1
 fi
 if [[ "$gpus" -ge 2 ]]; then  # the default mode over DDP: CUDA graphs are not used there, and the log says so
@@ -193,9 +206,11 @@ fi
 
 # No host sync in a steady-state step (issue 22): DML_SYNC_CHECK=1 runs the steps between print_freq
 # boundaries under torch.cuda.set_sync_debug_mode("error"): a hidden .item() or blocking copy raises there.
-for keys in "amp=bf16" "amp=fp16" "amp=bf16 loader=stream data_dir=$work/jpeg augment=rrc,flip image_size=64 num_workers=2"; do
+for keys in "amp=bf16" "amp=fp16" "amp=bf16 loader=stream data_dir=$work/jpeg augment=rrc,flip image_size=64 num_workers=2" \
+    "amp=bf16 compile=reduce-overhead kl_warmup_epochs=1"; do
     name="syncfree_${keys%% *}"; name=${name//=/}
     [[ "$keys" == *stream* ]] && name=syncfree_stream
+    [[ "$keys" == *compile* ]] && name=syncfree_compile
     # shellcheck disable=SC2086  # keys is a list of key=value words on purpose
     if run_within env DML_SYNC_CHECK=1 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.train \
         data_dir="$work/data" model=resnet20 epochs=1 batch_size=64 augment=true consistency_check_every=0 \

@@ -269,3 +269,43 @@ def test_compile_report_counts_cuda_graph_skips_since_the_run_began_and_only_wit
     finally:
         counters["stats"]["unique_graphs"] -= 1
         counters["inductor"]["cudagraph_skips"] -= 5
+
+
+def test_the_compiled_loss_with_meters_matches_eager_and_compiles_once_per_input_kind():
+    """``compile``: the DML loss with the meters' statistics (``score_step``) compiled as the trainer does
+    (``CompiledPart``) gives eager's loss, statistics and gradient, through the all-gather's tensor (3 peers,
+    ``mutual_weights``) and the all-reduce's ``PeerSums`` (about 10 CPU-s of compiling each), while the warm-up's
+    KL weight changes every step: at most 2 graphs per kind (the first weight, then one graph for any weight),
+    never dynamo's recompile limit (8), past which it would run eager without a word."""
+    from dml_dist.engine import score_step
+    from dml_dist.exchange import PeerSums
+    from dml_dist.loss import exchange_payload
+    from dml_dist.parallel import CompiledPart
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 16, 10, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    payloads = torch.stack([exchange_payload(z[k], 3.0) for k in range(3)])
+    kinds = {
+        "all_gather": lambda w: (z[1], "dml", [1.0, 2.0, 0.5]),
+        "all_reduce": lambda w: (PeerSums(payloads.sum(0), 3, payloads[1]), "dml", None),
+    }
+    for kind, inputs in kinds.items():
+        part = CompiledPart(score_step, "default", "loss and meters")
+        for step, w in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)):  # kl_ramp's values over a warm-up
+            results = []
+            for fn in (score_step, part):
+                logits = z[1].clone().requires_grad_(True)
+                all_logits, mutual, weights = inputs(w)
+                if kind != "all_reduce":
+                    all_logits = z.clone()
+                total, stats, finite = fn(logits, all_logits, 1, y, 3.0, w, mutual, weights)
+                total.backward()
+                results.append((total.detach(), stats, finite, logits.grad))
+            (t0, s0, f0, g0), (t1, s1, f1, g1) = results
+            assert bool(f0) and bool(f1)
+            # on CPU eager and compiled agree to about 1e-6 here; a wrong graph is off by far more
+            assert torch.allclose(t1, t0, rtol=1e-5, atol=1e-6), (kind, step, t0, t1)
+            assert torch.allclose(s1, s0, rtol=1e-5, atol=1e-5), (kind, step, s0, s1)
+            assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-7), (kind, step)
+        assert 1 <= part.graphs <= 2, (kind, part.graphs)

@@ -94,8 +94,9 @@ def _crop(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 def device_constant(cached, *args):
     """``cached(*args)``, a constant built once per device by a ``functools`` cache, in eager code; under
-    torch.compile the function it wraps, whose constant the compiler folds into its graph (dynamo would trace
-    through the cache anyway, with a warning each time)."""
+    torch.compile the function it wraps, traced into the graph (small tables become constants of the graph, the
+    rotation grid's ``arange`` is fused into the kernel that uses it; dynamo would trace through the cache anyway,
+    with a warning each time)."""
     return cached.__wrapped__(*args) if torch.compiler.is_compiling() else cached(*args)
 
 

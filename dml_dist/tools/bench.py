@@ -203,6 +203,8 @@ def run(cfg: dict, bench: dict) -> dict | None:
         batches = _batches(loader)
         n, warm = bench["steps"], bench["warmup"]
         _time_steps(peer, batches, ctx, cfg, mode, warm, True)  # warm-up (and compile)
+        if compile_mode is not None:  # the alone phase's loss has other inputs (no peers): its graphs compile here too
+            _time_steps(peer, batches, ctx, cfg, mode, warm, False)
         # Alternating rounds, median of each phase: a noisy neighbour hits both phases alike.
         alone, dml = [], []
         for _ in range(bench["rounds"]):
