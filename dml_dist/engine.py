@@ -20,12 +20,14 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import faults, stall
+from .data import batch_transform
 from .data.fingerprint import check_batch_consistency
 from .errors import DMLError
 from .exchange import EXCHANGE_WAIT, PeerSums, exchange
 from .logger import NullLogger, format_eta
 from .loss import compute_dml_loss, kl_ramp, loss_from_sums
 from .meters import DeviceClock, Meters, gather_meters, idle_line, peak_rss_gb
+from .parallel import CompiledPart
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -110,6 +112,21 @@ def peer_update(
             total.backward()
             optimizer.step()
     return stats, finite
+
+
+def compile_step_parts(mode: str | None, loader) -> tuple[Callable, tuple[CompiledPart, ...]]:
+    """With the peer compiled in ``mode`` (None: eager), the step's work around the model compiles too: the
+    loader's ``transform``, the augmentation with the normalisation (the batched paths; the per-sample path has
+    none), and the loss with the meters' statistics. Returns the loss to call (``Peer.score``) and the compiled
+    parts, in the compile report's order."""
+    if mode is None:
+        return score_step, ()
+    parts = []
+    if hasattr(loader, "transform"):
+        loader.transform = CompiledPart(batch_transform, mode, "batch transform")
+        parts.append(loader.transform)
+    score = CompiledPart(score_step, mode, "loss and meters")
+    return score, (*parts, score)
 
 
 class Peer(NamedTuple):

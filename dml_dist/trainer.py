@@ -16,15 +16,14 @@ import torch
 from . import distributed as D
 from . import faults, stall
 from .checkpoint import Checkpointer, PeerState, latest_path, peer_path, public_config, versions
-from .data import Datasets, batch_transform, build_datasets, make_eval_loader, make_train_loader
-from .engine import Peer, evaluate, resolve_amp, score_step, train_one_epoch
+from .data import Datasets, build_datasets, make_eval_loader, make_train_loader
+from .engine import Peer, compile_step_parts, evaluate, resolve_amp, train_one_epoch
 from .errors import DMLError
 from .exchange import resolve_exchange
 from .meters import Meters, gather_meters
 from .models import build_model, channels_last_choice, pretrained_meta
 from .parallel import (
     CUDA_GRAPH_MODES,
-    CompiledPart,
     compile_choice,
     compile_report,
     dynamo_counts,
@@ -86,14 +85,11 @@ class Trainer:
             )
             self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
             scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        # With compile on, the step's work around the model compiles too: the loss with the meters here, the
-        # augmentation with the normalisation in _build_loaders (CompiledPart: counted in the compile report).
-        self.compiled_parts = () if mode is None else (CompiledPart(score_step, mode, "loss and meters"),)
-        score = self.compiled_parts[0] if self.compiled_parts else score_step
+        self._build_loaders()
+        score, self.compiled_parts = compile_step_parts(mode, self.train_loader)  # counted in the compile report
         self.peer = Peer(train_model, optimizer, scaler, amp, channels_last, mode in CUDA_GRAPH_MODES, score)
         self.predicted: dict = {}  # a frozen peer's evaluation logits, per split: they never change
         self.predictions: torch.Tensor | None = None
-        self._build_loaders()
 
         # The train state, identical on every rank.
         self.epoch, self.step = 0, 0  # completed epochs; steps done in the current one
@@ -186,10 +182,6 @@ class Trainer:
             for ds in (data.val, data.test)
         )
         self.steps_per_epoch = len(self.train_loader)
-        mode = self.run.compile[ctx.peer]
-        if mode is not None and hasattr(self.train_loader, "transform"):  # the batched paths (not per-sample)
-            self.train_loader.transform = CompiledPart(batch_transform, mode, "batch transform")
-            self.compiled_parts = (self.train_loader.transform, *self.compiled_parts)
 
     # ------------------------------------------------------------------------------------- train state
     def state_dict(self) -> dict:

@@ -39,14 +39,14 @@ import torch
 from .. import distributed as D
 from ..checkpoint import versions
 from ..config import build_config, parse_overrides
-from ..data import DeviceTrainLoader, TensorImageDataset, batch_transform, load_image_folder, sample_dataloader
-from ..engine import Peer, forward, peer_update, resolve_amp, score_step
+from ..data import DeviceTrainLoader, TensorImageDataset, load_image_folder, sample_dataloader
+from ..engine import Peer, compile_step_parts, forward, peer_update, resolve_amp
 from ..errors import DMLError
 from ..exchange import exchange, resolve_exchange
 from ..logger import emit_json_line
 from ..meters import DeviceClock
 from ..models import build_model, channels_last_choice
-from ..parallel import CUDA_GRAPH_MODES, CompiledPart, compile_choice, wrap_replicas
+from ..parallel import CUDA_GRAPH_MODES, compile_choice, wrap_replicas
 from ..world import finalize_config, peer_model_name
 from .ops import ops_per_step
 
@@ -194,10 +194,7 @@ def run(cfg: dict, bench: dict) -> dict | None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # as the trainer
         scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the trainer does
         loader = DeviceTrainLoader(ds, cfg["batch_size"], cfg["seed"], ctx.device, (ctx.replica, ctx.replicas))
-        score = score_step
-        if compile_mode is not None:  # as the trainer: the loss with the meters, the augmentation with normalisation
-            score = CompiledPart(score_step, compile_mode, "loss and meters")
-            loader.transform = CompiledPart(batch_transform, compile_mode, "batch transform")
+        score = compile_step_parts(compile_mode, loader)[0]  # as the trainer: the step's parts around the model too
         cudagraphs = compile_mode in CUDA_GRAPH_MODES
         peer = Peer(train_model, optimizer, scaler, amp, channels_last, cudagraphs, score)
         batches = _batches(loader)
