@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, make_image_folder, processes_mentioning, requires, run_cmd, torchrun
+from conftest import REPO, SHARED_DATA, make_image_folder, processes_mentioning, requires, run_cmd
 from torch.utils.data import DataLoader
 
 from dml_dist import DMLError, create_dml_config, train_dml
@@ -35,10 +35,25 @@ def _api(tmp_path, data_dir, model_num, mode="default", env=None):
     return json.loads(out.read_text()), r
 
 
-@pytest.mark.parametrize("model_num", [3])  # 2 peers: tests/test_callers.py
-def test_train_dml_from_plain_process(tmp_path, hard_folder, model_num):
-    res, r = _api(tmp_path, hard_folder, model_num)
+@pytest.fixture(scope="module")
+def loaders_run(tmp_path_factory, hard_folder):
+    """train_dml(cfg, train, val, test) for 3 peers from a plain process, with prepare_dataloaders' loaders
+    (augmentation on), every step fingerprinted: run once, read by the test below and by dml-eval's."""
+    w = tmp_path_factory.mktemp("loaders_run")
+    (w / "fp").mkdir()
+    res, r = _api(w, hard_folder, 3, mode="loaders", env={"DML_FINGERPRINT_DIR": str(w / "fp")})
+    return w, res, r
+
+
+def test_train_dml_from_plain_process_with_the_callers_loaders(loaders_run):
+    """The peers draw the same batches through the shared-seed sampler, and what they report is what the
+    checkpoints hold. 2 peers and train_dml(cfg) without loaders: tests/test_callers.py and the example notebook."""
+    tmp_path, res, r = loaders_run
+    model_num, fp = 3, tmp_path / "fp"
     assert "error" not in res, res.get("error")
+    f0 = (fp / "fingerprints_rank0.txt").read_text()
+    assert len(f0.splitlines()) == 2 * (72 // 8)
+    assert all((fp / f"fingerprints_rank{k}.txt").read_text() == f0 for k in (1, 2))
     assert res["n_models"] == model_num and res["model_types"] == ["CifarResNet"]
     assert res["config_model_num"] == model_num and res["children"] == []
     assert res["handlers_restored"]  # the caller's SIGINT/SIGTERM handlers are back
@@ -74,21 +89,16 @@ def test_failing_peer_raises_in_the_caller(tmp_path, hard_folder):
     assert processes_mentioning(str(tmpdir)) == []
 
 
-def test_custom_loaders_use_the_shared_seed_sampler(tmp_path, hard_folder):
-    for mode in ("loaders", "imagefolder"):
-        fp = tmp_path / mode / "fp"
-        fp.mkdir(parents=True)
-        res, _ = _api(tmp_path / mode, hard_folder, 2, mode=mode, env={"DML_FINGERPRINT_DIR": str(fp)})
-        assert "error" not in res, res.get("error")
-        f0, f1 = (fp / "fingerprints_rank0.txt").read_text(), (fp / "fingerprints_rank1.txt").read_text()
-        assert f0 == f1 and len(f0.splitlines()) == 2 * (72 // 8)
-        assert res["n_models"] == 2
-        # "loaders" passes prepare_dataloaders' test loader (hard_folder has test/), "imagefolder" none
-        if mode == "loaders":
-            tr = res["test_results"]
-            assert tr is not None and len(tr["peer_acc"]) == 2 and 0 <= tr["ensemble_acc"] <= 1, tr
-        else:
-            assert res["test_results"] is None
+def test_a_users_imagefolder_with_random_transforms_uses_the_shared_seed_sampler(tmp_path, hard_folder):
+    """A user's own torchvision ImageFolder with random transforms, and no test loader (prepare_dataloaders'
+    loaders: the 3-peer run above)."""
+    fp = tmp_path / "fp"
+    fp.mkdir(parents=True)
+    res, _ = _api(tmp_path, hard_folder, 2, mode="imagefolder", env={"DML_FINGERPRINT_DIR": str(fp)})
+    assert "error" not in res, res.get("error")
+    f0, f1 = (fp / "fingerprints_rank0.txt").read_text(), (fp / "fingerprints_rank1.txt").read_text()
+    assert f0 == f1 and len(f0.splitlines()) == 2 * (72 // 8)
+    assert res["n_models"] == 2 and res["test_results"] is None
 
 
 def test_unpicklable_loader_is_a_clear_error(hard_folder):
@@ -166,31 +176,17 @@ def test_train_dml_inside_torchrun_with_custom_loaders_and_workers(tmp_path, har
     assert "data path: custom" in (tmp_path / "logs" / "ing.log").read_text()
 
 
-def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder, capsys):
-    r = torchrun(
-        2,
-        [
-            f"data_dir={hard_folder}",
-            "model=resnet20",
-            "image_size=16",
-            "batch_size=8",
-            "epochs=1",
-            "num_workers=0",
-            "progress_bar=false",
-            f"save_dir={tmp_path / 'ckpt'}",
-            f"log_dir={tmp_path / 'logs'}",
-            "experiment_name=ev",
-        ],
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "logs" / "ev_summary.json").read_text())
-    ckpts = [str(tmp_path / "ckpt" / f"ev_model{k}_best.pth") for k in (1, 2)]
+def test_dml_eval_cli_prints_the_table(tmp_path, hard_folder, loaders_run, capsys):
+    """dml-eval on the best checkpoints of the 3-peer run above: its table gives the accuracies training reported."""
+    run = loaders_run[0]
+    summary = json.loads((run / "logs" / "api_summary.json").read_text())
+    ckpts = [str(run / "checkpoints" / f"api_model{k}_best.pth") for k in (1, 2, 3)]
     cli = [sys.executable, "-m", "dml_dist.evaluate", "--checkpoints", *ckpts, "--data-dir", str(hard_folder)]
     r = run_cmd([*cli, "--split", "val"])
     assert r.returncode == 0, r.stderr
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(model\d|ensemble)\s+\S+\s+([\d.]+)", r.stdout, re.M)}
-    assert rows["model1"] == pytest.approx(summary["best_accuracies"][0], abs=1e-4)
-    assert rows["model2"] == pytest.approx(summary["best_accuracies"][1], abs=1e-4)
+    for k in range(3):
+        assert rows[f"model{k + 1}"] == pytest.approx(summary["best_accuracies"][k], abs=1e-4)
     assert "ensemble" in rows
     # --split test (the default) and train: the trainer's own splits, counted (README promise); and a missing
     # data_dir. In-process: the command line above is the CLI's, these are its arguments.

@@ -73,7 +73,7 @@ def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
     assert res["n_models"] == 2 and res["model_num"] == 2 and res["history"] == 1
     assert "epoch 1/1" in r.stdout  # rank 0's log reached the caller
     assert processes_mentioning(str(tmpdir)) == []  # no peer outlived the call
-    if mode == "test_loader_only":  # the data from data_dir, the test split from the loader alone
+    if mode in ("test_loader_only", "default"):  # the test split from the loader alone, or from data_dir/test
         assert len(res["test_results"]["peer_acc"]) == 2
     if mode == "collate_no_val":
         assert list(tmp_path.glob("collate.*")), "the custom collate_fn was not used by the peers"

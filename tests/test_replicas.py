@@ -32,8 +32,8 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, folder):
     """The module's launches, each run once on first use (2 peers, augmentation, 6 steps an epoch):
-    ``r1``: 1 replica, 2 epochs, the reference, run as one epoch and then resumed for the second (exact on CPU;
-    its first epoch's checkpoints are kept in ``r1_epoch1``); ``r2``: 2 replicas with SyncBN and
+    ``r1``: 1 replica, 2 epochs, the reference (its epoch-1 files kept: save_freq=1); ``r12``: replicas [1, 2]
+    (3 processes, started by launch/local.sh with REPLICAS=[1,2]), 1 epoch; ``r2``: 2 replicas with SyncBN and
     ``exchange: all_reduce`` (over each replica index's peer group; r1 all-gathers), 1 epoch; ``r2_resumed``:
     r2's checkpoint resumed with 1 replica to epoch 2; ``r2_nosync``: 2 replicas without SyncBN, 1 epoch;
     ``r2_replica_major``: the same with the peers of one replica index on consecutive ranks."""
@@ -50,10 +50,14 @@ def runs(tmp_path_factory, folder):
         if name not in done:
             w = root / name
             if name == "r1":
-                r = torchrun(2, base_args(w, folder, **{**COMMON, "epochs": 1}))
-                assert r.returncode == 0, r.stderr[-3000:]
-                shutil.copytree(w / "ckpt", root / "r1_epoch1")
-                r = torchrun(2, base_args(w, folder, **COMMON, resume="auto"))
+                r = torchrun(2, base_args(w, folder, **COMMON))
+            elif name == "r12":
+                (root / "empty.yaml").write_text("{}\n")  # defaults + the same overrides as the reference
+                cmd = ["bash", str(REPO / "launch" / "local.sh"), "2", "--config", str(root / "empty.yaml")]
+                r = run_cmd(
+                    [*cmd, *base_args(w, folder, **{**COMMON, "epochs": 1})],
+                    env={"REPLICAS": "[1,2]", "PYTHON": sys.executable},
+                )
             else:
                 if name == "r2_resumed":
                     shutil.copytree(get("r2")[0] / "ckpt", w / "ckpt")
@@ -171,45 +175,32 @@ def _assert_close(a, b, atol=1e-4):
         assert y["ensemble_acc"] == x["ensemble_acc"]
 
 
-def test_one_and_two_replicas_train_resume_with_one_each_and_match(tmp_path, folder, runs):
-    """[1, 2] (3 processes, all-reduce by rows; started by launch/local.sh with REPLICAS=[1,2]) for one
-    epoch, resumed as [1, 1]: the weights of [1, 1]."""
+def test_one_and_two_replicas_train_as_one_each(runs):
+    """[1, 2] (3 processes, all-reduce by rows; started by launch/local.sh with REPLICAS=[1,2]) for one epoch: the
+    weights and the epoch of [1, 1] (SyncBN)."""
     ref = runs("r1")[0]
-    w = tmp_path / "w"
-    (tmp_path / "empty.yaml").write_text("{}\n")  # defaults + the same overrides as the reference
-    r = run_cmd(
-        [
-            "bash",
-            str(REPO / "launch" / "local.sh"),
-            "2",
-            "--config",
-            str(tmp_path / "empty.yaml"),
-            *base_args(w, folder, **{**COMMON, "epochs": 1}),
-        ],
-        env={"REPLICAS": "[1,2]", "PYTHON": sys.executable},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    w, r = runs("r12")
     for rank, (peer, replica) in enumerate([(1, 0), (2, 0), (2, 1)]):
         assert f"placement: rank {rank} (peer {peer}, replica {replica})" in r.stdout
     assert "exchange: all_reduce (auto: replicas [1, 2]" in r.stdout  # uneven counts: the sums by rows
     # the log's per-peer compute / exchange-wait split (the idle share a layout is balanced by)
     assert "compute/exchange ms p1 " in r.stdout and " p2 " in r.stdout.split("compute/exchange ms", 1)[1]
     assert len(torch.load(w / "ckpt" / "t_latest.pth", weights_only=True)["peers"]) == 2
-    r = torchrun(2, base_args(w, folder, **COMMON, resume="auto"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "1 epoch(s) and 0 step(s) done" in r.stdout
-    assert read_summary(w)["config"]["replicas"] == 1
-    _assert_close(ref, w)
+    assert read_summary(w)["config"]["replicas"] == [1, 2]
+    _assert_same_weights(_weights(ref, tag="epoch_1"), _weights(w), atol=1e-4)
+    _assert_same_epoch(read_summary(ref)["history"][0], read_summary(w)["history"][0])
 
 
-def test_one_each_resumes_as_two_and_one_with_the_all_gather(tmp_path, folder, runs):
-    """The other way round: [1, 1]'s first epoch resumed as [2, 1] with exchange=all_gather (the logits by
-    rows, shares padded to the largest)."""
+def test_one_and_two_resume_as_two_and_one_with_the_all_gather(tmp_path, folder, runs):
+    """A list layout's checkpoint resumed in another list layout: [1, 2]'s first epoch resumed as [2, 1] with
+    exchange=all_gather (the logits by rows, shares padded to the largest) ends where [1, 1] ends (the rectangle
+    resumed with fewer replicas: the 2 x 2 test above)."""
     ref = runs("r1")[0]
     w = tmp_path / "w"
-    shutil.copytree(ref.parent / "r1_epoch1", w / "ckpt")
+    shutil.copytree(runs("r12")[0] / "ckpt", w / "ckpt")
     r = torchrun(3, base_args(w, folder, **COMMON, resume="auto", replicas="[2,1]", exchange="all_gather"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout
     assert "exchange: all_gather (set in the config)" in r.stdout
     assert read_summary(w)["config"]["replicas"] == [2, 1]
     _assert_close(ref, w)

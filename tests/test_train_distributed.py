@@ -94,52 +94,51 @@ def _check_tensorboard(log_dir, peers, epochs, history=None):
     return acc
 
 
-def test_two_peers_same_batches_with_augmentation(tmp_path, image_folder):
-    # The memory path (an image folder that fits) reads no files while training, so it has no workers; the
-    # per-sample path's workers run under torchrun in test_api.py, the stream path's in test_stream.py.
+def test_three_peers_mixed_cohort_same_batches_summary_and_tensorboard(tmp_path, image_folder):
+    """One launch of a mixed cohort of 3 (mutual=ensemble: each peer distils from the mean of the other two; the
+    dml variant runs everywhere else), augmentation on, the consistency check at every step. The memory path (an
+    image folder that fits) reads no files while training, so it has no workers; the per-sample path's workers
+    run under torchrun in test_api.py, the stream path's in test_stream.py."""
     fp_dir = tmp_path / "fp"
     fp_dir.mkdir()
     r = torchrun(
-        2,
-        base_args(tmp_path, image_folder, augment=True, consistency_check_every=1),
+        3,
+        base_args(
+            tmp_path,
+            image_folder,
+            model="[resnet20,mobilenet,resnet20]",
+            mutual="ensemble",
+            augment=True,
+            consistency_check_every=1,
+        ),
         env={"DML_FINGERPRINT_DIR": str(fp_dir)},
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    # Every step of both epochs was fingerprinted on both ranks, and the ranks saw byte-identical batches.
-    f0, f1 = _fingerprints(fp_dir, 0), _fingerprints(fp_dir, 1)
+    # Every step of both epochs was fingerprinted on every rank, and the ranks saw byte-identical batches.
+    f0 = _fingerprints(fp_dir, 0)
     assert len([line for line in f0 if line]) == 2 * (72 // 8)
-    assert f0 == f1
+    assert _fingerprints(fp_dir, 1) == f0 and _fingerprints(fp_dir, 2) == f0
     assert len(set(line.split()[3] for line in f0 if line)) == 18  # inputs differ from step to step
     summary = read_summary(tmp_path)
-    _check_summary(summary, peers=2, epochs=2)
-    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=2, epochs=2, history=summary["history"])
-    assert acc.Scalars("peer1/val_acc")[-1].value == pytest.approx(summary["history"][-1]["val_acc"][0], abs=1e-6)
-    # Rank 0 logged every rank's placement; non-zero ranks stay quiet.
-    log = (tmp_path / "logs" / "t.log").read_text()
-    assert "placement: rank 0" in log and "placement: rank 1" in log
-    assert r.stdout.count("placement: rank 1 ") == 1
-    # Rank 0 wrote every peer's checkpoints, not only its own: the weights differ.
-    w1 = torch.load(tmp_path / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
-    w2 = torch.load(tmp_path / "ckpt" / "t_model2_final.pth", weights_only=True)["model"]
-    assert not torch.equal(w1["fc.weight"], w2["fc.weight"])
-
-
-def test_three_peers_mixed_cohort_summary_and_tensorboard(tmp_path, image_folder):
-    # mutual=ensemble: each peer distils from the mean of the other two (the dml variant runs everywhere else)
-    r = torchrun(
-        3, base_args(tmp_path, image_folder, model="[resnet20,mobilenet,resnet20]", epochs=2, mutual="ensemble")
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = read_summary(tmp_path)
     _check_summary(summary, peers=3, epochs=2)
-    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2, history=summary["history"])
+    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2, history=summary["history"])
+    for k in range(3):  # each peer's curve under its own name: the training losses differ from peer to peer
+        got = [e.value for e in acc.Scalars(f"peer{k + 1}/train_loss")]
+        assert got == pytest.approx([h["train_loss"][k] for h in summary["history"]], rel=1e-6), k
     assert summary["config"]["model"] == ["resnet20", "mobilenet", "resnet20"]
     assert summary["config"]["mutual"] == "ensemble"
     # 3 peers: auto takes the all-reduce of the softmax sums (tests/test_exchange.py: the same numbers)
     assert "exchange: all_reduce (auto: 3 peers >= 3" in r.stdout and summary["resolved"]["exchange"] == "all_reduce"
     assert all(h["train_kl"][k] > 0 for h in summary["history"] for k in range(3))
-    ck = torch.load(tmp_path / "ckpt" / "t_model2_best.pth", weights_only=True)
-    assert ck["arch"] == "mobilenet"
+    # Rank 0 logged every rank's placement; non-zero ranks stay quiet.
+    log = (tmp_path / "logs" / "t.log").read_text()
+    assert all(f"placement: rank {k}" in log for k in range(3))
+    assert r.stdout.count("placement: rank 1 ") == 1
+    # Rank 0 wrote every peer's checkpoints, not only its own: the two ResNet-20s' weights differ.
+    w1 = torch.load(tmp_path / "ckpt" / "t_model1_final.pth", weights_only=True)["model"]
+    w3 = torch.load(tmp_path / "ckpt" / "t_model3_final.pth", weights_only=True)["model"]
+    assert not torch.equal(w1["fc.weight"], w3["fc.weight"])
+    assert torch.load(tmp_path / "ckpt" / "t_model2_best.pth", weights_only=True)["arch"] == "mobilenet"
 
 
 @pytest.fixture(scope="module")
