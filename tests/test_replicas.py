@@ -109,8 +109,8 @@ def test_two_peers_times_two_replicas_train_and_resume_with_one_replica(runs):
     resumed = read_summary(other)["history"]
     assert [h["epoch"] for h in resumed] == [1, 2]
     # With SyncBN an epoch over 2 replicas is the full-batch epoch, so the run that switched from 2 replicas
-    # to 1 at the checkpoint ends where the 1-replica run resumed at the same boundary ends (a resume itself is
-    # bit-identical to an uninterrupted run: tests/test_checkpoint.py).
+    # to 1 at the checkpoint ends where the uninterrupted 1-replica run ends (a resume itself is bit-identical
+    # to an uninterrupted run: tests/test_checkpoint.py).
     ref = runs("r1")[0]
     _assert_same_weights(_weights(ref), _weights(other), atol=1e-4)
     for h1, h2 in zip(read_summary(ref)["history"], resumed):

@@ -91,7 +91,10 @@ def _check_tensorboard(log_dir, peers, epochs, history=None):
     if history is not None:  # the values are the summary's, epoch by epoch
         for tag, key in (("ensemble/val_loss", "ensemble_loss"), ("ensemble/val_acc", "ensemble_acc"), ("lr", "lr")):
             assert [e.value for e in acc.Scalars(tag)] == pytest.approx([h[key] for h in history], rel=1e-6), tag
-    return acc
+        for k in range(peers):  # each peer's curves under its own name: the peers' figures differ
+            for t in PEER_TAGS:
+                got = [e.value for e in acc.Scalars(f"peer{k + 1}/{t}")]
+                assert got == pytest.approx([h[t][k] for h in history], rel=1e-6), (k, t)
 
 
 def test_three_peers_mixed_cohort_same_batches_summary_and_tensorboard(tmp_path, image_folder):
@@ -121,10 +124,7 @@ def test_three_peers_mixed_cohort_same_batches_summary_and_tensorboard(tmp_path,
     assert len(set(line.split()[3] for line in f0 if line)) == 18  # inputs differ from step to step
     summary = read_summary(tmp_path)
     _check_summary(summary, peers=3, epochs=2)
-    acc = _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2, history=summary["history"])
-    for k in range(3):  # each peer's curve under its own name: the training losses differ from peer to peer
-        got = [e.value for e in acc.Scalars(f"peer{k + 1}/train_loss")]
-        assert got == pytest.approx([h["train_loss"][k] for h in summary["history"]], rel=1e-6), k
+    _check_tensorboard(tmp_path / "logs" / "t", peers=3, epochs=2, history=summary["history"])
     assert summary["config"]["model"] == ["resnet20", "mobilenet", "resnet20"]
     assert summary["config"]["mutual"] == "ensemble"
     # 3 peers: auto takes the all-reduce of the softmax sums (tests/test_exchange.py: the same numbers)

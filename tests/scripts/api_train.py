@@ -88,7 +88,7 @@ def main():
         out["n_models"] = len(res["models"])
         out["model_types"] = sorted({type(m).__name__ for m in res["models"]})
         out["config_model_num"] = res["config"]["model_num"]
-        if mode in ("default", "loaders"):
+        if mode == "loaders":  # the 3-peer run: its checkpoints and returned models, scored again
             loaded = load_dml_models(res["checkpoints"]["best"])
             _, val_loader, test_loader = prepare_dataloaders(data_dir, batch_size=16, augment=False, image_size=16)
             out["eval_best_val"] = evaluate_dml_models(loaded["models"], val_loader)
