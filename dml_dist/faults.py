@@ -4,7 +4,8 @@
 
 - ``seed_offset``: rank r uses ``seed + 1`` for data sampling (the consistency check must catch it);
 - ``raise``: rank r fails with an error at setup (no epoch) or at (epoch, step);
-- ``sigkill``: rank r SIGKILLs itself at (epoch, step), first attempt only (not after a torchrun restart);
+- ``sigkill``: rank r SIGKILLs itself at (epoch, step), first attempt only (not after a torchrun restart or a
+  SLURM requeue);
 - ``sigstop``: rank r stops itself (SIGSTOP) at (epoch, step): a stalled rank, first attempt only;
 - ``slow_save``: rank 0's checkpoint writer sleeps ``seconds`` (default 2) before each checkpoint it
   writes: a slow disk, so that a test can stop the job while writes are queued;
@@ -34,7 +35,8 @@ def _spec() -> dict | None:
     if not raw:
         return None
     spec = dict(part.split("=", 1) for part in raw.split(",") if "=" in part)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and spec.get("action") in (
+    again = any(int(os.environ.get(v) or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    if again and spec.get("action") in (
         "sigkill",
         "sigstop",
         "kill_in_save",

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A throwaway SLURM cluster on this machine, to run launch/slurm.sbatch for real without a cluster:
 # munged, slurmctld and NODES slurmd (several slurmd on one host fake several nodes) in a temporary
-# folder, on free localhost ports. It submits launch/slurm.sbatch for 2 peers and 4 short epochs on the
+# folder, on free localhost ports. It submits launch/slurm.sbatch for 2 peers and 3 short epochs on the
 # shared CIFAR-10 subset, requeues the job (scontrol requeue) once the first epoch is saved, has another
 # process take the first run's rendezvous port, waits for the requeued run to resume from the checkpoint and
 # finish, checks the job's output, then cancels whatever job is left and stops only the daemons it started
-# (by their PIDs). Every wait is bounded: at most about 11 minutes in all (about 45 s when it passes on an
+# (by their PIDs). Every wait is bounded: at most about 11 minutes in all (about 30 s when it passes on an
 # idle machine). Needs root and Debian's slurmctld, slurmd, slurm-client and munge.
 #
 #   launch/slurm_local.sh        # 1 node, 2 processes
@@ -105,21 +105,23 @@ for _ in $(seq 100); do
 done
 [[ "$idle" -ge "$nodes" ]] || fail "the $nodes node(s) did not come up idle: $(sinfo -N 2>&1 | tr '\n' ' ')"
 
-# The job: 2 peers in all, 4 short epochs, checkpoints and logs in the temporary folder (shared by the fake
-# nodes, as a cluster's shared filesystem would be). The requeue is sent after epoch 1, so three epochs (about
-# 15 s here when idle) separate it from the job's end: a requeue that lands later finds nothing to resume.
+# The job: 2 peers in all, 3 short epochs, checkpoints and logs in the temporary folder (shared by the fake
+# nodes, as a cluster's shared filesystem would be). Its first run cannot outrun the requeue: rank 1 stops itself
+# (SIGSTOP, DML_FAULT) at the first step of epoch 2, after epoch 1's checkpoint, so the requeue always finds the job
+# mid-run (SLURM continues and terminates the stopped rank); the requeued run (SLURM_RESTART_COUNT=1) is not stopped.
 work="$tmp/work"
 mkdir -p "$work"
-epochs=4
+epochs=3
 job=$(cd "$work" && env -u RDZV_PORT NPROC_PER_NODE="$procs" MAX_RESTARTS=0 PYTHON="$py" \
-    CONFIG="$repo/configs/quickstart.yaml" \
+    CONFIG="$repo/configs/quickstart.yaml" DML_FAULT="action=sigstop,rank=1,epoch=2,step=0" \
     sbatch --parsable --nodes="$nodes" --exclusive --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
-    data_dir="$data" train_subset=512 epochs="$epochs" batch_size=64 save_dir="$work/ckpt" log_dir="$work/logs" \
-    cache_dir="$work/cache" progress_bar=false print_freq=4) || fail "sbatch refused the job"
+    data_dir="$data" train_subset=256 image_size=16 epochs="$epochs" batch_size=32 save_dir="$work/ckpt" \
+    log_dir="$work/logs" cache_dir="$work/cache" progress_bar=false print_freq=4) || fail "sbatch refused the job"
 out="$work/slurm-$job.out"
 # Requeue once the first epoch's checkpoint exists: the requeued run must resume from it.
 for _ in $(seq 240); do
     grep -q "^epoch 1/$epochs" "$out" 2>/dev/null && break
+    [[ -n "$(squeue -h -j "$job" -t PENDING,CONFIGURING,RUNNING 2>/dev/null)" ]] || break  # the job ended (it failed): say so now
     sleep 0.5
 done
 grep -q "^epoch 1/$epochs" "$out" 2>/dev/null || fail "the job did not finish epoch 1: $(tail -n 5 "$out" 2>/dev/null | tr '\n' ' ')"
@@ -167,7 +169,7 @@ for _ in $(seq 120); do grep -q "rendezvous $job\.1 at " "$out" 2>/dev/null && b
 port1=$(rdzv_port 1)
 [[ $port1 =~ ^[0-9]+$ ]] || fail "the requeued run printed no rendezvous line within a minute: $(tail -n 3 "$out" | tr '\n' ' ')"
 [[ $port1 != "$port0" ]] || fail "the requeued run rendezvous on the first run's port $port0, which another process holds"
-for _ in $(seq 480); do  # the requeued run: up to 4 minutes (3 epochs; slower on a loaded machine)
+for _ in $(seq 480); do  # the requeued run: up to 4 minutes (2 epochs; slower on a loaded machine)
     state=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
     [[ "$state" =~ ^(PENDING|RUNNING|REQUEUED|CONFIGURING|COMPLETING|RESIZING|REQUEUE_HOLD)?$ ]] || break
     sleep 0.5

@@ -19,10 +19,10 @@ SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")
 )
 @pytest.mark.parametrize("nodes", [2])
 def test_sbatch_trains_is_requeued_and_resumes(nodes):
-    """2 peers, 4 short epochs; `scontrol requeue` after epoch 1; the requeued run resumes from its
-    checkpoint and finishes, each run with its own rendezvous (<job>.0, <job>.1) and a port of its own (another
-    process holds the first run's port during the requeue), and the job's output (--open-mode=append) holds
-    both runs."""
+    """2 peers, 3 short epochs; `scontrol requeue` after epoch 1 (rank 1 stops itself at epoch 2 until it lands);
+    the requeued run resumes from its checkpoint and finishes, each run with its own rendezvous (<job>.0, <job>.1)
+    and a port of its own (another process holds the first run's port during the requeue), and the job's output
+    (--open-mode=append) holds both runs."""
     r = run_cmd(
         ["bash", str(REPO / "launch" / "slurm_local.sh"), str(nodes)], env={"PYTHON": sys.executable}, timeout=840
     )
