@@ -3,8 +3,9 @@
 Per step, every rank: fingerprint check (some steps) -> forward -> the exchange (sync point: all-gather of the logits,
 or all-reduce of the softmax sums, ``exchange``) -> DML loss against the detached peers -> backward -> SGD step
 (``peer_update``, shared with the single-process API). Nothing in a step reads a value back to the host: meters and the
-finiteness flag accumulate on the device and are read at ``print_freq`` boundaries. Meters stay per peer; they are
-gathered, never summed, since each rank is a different peer.
+finiteness flag accumulate on the device; a ``print_freq`` boundary's line is read from a snapshot one step later, a
+checkpoint's and the epoch's end at once. Meters stay per peer; they are gathered, never summed, since each rank is a
+different peer.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ def train_one_epoch(
     (the loader must have been positioned with ``set_epoch(epoch - 1, start_step)``). After each step the
     ``checkpointer`` is told the position (it decides whether to write); ``watch`` is rank 0's stall watch.
 
-    No host sync inside a step: the meters live on the device and are read at ``print_freq`` boundaries.
+    No host sync inside a step: the meters live on the device. At a ``print_freq`` boundary they are copied off
+    it behind the step's work and logged once the next step is queued (the device never runs dry for a log line);
+    before a checkpoint and at the epoch's end they are read at once.
     """
     frozen = peer.optimizer is None
     peer.model.train(not frozen)
@@ -174,16 +177,37 @@ def train_one_epoch(
     bar = logger.progress(loader, total=steps - start_step, desc=f"epoch {epoch}")
     t_epoch = t_last = time.time()
     clock, spans = DeviceClock(ctx.device), []  # the exchange's wait, read at the print boundaries
+    pending = None  # a print boundary's (snapshot, step, time, spans), reported after the next step is queued
     sync_check, checked = os.environ.get("DML_SYNC_CHECK") == "1" and ctx.device.type == "cuda", 0
 
     def steady(s: int) -> bool:
-        """Step ``s`` has no planned host sync: not the first two, no meter read, check or save after it."""
-        return (
-            s > start_step + 1
-            and (s + 1) % cfg["print_freq"] != 0
-            and s + 1 < steps
-            and not (check_every and s % check_every == 0)
-            and not (checkpointer is not None and checkpointer.due(epoch, s + 1))
+        """Step ``s`` has no planned host sync: not the first two, no batch check, no save or end of epoch after
+        it (a ``print_freq`` boundary is not one: its meters are read from a snapshot, one step later)."""
+        return s > start_step + 1 and not (check_every and s % check_every == 0) and not holds_up(s)
+
+    def holds_up(s: int) -> bool:
+        """After step ``s`` the meters are read at once (a sync point): the epoch's end or a checkpoint."""
+        return s + 1 == steps or (checkpointer is not None and checkpointer.due(epoch, s + 1))
+
+    def report(snap: Meters, step: int, t_at: float, step_spans: list) -> None:
+        """The log line of the ``print_freq`` boundary after ``step``, from ``snap``: the meters as they stood then.
+        Collective on every rank (all peers shown, not just rank 0's); it waits only for that step's work."""
+        snap.ready()
+        secs = sum(clock.seconds(a, b) for a, b in step_spans)  # events of steps up to ``step``: done by now
+        meters.exchange_time += secs
+        snap.exchange_time += secs
+        rows = gather_meters(snap, ctx, epoch, step)
+        meters.unchecked_from = max(meters.unchecked_from, snap.unchecked_from)
+        done = step + 1 - start_step
+        eta = (t_at - t_epoch) / done * (steps - step - 1)
+        peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
+        bar.set_postfix_str(peers_txt)
+        step_s = snap.step_time / max(done, 1)
+        logger.info(
+            f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
+            f"data {snap.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
+            f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
+            f"compute/exchange ms " + " ".join(idle_line(k, a[5] / done, a[6] / done) for k, a in enumerate(rows))
         )
 
     if watch is not None:
@@ -225,23 +249,15 @@ def train_one_epoch(
             t_now = time.time()
             meters.step_time += t_now - t_last
             t_last = t_now
+            if pending is not None:  # the last boundary's line, now that this step's work is queued behind it
+                report(*pending)
+                pending = None
             if (step + 1) % cfg["print_freq"] == 0 or step + 1 == steps:
-                meters.exchange_time += sum(clock.seconds(a, b) for a, b in spans)
+                pending = (meters.snapshot(), step, t_now, spans[:])
                 spans.clear()
-                # Collective on every rank (sync point): show all peers, not just rank 0's.
-                rows = gather_meters(meters, ctx, epoch, step)
-                done = step + 1 - start_step
-                eta = (t_now - t_epoch) / done * (steps - step - 1)
-                peers_txt = " ".join(f"p{k + 1} {a[0]:.3f}/{a[3]:.3f}" for k, a in enumerate(rows))
-                bar.set_postfix_str(peers_txt)
-                step_s = meters.step_time / max(done, 1)
-                logger.info(
-                    f"epoch {epoch} [{step + 1}/{steps}] eta {format_eta(eta)} loss/acc {peers_txt} "
-                    f"data {meters.data_time / max(done, 1):.3f}s step {step_s:.3f}s "
-                    f"({cfg['batch_size'] / step_s:.0f} img/s per peer, peak RSS {peak_rss_gb():.2f} GB) | "
-                    f"compute/exchange ms "
-                    + " ".join(idle_line(k, a[5] / done, a[6] / done) for k, a in enumerate(rows))
-                )
+                if holds_up(step):  # the meters are read now anyway (the epoch's end, a checkpoint)
+                    report(*pending)
+                    pending = None
             if checkpointer is not None:
                 checkpointer.save(epoch, step + 1, meters=meters)
             if watch is not None and step + 1 < steps:

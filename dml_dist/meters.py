@@ -1,8 +1,9 @@
 """Each peer's running sums over an epoch, kept on the device, and the collective that reads them.
 
-A step never reads a meter back to the host: ``Meters`` accumulates on the device and ``meter_table`` (a sync point)
-gathers them at ``print_freq`` boundaries, before a mid-epoch checkpoint and at the end of an epoch. Meters stay per
-peer: they are gathered and summed over a peer's replicas, never across peers.
+A step never reads a meter back to the host: ``Meters`` accumulates on the device and ``meter_table`` (a collective)
+gathers them before a mid-epoch checkpoint and at the end of an epoch (sync points), and at ``print_freq`` boundaries
+from a ``snapshot`` copied off the device behind the step's work and read after the next step is queued. Meters stay
+per peer: they are gathered and summed over a peer's replicas, never across peers.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .errors import DMLError
 class Meters:
     """One peer's running sums over one epoch, kept on the device so a step never waits for the host:
     ``[loss * n, ce * n, kl * n, correct, n]`` in float64, plus a flag set by any non-finite loss since the
-    last check. Read (a host sync) only at ``print_freq`` boundaries, before a checkpoint and at the end
-    of the epoch."""
+    last check. Read before a checkpoint and at the end of the epoch (a host sync); at a ``print_freq``
+    boundary a ``snapshot`` is read one step later, without draining the device's queue."""
 
     def __init__(self, device="cpu", sums: dict | None = None):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -30,10 +31,38 @@ class Meters:
         self.unchecked_from: int | None = None  # first step not yet checked for a finite loss
         self.data_time = self.step_time = self.exchange_time = 0.0  # this rank's seconds (host, not saved)
         self.data_error: str | None = None  # the loader's first unreadable file (stream path), checked here
+        self._landing = self._copied = None  # a snapshot's host buffer and its copy's event, until ready()
 
     def add(self, stats: torch.Tensor, finite: torch.Tensor) -> None:
         self.sums += stats
         self.bad |= ~finite
+
+    def snapshot(self) -> Meters:
+        """These meters as they stand, copied off the device without waiting: the sums and the flag go to pinned host
+        memory behind the work queued so far (``non_blocking``, marked by an event), the host's seconds are copied
+        now. Read it only after ``ready()``, which waits for that event alone: the steps queued after it keep the
+        device busy. On the CPU the copy is done at once."""
+        snap = Meters("cpu")
+        cuda = self.sums.device.type == "cuda"
+        snap._landing = torch.empty(6, dtype=torch.float64, pin_memory=cuda)  # [the 5 sums, the non-finite flag]
+        snap._landing.copy_(torch.cat([self.sums, self.bad.double().view(1)]), non_blocking=cuda)
+        snap.unchecked_from, snap.data_error = self.unchecked_from, self.data_error
+        snap.data_time, snap.step_time, snap.exchange_time = self.data_time, self.step_time, self.exchange_time
+        if cuda:
+            snap._copied = torch.cuda.Event()
+            snap._copied.record()
+        else:
+            snap.ready()
+        return snap
+
+    def ready(self) -> Meters:
+        """A ``snapshot`` once its copy has landed (an event's wait; at once on the CPU)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._landing is not None:
+            self.sums, self.bad = self._landing[:5], self._landing[5] != 0
+        self._landing = self._copied = None
+        return self
 
     def state_dict(self) -> dict:
         return dict(zip(("loss", "ce", "kl", "correct", "n"), self.sums.cpu().tolist()))

@@ -136,3 +136,48 @@ def test_the_batch_fingerprint_sees_the_images_the_labels_and_the_parameters_apa
     x2[0, 0, 0, 0] += 1  # the per-sample path: the float inputs themselves
     assert batch_fingerprint(x2, y)[1] != batch_fingerprint(x, y)[1]
     assert batch_fingerprint(x2, y)[0] == batch_fingerprint(x, y)[0]
+
+
+def test_a_print_boundary_is_logged_after_the_next_step_with_the_meters_it_had(tiny):
+    """Issue 22: the line of a ``print_freq`` boundary is read from a snapshot once the next step is queued (on a GPU
+    the queue never drains for it). On the CPU: the line of step 2 of 3 comes after the third batch was drawn, and
+    holds the meters of the first two steps, the same as an epoch of just those two batches (read at once, at its
+    end). Red with the boundary read at once, or with the line read from the live meters one step later."""
+    from dml_dist.distributed import DistContext
+    from dml_dist.distributed.placement import Placement
+    from dml_dist.engine import Peer, train_one_epoch
+    from dml_dist.logger import NullLogger
+    from dml_dist.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    ctx = DistContext(0, 1, 0, 1, Placement("cpu", "gloo", 1, False))
+    cfg = {"kl_weight": 1.0, "kl_warmup_epochs": 0, "temperature": 1.0, "mutual": "dml", "mutual_weights": None,
+           "print_freq": 2, "consistency_check_every": 0, "batch_size": 4}  # fmt: skip
+
+    def epoch(n: int) -> list[str]:
+        events = []
+
+        class Log(NullLogger):
+            def info(self, msg):
+                events.append(msg)
+
+        class Loader:
+            def __len__(self):
+                return n
+
+            def __iter__(self):
+                for k in range(n):
+                    events.append(f"batch {k}")
+                    yield batches[k]
+
+        torch.manual_seed(0)
+        model = build_model("resnet20", 3, image_size=16)
+        peer = Peer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        train_one_epoch(peer, Loader(), ctx, cfg, "all_gather", 1, logger=Log())
+        return events
+
+    three, two = epoch(3), epoch(2)
+    assert [e.split(" eta")[0] for e in three] == ["batch 0", "batch 1", "batch 2", "epoch 1 [2/3]", "epoch 1 [3/3]"]
+    loss_acc = [re.search(r"loss/acc (\S+ \S+)", e).group(1) for e in (three[3], two[2])]
+    assert loss_acc[0] == loss_acc[1], loss_acc
