@@ -163,8 +163,8 @@ def train_one_epoch(
     ``checkpointer`` is told the position (it decides whether to write); ``watch`` is rank 0's stall watch.
 
     No host sync inside a step: the meters live on the device. At a ``print_freq`` boundary they are copied off
-    it behind the step's work and logged once the next step is queued (the device never runs dry for a log line);
-    before a checkpoint and at the epoch's end they are read at once.
+    it behind the step's work and logged once the next step is queued (the host waits for that step alone, not for
+    the work queued after it); before a checkpoint and at the epoch's end they are read at once.
     """
     frozen = peer.optimizer is None
     peer.model.train(not frozen)
@@ -264,6 +264,8 @@ def train_one_epoch(
                 watch.start(epoch, step + 1)
             if sync_check:  # DML_SYNC_CHECK=1 (gpu_check): any host sync in a steady-state step raises
                 torch.cuda.set_sync_debug_mode("error" if steady(step + 1) else "default")
+        if pending is not None:  # a loader that gave fewer batches than its length: the line is still due
+            report(*pending)
     finally:
         if sync_check:  # an exception must not leave the mode on for what runs after it
             torch.cuda.set_sync_debug_mode("default")

@@ -49,7 +49,7 @@ class Meters:
         snap.unchecked_from, snap.data_error = self.unchecked_from, self.data_error
         snap.data_time, snap.step_time, snap.exchange_time = self.data_time, self.step_time, self.exchange_time
         if cuda:
-            snap._copied = torch.cuda.Event()
+            snap._copied = torch.cuda.Event(blocking=True)  # its wait sleeps: the host's cores go on decoding
             snap._copied.record()
         else:
             snap.ready()

@@ -225,6 +225,26 @@ for keys in "amp=bf16" "amp=fp16" "amp=bf16 loader=stream data_dir=$work/jpeg au
     fi
 done
 
+# The meters' snapshot (a print_freq boundary's read) holds the values of its step, not what the pinned buffer
+# held before the copy landed: the stream is kept busy (torch.cuda._sleep) while the sums change behind it.
+if run_within "$py" - >"$work/snapshot.log" 2>&1 <<'PY'
+import torch
+from dml_dist.meters import Meters
+m = Meters("cuda")
+torch.cuda._sleep(500_000_000)  # ~0.2-0.5 s of GPU spin queued before the sums change
+m.add(torch.arange(1.0, 6.0, dtype=torch.float64, device="cuda"), torch.tensor(False, device="cuda"))
+snap = m.snapshot()
+got = (snap.ready().sums.tolist(), bool(snap.bad))
+assert got == ([1.0, 2.0, 3.0, 4.0, 5.0], True), got
+print("snapshot ok")
+PY
+then
+    verdicts+=("meters snapshot: ok")
+else
+    verdicts+=("meters snapshot: FAILED ($(tail -n 1 "$work/snapshot.log"))")
+    status=1
+fi
+
 # The stream path's hand-over (decode_device=cpu): every share reaches the GPU from pinned memory,
 # non-blocking (a count from the loader); every check above also ran the placement exchange through the store.
 line=$(run_within "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m dml_dist.tools.probe \

@@ -112,7 +112,7 @@ done
 work="$tmp/work"
 mkdir -p "$work"
 epochs=3
-job=$(cd "$work" && env -u RDZV_PORT NPROC_PER_NODE="$procs" MAX_RESTARTS=0 PYTHON="$py" \
+job=$(cd "$work" && env -u RDZV_PORT -u SLURM_RESTART_COUNT NPROC_PER_NODE="$procs" MAX_RESTARTS=0 PYTHON="$py" \
     CONFIG="$repo/configs/quickstart.yaml" DML_FAULT="action=sigstop,rank=1,epoch=2,step=0" \
     sbatch --parsable --nodes="$nodes" --exclusive --time=10 --output="$work/slurm-%j.out" "$repo/launch/slurm.sbatch" \
     data_dir="$data" train_subset=256 image_size=16 epochs="$epochs" batch_size=32 save_dir="$work/ckpt" \
@@ -121,7 +121,8 @@ out="$work/slurm-$job.out"
 # Requeue once the first epoch's checkpoint exists: the requeued run must resume from it.
 for _ in $(seq 240); do
     grep -q "^epoch 1/$epochs" "$out" 2>/dev/null && break
-    [[ -n "$(squeue -h -j "$job" -t PENDING,CONFIGURING,RUNNING 2>/dev/null)" ]] || break  # the job ended (it failed): say so now
+    # the job ended (it failed): say so now; a failed squeue call (a busy slurmctld) is not an ended job
+    if queued=$(squeue -h -j "$job" -t PENDING,CONFIGURING,RUNNING 2>/dev/null) && [[ -z "$queued" ]]; then break; fi
     sleep 0.5
 done
 grep -q "^epoch 1/$epochs" "$out" 2>/dev/null || fail "the job did not finish epoch 1: $(tail -n 5 "$out" 2>/dev/null | tr '\n' ' ')"

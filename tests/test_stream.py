@@ -498,7 +498,7 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
     from dml_dist.data import cache as C
     from dml_dist.data import cache_upkeep as U
 
-    monkeypatch.setattr(U, "STALE_S", 3)
+    monkeypatch.setattr(U, "STALE_S", 2)
     monkeypatch.setattr(U, "HEARTBEAT_S", 0.2)
     files, cache, log = scan(str(jpeg_dir / "train")), str(tmp_path / "cache"), []
     entry = C.entry_path(cache, files, "train", "train/", 16, 1.0, files.key(16, 1.0))
@@ -520,7 +520,7 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
         target=lambda: (cached_images(files, other, "train", "train/", 16, 1.0, log.append), done.set())
     )
     waiter.start()
-    assert not done.wait(5) and any("waiting for the builder" in line for line in log)  # > STALE_S: not taken over
+    assert not done.wait(3) and any("waiting for the builder" in line for line in log)  # > STALE_S: not taken over
     assert not any("took over" in line for line in log)
     C.build_entry(entry, files, files.key(16, 1.0), 16, 1.0, lambda s: None)
     lock.release()
