@@ -199,28 +199,29 @@ def assert_no_worker_traceback(stderr: str) -> None:
 
 
 # The suite runs on two pytest-xdist workers, one test file at a time each (setup.cfg: -n 2 --dist loadfile, so
-# a file's module-scoped runs are shared by its tests). The files that take longest go first (measured sums of
-# their tests' times), so that no long file starts last and runs alone; the rest keep their order. setup.cfg's
+# a file's module-scoped runs are shared by its tests). The files go longest first (the measured sums of their
+# tests' times; the few-second files last), so that no long file starts last and runs alone. setup.cfg's
 # --no-loadscope-reorder keeps this order: xdist would otherwise queue the files by their number of tests, which
 # put the one-test files (SLURM, the end-to-end run, the lost node) last, one after another on one worker.
 LONGEST_FIRST = (
     "test_stream.py",
-    "test_train_distributed.py",
     "test_checkpoint.py",
+    "test_train_distributed.py",
     "test_cohort.py",
     "test_replicas.py",
     "test_launch.py",
+    "test_engine.py",
     "test_api.py",
     "test_slurm.py",
     "test_bad_files.py",
-    "test_engine.py",
-    "test_callers.py",
-    "test_end_to_end.py",
     "test_compare.py",
-    "test_exchange.py",
     "test_elastic.py",
-    "test_original_api.py",
+    "test_callers.py",
+    "test_exchange.py",
+    "test_end_to_end.py",
+    "test_models_loss.py",
     "test_quickstart.py",
+    "test_original_api.py",
 )
 
 
