@@ -231,9 +231,12 @@ if run_within "$py" - >"$work/snapshot.log" 2>&1 <<'PY'
 import torch
 from dml_dist.meters import Meters
 m = Meters("cuda")
+stats, finite = torch.arange(1.0, 6.0, dtype=torch.float64, device="cuda"), torch.tensor(False, device="cuda")
+torch.cuda.synchronize()
 torch.cuda._sleep(500_000_000)  # ~0.2-0.5 s of GPU spin queued before the sums change
-m.add(torch.arange(1.0, 6.0, dtype=torch.float64, device="cuda"), torch.tensor(False, device="cuda"))
+m.add(stats, finite)
 snap = m.snapshot()
+assert snap._copied is not None and not snap._copied.query(), "snapshot() waited for the device"
 got = (snap.ready().sums.tolist(), bool(snap.bad))
 assert got == ([1.0, 2.0, 3.0, 4.0, 5.0], True), got
 print("snapshot ok")

@@ -520,7 +520,7 @@ def test_a_dead_builders_lock_is_taken_over_and_a_live_one_waited_for(jpeg_dir, 
         target=lambda: (cached_images(files, other, "train", "train/", 16, 1.0, log.append), done.set())
     )
     waiter.start()
-    assert not done.wait(3) and any("waiting for the builder" in line for line in log)  # > STALE_S: not taken over
+    assert not done.wait(4) and any("waiting for the builder" in line for line in log)  # > STALE_S: not taken over
     assert not any("took over" in line for line in log)
     C.build_entry(entry, files, files.key(16, 1.0), 16, 1.0, lambda s: None)
     lock.release()

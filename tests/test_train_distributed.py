@@ -373,6 +373,6 @@ def test_stalled_rank_ends_with_one_line_naming_it_and_the_restart_resumes(tmp_p
     # on NCCL the watchdog would abort the process then, without a word
     assert lines[0].endswith("raise timeout= (seconds)"), lines[0]
     slow = re.search(r"slow step: epoch 2 step 1 has taken (\d+\.\d) s", r.stdout)
-    assert slow and 5 <= float(slow.group(1)) < 12, r.stdout[-3000:]  # at half the timeout (6 s), >= the 5 s floor
+    assert slow and 5 <= float(slow.group(1)) < 12, r.stdout[-3000:]  # the 5 s floor (tiny steps)
     assert "resumed from" in r.stdout and "1 epoch(s) and 0 step(s) done" in r.stdout
     assert len(read_summary(tmp_path)["history"]) == 2
