@@ -139,4 +139,7 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack first
     exit_process(main())

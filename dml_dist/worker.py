@@ -70,6 +70,9 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack first
     from dml_dist.errors import exit_process
 
     exit_process(main())
