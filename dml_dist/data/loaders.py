@@ -13,7 +13,6 @@ from .plan import shard_range
 from .sampler import SampleLoader, sample_dataloader
 from .shares import FileImageDataset
 from .stream import StreamEvalLoader, StreamTrainLoader
-from .workers import close_inherited_sockets
 
 
 def _check_decode_device(dataset, device) -> None:
@@ -85,8 +84,6 @@ def make_eval_loader(
     lo, hi = shard_range(len(dataset), shard)
     if shard[1] > 1:
         dataset = torch.utils.data.Subset(dataset, range(lo, hi))
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, worker_init_fn=close_inherited_sockets
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     loader.positions = torch.arange(lo, hi)
     return loader

@@ -17,7 +17,6 @@ from ..errors import DMLError
 from .memory import TensorImageDataset
 from .plan import epoch_generator
 from .shares import FileImageDataset
-from .workers import close_inherited_sockets
 
 
 class SeededDataset(Dataset):
@@ -117,7 +116,6 @@ def sample_dataloader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
-        worker_init_fn=close_inherited_sockets,
         **kwargs,
     )
 

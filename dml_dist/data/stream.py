@@ -31,7 +31,6 @@ from ..errors import DMLError
 from .memory import EVAL_BATCH, TrainBatches, normalize
 from .plan import BatchPlan, shard_range, shard_rows
 from .shares import FileImageDataset, Shares, decode_share
-from .workers import close_inherited_sockets
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -85,7 +84,6 @@ class _CooperativeLoader:
                 num_workers=self.num_workers,
                 prefetch_factor=2,
                 persistent_workers=True,
-                worker_init_fn=close_inherited_sockets,
                 pin_memory=self.device.type == "cuda",
             )
         self._keys.keys = keys
