@@ -253,11 +253,12 @@ def train_one_epoch(
                 report(*pending)
                 pending = None
             if (step + 1) % cfg["print_freq"] == 0 or step + 1 == steps:
-                pending = (meters.snapshot(), step, t_now, spans[:])
+                boundary = (meters.snapshot(), step, t_now, spans[:])
                 spans.clear()
                 if holds_up(step):  # the meters are read now anyway (the epoch's end, a checkpoint)
-                    report(*pending)
-                    pending = None
+                    report(*boundary)
+                else:
+                    pending = boundary
             if checkpointer is not None:
                 checkpointer.save(epoch, step + 1, meters=meters)
             if watch is not None and step + 1 < steps:

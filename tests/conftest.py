@@ -201,9 +201,9 @@ def assert_no_worker_traceback(stderr: str) -> None:
 # The suite runs on two pytest-xdist workers, one test file at a time each (setup.cfg: -n 2 --dist loadfile, so
 # a file's module-scoped runs are shared by its tests). The files go longest first (the measured sums of their
 # tests' times; the few-second files test_augment, test_config and test_data, not listed, last), so that no long
-# file starts last and runs alone. setup.cfg's
-# --no-loadscope-reorder keeps this order: xdist would otherwise queue the files by their number of tests, which
-# put the one-test files (SLURM, the end-to-end run, the lost node) last, one after another on one worker.
+# file starts last and runs alone. setup.cfg's --no-loadscope-reorder keeps this order: xdist would otherwise
+# queue the files by their number of tests, which put the one-test files (SLURM, the end-to-end run, the lost
+# node) last, one after another on one worker.
 LONGEST_FIRST = (
     "test_stream.py",
     "test_checkpoint.py",

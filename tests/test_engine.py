@@ -140,9 +140,9 @@ def test_the_batch_fingerprint_sees_the_images_the_labels_and_the_parameters_apa
 
 def test_a_print_boundary_is_logged_after_the_next_step_with_the_meters_it_had():
     """Issue 22: the line of a ``print_freq`` boundary is read from a snapshot once the next step is queued (on a GPU
-    the queue never drains for it). On the CPU: the line of step 2 of 3 comes after the third batch was drawn, and
-    holds the meters of the first two steps, the same as an epoch of just those two batches (read at once, at its
-    end). Red with the boundary read at once, or with the line read from the live meters one step later."""
+    the host waits for that step's work only). On the CPU: the line of step 2 of 3 comes after the third batch was
+    drawn, and holds the meters of the first two steps, the same as an epoch of just those two batches (read at once,
+    at its end). Red with the boundary read at once, or with the line read from the live meters one step later."""
     from dml_dist.distributed import DistContext
     from dml_dist.distributed.placement import Placement
     from dml_dist.engine import Peer, train_one_epoch
