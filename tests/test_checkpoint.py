@@ -129,36 +129,35 @@ def test_reference_run_writes_every_checkpoint_loadable_with_weights_only(refere
 # torchrun's SIGTERM reached rank 0 while its writer thread was still writing (the temp file is discarded).
 # loader=stream: the same run through the stream path (each batch decoded from the files by the two ranks
 # together, in a worker) must give the memory path's weights bit for bit, a mid-epoch resume included.
-@pytest.mark.parametrize(
-    "save_every_steps,resumed,loader",
-    [
-        (2, r"1 epoch\(s\) and ([135]) step\(s\) done", "memory"),
-        (2, r"1 epoch\(s\) and ([135]) step\(s\) done", "stream"),
-    ],
-)
-def test_sigkilled_worker_is_restarted_and_finishes_identically(
-    tmp_path, data_dir, reference, save_every_steps, resumed, loader
-):
-    """A resume at an epoch's boundary: test_defect3 below. The fingerprint check also runs on the first step
-    after the resume (README promise), which no check_every multiple would reach. The first attempt's rank 0 says
-    in one line that it lost contact (the memory case: torchrun checks its workers every 5 s there, default 0.1 s,
-    so that it does not stop rank 0 before its line)."""
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_sigkilled_worker_is_restarted_and_finishes_identically(tmp_path, data_dir, reference, crashed, loader):
+    """The fingerprint check also runs on the first step after the resume (README promise), which no check_every
+    multiple would reach. The first attempt's rank 0 says in one line that it lost contact (the memory case:
+    torchrun checks its workers every 5 s there, default 0.1 s, so that it does not stop rank 0 before its line).
+
+    The memory case starts from another experiment's epoch-1 checkpoint (``resume=PATH``, defect 3): torchrun's
+    restart must continue from this experiment's own, newer ``_latest.pth`` (epoch 2, mid-epoch), not reload PATH
+    (1 epoch, 0 steps) and throw away the progress since. A resume at an epoch's boundary ends bit-identical too:
+    the new launches of kill_in_save and SIGTERM below, and here the memory case's start from PATH."""
     w, fp = tmp_path / "killed", tmp_path / "fp"
     fp.mkdir()
-    extra = {"loader": "stream", "num_workers": 1} if loader == "stream" else {}
+    extra = {"loader": "stream", "num_workers": 1} if loader == "stream" else {"resume": str(crashed[1])}
     r = _launch(
         w,
         data_dir,
         torchrun_args=["--max-restarts=1", *(["--monitor-interval=5"] if loader == "memory" else [])],
-        save_every_steps=save_every_steps,
+        save_every_steps=2,
         env={"DML_FAULT": "action=sigkill,rank=1,epoch=2,step=5", "DML_FINGERPRINT_DIR": str(fp)},
         **extra,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # torchrun names the first failure it sees: rank 1's SIGKILL, or (checking every 5 s) rank 0's exit after its line
     first = ["(exitcode: -9) local_rank: 1", *(["(exitcode: 1) local_rank: 0"] if loader == "memory" else [])]
-    assert any(f in r.stderr for f in first) and "torchrun restart 1: resume=auto" in r.stdout, r.stderr[-3000:]
-    found = re.search(resumed, r.stdout)
+    restart = f"torchrun restart 1: resume={extra.get('resume', 'auto')}"  # as configured: rank 0 then picks the file
+    assert any(f in r.stderr for f in first) and restart in r.stdout, r.stderr[-3000:]
+    if loader == "memory":
+        assert f"resumed from {crashed[1]}: 1 epoch(s) and 0 step(s) done" in r.stdout, r.stdout[-2000:]
+    found = re.search(r"resumed from save/t_latest\.pth: 1 epoch\(s\) and ([135]) step\(s\) done", r.stdout)
     assert found, r.stdout[-2000:]
     for rank in (0, 1):  # lines "epoch step labels-hash inputs-hash", the epoch counted from 1
         checked = [line.split()[:2] for line in (fp / f"fingerprints_rank{rank}.txt").read_text().splitlines()]
@@ -171,7 +170,7 @@ def test_sigkilled_worker_is_restarted_and_finishes_identically(
             r"dml-dist: error: \(rank 0\) lost contact with another rank \(.+\); see that rank's error", lines[0]
         ), lines[0]
         assert_no_worker_traceback(r.stderr)
-    _assert_same_run(reference, w, ignore_config=["save_every_steps", *extra])
+    _assert_same_run(reference, w, ignore_config=["save_every_steps", *(k for k in extra if k != "resume")])
     assert _no_temp_files(w) == []
 
 
@@ -179,7 +178,7 @@ def test_sigkilled_worker_is_restarted_and_finishes_identically(
 def crashed(tmp_path_factory, data_dir):
     """A fresh start with ``resume=auto`` (no checkpoint yet) whose rank 0 dies between a checkpoint's temp write
     and its rename in epoch 2: ``save`` keeps epoch 1's files and the temp file. Epoch 1's ``_latest.pth`` is also
-    copied aside, as another experiment's checkpoint for test_defect3 (a launch fewer)."""
+    copied aside, as another experiment's checkpoint for the memory sigkill case (defect 3; a launch fewer)."""
     w = tmp_path_factory.mktemp("crash")
     r = _launch(w, data_dir, resume="auto", env={"DML_FAULT": "action=kill_in_save,rank=0,epoch=2"})
     assert r.returncode != 0
@@ -255,29 +254,6 @@ def test_refused_checkpoints(tmp_path, reference, case, needle):
         check_cohort_checkpoint(load_checkpoint(str(bad)), str(bad), cfg, archs, classes)
     assert needle in str(e.value) and str(bad) in str(e.value)
     assert not (tmp_path / "pwned").exists()
-
-
-def test_defect3_restart_prefers_this_experiments_newer_latest_over_explicit_resume(
-    tmp_path, data_dir, reference, crashed
-):
-    """resume=PATH (another experiment's epoch-1 checkpoint), then a worker dies in epoch 3: torchrun's restart
-    must continue from this experiment's own _latest.pth (2 epochs), not reload PATH (1 epoch) and throw away the
-    progress since. Resumes at an epoch's boundary (from PATH, and after the restart) end bit-identical to the
-    uninterrupted run; a new launch that resumes (kill_in_save above) and one in mid-epoch (the sigkill cases)
-    likewise."""
-    src = crashed[1]
-    w = tmp_path / "w"
-    r = _launch(
-        w,
-        data_dir,
-        resume=str(src),
-        torchrun_args=["--max-restarts=1"],
-        env={"DML_FAULT": "action=sigkill,rank=1,epoch=3,step=1"},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {src}: 1 epoch(s)" in r.stdout
-    assert "resumed from save/t_latest.pth: 2 epoch(s) and 0 step(s) done" in r.stdout, r.stdout[-2000:]
-    _assert_same_run(reference, w)
 
 
 def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_path, data_dir, reference):
