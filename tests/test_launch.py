@@ -227,7 +227,8 @@ def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     r = run_cmd([str(env_dir / "bin" / "dml-train"), "--help"], cwd=tmp_path)
     assert r.returncode == 0 and "key=value" in r.stdout
-    r = run_cmd([str(py), "-c", "import dml_dist, sys; print(dml_dist.__file__)"], cwd=tmp_path)
+    # the copy `import dml_dist` takes there (found, not imported: --help above imported it)
+    r = run_cmd([str(py), "-c", "import importlib.util as u; print(u.find_spec('dml_dist').origin)"], cwd=tmp_path)
     assert str(env_dir) in r.stdout  # the installed copy, not this checkout
 
 

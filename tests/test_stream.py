@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, _env, age_folders, kill_tree, run_cmd, torchrun
+from conftest import REPO, _env, age_folders, kill_tree, torchrun
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -255,18 +255,24 @@ def _probe(nproc, data_dir, tmp_path, torchrun_args=(), **kw):
 
 
 def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_resume(jpeg_dir, tmp_path):
-    """2 ranks with 0 workers, 3 ranks with 2 workers (each decoding a third), and a start in the middle
-    of the epoch: the same bytes; the node decodes each batch once in all."""
-    two = _probe(2, jpeg_dir, tmp_path, num_workers=0, epoch=1)
+    """One process decoding every batch itself (the probe in this process: no launcher, no workers), and 3 ranks
+    with 2 workers each decoding a third, started in the middle of the epoch: the same bytes; the node decodes
+    each batch once in all. (A multi-rank gather without workers: the 4-rank probe of the two-node test below.)"""
+    from dml_dist.tools.probe import main as probe_here
+
+    out = tmp_path / "alone.jsonl"
+    keys = {"data_dir": jpeg_dir, "cache_dir": tmp_path / "cache", **STREAM, "batch_size": 8, "steps": 0}
+    keys.update(augment="[rrc,flip,jitter]", num_workers=0, epoch=1, out=out)
+    assert probe_here([f"{k}={v}" for k, v in keys.items()]) == 0
+    alone = json.loads(out.read_text().splitlines()[-1])
     three = _probe(3, jpeg_dir, tmp_path, num_workers=2, epoch=1, start_step=1)
     # 36 images, 4 held out for validation: 4 steps of 8
-    assert two["path"] == "stream" and len(two["ranks"][0]["fingerprints"]) == 4
-    ref = two["ranks"][0]["fingerprints"]
-    for r in two["ranks"] + three["ranks"]:
-        assert r["fingerprints"] == ref[-len(r["fingerprints"]) :]
-    assert len(three["ranks"][0]["fingerprints"]) == 3
-    # shares of ceil(8 / L): 4 + 4 per step for 2 ranks; 3 + 3 + 2 for 3 ranks
-    assert [r["decoded"] for r in two["ranks"]] == [16, 16] and [r["decoded"] for r in three["ranks"]] == [9, 9, 6]
+    assert alone["path"] == "stream" and alone["world_size"] == 1 and len(alone["ranks"][0]["fingerprints"]) == 4
+    ref = alone["ranks"][0]["fingerprints"]
+    for r in three["ranks"]:
+        assert r["fingerprints"] == ref[1:]
+    # shares of ceil(8 / L): the whole batch for 1 process; 3 + 3 + 2 for 3 ranks
+    assert alone["ranks"][0]["decoded"] == 32 and [r["decoded"] for r in three["ranks"]] == [9, 9, 6]
 
 
 def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_dir, tmp_path):
@@ -546,7 +552,7 @@ def test_evaluation_batches_are_split_by_rows_and_positions_rebuild_the_set(tmp_
         assert torch.equal(rebuilt, whole), replicas
 
 
-def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_path):
+def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_path, monkeypatch):
     """``dml-bench --data`` in a small form (docs/benchmarks.md): one cohort size, ``rss_dirs`` of two folders,
     the evaluation decode, the one-core comparison; the job, start-up and first-step runs are off
     (``job_steps=[]``, ``startup_files=0``, ``first_step=false``; the decode counts of larger cohorts are the
@@ -569,8 +575,16 @@ def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_p
         "startup_files": 0,
         "out": out,
     }
-    r = run_cmd([sys.executable, "-m", "dml_dist.tools.bench", "--data", *(f"{k}={v}" for k, v in keys.items())])
-    assert r.returncode == 0, r.stderr[-3000:]
+    # dml-bench's own entry point, in this process (its probes are torchrun launches of their own); the one-core
+    # comparison sets torch's thread count here, so it is put back
+    from dml_dist.tools.bench import main
+
+    monkeypatch.delenv("DML_FAULT", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--data", *(f"{k}={v}" for k, v in keys.items())]) == 0
+    finally:
+        torch.set_num_threads(threads)
     res = json.loads(out.read_text().splitlines()[-1])
 
     def n_train(n):  # val_fraction 0.1 held out of train/ (no val/ folder)
