@@ -138,7 +138,7 @@ def test_sigkilled_worker_is_restarted_and_finishes_identically(tmp_path, data_d
     The memory case starts from another experiment's epoch-1 checkpoint (``resume=PATH``, defect 3): torchrun's
     restart must continue from this experiment's own, newer ``_latest.pth`` (epoch 2, mid-epoch), not reload PATH
     (1 epoch, 0 steps) and throw away the progress since. A resume at an epoch's boundary ends bit-identical too:
-    the new launches of kill_in_save and SIGTERM below, and here the memory case's start from PATH."""
+    the new launches of the kill_in_save and SIGTERM test below, and here the memory case's start from PATH."""
     w, fp = tmp_path / "killed", tmp_path / "fp"
     fp.mkdir()
     extra = {"loader": "stream", "num_workers": 1} if loader == "stream" else {"resume": str(crashed[1])}
@@ -188,16 +188,6 @@ def crashed(tmp_path_factory, data_dir):
     epoch1 = tmp_path_factory.mktemp("epoch1") / "t_latest.pth"
     shutil.copy(w / "save" / "t_latest.pth", epoch1)
     return w, epoch1
-
-
-def test_kill_between_temp_write_and_rename_keeps_previous_checkpoint(data_dir, reference, crashed):
-    w = crashed[0]
-    latest = torch.load(w / "save" / "t_latest.pth", weights_only=True)
-    assert latest["epoch"] == 1
-    r = _launch(w, data_dir, resume="auto")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "removed save/.t_" in r.stdout and _no_temp_files(w) == []
-    _assert_same_run(reference, w)
 
 
 class _Evil:
@@ -256,13 +246,22 @@ def test_refused_checkpoints(tmp_path, reference, case, needle):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_path, data_dir, reference):
-    """Preemption (SLURM, scancel, torchrun stopping the group): SIGTERM while rank 0's writer is busy on a
-    slow disk (each checkpoint takes 3 s) must not lose the queued checkpoints: the workers finish them
-    within torchrun's grace period, die of the signal, and ``resume=auto`` then reproduces the reference."""
-    w = tmp_path / "w"
-    w.mkdir()
-    cmd = torchrun_cmd(2, base_args(w, data_dir, **RUN))
+def test_kill_in_save_keeps_the_last_checkpoint_and_sigterm_lets_rank0_finish_the_queued_writes(
+    tmp_path, data_dir, reference, crashed
+):
+    """Two failures, one after the other, on the run that ``crashed`` left (a launch fewer than one each).
+
+    1. Rank 0 died between a checkpoint's temp write and its rename: epoch 1's files are intact, and the next
+       launch (``resume=auto``) removes the temp file and resumes from them.
+    2. Preemption (SLURM, scancel, torchrun stopping the group): that launch gets SIGTERM while rank 0's writer
+       is busy on a slow disk (each checkpoint takes 3 s). The queued checkpoints must not be lost: the workers
+       finish them within torchrun's grace period and die of the signal.
+
+    ``resume=auto`` then reproduces the reference, which both recoveries must have kept intact."""
+    w = crashed[0]
+    latest = torch.load(w / "save" / "t_latest.pth", weights_only=True)
+    assert latest["epoch"] == 1 and _no_temp_files(w)
+    cmd = torchrun_cmd(2, base_args(w, data_dir, **RUN, resume="auto"))
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
             cmd,
@@ -275,7 +274,7 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
         )
         lines = []
         try:
-            for line in proc.stdout:  # the writer has begun its 3 s sleep on epoch 1's files: it is busy
+            for line in proc.stdout:  # the writer has begun its 3 s sleep on epoch 2's files: it is busy
                 lines.append(line)
                 if line.startswith("fault: slow_save"):
                     proc.send_signal(signal.SIGTERM)
@@ -284,19 +283,21 @@ def test_sigterm_lets_rank0_finish_the_queued_writes_and_the_rerun_matches(tmp_p
         finally:
             kill_tree(proc.pid)
     stderr = (tmp_path / "stderr.txt").read_text()
+    assert "removed save/.t_" in out and "resumed from save/t_latest.pth: 1 epoch(s) and 0 step(s) done" in out, out
     assert proc.returncode != 0 and "epoch 4/4" not in out, out[-2000:]
     assert "SIGTERM: finishing the queued checkpoint writes, then stopping" in out, out[-2000:]
     assert "Unable to shutdown process" not in stderr, stderr[-3000:]  # nobody needed torchrun's SIGKILL
     assert_no_worker_traceback(stderr)
-    # Epoch 1's save was queued before epoch 2 began; epoch 2's may have been queued before the signal.
+    # Epoch 2's save was queued before epoch 3 began; epoch 3's may have been queued before the signal.
     latest = torch.load(w / "save" / "t_latest.pth", weights_only=True)
     done = latest["epoch"]
-    assert done in (1, 2) and latest["step"] == 0
-    assert (w / "save" / f"t_model2_epoch_{done}.pth").is_file() and not _no_temp_files(w)
+    assert done in (2, 3) and latest["step"] == 0
+    assert (w / "save" / f"t_model2_epoch_{done}.pth").is_file() and _no_temp_files(w) == []
     r = _launch(w, data_dir, resume="auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from save/t_latest.pth: {done} epoch(s) and 0 step(s) done" in r.stdout
     _assert_same_run(reference, w)
+    assert _no_temp_files(w) == []
 
 
 def test_optimizer_state_from_a_fused_run_resumes_unfused_and_back():
