@@ -101,7 +101,9 @@ def test_three_peers_mixed_cohort_same_batches_summary_and_tensorboard(tmp_path,
     """One launch of a mixed cohort of 3 (mutual=ensemble: each peer distils from the mean of the other two; the
     dml variant runs everywhere else), augmentation on, the consistency check at every step. The memory path (an
     image folder that fits) reads no files while training, so it has no workers; the per-sample path's workers
-    run under torchrun in test_api.py, the stream path's in test_stream.py."""
+    run under torchrun in test_api.py, the stream path's in test_stream.py. Also the README's warning:
+    --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every other test sets it) is one line at the
+    start; the run itself needs no restart."""
     fp_dir = tmp_path / "fp"
     fp_dir.mkdir()
     r = torchrun(
@@ -114,9 +116,12 @@ def test_three_peers_mixed_cohort_same_batches_summary_and_tensorboard(tmp_path,
             augment=True,
             consistency_check_every=1,
         ),
-        env={"DML_FINGERPRINT_DIR": str(fp_dir)},
+        env={"DML_FINGERPRINT_DIR": str(fp_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": ""},
+        torchrun_args=["--max-restarts=1"],
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    warning = "warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo workers"
+    assert r.stdout.count(warning) == 1, r.stdout[-2000:]
     # Every step of both epochs was fingerprinted on every rank, and the ranks saw byte-identical batches.
     f0 = _fingerprints(fp_dir, 0)
     assert len([line for line in f0 if line]) == 2 * (72 // 8)
@@ -149,7 +154,7 @@ def solo(tmp_path_factory):
 
     w = tmp_path_factory.mktemp("solo")
     write_tiny_cifar10(w / "cifar")
-    args = base_args(w, w / "cifar", **CIFAR, model_num=1, progress_bar=True)
+    args = base_args(w, w / "cifar", **CIFAR, model_num=1, progress_bar=True, nesterov=False)
     r = run_cmd(["taskset", "-c", str(TWO_CPUS[0]), sys.executable, "-m", "dml_dist.train", *args])  # 1 thread
     assert r.returncode == 0, r.stderr[-3000:]
     return w, r
@@ -164,12 +169,12 @@ def test_single_process_without_torchrun_is_plain_cross_entropy(solo):
     assert summary["history"][0]["train_loss"] == summary["history"][0]["train_ce"]
 
 
-def _run_on_a_terminal(cmd, cwd, timeout=TIMEOUT):
+def _run_on_a_terminal(cmd, cwd, env=None, timeout=TIMEOUT):
     """``cmd`` with stdout and stderr on a pseudo-terminal (own session; the tree is killed on timeout)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0: no room for a bar
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env(), cwd=cwd, start_new_session=True
+        cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env(env), cwd=cwd, start_new_session=True
     )
     os.close(slave)
     chunks, deadline = [], time.time() + timeout
@@ -192,17 +197,31 @@ def _run_on_a_terminal(cmd, cwd, timeout=TIMEOUT):
     return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
-def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, image_folder):
+def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, solo):
     """README: dml-train without torchrun starts model_num local processes itself, their output on this
-    terminal (rank 0's log and progress bar); also nesterov=false and save_freq=0 (no epoch files)."""
-    code, out = _run_on_a_terminal(
-        [
-            sys.executable,
-            "-m",
-            "dml_dist.train",
-            *base_args(tmp_path, image_folder, epochs=1, model_num=2, progress_bar=True, save_freq=0, nesterov=False),
-        ],
+    terminal (rank 0's log and progress bar); also nesterov=false and save_freq=0 (no epoch files).
+
+    The same launch: the consistency check turned off lets a rank with other batches run on (nothing
+    fingerprinted); with kl_weight=0 the peers train independently: peer 1 (rank 0, the shared seed's batches)
+    ends with the weights of the model_num=1 run (one plain process, same seed, same images), whatever rank 1
+    drew. The data is CIFAR-10's python format (a tiny copy), which trains in a cohort with its test split."""
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    args = base_args(
         tmp_path,
+        solo[0] / "cifar",
+        **CIFAR,
+        model_num=2,
+        progress_bar=True,
+        save_freq=0,
+        nesterov=False,
+        consistency_check_every=0,
+        kl_weight=0,
+    )
+    code, out = _run_on_a_terminal(  # on 2 CPUs: 1 thread per rank, as the solo run has, on any machine
+        ["taskset", "-c", ",".join(map(str, TWO_CPUS)), sys.executable, "-m", "dml_dist.train", *args],
+        tmp_path,
+        env={"DML_FAULT": "action=seed_offset,rank=1", "DML_FINGERPRINT_DIR": str(fp)},
     )
     assert code == 0, out[-3000:]
     assert "placement: rank 0 (peer 1" in out and "placement: rank 1 (peer 2" in out
@@ -216,31 +235,9 @@ def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, ima
     )  # save_freq=0
     latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
     assert [p["optimizer"]["param_groups"][0]["nesterov"] for p in latest["peers"]] == [False, False]
-
-
-def test_consistency_check_off_kl_weight_zero_and_cifar10_python_format(tmp_path, solo):
-    """The consistency check turned off lets a rank with other batches run on (nothing fingerprinted); with
-    kl_weight=0 the peers train independently: peer 1 (rank 0, the shared seed's batches) ends with the weights of
-    the model_num=1 run (one plain process, same seed, same images), whatever rank 1 drew. The data is CIFAR-10's
-    python format (a tiny copy), which trains under torchrun with its test split. Also the README's warning:
-    --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every other test sets it) is one line at the
-    start; the run itself needs no restart."""
-    fp = tmp_path / "fp"
-    fp.mkdir()
-    args = base_args(tmp_path, solo[0] / "cifar", **CIFAR, consistency_check_every=0, kl_weight=0)
-    r = run_cmd(  # on 2 CPUs: 1 thread per rank, as the solo run has, on any machine (the same reductions)
-        ["taskset", "-c", ",".join(map(str, TWO_CPUS)), *torchrun_cmd(2, args, torchrun_args=["--max-restarts=1"])],
-        env={
-            "DML_FAULT": "action=seed_offset,rank=1",
-            "DML_FINGERPRINT_DIR": str(fp),
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "",
-        },
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the check off, kl_weight 0, rank 1 on other batches
     assert list(fp.iterdir()) == []
-    warning = "warning: --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted gloo workers"
-    assert r.stdout.count(warning) == 1, r.stdout[-2000:]
-    s = read_summary(tmp_path)
+    s = summary
     assert len(s["classes"]) == 10 and s["test_results"] is not None and len(s["test_results"]["peer_acc"]) == 2
     h = s["history"][0]
     assert h["train_loss"] == pytest.approx(h["train_ce"]) and all(k > 0 for k in h["train_kl"])
