@@ -50,7 +50,10 @@ def _mine(spec: dict | None, rank: int, action: str) -> bool:
 
 
 def seed_offset(rank: int) -> int:
-    return 1 if _mine(_spec(), rank, "seed_offset") else 0
+    if not _mine(_spec(), rank, "seed_offset"):
+        return 0
+    print(f"fault: seed_offset: rank {rank} draws its batches with seed + 1", flush=True)
+    return 1
 
 
 def at_setup(rank: int) -> None:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, _env, age_folders, kill_tree, torchrun
+from conftest import REPO, _env, age_folders, kill_tree, run_cmd, torchrun
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -262,10 +262,14 @@ def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_re
 
     out = tmp_path / "alone.jsonl"
     keys = {"data_dir": jpeg_dir, "cache_dir": tmp_path / "cache", **STREAM, "batch_size": 8, "steps": 0}
-    keys.update(augment="[rrc,flip,jitter]", num_workers=0, epoch=1, out=out)
-    assert probe_here([f"{k}={v}" for k, v in keys.items()]) == 0
+    keys.update(augment="[rrc,flip,jitter]", num_workers=0, epoch=1, device="cpu", out=out)
+    threads = torch.get_num_threads()  # a process without a launcher takes every CPU: put back for later tests
+    try:
+        assert probe_here([f"{k}={v}" for k, v in keys.items()]) == 0
+    finally:
+        torch.set_num_threads(threads)
     alone = json.loads(out.read_text().splitlines()[-1])
-    three = _probe(3, jpeg_dir, tmp_path, num_workers=2, epoch=1, start_step=1)
+    three = _probe(3, jpeg_dir, tmp_path, num_workers=2, epoch=1, start_step=1, device="cpu")
     # 36 images, 4 held out for validation: 4 steps of 8
     assert alone["path"] == "stream" and alone["world_size"] == 1 and len(alone["ranks"][0]["fingerprints"]) == 4
     ref = alone["ranks"][0]["fingerprints"]
@@ -275,27 +279,35 @@ def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_re
     assert alone["ranks"][0]["decoded"] == 32 and [r["decoded"] for r in three["ranks"]] == [9, 9, 6]
 
 
-def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_node_cache(jpeg_dir, tmp_path_factory):
+    """Two nodes of 2 ranks, one peer per rank, memory path, both starting on an empty cache_dir: read by the
+    two tests below (the second starts one node on the cache and manifest this run left)."""
     age_folders(jpeg_dir)  # the manifest trusts folders unchanged for longer than a clock tick
-    cold = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
-    warm = _probe(2, jpeg_dir, tmp_path, loader="memory", augment="[crop,flip]", steps=2)
-    assert cold["path"] == "memory"
-    cache = {
-        run: [[line for line in r["log"] if line.startswith("cache:")] for r in res["ranks"]]
-        for run, res in (("cold", cold), ("warm", warm))
-    }
-    assert list(map(len, cache["cold"])) == [2, 0] and all("decoded" in line for line in cache["cold"][0])
-    assert list(map(len, cache["warm"])) == [2, 0] and all("read from" in line for line in cache["warm"][0])
-    # the file list: listed once by rank 0 and kept as a manifest, which the second start reads instead
+    tmp = tmp_path_factory.mktemp("two_node_cache")
+    kw = dict(data_dir=jpeg_dir, cache_dir=tmp / "cache", loader="memory", augment="[crop,flip]", device="cpu")
+    return tmp / "cache", two_node_probe(tmp, "memory", **kw)
+
+
+def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_dir, tmp_path, two_node_cache):
+    """The cold start is the two-node run (test_two_nodes_build_the_shared_cache_once); then one node of 2 ranks
+    starts on the cache and manifest it left: rank 0 reads both splits from the cache, the other rank maps them,
+    and the file list comes from the manifest. Rank 0 alone lists the folders (README promise), on the cold start
+    and on the warm one; the others receive its list."""
+    cache_dir, cold = two_node_cache
+    warm = _probe(2, jpeg_dir, tmp_path, cache_dir=cache_dir, loader="memory", augment="[crop,flip]", device="cpu")
+    assert warm["path"] == "memory"
+    cache = [[line for line in r["log"] if line.startswith("cache:")] for r in warm["ranks"]]
+    assert list(map(len, cache)) == [2, 0] and all("read from" in line for line in cache[0]), cache
     files = {
-        run: [line for line in res["ranks"][0]["log"] if line.startswith("files:")]
+        run: [[line for line in r["log"] if line.startswith("files:")] for r in res["ranks"]]
         for run, res in (("cold", cold), ("warm", warm))
     }
-    # rank 0 alone lists the folders (README promise); the others receive its list
-    assert all(not line.startswith("files:") for res in (cold, warm) for line in res["ranks"][1]["log"])
-    assert len(files["cold"]) == 1 and "listed 36" in files["cold"][0]
-    assert len(files["warm"]) == 1 and "36 in" in files["warm"][0] and "from the manifest" in files["warm"][0]
+    assert [len(f) for f in files["cold"]] == [1, 0, 0, 0] and "listed 36" in files["cold"][0][0], files["cold"]
+    assert [len(f) for f in files["warm"]] == [1, 0] and "from the manifest" in files["warm"][0][0], files["warm"]
+    assert "36 in" in files["warm"][0][0]
     assert warm["ranks"][0]["fingerprints"] == cold["ranks"][1]["fingerprints"]
+    assert warm["ranks"][1]["fingerprints"] == cold["ranks"][0]["fingerprints"]
 
 
 def two_node_probe(tmp_path, name, nproc_per_node=2, **kw):
@@ -365,14 +377,12 @@ def test_the_decode_unit_is_the_nodes_ranks_that_train_on_the_same_rows(world, l
     assert [(part, row) for _, part, row in units] == list(zip(parts, rows))
 
 
-def test_two_nodes_build_the_shared_cache_once(jpeg_dir, tmp_path):
+def test_two_nodes_build_the_shared_cache_once(two_node_cache):
     """Two nodes of 2 ranks, one peer per rank, memory path: each node's local rank 0 builds the (shared) cache
     folder, the first to finish wins, and the other node uses it; the same batches on every rank. The stream path
     across nodes: the replicas case below, and who decodes what for one peer per node (each node all of every
     batch) in-process above."""
-    result = two_node_probe(
-        tmp_path, "memory", data_dir=jpeg_dir, cache_dir=tmp_path / "cache", loader="memory", augment="[crop,flip]"
-    )
+    _, result = two_node_cache
     ranks = result["ranks"]
     assert result["path"] == "memory"
     for node in (0, 1):  # the node's local rank 0 dealt with the cache (built it, or took the other node's)
@@ -552,7 +562,7 @@ def test_evaluation_batches_are_split_by_rows_and_positions_rebuild_the_set(tmp_
         assert torch.equal(rebuilt, whole), replicas
 
 
-def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_path, monkeypatch):
+def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_path):
     """``dml-bench --data`` in a small form (docs/benchmarks.md): one cohort size, ``rss_dirs`` of two folders,
     the evaluation decode, the one-core comparison; the job, start-up and first-step runs are off
     (``job_steps=[]``, ``startup_files=0``, ``first_step=false``; the decode counts of larger cohorts are the
@@ -575,16 +585,8 @@ def test_data_benchmark_counts_its_decodes_and_compares_rss_across_folders(tmp_p
         "startup_files": 0,
         "out": out,
     }
-    # dml-bench's own entry point, in this process (its probes are torchrun launches of their own); the one-core
-    # comparison sets torch's thread count here, so it is put back
-    from dml_dist.tools.bench import main
-
-    monkeypatch.delenv("DML_FAULT", raising=False)
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--data", *(f"{k}={v}" for k, v in keys.items())]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    r = run_cmd([sys.executable, "-m", "dml_dist.tools.bench", "--data", *(f"{k}={v}" for k, v in keys.items())])
+    assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text().splitlines()[-1])
 
     def n_train(n):  # val_fraction 0.1 held out of train/ (no val/ folder)

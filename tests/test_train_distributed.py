@@ -236,7 +236,7 @@ def test_dml_train_without_torchrun_starts_the_peers_on_a_terminal(tmp_path, sol
     latest = torch.load(tmp_path / "ckpt" / "t_latest.pth", weights_only=True)
     assert [p["optimizer"]["param_groups"][0]["nesterov"] for p in latest["peers"]] == [False, False]
     # the check off, kl_weight 0, rank 1 on other batches
-    assert list(fp.iterdir()) == []
+    assert "fault: seed_offset: rank 1 draws its batches with seed + 1" in out and list(fp.iterdir()) == []
     s = summary
     assert len(s["classes"]) == 10 and s["test_results"] is not None and len(s["test_results"]["peer_acc"]) == 2
     h = s["history"][0]
