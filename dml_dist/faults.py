@@ -2,7 +2,8 @@
 
 ``DML_FAULT="action=<a>,rank=<r>[,epoch=<e>][,step=<s>]"`` (epoch counts from 1, step from 0):
 
-- ``seed_offset``: rank r uses ``seed + 1`` for data sampling (the consistency check must catch it);
+- ``seed_offset``: rank r uses ``seed + 1`` for data sampling and says so in one stdout line (the consistency
+  check must catch it);
 - ``raise``: rank r fails with an error at setup (no epoch) or at (epoch, step);
 - ``sigkill``: rank r SIGKILLs itself at (epoch, step), first attempt only (not after a torchrun restart or a
   SLURM requeue);
