@@ -89,18 +89,6 @@ def test_failing_peer_raises_in_the_caller(tmp_path, hard_folder):
     assert processes_mentioning(str(tmpdir)) == []
 
 
-def test_a_users_imagefolder_with_random_transforms_uses_the_shared_seed_sampler(tmp_path, hard_folder):
-    """A user's own torchvision ImageFolder with random transforms, and no test loader (prepare_dataloaders'
-    loaders: the 3-peer run above)."""
-    fp = tmp_path / "fp"
-    fp.mkdir(parents=True)
-    res, _ = _api(tmp_path, hard_folder, 2, mode="imagefolder", env={"DML_FINGERPRINT_DIR": str(fp)})
-    assert "error" not in res, res.get("error")
-    f0, f1 = (fp / "fingerprints_rank0.txt").read_text(), (fp / "fingerprints_rank1.txt").read_text()
-    assert f0 == f1 and len(f0.splitlines()) == 2 * (72 // 8)
-    assert res["n_models"] == 2 and res["test_results"] is None
-
-
 def test_unpicklable_loader_is_a_clear_error(hard_folder):
     class Local(torch.utils.data.Dataset):  # defined in a function: pickle cannot find it
         classes = ["a", "b"]

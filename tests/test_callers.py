@@ -26,11 +26,12 @@ mode = {mode!r}
 if mode == "test_loader_only":
     _, _, test_loader = prepare_dataloaders({data!r}, batch_size=8, image_size=16, num_workers=0)
     res = train_dml(cfg, test_loader=test_loader)
-elif mode == "collate_no_val":
+elif mode == "imagefolder_collate_no_val":
     from torch.utils.data import DataLoader
-    from caller_helpers import marking_collate
-    train, _, _ = prepare_dataloaders({data!r}, batch_size=8, image_size=16, num_workers=0)
-    res = train_dml(cfg, DataLoader(train.dataset, batch_size=8, collate_fn=marking_collate))
+    from caller_helpers import marking_collate, random_imagefolder
+    cfg["consistency_check_every"] = 1
+    res = train_dml(cfg, DataLoader(random_imagefolder({data!r} + "/train", 16), batch_size=8, shuffle=True,
+                                    collate_fn=marking_collate))
 else:
     res = train_dml(cfg)
 with open({out!r} + "/result.json", "w") as f:
@@ -52,13 +53,21 @@ def _code(tmp_path, folder, mode, epochs=1):
 
 @pytest.mark.parametrize(
     "caller,mode",
-    [("script_without_main_guard", "test_loader_only"), ("python_c", "default"), ("stdin", "collate_no_val")],
+    [
+        ("script_without_main_guard", "test_loader_only"),
+        ("python_c", "default"),
+        ("stdin", "imagefolder_collate_no_val"),
+    ],
 )
 def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
+    """The stdin caller also hands train_dml a user's own torchvision ImageFolder with random transforms,
+    shuffle=True and a custom collate_fn, and no val loader: the peers draw the shared seed's batches (every step
+    fingerprinted, the same on both ranks), through the user's collate."""
     code = _code(tmp_path, folder, mode)
-    tmpdir = tmp_path / "tmp"
+    tmpdir, fp = tmp_path / "tmp", tmp_path / "fp"
     tmpdir.mkdir()
-    env = {"TMPDIR": str(tmpdir), "DML_TEST_COLLATE_MARK": str(tmp_path / "collate")}
+    fp.mkdir()
+    env = {"TMPDIR": str(tmpdir), "DML_TEST_COLLATE_MARK": str(tmp_path / "collate"), "DML_FINGERPRINT_DIR": str(fp)}
     if caller == "script_without_main_guard":
         (tmp_path / "caller.py").write_text(code)
         r = run_cmd([sys.executable, str(tmp_path / "caller.py")], env=env, cwd=tmp_path)
@@ -75,9 +84,12 @@ def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
     assert processes_mentioning(str(tmpdir)) == []  # no peer outlived the call
     if mode in ("test_loader_only", "default"):  # the test split from the loader alone, or from data_dir/test
         assert len(res["test_results"]["peer_acc"]) == 2
-    if mode == "collate_no_val":
+    if mode == "imagefolder_collate_no_val":
         assert list(tmp_path.glob("collate.*")), "the custom collate_fn was not used by the peers"
         assert "data: 43 train / 5 val images" in r.stdout  # val_fraction held out of the train dataset
+        assert res["test_results"] is None
+        f0, f1 = ((fp / f"fingerprints_rank{k}.txt").read_text() for k in (0, 1))
+        assert f0 == f1 and len(f0.splitlines()) == 43 // 8  # one epoch: 43 images, full batches of 8
 
 
 def test_no_child_outlives_ctrl_c(tmp_path, folder):

@@ -1,6 +1,6 @@
 """Run by tests/test_api.py as a plain `python` process: train_dml, then load + evaluate the checkpoints.
 
-argv: data_dir out_json model_num [mode], mode = default | loaders | imagefolder
+argv: data_dir out_json model_num [mode], mode = default | loaders
 Prints nothing of its own but writes out_json.
 """
 
@@ -48,25 +48,6 @@ def main():
         if mode == "loaders":
             train, val, test = prepare_dataloaders(data_dir, batch_size=8, augment=True, image_size=16)
             res = train_dml(cfg, train, val, test)
-        elif mode == "imagefolder":
-            # A user's own torchvision dataset with its own random transforms.
-            import torch
-            from torch.utils.data import DataLoader
-            from torchvision.datasets import ImageFolder
-            from torchvision.transforms import v2 as T
-
-            tf = T.Compose(
-                [
-                    T.RandomResizedCrop(16, scale=(0.5, 1.0)),
-                    T.RandomHorizontalFlip(),
-                    T.ToImage(),
-                    T.ToDtype(torch.float32, scale=True),
-                ]
-            )
-            plain = T.Compose([T.Resize((16, 16)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
-            train = DataLoader(ImageFolder(os.path.join(data_dir, "train"), tf), batch_size=8, shuffle=True)
-            val = DataLoader(ImageFolder(os.path.join(data_dir, "val"), plain), batch_size=8)
-            res = train_dml(cfg, train, val)
         else:
             res = train_dml(cfg)
     except DMLError as e:

@@ -13,3 +13,20 @@ def marking_collate(batch):
         with open(f"{marker}.{os.getpid()}", "w"):
             pass
     return default_collate(batch)
+
+
+def random_imagefolder(root: str, size: int):
+    """A user's own torchvision ImageFolder with its own random transforms."""
+    import torch
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2 as T
+
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.5, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    return ImageFolder(root, tf)
