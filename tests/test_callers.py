@@ -92,6 +92,38 @@ def test_train_dml_from_every_caller(tmp_path, folder, caller, mode):
         assert f0 == f1 and len(f0.splitlines()) == 43 // 8  # one epoch: 43 images, full batches of 8
 
 
+def test_a_decoded_train_set_with_a_custom_collate_keeps_it_and_holds_out_val(tmp_path, folder, monkeypatch):
+    """In-process, the decoded-set side of a caller's loader (the stdin caller above passes a torchvision
+    ImageFolder): ``prepare_dataloaders``' own decoded train set in a DataLoader with a custom collate_fn and no
+    val loader. train_dml holds val_fraction out of it without augmentation, keeps the collate_fn, and the
+    trainer's loader for it is then the per-sample path, which runs that collate (the memory path would not)."""
+    from torch.utils.data import DataLoader
+
+    from dml_dist import create_dml_config, prepare_dataloaders
+    from dml_dist.api import datasets_from_loaders
+    from dml_dist.data import SampleLoader, TensorImageDataset, make_train_loader
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from caller_helpers import marking_collate
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    train, _, _ = prepare_dataloaders(str(folder), batch_size=8, image_size=16, num_workers=0, augment=True)
+    assert isinstance(train.dataset, TensorImageDataset) and train.dataset.augment
+    cfg = create_dml_config(data_dir=str(folder), image_size=16, batch_size=8)
+    loader = DataLoader(train.dataset, batch_size=8, collate_fn=marking_collate)
+    data, _ = datasets_from_loaders(cfg, loader, None, None)
+    assert all(isinstance(d, TensorImageDataset) for d in (data.train, data.val))
+    assert (len(data.train), len(data.val)) == (43, 5)  # val_fraction 0.1 of 48, by the seed
+    assert data.train.augment == train.dataset.augment and data.val.augment == ()
+    assert data.collate_fn is marking_collate
+    monkeypatch.setenv("DML_TEST_COLLATE_MARK", str(tmp_path / "collate"))
+    trainer_loader = make_train_loader(data.train, 8, cfg["seed"], collate_fn=data.collate_fn)
+    assert isinstance(trainer_loader, SampleLoader)
+    x, y = next(iter(trainer_loader))
+    assert x.shape == (8, 3, 16, 16) and list(tmp_path.glob("collate.*")), "the custom collate_fn did not run"
+
+
 def test_no_child_outlives_ctrl_c(tmp_path, folder):
     """Ctrl-C in the caller mid-epoch: no peer is left (after a failing peer: tests/test_api.py)."""
     tmpdir = tmp_path / "tmp"
