@@ -103,11 +103,9 @@ def test_a_decoded_train_set_with_a_custom_collate_keeps_it_and_holds_out_val(tm
     from dml_dist.api import datasets_from_loaders
     from dml_dist.data import SampleLoader, TensorImageDataset, make_train_loader
 
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        from caller_helpers import marking_collate
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from caller_helpers import marking_collate
+
     train, _, _ = prepare_dataloaders(str(folder), batch_size=8, image_size=16, num_workers=0, augment=True)
     assert isinstance(train.dataset, TensorImageDataset) and train.dataset.augment
     cfg = create_dml_config(data_dir=str(folder), image_size=16, batch_size=8)

@@ -236,19 +236,14 @@ def test_cache_is_reused_rebuilt_when_a_file_changes_and_never_used_damaged(jpeg
     assert any(n.startswith("train_8px_") for n in left)
 
 
+def _probe_args(data_dir, tmp_path, **kw) -> list[str]:
+    """dml_dist.tools.probe's arguments: the stream path at 16 px, batches of 8, the whole epoch, unless ``kw``."""
+    keys = {"data_dir": data_dir, "cache_dir": tmp_path / "cache", "steps": 0, **STREAM, "batch_size": 8}
+    return [f"{k}={v}" for k, v in {**keys, "augment": "[rrc,flip,jitter]", **kw}.items()]
+
+
 def _probe(nproc, data_dir, tmp_path, torchrun_args=(), **kw):
-    args = [
-        f"{k}={v}"
-        for k, v in {
-            "data_dir": data_dir,
-            "cache_dir": tmp_path / "cache",
-            "steps": 0,
-            **STREAM,
-            "batch_size": 8,
-            "augment": "[rrc,flip,jitter]",
-            **kw,
-        }.items()
-    ]
+    args = _probe_args(data_dir, tmp_path, **kw)
     r = torchrun(nproc, args, module="dml_dist.tools.probe", torchrun_args=torchrun_args)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -261,11 +256,9 @@ def test_stream_batches_are_identical_on_every_rank_for_any_ranks_workers_and_re
     from dml_dist.tools.probe import main as probe_here
 
     out = tmp_path / "alone.jsonl"
-    keys = {"data_dir": jpeg_dir, "cache_dir": tmp_path / "cache", **STREAM, "batch_size": 8, "steps": 0}
-    keys.update(augment="[rrc,flip,jitter]", num_workers=0, epoch=1, device="cpu", out=out)
     threads = torch.get_num_threads()  # a process without a launcher takes every CPU: put back for later tests
     try:
-        assert probe_here([f"{k}={v}" for k, v in keys.items()]) == 0
+        assert probe_here(_probe_args(jpeg_dir, tmp_path, num_workers=0, epoch=1, device="cpu", out=out)) == 0
     finally:
         torch.set_num_threads(threads)
     alone = json.loads(out.read_text().splitlines()[-1])
@@ -299,12 +292,9 @@ def test_cache_is_built_by_one_process_per_node_and_mapped_by_the_others(jpeg_di
     starts on the cache and manifest it left: rank 0 reads both splits from the cache, the other rank maps them,
     and the file list comes from the manifest. Rank 0 alone lists the folders (README promise), on the cold start
     and on the warm one; the others receive its list."""
-    cache_dir, cold = two_node_cache
+    cache_dir, cold = two_node_cache  # who built what on the cold start: the two-node test's checks
     warm = _probe(2, jpeg_dir, tmp_path, cache_dir=cache_dir, loader="memory", augment="[crop,flip]", device="cpu")
-    assert cold["path"] == warm["path"] == "memory"
-    # the ranks in rank order, a node's local rank 0 first: it deals with the cache, the other maps it
-    for node in (0, 1):
-        assert [len(_cache_lines(r)) for r in cold["ranks"] if r["node"] == node] == [2, 0], cold["ranks"]
+    assert warm["path"] == "memory"
     cache = [_cache_lines(r) for r in warm["ranks"]]
     assert list(map(len, cache)) == [2, 0] and all("read from" in line for line in cache[0]), cache
     files = {
