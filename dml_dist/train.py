@@ -138,8 +138,13 @@ def _main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dml-train`` command (``python -m dml_dist.train`` alike): ``main``, ended by ``exit_process``."""
     import faulthandler
 
     faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack first
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()

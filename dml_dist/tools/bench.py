@@ -282,7 +282,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dml-bench`` command (``python -m dml_dist.tools.bench`` alike): ``main``, ended by ``exit_process``."""
     from dml_dist.errors import exit_process
 
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()
