@@ -118,9 +118,7 @@ def sigterm_received() -> bool:
 
 def die_of_sigterm() -> None:
     """End as SIGTERM's default action would, after flushing what this process printed."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _flush_stdio()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.kill(os.getpid(), signal.SIGTERM)
@@ -143,10 +141,15 @@ def exit_process(code: int) -> NoReturn:
 
     threading._shutdown()  # what Py_Finalize does first: joins non-daemon threads, stops executors' workers
     atexit._run_exitfuncs()
+    _flush_stdio()
+    os._exit(code)
+
+
+def _flush_stdio() -> None:
+    """Before ``os._exit`` or a fatal signal, which leave Python's buffers unwritten (a closed pipe is ignored)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(code)
 
 
 # What a rank sees when another rank died mid-collective (gloo's TCP pairs, the c10d store).
