@@ -3,9 +3,7 @@
 torchrun --standalone --nproc_per_node=2 benchmarks/throughput.py model=resnet20 batch_size=128
 """
 
-import sys
-
-from dml_dist.tools.bench import main
+from dml_dist.tools.bench import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()  # ends with exit_process, as every entry point that creates a process group

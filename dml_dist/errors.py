@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch.distributed as dist
@@ -139,10 +140,34 @@ def exit_process(code: int) -> NoReturn:
     handlers."""
     import atexit
 
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("exit_process ends the process from its main thread only (it joins the other threads)")
     threading._shutdown()  # what Py_Finalize does first: joins non-daemon threads, stops executors' workers
     atexit._run_exitfuncs()
     _flush_stdio()
     os._exit(code)
+
+
+def end_with(main: Callable[[], int | None]) -> NoReturn:
+    """Run an entry point's ``main`` and end the process with ``exit_process``, however ``main`` ends: its
+    return value, a ``SystemExit`` (a message is printed, then 1, as the interpreter does), 130 on Ctrl-C, or an
+    uncaught exception (its traceback, then 1). An exception must not bypass ``exit_process``: after ``run``
+    has destroyed the group, the interpreter's finalisation is where a rank aborts."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    exit_process(code)
 
 
 def _flush_stdio() -> None:

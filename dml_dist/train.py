@@ -20,7 +20,7 @@ from .errors import (
     DMLError,
     Stopped,
     die_of_sigterm,
-    exit_process,
+    end_with,
     in_entry_process,
     is_peer_loss,
     sigterm_deferred,
@@ -139,11 +139,11 @@ def _main(args) -> int:
 
 
 def cli() -> None:
-    """The ``dml-train`` command (``python -m dml_dist.train`` alike): ``main``, ended by ``exit_process``."""
+    """The ``dml-train`` command (``python -m dml_dist.train`` alike): ``main``, ended by ``end_with``."""
     import faulthandler
 
     faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack first
-    exit_process(main())
+    end_with(main)
 
 
 if __name__ == "__main__":

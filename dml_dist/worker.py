@@ -73,6 +73,6 @@ if __name__ == "__main__":
     import faulthandler
 
     faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack first
-    from dml_dist.errors import exit_process
+    from dml_dist.errors import end_with
 
-    exit_process(main())
+    end_with(main)

@@ -283,10 +283,10 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """The ``dml-bench`` command (``python -m dml_dist.tools.bench`` alike): ``main``, ended by ``exit_process``."""
-    from dml_dist.errors import exit_process
+    """The ``dml-bench`` command (``python -m dml_dist.tools.bench`` alike): ``main``, ended by ``end_with``."""
+    from dml_dist.errors import end_with
 
-    exit_process(main())
+    end_with(main)
 
 
 if __name__ == "__main__":

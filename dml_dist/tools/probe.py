@@ -129,6 +129,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dml_dist.errors import exit_process
+    from dml_dist.errors import end_with
 
-    exit_process(main())
+    end_with(main)

@@ -1,6 +1,7 @@
-"""Run by tests/test_launch.py: a world-of-one gloo group used and destroyed, then ``exit_process(3)`` with a
-non-daemon thread still writing, an atexit handler and an object on ``sys`` whose ``__del__`` only the
-interpreter's finalisation would call. argv: a folder for the marks."""
+"""Run by tests/test_launch.py: a world-of-one gloo group used and destroyed, then the end every entry point has,
+``end_with(main)``, with a non-daemon thread still writing, an atexit handler, a line left in stdout's buffer and
+an object on ``sys`` whose ``__del__`` only the interpreter's finalisation would call. argv: a folder for the
+marks, then ``return`` (main returns 3) or ``raise`` (main raises after the group is gone)."""
 
 import atexit
 import os
@@ -11,9 +12,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from dml_dist.errors import exit_process
+from dml_dist.errors import end_with
 
-marks = sys.argv[1]
+marks, how = sys.argv[1], sys.argv[2]
 FINALISED = os.path.join(marks, "finalised")
 
 
@@ -36,4 +37,13 @@ dist.all_gather(out, torch.ones(2))
 dist.destroy_process_group()
 atexit.register(mark, "atexit")
 threading.Thread(target=lambda: (time.sleep(0.5), mark("thread"))).start()
-exit_process(3)
+print("last line, not flushed")  # stdout is a pipe here: block-buffered
+
+
+def main():
+    if how == "raise":
+        raise RuntimeError("main failed after the group was destroyed")
+    return 3
+
+
+end_with(main)
