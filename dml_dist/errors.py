@@ -119,14 +119,18 @@ def sigterm_received() -> bool:
 
 def die_of_sigterm() -> None:
     """End as SIGTERM's default action would, after flushing what this process printed."""
+    _die_of(signal.SIGTERM)
+
+
+def _die_of(sig: signal.Signals) -> NoReturn:
     _flush_stdio()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    os.kill(os.getpid(), signal.SIGTERM)
-    os._exit(128 + signal.SIGTERM)  # not reached unless the signal could not be delivered
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # not reached unless the signal could not be delivered
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: int, die_of: signal.Signals | None = None) -> NoReturn:
     """End an entry point with ``code`` as the interpreter would, less its finalisation: wait for the
     non-daemon threads and run the atexit handlers (as ``sys.exit`` does), flush, then ``os._exit``.
 
@@ -137,37 +141,64 @@ def exit_process(code: int) -> NoReturn:
     without an active exception``, SIGABRT), and a job that had finished failed (docs/troubleshooting.md). Skipping
     the finalisation also skips the last garbage collection, about 0.6 s of CPU per process. Everything
     these entry points open is closed explicitly (loggers, trackers, the checkpoint writer) or by atexit
-    handlers."""
+    handlers.
+
+    It cannot be cut short: Ctrl-C while the threads are joined is reported and the exit goes on (as the
+    interpreter does); a SIGTERM from here on (torchrun stopping the group) is remembered and the process dies
+    of it once the atexit handlers ran, as it does of ``die_of`` (``end_with``: Ctrl-C, a ``Stopped``)."""
     import atexit
+    import traceback
 
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("exit_process ends the process from its main thread only (it joins the other threads)")
-    threading._shutdown()  # what Py_Finalize does first: joins non-daemon threads, stops executors' workers
-    atexit._run_exitfuncs()
+    _Sigterm.armed = False  # a SIGTERM now is only recorded (its handler raises Stopped only when armed)
+    try:
+        threading._shutdown()  # what Py_Finalize does first: joins non-daemon threads, stops executors' workers
+    except BaseException:  # Ctrl-C while waiting for them
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    atexit._run_exitfuncs()  # reports its handlers' exceptions itself
+    if die_of is None and sigterm_received():
+        die_of = signal.SIGTERM
+    if die_of is not None:
+        _die_of(die_of)
     _flush_stdio()
-    os._exit(code)
+    os._exit(code & 0xFF)
 
 
 def end_with(main: Callable[[], int | None]) -> NoReturn:
-    """Run an entry point's ``main`` and end the process with ``exit_process``, however ``main`` ends: its
-    return value, a ``SystemExit`` (a message is printed, then 1, as the interpreter does), 130 on Ctrl-C, or an
-    uncaught exception (its traceback, then 1). An exception must not bypass ``exit_process``: after ``run``
-    has destroyed the group, the interpreter's finalisation is where a rank aborts."""
+    """Run an entry point's ``main`` and end the process with ``exit_process``, however ``main`` ends, as the
+    interpreter would: its return value or ``SystemExit`` code (None is 0; any other non-int is printed, then
+    1), an uncaught exception's traceback and 1, Ctrl-C's traceback and death by SIGINT, a ``Stopped``'s death
+    by SIGTERM. An exception must not bypass ``exit_process``: after ``run`` has destroyed the group, the
+    interpreter's finalisation is where a rank aborts."""
+    code, die_of = 1, None
     try:
-        code = main()
-    except SystemExit as e:
-        code = e.code
-    except KeyboardInterrupt:
-        code = 130
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-        code = 1
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    exit_process(code)
+        try:
+            code = _exit_code(main())
+        except SystemExit as e:
+            code = _exit_code(e.code)
+        except Stopped:
+            die_of = signal.SIGTERM
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                die_of = signal.SIGINT
+            with contextlib.suppress(BaseException):  # a closed stderr, a failing excepthook
+                sys.excepthook(*sys.exc_info())
+    finally:
+        exit_process(code, die_of)
+
+
+def _exit_code(value) -> int:
+    """The exit status ``sys.exit(value)`` gives."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    if sys.stderr is not None:
+        with contextlib.suppress(Exception):
+            print(value, file=sys.stderr)
+    return 1
 
 
 def _flush_stdio() -> None:

@@ -166,7 +166,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dml-eval`` command (``python -m dml_dist.evaluate`` alike): ``main``, ended by ``end_with``."""
     from dml_dist.errors import end_with
 
     end_with(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -257,9 +257,9 @@ def test_the_exported_ensemble_runs_without_dml_dist_and_scores_as_dml_eval(runs
     assert dml_export([ckpts[0], "--peer", "2", "--out", str(tmp_path / "x.pt2")]) == 1
     refused = "dml-dist: error: --peer 2: the checkpoints hold 1 peer(s); give 1..1"
     assert error_lines(capsys.readouterr().err) == [refused]
-    # the console script is installed, and names this main
+    # the console script is installed, and names this main through its cli (end_with)
     (script_entry,) = importlib.metadata.entry_points(group="console_scripts", name="dml-export")
-    assert script_entry.value == "dml_dist.tools.export:main" and (Path(sys.executable).parent / "dml-export").is_file()
+    assert script_entry.value == "dml_dist.tools.export:cli" and (Path(sys.executable).parent / "dml-export").is_file()
 
 
 @requires_timm

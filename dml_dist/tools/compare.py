@@ -260,7 +260,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dml-compare`` command (``python -m dml_dist.tools.compare`` alike): ``main``, ended by ``end_with``."""
     from dml_dist.errors import end_with
 
     end_with(main)
+
+
+if __name__ == "__main__":
+    cli()

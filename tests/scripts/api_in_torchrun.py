@@ -52,4 +52,4 @@ if __name__ == "__main__":
     rank = os.environ["RANK"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"n_models": len(res["models"]), "best": res["best_accuracies"], "pid": os.getpid()}, f)
-exit_process(0)  # as docs/python-api.md advises a torchrun script that ends after train_dml
+    exit_process(0)  # as docs/python-api.md advises a torchrun script that ends after train_dml

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from dml_dist import distributed as D
 from dml_dist.distributed.placement import process_group_backend, resolve_placement
+from dml_dist.errors import exit_process
 
 out = {}
 dist.init_process_group("cuda:gloo")
@@ -48,3 +49,4 @@ out["objects"] = (
 D.barrier()
 dist.destroy_process_group()
 print(json.dumps(out))
+exit_process(0)  # the interpreter's finalisation after a gloo group can abort a rank (dml_dist.errors)

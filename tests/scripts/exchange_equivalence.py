@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from dml_dist import distributed as D
 from dml_dist.engine import peer_update
+from dml_dist.errors import exit_process
 from dml_dist.exchange import exchange
 from dml_dist.loss import kl_ramp
 from dml_dist.models import build_model
@@ -81,3 +82,4 @@ if rank == 0:
                 print(json.dumps(row), flush=True)
 dist.barrier()  # every rank leaves together (rank 3 sat out the 3-peer cases)
 D.destroy_distributed()
+exit_process(0)  # the interpreter's finalisation after a gloo group can abort a rank (dml_dist.errors)
