@@ -6,4 +6,4 @@ torchrun --standalone --nproc_per_node=2 benchmarks/throughput.py model=resnet20
 from dml_dist.tools.bench import cli
 
 if __name__ == "__main__":
-    cli()  # ends with exit_process, as every entry point that creates a process group
+    cli()  # ends through end_with, as every command

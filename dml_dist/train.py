@@ -18,8 +18,6 @@ from .config import build_config, parse_overrides
 from .data import Datasets
 from .errors import (
     DMLError,
-    Stopped,
-    die_of_sigterm,
     end_with,
     in_entry_process,
     is_peer_loss,
@@ -102,14 +100,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    try:
-        return _main(parse_args(argv))
-    except Stopped:  # SIGTERM outside run(), which handles its own
-        die_of_sigterm()
-        return 143
-
-
-def _main(args) -> int:
+    """``dml-train``'s work; a SIGTERM outside ``run`` (which handles its own) escapes as ``Stopped``, and
+    ``end_with`` dies of it."""
+    args = parse_args(argv)
     try:
         cfg = build_config(args.config, parse_overrides(args.overrides))
         if D.under_launcher():

@@ -12,16 +12,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    from .errors import Stopped, die_of_sigterm
-
-    try:
-        return _main(argv)
-    except Stopped:  # SIGTERM before run()'s own handling (e.g. in report_error after a pre-group error)
-        die_of_sigterm()
-        return 143
-
-
-def _main(argv=None) -> int:
+    """A SIGTERM outside ``run``'s own handling (in ``report_error`` after a pre-group error) escapes as
+    ``Stopped``, and ``end_with`` dies of it."""
     from .errors import DMLError, is_peer_loss, stop_on_sigterm
     from .report import ERROR_PREFIX, report_error, report_lost_contact
     from .train import run
